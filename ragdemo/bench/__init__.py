@@ -1,0 +1,1 @@
+"""Benchmarks: QA datasets, metrics, the runner, plots, and the speed bench."""

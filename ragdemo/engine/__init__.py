@@ -1,0 +1,1 @@
+"""Model internals shared by the methods: layer-range forward, decoding, prompts, scoring."""

@@ -1,0 +1,66 @@
+"""Forward over any range of decoder layers of a Llama-family model (Llama, Qwen2, Mistral, SmolLM).
+
+BTR runs layers [0, k) and [k, L) at different times, LLoCO prefills pieces separately; both go through here
+so the internals of transformers are touched in one place only.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import NotSupported
+
+
+def require_llama_like(lm, method: str) -> None:
+    if not lm.is_llama_like:
+        raise NotSupported(
+            f"{method} needs a Llama-family decoder (Llama, Qwen2, Mistral, SmolLM); "
+            f"'{lm.model_id}' is {lm.model.config.model_type}"
+        )
+
+
+def embed(lm, ids: torch.Tensor) -> torch.Tensor:
+    return lm.model.model.embed_tokens(ids.to(lm.device))
+
+
+def positions(start: int, count: int, device) -> torch.Tensor:
+    return torch.arange(start, start + count, device=device).unsqueeze(0)
+
+
+def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """[1,1,q,kv] bool, True = attend; queries are the last q_len of kv_len positions."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
+    k_pos = torch.arange(kv_len, device=device).unsqueeze(0)
+    return (k_pos <= q_pos)[None, None]
+
+
+def as_model_mask(lm, allowed: torch.Tensor | None, dtype: torch.dtype):
+    """sdpa takes bool masks; eager attention wants an additive float mask."""
+    if allowed is None or lm.model.config._attn_implementation != "eager":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def run_layers(lm, hidden: torch.Tensor, start: int, end: int, pos: torch.Tensor,
+               mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    """Run decoder layers [start, end). `mask` is bool [1,1,q,kv] or None (single-token decode only)."""
+    inner = lm.model.model
+    rope = inner.rotary_emb(hidden, position_ids=pos)
+    model_mask = as_model_mask(lm, mask, hidden.dtype)
+    for layer in inner.layers[start:end]:
+        hidden = layer(hidden, attention_mask=model_mask, position_ids=pos, past_key_values=cache,
+                       use_cache=cache is not None, position_embeddings=rope)
+    return hidden
+
+
+def logits(lm, hidden: torch.Tensor) -> torch.Tensor:
+    return lm.model.lm_head(lm.model.model.norm(hidden))
+
+
+def forward_all(lm, ids: torch.Tensor, cache=None, start_pos: int = 0) -> torch.Tensor:
+    """Every layer, causal over what `cache` already holds plus `ids`; returns logits."""
+    q = ids.shape[-1]
+    past = cache.get_seq_length() if cache is not None else 0
+    h = embed(lm, ids)
+    pos = positions(start_pos, q, lm.device)
+    mask = causal_mask(q, past + q, lm.device) if q > 1 else None
+    return logits(lm, run_layers(lm, h, 0, lm.n_layers, pos, mask, cache))

@@ -1,0 +1,80 @@
+"""One prompt layout shared by every method, so their token counts and answers are comparable.
+
+A prompt is a list of segments: instruction prefix, passages, question. Methods differ in how each segment
+reaches the model (as text, from a cache, binarized, compressed, repeated); the segment's `mark` says which,
+and the UI's "what the model sees" view is drawn from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SYSTEM = "Answer the question using the context. Reply with a short answer."
+MARKER = "\u0000CONTENT\u0000"
+
+
+@dataclass
+class Segment:
+    kind: str  # prefix | passage | question | suffix
+    ids: list[int]
+    mark: str = "text"  # text | cached | compressed | binarized | merged | repeated | retrieved
+    source: dict | None = None
+
+
+@dataclass
+class Prompt:
+    segments: list[Segment] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[int]:
+        return [i for s in self.segments for i in s.ids]
+
+    def __len__(self) -> int:
+        return sum(len(s.ids) for s in self.segments)
+
+    def view(self, tokenizer) -> list[dict]:
+        return [
+            {"kind": s.kind, "mark": s.mark, "n_tokens": len(s.ids),
+             "text": tokenizer.decode(s.ids), "source": s.source}
+            for s in self.segments
+        ]
+
+
+def chat_frame(tokenizer) -> tuple[str, str]:
+    """The text before and after the user's message, from the model's own chat template when it has one."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": MARKER}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        head, tail = text.split(MARKER)
+        return head, tail
+    return SYSTEM + "\n\n", "\nAnswer:"
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def passage_text(text: str) -> str:
+    return text.strip() + "\n\n"
+
+
+def build_prompt(tokenizer, question: str, passages: list[dict], repeat_context: bool = False) -> Prompt:
+    """[prefix "Context:"] [passage]... [question + assistant turn]; closed-book when `passages` is empty.
+
+    `repeat_context` gives JRT's layout: question, context, context, question.
+    """
+    head, tail = chat_frame(tokenizer)
+    question_ids = encode(tokenizer, f"Question: {question.strip()}{tail}")
+    if not passages:
+        return Prompt([Segment("prefix", encode(tokenizer, head)), Segment("question", question_ids)])
+    prefix = head + (f"Question: {question.strip()}\n\n" if repeat_context else "") + "Context:\n"
+    segments = [Segment("prefix", encode(tokenizer, prefix))]
+    passage_segments = [Segment("passage", encode(tokenizer, passage_text(p["text"])), source=_source(p)) for p in passages]
+    segments += passage_segments
+    if repeat_context:
+        segments += [Segment("passage", s.ids, "repeated", s.source) for s in passage_segments]
+    segments.append(Segment("question", question_ids))
+    return Prompt(segments)
+
+
+def _source(passage: dict) -> dict:
+    return {k: passage[k] for k in ("doc", "chunk_id", "score", "chunk_ids") if k in passage}

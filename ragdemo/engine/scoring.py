@@ -1,0 +1,24 @@
+"""Teacher-forced negative log-likelihood of a gold answer: the stable quality signal for tiny models."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    return tokenizer(answer.strip(), add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+
+
+def mean_nll(logits: torch.Tensor, targets: list[int]) -> float:
+    """`logits[0, i]` predicts `targets[i]`."""
+    target = torch.tensor(targets, device=logits.device)
+    return float(F.cross_entropy(logits[0, : len(targets)].float(), target))
+
+
+def nll_of_answer(lm, prompt_ids: list[int], answer: str) -> float:
+    """Mean NLL per answer token after the prompt."""
+    target = answer_ids(lm.tokenizer, answer)
+    ids = torch.tensor([prompt_ids + target], device=lm.device)
+    with torch.inference_mode():
+        logits = lm.model(input_ids=ids).logits
+    return mean_nll(logits[:, len(prompt_ids) - 1:], target)

@@ -1,0 +1,22 @@
+"""Model loading. `Models` hands out the shared LM and embedder lazily, so commands that need neither stay fast."""
+from __future__ import annotations
+
+from ..config import Settings
+from .embedder import Embedder, load_embedder
+from .lm import LM, load_lm
+
+
+class Models:
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or Settings()
+
+    @property
+    def lm(self) -> LM:
+        return load_lm(self.settings)
+
+    @property
+    def embedder(self) -> Embedder:
+        return load_embedder(self.settings.embedder_id)
+
+
+__all__ = ["LM", "Embedder", "Models", "load_lm", "load_embedder"]

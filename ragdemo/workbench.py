@@ -1,0 +1,110 @@
+"""The operations a user can do, shared by the CLI and the UI so both stay thin and behave the same."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .config import Settings
+from .errors import NotSupported, UserError
+from .ingest import IngestReport, ingest_files
+from .methods import get_method, registry
+from .methods.base import Progress, Result, params_from
+from .models import Models
+from .store import Corpus, IndexCache, Store
+
+DEFAULT_METHODS = ["closed_book", "full_context", "rag"]
+
+
+class Workbench:
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or Settings()
+        self.store = Store(self.settings.home)
+        self.models = Models(self.settings)
+        self.indexes = IndexCache(self.store)
+
+    def corpus(self, collection: str | None = None, create: bool = True) -> Corpus:
+        name = collection or self.settings.default_collection
+        if not create:
+            self.store.collection_id(name, create=False)
+        return Corpus(self.store, name, self.models, self.indexes)
+
+    # -------------------------------------------------------------- library
+    def ingest(self, files: list[tuple[str, bytes | Path]], collection: str | None = None,
+               progress: Progress | None = None) -> list[IngestReport]:
+        corpus = self.corpus(collection)
+        return ingest_files(self.store, corpus.collection_id, files, self.models.lm.tokenizer, self.models.embedder,
+                            self.settings.chunk_tokens, int(self.settings.max_file_mb * 1e6), progress)
+
+    def documents(self, collection: str | None = None) -> list[dict]:
+        corpus = self.corpus(collection)
+        per_method = self.store.artifact_bytes_by_document(corpus.collection_id)
+        docs = self.store.documents(corpus.collection_id)
+        for doc in docs:
+            doc["storage"] = {m: b for (d, m), b in per_method.items() if d == doc["id"]}
+        return docs
+
+    def delete(self, ref: str, collection: str | None = None) -> dict:
+        return self.store.delete_document(self.corpus(collection, create=False).collection_id, ref)
+
+    # ------------------------------------------------------------- methods
+    def prepare(self, methods: list[str], collection: str | None = None, knobs: dict | None = None,
+                progress: Progress | None = None) -> list[str]:
+        corpus = self.corpus(collection, create=False)
+        corpus.require_documents("prepare")
+        done = []
+        for i, name in enumerate(methods):
+            method = get_method(name)
+            if not method.has_prepare:
+                done.append(f"{name}: nothing to prepare")
+                continue
+            params = params_from(method.Params, (knobs or {}).get(name))
+            scaled = _scaled(progress, i, len(methods), name)
+            with corpus.lm.lock:
+                method.prepare(corpus, params, scaled)
+            done.append(f"{name}: prepared ({method.storage(corpus, params)} bytes cached)")
+        return done
+
+    def check_question(self, question: str) -> str:
+        question = (question or "").strip()
+        if not question:
+            raise UserError("the question is empty")
+        limit = self.settings.max_question_chars
+        if len(question) > limit:
+            raise UserError(f"the question is {len(question)} characters; the limit is {limit} (RAGDEMO_MAX_QUESTION_CHARS)")
+        return question
+
+    def ask(self, question: str, methods: list[str], collection: str | None = None, knobs: dict | None = None,
+            stream: Callable[[str, str], None] | None = None, record: bool = True) -> list[Result]:
+        """Run each method in turn; the model is shared, so answers are serialised through its lock."""
+        question = self.check_question(question)
+        self.models.lm  # a bad model id or quantisation request is reported before anything else
+        corpus = self.corpus(collection, create=False)
+        results = []
+        for name in methods:
+            method = get_method(name)
+            params = params_from(method.Params, {"max_new_tokens": self.settings.max_new_tokens, **(knobs or {}).get(name, {})})
+            on_token = (lambda text, n=name: stream(n, text)) if stream else None
+            try:
+                with corpus.lm.lock:
+                    result = method.answer(question, corpus, params, on_token)
+            except NotSupported as exc:  # one method can't run on this model; the others still answer
+                result = Result(name, model=corpus.lm.model_id, error=str(exc), notes=[str(exc)])
+            if record:
+                self.store.add_run(corpus.collection_id, question, result.to_dict())
+            results.append(result)
+        return results
+
+    def runs(self, collection: str | None = None, limit: int = 50) -> list[dict]:
+        return self.store.runs(self.corpus(collection).collection_id, limit)
+
+    @staticmethod
+    def methods():
+        return registry()
+
+
+def _scaled(progress: Progress | None, index: int, count: int, name: str) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda fraction, message: progress((index + fraction) / count, f"{name}: {message}")
+
+

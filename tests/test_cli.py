@@ -1,0 +1,54 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(args, home, model=None, check=True):
+    env = {**os.environ, "RAGDEMO_HOME": str(home), "RAGDEMO_DTYPE": "fp32", "RAGDEMO_MAX_NEW_TOKENS": "6"}
+    if model:
+        env["RAGDEMO_MODEL"] = str(model)
+    proc = subprocess.run([sys.executable, "-m", "ragdemo", *args], capture_output=True, text=True, env=env, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc
+
+
+def test_cli_contract(tmp_path, tiny_model_dir, docs_dir):
+    home = tmp_path / "home"
+    out = run(["ingest", *map(str, sorted(docs_dir.iterdir())), "--collection", "demo"], home, tiny_model_dir)
+    assert out.stdout.count("added:") == 2
+    listing = run(["list", "--collection", "demo"], home, tiny_model_dir).stdout
+    assert "eiffel.txt" in listing and "bananas.md" in listing
+    asked = run(["ask", "When was the tower completed?", "--collection", "demo", "--methods",
+                 "closed_book,full_context,rag", "--json"], home, tiny_model_dir)
+    results = json.loads(asked.stdout)  # stdout is the JSON array and nothing else
+    assert [r["method"] for r in results] == ["closed_book", "full_context", "rag"]
+    assert all(r["prompt_tokens"] > 0 and r["total_s"] > 0 for r in results)
+    prepared = run(["prepare", "--methods", "rag", "--collection", "demo"], home, tiny_model_dir)
+    assert "nothing to prepare" in prepared.stdout
+    deleted = run(["delete", "eiffel.txt", "--collection", "demo"], home, tiny_model_dir)
+    assert "deleted eiffel.txt" in deleted.stdout
+    assert "eiffel.txt" not in run(["list", "--collection", "demo"], home, tiny_model_dir).stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["ask", "   "], "question is empty"),
+    (["ask", "x" * 20000], "limit"),
+    (["ask", "hi", "--methods", "nope"], "unknown method"),
+    (["ask", "hi", "--collection", "no-such"], "no collection"),
+    (["delete", "ghost.txt"], "no collection"),
+    (["ingest", "/nonexistent/file.txt"], "no such file"),
+    (["frobnicate"], "invalid choice"),
+    (["ask", "hi", "--quantize", "4bit"], "CUDA"),
+    (["ask", "hi", "--model", "no-such-org/no-such-model-xyz"], "could not load model"),
+    (["list", "--collection", "../etc"], "collection name"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_model_dir, args, message):
+    proc = run(args, tmp_path / "home", tiny_model_dir, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
