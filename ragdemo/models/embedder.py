@@ -29,7 +29,8 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension())
+        getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(getter())
 
     def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Unit-length float32 rows, so L2 order equals cosine order."""
