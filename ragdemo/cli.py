@@ -98,6 +98,14 @@ def cmd_prepare(bench, args) -> int:
     return 0
 
 
+def cmd_finetune(bench, args) -> int:
+    bar, update = _progress_bar("finetune")
+    with bar:
+        summary = bench.finetune(args.method, args.collection, parse_knobs(args.set), update)
+    print(summary)
+    return 0
+
+
 def cmd_list(bench, args) -> int:
     docs = bench.documents(args.collection)
     if args.json:
@@ -125,6 +133,7 @@ def cmd_bench_speed(bench, args) -> int:
 
 
 COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "prepare": cmd_prepare, "list": cmd_list, "delete": cmd_delete,
+            "finetune": cmd_finetune,
             "bench-speed": cmd_bench_speed}
 
 
@@ -152,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON array of Result objects, nothing else")
     p = sub.add_parser("prepare", parents=[common], help="build the methods' offline artifacts")
     p.add_argument("--methods", default=None)
+    p = sub.add_parser("finetune", parents=[common], help="train a method's per-collection adapter (e.g. lloco)")
+    p.add_argument("--method", required=True)
     p = sub.add_parser("list", parents=[common], help="list the documents of a collection")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("delete", parents=[common], help="delete a document (id, name or sha256 prefix)")

@@ -64,6 +64,17 @@ class Workbench:
             done.append(f"{name}: prepared ({method.storage(corpus, params)} bytes cached)")
         return done
 
+    def finetune(self, method_name: str, collection: str | None = None, knobs: dict | None = None,
+                 progress: Progress | None = None) -> str:
+        method = get_method(method_name)
+        if not method.has_finetune:
+            raise UserError(f"{method_name} has no fine-tuning step")
+        corpus = self.corpus(collection, create=False)
+        corpus.require_documents("finetune")
+        params = params_from(method.Params, (knobs or {}).get(method_name))
+        with corpus.lm.lock:
+            return method.finetune(corpus, params, progress)
+
     def check_question(self, question: str) -> str:
         question = (question or "").strip()
         if not question:

@@ -79,10 +79,15 @@ class Method:
     card: ClassVar[str] = ""  # markdown: paper, mechanism, what is exact and what approximated, measured figures
     Params: ClassVar[type] = Params
     has_prepare: ClassVar[bool] = False
+    has_finetune: ClassVar[bool] = False  # offers a per-collection training step (e.g. LLoCO's LoRA)
     order: ClassVar[int] = 50  # position in lists and UI
 
     def prepare(self, corpus, params, progress: Progress | None = None) -> None:
         """Offline work, cached in the store and idempotent. Most methods have none."""
+
+    def finetune(self, corpus, params, progress: Progress | None = None) -> str:
+        """Train a per-collection adapter; returns a one-line summary. Only where `has_finetune`."""
+        raise NotImplementedError(f"{self.name} has no fine-tuning step")
 
     def answer(self, question: str, corpus, params, stream: Stream | None = None) -> Result:
         raise NotImplementedError
