@@ -57,13 +57,13 @@ def load_embedder(embedder_id: str = DEFAULT_EMBEDDER) -> Embedder:
 def _load(embedder_id: str) -> Embedder:
     from sentence_transformers import SentenceTransformer
 
-    from .lm import quiet_transformers
+    from .lm import hub_kwargs, quiet_transformers
 
     quiet_transformers()
     is_default = embedder_id in (DEFAULT_EMBEDDER, "", None)
     source = str(default_embedder_dir()) if is_default else embedder_id
     try:
-        model = SentenceTransformer(source, device="cpu")
+        model = SentenceTransformer(source, device="cpu", **hub_kwargs(source))
     except Exception as exc:
         raise ModelUnavailable(
             f"could not load embedder '{embedder_id}': {type(exc).__name__} "

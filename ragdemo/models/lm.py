@@ -171,6 +171,29 @@ def _quantization_kwargs(quantize: str | None, device: torch.device) -> dict:
     return {"quantization_config": config, "device_map": "auto"}
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so an offline machine fails in seconds instead of after the hub client's retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_kwargs(source: str) -> dict:
+    """Local folders load as they are; hub ids use only the local cache when the hub can't be reached."""
+    if Path(source).exists() or hub_reachable():
+        return {}
+    return {"local_files_only": True}
+
+
 def resolve_source(model_id: str, cache_dir: Path) -> str:
     if model_id in (DEFAULT_MODEL, "", None):
         return str(converted_default_dir(cache_dir))
@@ -209,13 +232,15 @@ def _load(model_id: str, device: torch.device, dtype: torch.dtype, quant_kwargs:
     quiet_transformers()
     start = time.perf_counter()
     source = resolve_source(model_id, cache_dir)
+    offline = hub_kwargs(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **quant_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **offline)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **quant_kwargs, **offline)
     except Exception as exc:  # hub errors come in many types (OSError, HTTP, ValueError)
+        reason = ("the model hub is unreachable from here and it is not in the local cache" if offline
+                  else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
         raise ModelUnavailable(
-            f"could not load model '{model_id}': {type(exc).__name__}: {str(exc).splitlines()[0][:200]} "
-            "(the model hub may be unreachable from here, or the id is wrong; the embedded default still works)"
+            f"could not load model '{model_id}': {reason} (check the id; the embedded default still works)"
         ) from exc
     if not quant_kwargs:
         model.to(device)
