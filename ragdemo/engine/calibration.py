@@ -1,0 +1,70 @@
+"""Calibration for binary token representations, fitted on the collection's own layer-k states.
+
+The paper recovers passage states with a trained decoder (its "passage representation recovery" loss); here
+the cheap closed-form floor:
+- a learned channel mean `centre`: signs are taken of h - centre, so channels that are always positive
+  (LLM hidden states have a few huge, nearly constant channels) stop wasting their bit;
+- a ridge least-squares decoder from [plain reconstruction, first-plane signs, 1] to the true state.
+Saved as safetensors bytes (no pickle).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from .binary import FLOAT_BITS, Codes, encode
+
+
+@dataclass
+class Decoder:
+    centre: np.ndarray  # [d]
+    weight: np.ndarray | None  # [2d + 1, d] or None (float states need no decoder)
+
+    def decode(self, codes: Codes) -> np.ndarray:
+        plain = codes.reconstruct(self.centre)
+        if self.weight is None or codes.bits == FLOAT_BITS:
+            return plain
+        return features(codes, plain, self.centre) @ self.weight
+
+    def to_bytes(self) -> bytes:
+        tensors = {"centre": self.centre.astype(np.float32)}
+        if self.weight is not None:
+            tensors["weight"] = self.weight.astype(np.float32)
+        return st_save(tensors)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "Decoder":
+        tensors = st_load(blob)
+        return cls(tensors["centre"], tensors.get("weight"))
+
+
+def features(codes: Codes, plain: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """What the least-squares decoder reads: the scaled reconstruction, the raw first-plane signs
+    (scale-free, so the fit can weight channels differently from the per-token scale), and a bias."""
+    first = codes.signs()[0]
+    return np.concatenate([plain - centre, first, np.ones((codes.n, 1), np.float32)], axis=1)
+
+
+def fit_decoder(states: list[np.ndarray], bits: int, ridge: float = 1e-3, max_tokens: int = 40000,
+                seed: int = 0) -> Decoder:
+    """Closed form: centre = channel mean; W = argmin ||X W - H||^2 + ridge * tr(X'X)/p * ||W||^2."""
+    every = np.concatenate(states).astype(np.float32)
+    if len(every) > max_tokens:
+        every = every[np.random.default_rng(seed).choice(len(every), max_tokens, replace=False)]
+    centre = every.mean(axis=0)
+    if bits == FLOAT_BITS:
+        return Decoder(np.zeros_like(centre), None)
+    codes = encode(every, bits, centre)
+    x = features(codes, codes.reconstruct(centre), centre).astype(np.float64)
+    gram = x.T @ x
+    gram[np.diag_indices_from(gram)] += ridge * np.trace(gram) / len(gram)
+    weight = np.linalg.solve(gram, x.T @ every.astype(np.float64))
+    return Decoder(centre, weight.astype(np.float32))
+
+
+def identity_decoder(d: int) -> Decoder:
+    """Calibration off: signs of the raw state, decoded as sum of scale * sign."""
+    return Decoder(np.zeros(d, np.float32), None)

@@ -1,0 +1,314 @@
+"""BTR (Cao et al., ICLR 2024), adapted to a decoder-only LM: passages' lower-layer states are computed
+offline, binarized and stored; at query time only the upper layers see them."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from ..engine.binary import (FLOAT_BITS, Codes, check_bits, encode, fp16_kv_bytes_per_token,
+                             fp16_state_bytes_per_token, from_blob, to_blob)
+from ..engine.calibration import Decoder, fit_decoder, identity_decoder
+from ..engine.generate import decode_loop
+from ..engine.layers import causal_mask, embed, logits, positions, require_llama_like, run_layers
+from ..engine.merging import bipartite_merge
+from ..engine.prompt import build_prompt, encode as encode_text, passage_text
+from ..engine.scoring import answer_ids, mean_nll
+from ..errors import UserError
+from .base import Params, Method, Result, finish
+
+FORMAT_VERSION = 2  # bump when the artifact layout or the way states are computed changes
+
+
+@dataclass
+class BtrParams(Params):
+    k: int = 5  # chunks retrieved, as in rag (the paper's layer split is `split` here)
+    split: int = 6  # layers [0, split) run offline per passage; [split, L) at query time
+    bits: int = 1  # 1, 2, 4, 8 residual sign planes; 16 = fp16 states (no binarization)
+    calibrate: bool = True  # learned channel centre + least-squares bits->state decoder
+    after_prefix: bool = True  # passages see the shared instruction prefix in layers [0, split)
+    r_p: float = 0.0  # runtime ToMe merging: fraction of passage tokens folded away
+    merge_layer: int = -1  # layer where runtime merging happens; -1 = at the split
+
+
+@dataclass
+class Forward:
+    """What a BTR prefill produced: logits for the wanted positions, the per-layer cache, and counts."""
+
+    logits: torch.Tensor
+    cache: DynamicCache
+    next_pos: int
+    token_layers: float  # token x layer products computed at query time
+    removed: int  # passage tokens merged away
+
+
+# ----------------------------------------------------------------------------------------------- forward
+
+def lower_states(lm, prefix_ids: list[int], ids: list[int], split: int) -> torch.Tensor:
+    """A passage's layer-`split` states, computed with only the instruction prefix before it (or nothing)."""
+    full = prefix_ids + ids
+    with torch.inference_mode():
+        h = embed(lm, torch.tensor([full], device=lm.device))
+        h = run_layers(lm, h, 0, split, positions(0, len(full), lm.device), causal_mask(len(full), len(full), lm.device))
+    return h[0, len(prefix_ids):].float()
+
+
+def btr_forward(lm, prefix_ids: list[int], passages: list[torch.Tensor], question_ids: list[int], split: int,
+                want: int = 1, r_p: float = 0.0, merge_layer: int | None = None) -> Forward:
+    """Prefill [prefix, passages, question] where passages arrive as layer-`split` states.
+
+    Layers [0, split): prefix + question alone (they sit at their final positions, so RoPE distances match).
+    Layers [split, L): everything jointly under one causal mask, optionally merging passage tokens at
+    `merge_layer`. The cache then holds only query-side keys below the split and all keys above it, which is
+    exactly what generated tokens may attend to. Returns logits of the last `want` positions.
+    """
+    n_layers = lm.n_layers
+    device, dtype = lm.device, lm.model.dtype
+    p, q = len(prefix_ids), len(question_ids)
+    n = sum(len(s) for s in passages)
+    total = p + n + q
+    cache = DynamicCache()
+    query_pos = torch.cat([torch.arange(p), torch.arange(p + n, total)]).unsqueeze(0).to(device)
+    h_query = embed(lm, torch.tensor([prefix_ids + question_ids], device=device))
+    h_query = run_layers(lm, h_query, 0, split, query_pos, causal_mask(p + q, p + q, device), cache)
+    parts = [h_query[:, :p]] + [s.to(device, dtype).unsqueeze(0) for s in passages] + [h_query[:, p:]]
+    h = torch.cat(parts, dim=1)
+    pos = positions(0, total, device)
+    merge_at = split if merge_layer is None or merge_layer < 0 else max(split, min(merge_layer, n_layers))
+    h = run_layers(lm, h, split, merge_at, pos, causal_mask(total, total, device), cache)
+    merged = bipartite_merge(h, pos, torch.arange(p, p + n, device=device), r_p)
+    h, pos = merged.hidden, merged.pos
+    h = run_layers(lm, h, merge_at, n_layers, pos, causal_mask(h.shape[1], h.shape[1], device), cache)
+    token_layers = (p + q) * n_layers + n * (merge_at - split) + (n - merged.removed) * (n_layers - merge_at)
+    return Forward(logits(lm, h[:, -want:]), cache, total, token_layers, merged.removed)
+
+
+def decode_step(lm):
+    """One generated token: every layer in one pass; a single query with no mask attends to each layer's
+    whole cache, which below the split is query-side only."""
+    def step(ids, pos, cache):
+        h = run_layers(lm, embed(lm, ids), 0, lm.n_layers, positions(pos, 1, lm.device), None, cache)
+        return logits(lm, h)
+    return step
+
+
+# -------------------------------------------------------------------------------------------- artifacts
+
+def _digest(data) -> str:
+    raw = data if isinstance(data, bytes) else json.dumps(data, sort_keys=True).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def prefix_ids(tokenizer) -> list[int]:
+    """The shared instruction prefix every prompt starts with (system turn + 'Context:')."""
+    return build_prompt(tokenizer, "?", [{"text": "."}]).segments[0].ids
+
+
+def chunk_ids_for(tokenizer, chunk: dict) -> list[int]:
+    return encode_text(tokenizer, passage_text(chunk["text"]))
+
+
+class Btr(Method):
+    name = "btr"
+    label = "BTR (binary token representations)"
+    order = 6
+    Params = BtrParams
+    has_prepare = True
+    card = """### BTR — binary token representations (Cao et al., ICLR 2024)
+**Paper:** an encoder-decoder reader (Atlas/FiD) splits its encoder at layer k. Passages' layer-k token states
+are computed offline, binarized (1 bit per dimension, calibrated with a recovery loss), and merged offline
+(Algorithm 1: per vocabulary token, bipartite matching on Hamming distance) and at run time (ToMe). Only
+layers [k, L) run at query time: 2–4x faster inference, 101x less storage than a KV cache, ~95% of accuracy.
+
+**Here (decoder-only LM):**
+- *offline* each retrieved unit (the store's 64-token chunk) runs layers [0, split) **after the shared
+  instruction prefix** (knob `after_prefix`; without it the first passage token becomes an attention sink);
+  its states become `bits` residual sign planes packed with numpy + one fp16 scale per plane and token.
+- *calibration* (`calibrate`): signs are taken around a learned channel mean, and a closed-form ridge
+  least-squares decoder maps [scaled signs, raw signs, 1] back to states; fitted on the collection's own
+  states, cached per (model, split, bits, collection).
+- *query time* the prefix and question run layers [0, split) alone at their final positions; passage states
+  are decoded; layers [split, L) run jointly under one causal mask; optional ToMe merging of passage tokens
+  (`r_p`, at `merge_layer`); generated tokens see the query-side cache below the split and everything above.
+- *what differs:* a decoder-only LM has no separate encoder, so lower-layer passage states here lack
+  attention to the other passages and to the question (the paper's encoder never had that either, but its
+  decoder was trained for it). No query-aware distillation was trained.
+
+Knobs: `k` chunks retrieved, `split` layer, `bits` (1/2/4/8, 16 = fp16), `calibrate`, `after_prefix`,
+`r_p`, `merge_layer`.
+
+**Measured** (see the closing note of issue 5; filled from `python -m ragdemo bench`): pending."""
+
+    # ----------------------------------------------------------------------------------------- knobs
+    def _check(self, lm, params) -> None:
+        require_llama_like(lm, self.name)
+        check_bits(params.bits)
+        if not 0 <= params.split <= lm.n_layers:
+            raise UserError(f"btr: split must be between 0 and {lm.n_layers} for this model, got {params.split}")
+        if not 0.0 <= params.r_p <= 0.5:
+            raise UserError(f"btr: r_p is a fraction of passage tokens between 0 and 0.5, got {params.r_p}")
+
+    def _base_hash(self, lm, params) -> dict:
+        return {"v": FORMAT_VERSION, "split": params.split, "bits": params.bits, "calibrate": params.calibrate,
+                "after_prefix": params.after_prefix, "prefix": _digest(prefix_ids(lm.tokenizer)),
+                "dtype": str(lm.dtype)}
+
+    @staticmethod
+    def _collection_sig(chunks: list[dict]) -> str:
+        return _digest(sorted(c["chunk_id"] for c in chunks))
+
+    def _decoder_key(self, chunks) -> str:
+        return f"decoder:{self._collection_sig(chunks)}"
+
+    def _load_decoder(self, corpus, params, chunks) -> tuple[Decoder, bytes | None]:
+        lm = corpus.lm
+        if not params.calibrate:
+            return identity_decoder(lm.model.config.hidden_size), None
+        blob = corpus.store.get_artifact(self.name, lm.model_id, _digest(self._base_hash(lm, params)), self._decoder_key(chunks))
+        return (Decoder.from_bytes(blob), blob) if blob is not None else (None, None)
+
+    def _chunk_hash(self, lm, params, decoder_blob: bytes | None) -> str:
+        return _digest({**self._base_hash(lm, params), "decoder": _digest(decoder_blob) if decoder_blob else None})
+
+    # --------------------------------------------------------------------------------------- prepare
+    def prepare(self, corpus, params, progress=None) -> None:
+        lm = corpus.lm
+        self._check(lm, params)
+        corpus.require_documents(self.name)
+        say = progress or (lambda f, m: None)
+        chunks = corpus.chunks()
+        prefix = prefix_ids(lm.tokenizer) if params.after_prefix else []
+        decoder, decoder_blob = self._load_decoder(corpus, params, chunks)
+        states: dict[int, np.ndarray] = {}
+
+        def state_of(chunk):
+            if chunk["chunk_id"] not in states:
+                states[chunk["chunk_id"]] = lower_states(lm, prefix, chunk_ids_for(lm.tokenizer, chunk), params.split).cpu().numpy()
+            return states[chunk["chunk_id"]]
+
+        if decoder is None:  # calibration: every chunk's float states, then the closed-form fit
+            started = time.perf_counter()
+            for i, chunk in enumerate(chunks):
+                state_of(chunk)
+                say(0.6 * (i + 1) / len(chunks), f"calibration states {i + 1}/{len(chunks)}")
+            say(0.6, "fitting the least-squares decoder")
+            decoder = fit_decoder(list(states.values()), params.bits)
+            decoder_blob = decoder.to_bytes()
+            corpus.store.put_artifact(self.name, lm.model_id, _digest(self._base_hash(lm, params)), self._decoder_key(chunks),
+                                      decoder_blob, collection_id=corpus.collection_id,
+                                      meta={"tokens": int(sum(len(s) for s in states.values())),
+                                            "seconds": round(time.perf_counter() - started, 1)})
+        chunk_hash = self._chunk_hash(lm, params, decoder_blob)
+        have = corpus.store.get_artifacts(self.name, lm.model_id, chunk_hash, [str(c["chunk_id"]) for c in chunks])
+        missing = [c for c in chunks if str(c["chunk_id"]) not in have]
+        for i, chunk in enumerate(missing):
+            codes = encode(state_of(chunk), params.bits, decoder.centre if params.calibrate else None)
+            # one transaction per chunk: an interrupted prepare leaves whole artifacts only
+            corpus.store.put_artifact(self.name, lm.model_id, chunk_hash, str(chunk["chunk_id"]), to_blob(codes), chunk_id=chunk["chunk_id"])
+            say(0.6 + 0.4 * (i + 1) / len(missing), f"binarized {i + 1}/{len(missing)} chunks")
+        say(1.0, f"{len(chunks)} chunks ready")
+
+    def storage(self, corpus, params) -> int:
+        lm = corpus.lm
+        chunks = corpus.chunks()
+        _, decoder_blob = self._load_decoder(corpus, params, chunks)
+        chunk_hash = self._chunk_hash(lm, params, decoder_blob)
+        row = corpus.store.rows("""SELECT COALESCE(SUM(a.nbytes), 0) AS n FROM artifacts a JOIN chunks c ON c.id = a.chunk_id
+                                   JOIN documents d ON d.id = c.doc_id WHERE a.method = ? AND a.model = ?
+                                   AND a.params_hash = ? AND d.collection_id = ?""",
+                                (self.name, lm.model_id, chunk_hash, corpus.collection_id))[0]
+        return int(row["n"]) + (len(decoder_blob) if decoder_blob else 0)
+
+    # ---------------------------------------------------------------------------------------- query
+    def _artifacts(self, corpus, params, hits):
+        lm = corpus.lm
+        decoder, decoder_blob = self._load_decoder(corpus, params, corpus.chunks())
+        if decoder is None:
+            return None, None, {}
+        blobs = corpus.store.get_artifacts(self.name, lm.model_id, self._chunk_hash(lm, params, decoder_blob),
+                                           [str(h["chunk_id"]) for h in hits])
+        return decoder, decoder_blob, blobs
+
+    def _load(self, corpus, params, hits) -> tuple[list[torch.Tensor], int, int, list[str]]:
+        """Decoded passage states for `hits`, preparing the collection first when artifacts are missing."""
+        notes = []
+        decoder, decoder_blob, blobs = self._artifacts(corpus, params, hits)
+        if decoder is None or len(blobs) < len(hits):
+            self.prepare(corpus, params)
+            notes.append("btr artifacts were missing for these knobs: prepared the collection first")
+            decoder, decoder_blob, blobs = self._artifacts(corpus, params, hits)
+        states = []
+        for hit in hits:
+            codes = from_blob(blobs[str(hit["chunk_id"])])
+            states.append(torch.from_numpy(decoder.decode(codes)))
+        chunk_bytes = sum(len(b) for b in blobs.values())
+        return states, chunk_bytes, len(decoder_blob) if decoder_blob else 0, notes
+
+    def _plan(self, question, corpus, params):
+        """Retrieve, load and decode; the prompt lists each chunk as its own passage in document order."""
+        lm = corpus.lm
+        self._check(lm, params)
+        corpus.require_documents(self.name)
+        hits, retrieve_s = corpus.retrieve(question, params.k)
+        hits = sorted(hits, key=lambda h: (h["doc_id"], h["ord"]))
+        prompt = build_prompt(lm.tokenizer, question, hits)
+        started = time.perf_counter()
+        states, chunk_bytes, decoder_bytes, notes = self._load(corpus, params, hits)
+        passages = [s for s in prompt.segments if s.kind == "passage"]
+        for seg, state in zip(passages, states):
+            if len(seg.ids) != len(state):
+                raise UserError("btr: stored states do not match the chunk's tokens; run prepare again")
+            seg.mark = "cached" if params.bits == FLOAT_BITS else "binarized"
+        if not params.after_prefix:
+            notes.append("passages were encoded without the instruction prefix")
+        result = Result(self.name, retrieve_s=retrieve_s, load_s=time.perf_counter() - started, notes=notes)
+        return prompt, states, result, chunk_bytes, decoder_bytes
+
+    def _prefix_question(self, prompt, params, lm):
+        prefix = prompt.segments[0].ids
+        return prefix, prompt.segments[-1].ids
+
+    def answer(self, question, corpus, params, stream=None) -> Result:
+        t0 = time.perf_counter()
+        lm = corpus.lm
+        prompt, states, result, chunk_bytes, decoder_bytes = self._plan(question, corpus, params)
+        prefix, question_ids = self._prefix_question(prompt, params, lm)
+        with torch.inference_mode():
+            fwd = btr_forward(lm, prefix, states, question_ids, params.split, 1, params.r_p, params.merge_layer)
+        generation = decode_loop(lm, fwd.cache, fwd.logits, fwd.next_pos, params.max_new_tokens, t0, stream,
+                                 step=decode_step(lm))
+        passage_tokens = sum(len(s) for s in states)
+        finish(result, lm, prompt, generation, t0, processed=fwd.token_layers / lm.n_layers)
+        if fwd.removed:
+            for seg in result.segments:
+                if seg["kind"] == "passage":
+                    seg["mark"] = "merged"
+            result.notes.append(f"runtime merging folded {fwd.removed} of {passage_tokens} passage tokens")
+        result.cached_tokens = passage_tokens
+        result.storage_bytes = chunk_bytes + decoder_bytes
+        result.bytes_per_token = round(chunk_bytes / max(passage_tokens, 1), 2)
+        kv = fp16_kv_bytes_per_token(lm.model.config)
+        state = fp16_state_bytes_per_token(lm.model.config)
+        result.notes.append(f"{result.bytes_per_token:.1f} B per passage token: {kv / max(result.bytes_per_token, 1e-9):.0f}x "
+                            f"smaller than an fp16 KV cache ({kv} B), {state / max(result.bytes_per_token, 1e-9):.1f}x "
+                            f"smaller than fp16 layer-{params.split} states ({state} B)")
+        if decoder_bytes:
+            result.notes.append(f"plus the shared calibration decoder: {decoder_bytes} B for the collection")
+        return result
+
+    def nll(self, question, gold, corpus, params) -> float:
+        """Teacher-forced: gold tokens join the question on the query side, exactly as generated tokens would
+        (they run the lower layers without the passages, the upper layers with everything)."""
+        lm = corpus.lm
+        prompt, states, _, _, _ = self._plan(question, corpus, params)
+        prefix, question_ids = self._prefix_question(prompt, params, lm)
+        target = answer_ids(lm.tokenizer, gold)
+        with torch.inference_mode():
+            fwd = btr_forward(lm, prefix, states, question_ids + target, params.split, len(target) + 1,
+                              params.r_p, params.merge_layer)
+        return mean_nll(fwd.logits, target)

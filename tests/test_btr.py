@@ -1,0 +1,192 @@
+import numpy as np
+import pytest
+import torch
+
+from ragdemo.engine import binary
+from ragdemo.engine.calibration import fit_decoder, identity_decoder
+from ragdemo.engine.generate import decode_loop, generate
+from ragdemo.engine.layers import embed
+from ragdemo.engine.merging import bipartite_merge, merge_by_token
+from ragdemo.engine.scoring import nll_of_answer
+from ragdemo.errors import NotSupported
+from ragdemo.methods import get_method
+from ragdemo.methods.btr import btr_forward, decode_step, lower_states, prefix_ids
+
+
+# ------------------------------------------------------------------------------------------------ bits
+
+@pytest.mark.parametrize("d", [64, 576, 13])
+def test_sign_packing_round_trips(d):
+    x = np.random.default_rng(0).normal(size=(7, d)).astype(np.float32)
+    packed = binary.pack_signs(x)
+    assert packed.dtype == np.uint8 and packed.shape == (7, (d + 7) // 8)
+    assert np.array_equal(binary.unpack_signs(packed, d), np.where(x >= 0, 1.0, -1.0))
+
+
+def test_blob_round_trips_and_more_bits_lower_error():
+    x = np.random.default_rng(1).normal(size=(20, 64)).astype(np.float32) * 3 + 1
+    errors = []
+    for bits in (1, 2, 4, 8):
+        codes = binary.encode(x, bits)
+        back = binary.from_blob(binary.to_blob(codes))
+        assert np.array_equal(back.planes, codes.planes) and np.array_equal(back.scales, codes.scales)
+        assert len(binary.to_blob(codes)) == 16 + bits * 20 * 8 + 20 * 2
+        errors.append(float(np.mean((back.reconstruct() - x) ** 2)))
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3 * errors[0]
+    fp16 = binary.from_blob(binary.to_blob(binary.encode(x, 16)))
+    assert np.allclose(fp16.reconstruct(), x, atol=1e-2)
+
+
+def test_calibrated_decoder_beats_plain_signs_on_offset_channels():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3000, 32)).astype(np.float32)
+    x[:, :4] += 20.0  # "massive" channels that are always positive: raw signs say nothing about them
+    plain = binary.encode(x, 1).reconstruct()
+    decoder = fit_decoder([x], 1)
+    calibrated = decoder.decode(binary.encode(x, 1, decoder.centre))
+    assert np.mean((calibrated - x) ** 2) < 0.5 * np.mean((plain - x) ** 2)
+    again = type(decoder).from_bytes(decoder.to_bytes())
+    assert np.allclose(again.weight, decoder.weight) and np.allclose(again.centre, decoder.centre)
+
+
+def test_hamming_distances():
+    a = binary.pack_signs(np.array([[1, 1, -1, -1, 1, 1, 1, 1, 1]], np.float32))
+    b = binary.pack_signs(np.array([[1, -1, -1, 1, 1, 1, 1, 1, -1], [1, 1, -1, -1, 1, 1, 1, 1, 1]], np.float32))
+    assert binary.hamming(a, b).tolist() == [[3, 0]]
+
+
+# --------------------------------------------------------------------------------------------- merging
+
+def test_zero_ratio_merging_is_identity():
+    h, pos = torch.randn(1, 10, 8), torch.arange(10)[None]
+    merged = bipartite_merge(h, pos, torch.arange(2, 8), 0.0)
+    assert merged.removed == 0 and torch.equal(merged.hidden, h) and torch.equal(merged.pos, pos)
+
+
+def test_merging_folds_forward_into_most_similar_token():
+    h = torch.randn(1, 8, 16)
+    h[0, 3] = h[0, 2] * 2  # token 2 (set A) is a scaled copy-partner of token 3 (set B)
+    merged = bipartite_merge(h, torch.arange(8)[None], torch.arange(2, 8), 0.2)
+    assert merged.removed == 1 and merged.pos.tolist() == [[0, 1, 3, 4, 5, 6, 7]]
+    assert torch.allclose(merged.hidden[0, 2], (h[0, 2] + h[0, 3]) / 2)
+    assert torch.equal(merged.hidden[0, 0], h[0, 0]) and torch.equal(merged.hidden[0, -1], h[0, -1])
+
+
+def test_offline_merge_collapses_stopwords_and_pairs_the_rest():
+    rng = np.random.default_rng(3)
+    codes = binary.pack_signs(rng.normal(size=(10, 16)))
+    scales = np.ones(10, np.float16)
+    tokens = np.array([5, 5, 5, 5, 7, 7, 7, 7, 9, 11])  # 5 is a stopword
+    book = merge_by_token(tokens, codes, scales, 0.5, {5}, 16)
+    assert len(book.codes) == 1 + 2 + 1 + 1  # stopword -> 1, token 7 -> 2 (half folded), 9 and 11 alone
+    assert len(set(book.index[:4].tolist())) == 1
+    assert np.array_equal(book.codes[book.index[8]], codes[8])
+    untouched = merge_by_token(tokens, codes, scales, 0.0, set(), 16)
+    assert len(untouched.codes) == 10 and np.array_equal(untouched.codes[untouched.index], codes)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+def _prompt_parts(lm):
+    tok = lm.tokenizer
+    prefix = prefix_ids(tok)
+    passages = [tok("The Eiffel Tower was completed in 1889.\n\n", add_special_tokens=False)["input_ids"],
+                tok("Bananas are yellow.\n\n", add_special_tokens=False)["input_ids"]]
+    question = tok("Question: When was it completed?\nAnswer:", add_special_tokens=False)["input_ids"]
+    return prefix, passages, question
+
+
+def test_split_zero_with_float_states_equals_the_full_forward(tiny_lm):
+    prefix, passages, question = _prompt_parts(tiny_lm)
+    ids = prefix + passages[0] + passages[1] + question
+    states = [embed(tiny_lm, torch.tensor([p]))[0].float() for p in passages]
+    with torch.inference_mode():
+        full = tiny_lm.model(input_ids=torch.tensor([ids])).logits
+        fwd = btr_forward(tiny_lm, prefix, states, question, split=0, want=len(question))
+    assert torch.allclose(fwd.logits, full[:, -len(question):], atol=1e-4)
+    assert fwd.token_layers == len(ids) * tiny_lm.n_layers
+    # and generation through BTR's per-layer cache matches plain generation token for token
+    plain = generate(tiny_lm, ids, 6, 0.0)
+    btr = decode_loop(tiny_lm, fwd.cache, fwd.logits[:, -1:], fwd.next_pos, 6, 0.0, step=decode_step(tiny_lm))
+    assert btr.ids == plain.ids
+
+
+def test_split_layers_counts_passages_as_upper_layers_only(tiny_lm):
+    prefix, passages, question = _prompt_parts(tiny_lm)
+    states = [lower_states(tiny_lm, prefix, p, 2) for p in passages]
+    with torch.inference_mode():
+        fwd = btr_forward(tiny_lm, prefix, states, question, split=2)
+        merged = btr_forward(tiny_lm, prefix, states, question, split=2, r_p=0.5, merge_layer=3)
+    n, L = sum(map(len, passages)), tiny_lm.n_layers
+    assert fwd.token_layers == (len(prefix) + len(question)) * L + n * (L - 2)
+    assert merged.removed > 0
+    assert merged.token_layers == (len(prefix) + len(question)) * L + n * 1 + (n - merged.removed) * 1
+    assert [layer.keys.shape[-2] for layer in fwd.cache.layers] == [len(prefix) + len(question)] * 2 + [fwd.next_pos] * 2
+
+
+def test_passage_states_after_the_prefix_match_the_full_model(tiny_lm):
+    """A passage right after the prefix sees, in layers [0, split), exactly what the full model shows it."""
+    prefix, passages, _ = _prompt_parts(tiny_lm)
+    ids = prefix + passages[0]
+    with torch.inference_mode():
+        hidden = tiny_lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[2]
+    assert torch.allclose(lower_states(tiny_lm, prefix, passages[0], 2), hidden[0, len(prefix):].float(), atol=1e-4)
+
+
+@pytest.fixture
+def ingested(tiny_bench, docs_dir):
+    tiny_bench.ingest([(p.name, p) for p in docs_dir.iterdir()])
+    return tiny_bench
+
+
+def test_ask_btr_on_tiny_model(ingested):
+    ingested.prepare(["btr"], knobs={"btr": {"split": 2, "bits": 1, "k": 2}})
+    rag, btr = ingested.ask("When was the Eiffel Tower completed?", ["rag", "btr"],
+                            knobs={"rag": {"k": 2}, "btr": {"split": 2, "bits": 1, "k": 2}})
+    assert not btr.error and btr.new_tokens > 0 and btr.ttft_s > 0
+    assert [s["chunk_id"] for s in btr.sources] and {s["mark"] for s in btr.segments if s["kind"] == "passage"} == {"binarized"}
+    passage_tokens = sum(s["n_tokens"] for s in btr.segments if s["kind"] == "passage")
+    other = btr.prompt_tokens - passage_tokens
+    L = 4
+    assert btr.cached_tokens == passage_tokens
+    assert btr.processed_tokens == pytest.approx(other + passage_tokens * (L - 2) / L, abs=0.01)
+    # 1 bit x 64 dims = 8 bytes per token, plus 2 bytes of scale and the blob header amortised over the chunk
+    assert 10 <= btr.bytes_per_token < 11
+    assert btr.storage_bytes > btr.bytes_per_token * passage_tokens  # chunk blobs + the shared decoder
+    assert not any("prepared the collection first" in n for n in btr.notes)
+
+
+def test_artifacts_are_keyed_by_split_bits_and_model(ingested):
+    corpus = ingested.corpus()
+    method = get_method("btr")
+    base = method.Params(split=2, bits=1)
+    method.prepare(corpus, base)
+    stored = method.storage(corpus, base)
+    assert stored > 0
+    for changed in (method.Params(split=1, bits=1), method.Params(split=2, bits=2),
+                    method.Params(split=2, bits=1, calibrate=False)):
+        assert method.storage(corpus, changed) == 0  # nothing reused
+        method.prepare(corpus, changed)
+        assert method.storage(corpus, changed) > 0
+    assert method.storage(corpus, method.Params(split=2, bits=2)) > stored
+    corpus.lm.model_id = corpus.lm.model_id + "-other"  # another model: a fresh key space
+    assert method.storage(corpus, base) == 0
+    result = method.answer("Where is the tower?", corpus, method.Params(split=2, bits=1, max_new_tokens=2))
+    assert any("prepared the collection first" in n for n in result.notes)
+
+
+def test_nll_at_split_zero_float_equals_plain_prompt(ingested):
+    corpus = ingested.corpus()
+    method = get_method("btr")
+    params = method.Params(split=0, bits=16, calibrate=False, k=2)
+    prompt, _, _, _, _ = method._plan("When was the tower completed?", corpus, params)
+    expected = nll_of_answer(corpus.lm, prompt.ids, "in 1889")
+    assert method.nll("When was the tower completed?", "in 1889", corpus, params) == pytest.approx(expected, abs=2e-3)
+
+
+def test_non_llama_models_are_not_supported(tmp_path, tiny_lm):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tiny_lm.model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100))
+    with pytest.raises(NotSupported):
+        get_method("btr")._check(tiny_lm, get_method("btr").Params())
