@@ -1,0 +1,79 @@
+"""JRT-Prompt (Arora et al. 2024, "Just read twice"): question, context, context again, question."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..engine.prompt import Prompt, Segment, build_prompt
+from ..errors import UserError
+from ..store import group_passages
+from .base import Params, PromptMethod, Result
+from .full_context import fit_to_budget
+
+
+@dataclass
+class JrtParams(Params):
+    context: str = "rag"  # rag = top-k chunks; full = every document (cut to fit, both copies)
+    k: int = 5  # chunks retrieved when context=rag
+    max_context_tokens: int = 0  # whole-prompt budget; 0 = the model window minus the answer budget
+
+
+class Jrt(PromptMethod):
+    name = "jrt"
+    label = "JRT (read twice)"
+    order = 5
+    Params = JrtParams
+    card = """### JRT-Prompt: just read twice (Arora et al. 2024, "Just read twice: closing the recall gap for recurrent language models")
+A recurrent model (Mamba, RWKV, linear attention) reads the context once into a fixed-size state, so what it
+keeps cannot depend on a question it has not seen yet. JRT-Prompt states the question first and repeats the
+context, so on the second reading the model already knows what to keep:
+**[instruction] Question: q / Context: [context] [context again] / Question: q**.
+This is the order of the paper's own harness for NQ and TriviaQA (question, context, context, question);
+the surrounding words come from this app's shared chat-template prompt so token counts stay comparable.
+- **Context:** RAG top-k chunks (default, `context=rag`, knob k) or every document (`context=full`). When two
+  copies do not fit the model window minus the answer budget, each copy is cut by the same amount and the
+  result says so in its notes.
+- **Models:** any causal LM: transformers' Llama-family decoders, and the recurrent `MambaForCausalLM`,
+  `Mamba2ForCausalLM` and `RwkvForCausalLM` (e.g. the hub preset `state-spaces/mamba-130m-hf`), which decode
+  through their own recurrent state.
+- **Cost:** about twice RAG's prompt tokens and prefill time for the same passages; a Transformer can already
+  look back at the context, so the paper's gains are for recurrent models.
+- **Not included: JRT-RNN**, the paper's own prefix-linear-attention architecture (encoder-decoder style
+  recurrent model trained for this). Its checkpoints and kernels are not part of transformers, so it cannot be
+  loaded here; only the prompting half of the paper is offered.
+- Knobs: context (rag | full), k, max context tokens (0 = as much as fits), max new tokens."""
+
+    def build(self, question, corpus, params):
+        corpus.require_documents(self.name)
+        lm = corpus.lm
+        result = Result(self.name)
+        if params.context == "rag":
+            hits, result.retrieve_s = corpus.retrieve(question, params.k)
+            passages = group_passages(hits)
+        elif params.context == "full":
+            start = time.perf_counter()
+            passages = [{"doc": d["name"], "text": d["text"]} for d in corpus.documents()]
+            result.load_s = time.perf_counter() - start
+        else:
+            raise UserError(f"jrt's context knob is 'rag' or 'full', not {params.context!r}")
+        prompt = build_prompt(lm.tokenizer, question, passages, repeat_context=True)
+        fit_both_copies(prompt, params.max_context_tokens or (lm.window - params.max_new_tokens), result)
+        return prompt, result
+
+
+def fit_both_copies(prompt: Prompt, budget: int, result: Result) -> None:
+    """Cut the first copy with full_context's rule, so that it fits twice, then repeat it again."""
+    first = [s for s in prompt.segments if s.kind == "passage" and s.mark != "repeated"]
+    fixed = [s for s in prompt.segments if s.kind != "passage"]
+    fixed_tokens = sum(len(s.ids) for s in fixed)
+    context_tokens = sum(len(s.ids) for s in first)
+    if fixed_tokens + 2 * context_tokens <= budget:
+        return
+    per_copy = max(0, (budget - fixed_tokens) // 2)
+    single = Prompt(fixed[:1] + first + fixed[1:])
+    fit_to_budget(single, fixed_tokens + per_copy, Result("jrt"))
+    kept = [s for s in single.segments if s.kind == "passage"]
+    repeated = [Segment("passage", s.ids, "repeated", s.source) for s in kept]
+    prompt.segments = fixed[:1] + kept + repeated + fixed[1:]
+    result.notes.append(f"context truncated to {per_copy} tokens per copy (from {context_tokens}) so that "
+                        f"both copies fit in {budget} tokens")
