@@ -132,7 +132,14 @@ def cmd_bench_speed(bench, args) -> int:
     return 0
 
 
+def cmd_bench(bench, args) -> int:
+    from .bench.command import cmd_bench as run
+
+    return run(bench, args, parse_knobs, _progress_bar)
+
+
 COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "prepare": cmd_prepare, "list": cmd_list, "delete": cmd_delete,
+            "bench": cmd_bench,
             "finetune": cmd_finetune,
             "bench-speed": cmd_bench_speed}
 
@@ -169,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("doc")
     p = sub.add_parser("bench-speed", parents=[common], help="ingest, retrieval, load and prefill speed on this machine")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
+    from .bench.command import add_bench_parser
+
+    add_bench_parser(sub, common)
     return parser
 
 

@@ -1,0 +1,90 @@
+"""`python -m ragdemo bench ...`: arguments and the command, kept here so cli.py only wires it in."""
+from __future__ import annotations
+
+import contextlib
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def add_bench_parser(sub, common) -> None:
+    p = sub.add_parser("bench", parents=[common], help="benchmark methods on QA data (squad, needle, JSONL)")
+    p.add_argument("--dataset", default="squad", help="squad, needle, or a .jsonl file of {question, answers, context?, doc?}")
+    p.add_argument("--path", default=None, help="squad: a SQuAD v1.1 .json(.gz) (default: the bundled sample); "
+                                                  "needle: a folder of essays")
+    p.add_argument("--n", type=int, default=None, help="number of questions (sampled by --seed; default all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--articles", type=int, default=None, help="squad: use this many whole articles (by --seed)")
+    p.add_argument("--lengths", default=None, help="needle: context lengths in tokens, e.g. 1024,2048,4096")
+    p.add_argument("--depths", default=None, help="needle: depths in percent, e.g. 0,25,50,75,100")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated; variants as METHOD@KNOB=VALUE, e.g. rag,btr@bits=1,btr@bits=8")
+    p.add_argument("--reference", default="rag", help="reference for context value kept: rag (default) or full_context")
+    p.add_argument("--limit", action="append", default=[], metavar="METHOD=N",
+                   help="ask a slow method only the first N questions")
+    p.add_argument("--keep", action="store_true", help="keep the benchmark's store (in OUT/store) instead of a temp dir")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--out", required=True, help="output folder: results.json, summary.csv, summary.md, plots")
+
+
+def _ints(text: str | None, what: str) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(x) if "." in x else int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{what} takes comma-separated numbers, got {text!r}") from None
+
+
+def _limits(pairs: list[str]) -> dict[str, int]:
+    limits = {}
+    for pair in pairs:
+        label, sep, value = pair.rpartition("=")
+        if not sep or not value.isdigit():
+            raise UserError(f"--limit takes METHOD=N, got {pair!r}")
+        limits[label] = int(value)
+    return limits
+
+
+def cmd_bench(bench, args, parse_knobs, progress_bar) -> int:
+    from ..workbench import Workbench
+    from .datasets import load_dataset
+    from .runner import DEFAULT_MAX_NEW_TOKENS, apply_limits, parse_method_specs, run_bench, write_outputs
+
+    knobs = parse_knobs(args.set)
+    specs = parse_method_specs(args.methods, knobs)
+    apply_limits(specs, _limits(args.limit))
+    out = Path(args.out)
+    # a store of its own: the user's library is untouched and every run starts from fresh collections
+    home = out / "store" if args.keep else Path(tempfile.mkdtemp(prefix="ragdemo-bench-"))
+    if args.keep and home.exists():
+        shutil.rmtree(home)
+    scratch = Workbench(bench.settings.with_(home=home))
+    try:
+        tokenizer = scratch.models.lm.tokenizer if args.dataset == "needle" else None
+        dataset = load_dataset(args.dataset, tokenizer, args.path, args.n, args.seed, args.articles,
+                               _ints(args.lengths, "--lengths"), _ints(args.depths, "--depths"))
+        max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        print(f"{dataset.description}; methods: {', '.join(s.label for s in specs)}", file=sys.stderr)
+        bar, update = progress_bar("bench")
+        with bar, contextlib.redirect_stdout(sys.stderr):
+            run = run_bench(scratch, dataset, specs, args.reference, max_new, update, cleanup=not args.keep,
+                            extra_meta=_command_meta())
+        written = write_outputs(run, out, plots=not args.no_plots)
+    finally:
+        scratch.store.close()
+        if not args.keep:
+            shutil.rmtree(home, ignore_errors=True)
+    print((out / "summary.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _command_meta() -> dict:
+    """The command line, when this process is `python -m ragdemo bench ...` (not a test calling main())."""
+    argv = sys.argv[1:]
+    return {"command": "python -m ragdemo " + " ".join(map(shlex.quote, argv))} if argv[:1] == ["bench"] else {}

@@ -1,0 +1,85 @@
+"""QA metrics: SQuAD's official EM/F1 normalisation, containment, and context value kept from gold NLLs."""
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+
+import numpy as np
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1 evaluate script: lower case, drop punctuation, drop articles, collapse whitespace."""
+    text = str(text).lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def f1_score(prediction: str, gold: str) -> float:
+    pred_tokens = normalize_answer(prediction).split()
+    gold_tokens = normalize_answer(gold).split()
+    common = Counter(pred_tokens) & Counter(gold_tokens)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision = overlap / len(pred_tokens)
+    recall = overlap / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def contains(prediction: str, gold: str) -> float:
+    """1 when the normalised gold appears in the normalised prediction as whole words ("1973" is not in "19734")."""
+    gold_n = normalize_answer(gold)
+    if not gold_n:
+        return 0.0
+    return float(f" {gold_n} " in f" {normalize_answer(prediction)} ")
+
+
+def best_over_golds(metric, prediction: str, golds: list[str]) -> float:
+    """SQuAD scores a prediction against its best-matching gold answer."""
+    return max((metric(prediction, g) for g in golds), default=0.0)
+
+
+def keyword_recall(prediction: str, keywords: list[str]) -> float:
+    """Fraction of keywords whose normalised form appears in the normalised prediction."""
+    if not keywords:
+        return float("nan")
+    return sum(contains(prediction, k) for k in keywords) / len(keywords)
+
+
+def answer_scores(prediction: str, golds: list[str], keywords: list[str] | None = None) -> dict:
+    scores = {"em": best_over_golds(exact_match, prediction, golds),
+              "f1": best_over_golds(f1_score, prediction, golds),
+              "contains": best_over_golds(contains, prediction, golds)}
+    if keywords:
+        scores["keywords"] = keyword_recall(prediction, keywords)
+    return scores
+
+
+def context_value_kept(closed: list[float], method: list[float], reference: list[float]) -> float:
+    """Aggregate (NLL_closed - NLL_method) / (NLL_closed - NLL_reference) as a ratio of summed gaps.
+
+    A per-question ratio explodes when the reference barely beats closed book on that question; summing
+    the gaps first weights each question by how much context could help it, which is stable. NaN when the
+    reference does not beat closed book on aggregate (then nothing is there to keep)."""
+    closed, method, reference = (np.asarray(x, dtype=float) for x in (closed, method, reference))
+    ok = np.isfinite(closed) & np.isfinite(method) & np.isfinite(reference)
+    gap_ref = float(np.sum(closed[ok] - reference[ok]))
+    if not ok.any() or gap_ref <= 0:
+        return float("nan")
+    return float(np.sum(closed[ok] - method[ok])) / gap_ref
+
+
+def per_question_value_kept(closed: float, method: float, reference: float, min_gap: float = 1e-6) -> float:
+    gap = closed - reference
+    if not all(np.isfinite([closed, method, reference])) or abs(gap) < min_gap:
+        return float("nan")
+    return (closed - method) / gap

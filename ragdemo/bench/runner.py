@@ -1,0 +1,454 @@
+"""The benchmark runner: fresh collection(s), every question asked with every chosen method, metrics, outputs.
+
+For each question and method it records the generated answer's EM / F1 / contains and its timing and token
+counts from `Method.answer`, and the teacher-forced NLL of the first gold answer from `Method.nll`. Closed
+book's NLL and the reference's NLL are always computed, so "context value kept" can be reported for every
+method against a reference that is named in the output.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+import traceback
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import NotSupported, UserError
+from ..methods import get_method, registry
+from ..methods.base import Progress, Result, params_from
+from .datasets import Dataset, Haystack, Question
+from .metrics import answer_scores, context_value_kept, per_question_value_kept
+
+DEFAULT_MAX_NEW_TOKENS = 24
+REFERENCES = ("rag", "full_context")
+RESULT_FIELDS = ["prompt_tokens", "processed_tokens", "cached_tokens", "new_tokens", "retrieve_s", "load_s",
+                 "ttft_s", "decode_s", "total_s", "decode_tok_s", "storage_bytes", "bytes_per_token"]
+
+
+@dataclass
+class MethodSpec:
+    """One column of the comparison: a registered method with knobs. `btr@bits=1` is labelled "btr@bits=1"."""
+    label: str
+    name: str
+    knobs: dict = field(default_factory=dict)
+    limit: int | None = None  # ask only the first `limit` questions (for very slow methods); None = all
+    answers: bool = True  # False: NLL only (closed book / reference added for context value kept)
+
+    def method(self):
+        return get_method(self.name)
+
+    def params(self, max_new_tokens: int):
+        return params_from(self.method().Params, {"max_new_tokens": max_new_tokens, **self.knobs})
+
+
+def parse_method_specs(text: str | list[str] | None, knobs: dict[str, dict] | None = None,
+                       default: tuple[str, ...] = ("closed_book", "full_context", "rag")) -> list[MethodSpec]:
+    """`rag,btr@bits=1,btr@bits=8@k=6` -> specs; `--set btr.k=6` knobs apply to every variant of btr
+    (a variant's own knobs win)."""
+    items = text.split(",") if isinstance(text, str) else (text or list(default))
+    specs, labels = [], set()
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        name, *pairs = item.split("@")
+        method = get_method(name.strip())
+        variant = {}
+        for pair in pairs:
+            knob, sep, value = pair.partition("=")
+            if not sep or not knob.strip():
+                raise UserError(f"method variant {item!r}: use METHOD@KNOB=VALUE[@KNOB=VALUE]")
+            variant[knob.strip()] = value.strip()
+        merged = {**(knobs or {}).get(method.name, {}), **variant}
+        _check_knobs(method, merged, item)
+        if item in labels:
+            raise UserError(f"method {item!r} is listed twice")
+        labels.add(item)
+        specs.append(MethodSpec(item, method.name, merged))
+    if not specs:
+        raise UserError("no methods given")
+    return specs
+
+
+def _check_knobs(method, knobs: dict, label: str) -> None:
+    known = {f.name for f in fields(method.Params)}
+    unknown = sorted(set(knobs) - known)
+    if unknown:
+        raise UserError(f"{label}: unknown knob(s) {', '.join(unknown)}; {method.name} has {', '.join(sorted(known))}")
+    try:
+        params_from(method.Params, knobs)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{label}: bad knob value ({exc})") from None
+
+
+def apply_limits(specs: list[MethodSpec], limits: dict[str, int] | None) -> None:
+    for label, limit in (limits or {}).items():
+        matched = [s for s in specs if s.label == label or s.name == label]
+        if not matched:
+            raise UserError(f"--limit {label}: no such method in --methods")
+        for spec in matched:
+            spec.limit = int(limit)
+
+
+def with_baselines(specs: list[MethodSpec], reference: str, knobs: dict | None) -> tuple[list[MethodSpec], str]:
+    """Make sure closed book (NLL at least) and the reference (answered, for TTFT ratios) are in the run."""
+    if reference not in REFERENCES and reference not in [s.label for s in specs]:
+        raise UserError(f"--reference must be one of {', '.join(REFERENCES)} or a label in --methods")
+    specs = list(specs)
+    if not any(s.label == reference for s in specs):
+        ref_name = reference.split("@")[0]
+        specs.append(MethodSpec(reference, ref_name, dict((knobs or {}).get(ref_name, {}))))
+    if not any(s.label == "closed_book" for s in specs):
+        specs.insert(0, MethodSpec("closed_book", "closed_book", answers=False))
+    return specs, reference
+
+
+# ------------------------------------------------------------------ running
+@dataclass
+class BenchRun:
+    meta: dict
+    specs: list[MethodSpec]
+    records: list[dict]  # one per question: id, question, answers, meta, haystack, results{label: {...}}
+    storage: dict  # label -> list of bytes per haystack
+    prepare_s: dict  # label -> seconds of prepare summed over haystacks
+    summary: list[dict] = field(default_factory=list)
+
+
+def run_bench(workbench, dataset: Dataset, specs: list[MethodSpec], reference: str = "rag",
+              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, progress: Progress | None = None,
+              collection_prefix: str | None = None, cleanup: bool = True, extra_meta: dict | None = None,
+              existing_collection: str | None = None) -> BenchRun:
+    """Ask every question of `dataset` with every spec; collections are created fresh (unique names) and their
+    documents deleted afterwards when `cleanup`."""
+    if not dataset.n_questions:
+        raise UserError("the dataset has no questions")
+    specs, reference = with_baselines(specs, reference, None)
+    run_id = collection_prefix or f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    lm = workbench.models.lm  # a bad model is reported before any work
+    total_units = sum(len(h.questions) * len(specs) + len(specs) for h in dataset.haystacks)
+    tick = _Ticker(progress, total_units)
+    records, storage, prepare_s = [], {s.label: [] for s in specs}, {s.label: 0.0 for s in specs}
+    started = time.time()
+    for haystack in dataset.haystacks:
+        collection = existing_collection if (existing_collection and not haystack.documents) else f"{run_id}-{haystack.key}"
+        corpus = _fill_collection(workbench, collection, haystack, tick)
+        try:
+            for spec in specs:
+                seconds, nbytes = _prepare(spec, corpus, max_new_tokens, tick)
+                prepare_s[spec.label] += seconds
+                storage[spec.label].append(nbytes)
+            asked = {s.label: sum(1 for r in records if s.label in r["results"] and r["results"][s.label].get("answered"))
+                     for s in specs}
+            for question in haystack.questions:
+                record = {"id": question.id, "question": question.question, "answers": question.answers,
+                          "keywords": question.keywords, "meta": question.meta, "haystack": haystack.key,
+                          "results": {}}
+                for spec in specs:
+                    tick.step(f"{spec.label}: {question.question[:40]}")
+                    if spec.limit is not None and asked[spec.label] >= spec.limit and spec.label not in {reference, "closed_book"}:
+                        continue
+                    record["results"][spec.label] = _ask_one(spec, question, corpus, max_new_tokens)
+                    asked[spec.label] += int(record["results"][spec.label].get("answered", False))
+                records.append(record)
+        finally:
+            if cleanup and haystack.documents:
+                _empty_collection(workbench, collection)
+    meta = {"dataset": dataset.name, "description": dataset.description, "reference": reference,
+            "closed_book": "closed_book", "model": lm.model_id, "dtype": str(lm.dtype).replace("torch.", ""),
+            "device": str(lm.device), "max_new_tokens": max_new_tokens,
+            "methods": [{"label": s.label, "method": s.name, "knobs": s.knobs, "limit": s.limit,
+                         "answers": s.answers} for s in specs],
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "seconds": round(time.time() - started, 1),
+            "machine": machine_info(), **(extra_meta or {})}
+    run = BenchRun(meta, specs, records, storage, prepare_s)
+    run.summary = summarize(run)
+    tick.done()
+    return run
+
+
+class _Ticker:
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress, self.total, self.count = progress, max(total, 1), 0
+
+    def step(self, message: str) -> None:
+        if self.progress:
+            self.progress(min(self.count / self.total, 1.0), message)
+        self.count += 1
+
+    def done(self) -> None:
+        if self.progress:
+            self.progress(1.0, "done")
+
+
+def _fill_collection(workbench, collection: str, haystack: Haystack, tick: _Ticker):
+    if not haystack.documents:
+        return workbench.corpus(collection, create=False)
+    files = [(name, text.encode("utf-8")) for name, text in haystack.documents]
+    reports = workbench.ingest(files, collection)
+    failed = [r.message for r in reports if r.status == "error"]
+    if failed:
+        raise UserError(f"could not ingest the benchmark documents: {failed[0]}")
+    return workbench.corpus(collection)
+
+
+def _empty_collection(workbench, collection: str) -> None:
+    corpus = workbench.corpus(collection)
+    for doc in workbench.store.documents(corpus.collection_id):
+        workbench.store.delete_document(corpus.collection_id, str(doc["id"]))
+
+
+def _prepare(spec: MethodSpec, corpus, max_new_tokens: int, tick: _Ticker) -> tuple[float, int]:
+    method, params = spec.method(), spec.params(max_new_tokens)
+    tick.step(f"{spec.label}: prepare")
+    start = time.perf_counter()
+    if method.has_prepare:
+        with corpus.lm.lock:
+            method.prepare(corpus, params, None)
+    seconds = time.perf_counter() - start
+    try:
+        nbytes = int(method.storage(corpus, params))
+    except Exception:  # storage accounting must not sink a run; the answers still count
+        nbytes = 0
+    return seconds, nbytes
+
+
+def _ask_one(spec: MethodSpec, question: Question, corpus, max_new_tokens: int) -> dict:
+    method, params = spec.method(), spec.params(max_new_tokens)
+    out: dict = {"answered": False}
+    if spec.answers:
+        try:
+            with corpus.lm.lock:
+                result = method.answer(question.question, corpus, params, None)
+        except NotSupported as exc:
+            result = Result(spec.name, error=str(exc))
+        except Exception as exc:  # one broken method must not lose the whole run; it is reported
+            result = Result(spec.name, error=f"{type(exc).__name__}: {exc}")
+            result.notes.append(traceback.format_exc(limit=3))
+        out.update({k: getattr(result, k) for k in RESULT_FIELDS})
+        out.update(answer=result.answer, error=result.error, notes=result.notes, events=len(result.events),
+                   sources=[s.get("doc") for s in result.sources][:10], answered=not result.error)
+        if not result.error:
+            out.update(answer_scores(result.answer, question.answers, question.keywords))
+    out["nll"] = _nll(method, question, corpus, params, out)
+    return out
+
+
+def _nll(method, question: Question, corpus, params, out: dict) -> float:
+    try:
+        with corpus.lm.lock:
+            return float(method.nll(question.question, question.answers[0], corpus, params))
+    except Exception as exc:  # noqa: BLE001 - recorded, and the summary shows NLL as missing
+        out["nll_error"] = f"{type(exc).__name__}: {exc}"
+        return float("nan")
+
+
+# ------------------------------------------------------------------ summary
+SUMMARY_COLUMNS = ["method", "n", "errors", "em", "f1", "contains", "keywords", "nll", "value_kept",
+                   "value_kept_median", "ttft_s", "ttft_vs_ref", "total_s", "prompt_tokens", "processed_tokens",
+                   "cached_tokens", "bytes_per_token", "storage_bytes", "prepare_s"]
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values if v is not None and np.isfinite(float(v))]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def summarize(run: BenchRun) -> list[dict]:
+    ref = run.meta["reference"]
+    ref_ttft = _mean(r["results"][ref].get("ttft_s") for r in run.records
+                     if ref in r["results"] and r["results"][ref].get("answered"))
+    rows = []
+    for spec in run.specs:
+        mine = [r for r in run.records if spec.label in r["results"]]
+        answered = [r["results"][spec.label] for r in mine if r["results"][spec.label].get("answered")]
+        triples = [(r["results"]["closed_book"]["nll"], r["results"][spec.label]["nll"], r["results"][ref]["nll"])
+                   for r in mine if "closed_book" in r["results"] and ref in r["results"]]
+        closed, method, reference = (list(x) for x in zip(*triples)) if triples else ([], [], [])
+        per_q = [per_question_value_kept(*t) for t in triples]
+        row = {"method": spec.label, "n": len(mine),
+               "errors": sum(1 for r in mine if r["results"][spec.label].get("error")) if spec.answers else 0,
+               "nll": _mean(r["results"][spec.label]["nll"] for r in mine),
+               "value_kept": context_value_kept(closed, method, reference),
+               "value_kept_median": float(np.nanmedian(per_q)) if np.isfinite(per_q).any() else float("nan"),
+               "storage_bytes": _mean(run.storage.get(spec.label, [])),
+               "prepare_s": run.prepare_s.get(spec.label, 0.0)}
+        for key in ("em", "f1", "contains", "keywords"):
+            row[key] = 100 * _mean(a.get(key) for a in answered) if spec.answers else float("nan")
+        for key in ("ttft_s", "total_s", "prompt_tokens", "processed_tokens", "cached_tokens", "bytes_per_token"):
+            row[key] = _mean(a.get(key) for a in answered) if spec.answers else float("nan")
+        row["ttft_vs_ref"] = row["ttft_s"] / ref_ttft if ref_ttft and np.isfinite(ref_ttft) else float("nan")
+        rows.append(row)
+    return rows
+
+
+def machine_info() -> dict:
+    import torch
+
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(f.readline().split()[1])
+        mem = f"{kb / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "memory": mem,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform()}
+
+
+# ------------------------------------------------------------------ writing
+def _fmt(value, key: str) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if key in ("value_kept", "value_kept_median"):
+        return f"{100 * value:.0f}%"
+    if key == "ttft_vs_ref":
+        return f"{value:.2f}x"
+    if key in ("ttft_s", "total_s", "nll"):
+        return f"{value:.3f}"
+    if key in ("storage_bytes", "prepare_s", "prompt_tokens", "cached_tokens", "n", "errors"):
+        return f"{value:,.0f}" if key != "prepare_s" else f"{value:.1f}"
+    return f"{value:.1f}"
+
+
+MD_HEADERS = {"method": "method", "n": "n", "errors": "errors", "em": "EM", "f1": "F1", "contains": "contains",
+              "keywords": "keywords", "nll": "gold NLL", "value_kept": "value kept",
+              "value_kept_median": "value kept (median)", "ttft_s": "TTFT s", "ttft_vs_ref": "TTFT vs ref",
+              "total_s": "total s", "prompt_tokens": "prompt tok", "processed_tokens": "processed tok",
+              "cached_tokens": "cached tok", "bytes_per_token": "bytes/tok", "storage_bytes": "storage B",
+              "prepare_s": "prepare s"}
+
+
+def summary_columns(run: BenchRun) -> list[str]:
+    has_keywords = any(r.get("keywords") for r in run.records)
+    return [c for c in SUMMARY_COLUMNS if c != "keywords" or has_keywords]
+
+
+def summary_markdown_table(run: BenchRun) -> str:
+    cols = summary_columns(run)
+    lines = ["| " + " | ".join(MD_HEADERS[c] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for row in run.summary:
+        label = row["method"] + ("" if _spec(run, row["method"]).answers else " (NLL only)")
+        lines.append("| " + " | ".join(_fmt(label if c == "method" else row[c], c) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _spec(run: BenchRun, label: str) -> MethodSpec:
+    return next(s for s in run.specs if s.label == label)
+
+
+def summary_markdown(run: BenchRun) -> str:
+    m = run.meta
+    machine = m["machine"]
+    lines = [f"# Benchmark: {m['dataset']}", "",
+             f"- data: {m['description']}",
+             f"- model: {m['model']} ({m['dtype']}, {m['device']}), max new tokens {m['max_new_tokens']}",
+             f"- machine: {machine['cores']} cores, {machine['memory']}, torch {machine['torch']} "
+             f"({machine['torch_threads']} threads), {machine['platform']}",
+             f"- date: {m['date']}, wall time {m['seconds']:.0f} s"]
+    if m.get("command"):
+        lines.append(f"- command: `{m['command']}`")
+    lines += [f"- reference for context value kept and TTFT ratio: **{m['reference']}**", ""]
+    lines += [summary_markdown_table(run), ""]
+    lines += ["EM / F1 / contains are percentages over answered questions (SQuAD normalisation, best over the gold "
+              "answers; contains = a normalised gold answer appears as whole words in the normalised answer). "
+              "Gold NLL is the mean teacher-forced NLL per token of the first gold answer.",
+              f"**Value kept** = Σ(NLL_closed_book − NLL_method) / Σ(NLL_closed_book − NLL_{m['reference']}) over "
+              "the same questions: a ratio of summed gaps, stable where per-question ratios explode; the median of "
+              "per-question ratios is shown beside it. TTFT vs ref = mean TTFT / the reference's mean TTFT.",
+              "Storage B is each method's cached artifacts for the collection (mean per collection); "
+              "bytes/tok is per token of its cache. \"NLL only\" rows were added to score context value kept."]
+    limited = [s for s in run.specs if s.limit]
+    if limited:
+        lines.append("Methods limited to the first questions (too slow for all): " +
+                     ", ".join(f"{s.label} ({s.limit})" for s in limited) + "; their value kept uses the same questions.")
+    errors = [(r["id"], label, res["error"]) for r in run.records for label, res in r["results"].items() if res.get("error")]
+    if errors:
+        lines += ["", f"{len(errors)} answers failed; first: {errors[0][1]} on {errors[0][0]}: {errors[0][2][:200]}"]
+    grid = needle_grids(run)
+    if grid:
+        lines += ["", "## Needle grid (contains / keyword recall %, rows = context tokens, columns = depth %)", "", grid]
+    return "\n".join(lines) + "\n"
+
+
+def needle_grids(run: BenchRun) -> str:
+    cells = [r for r in run.records if "length" in r["meta"] and "depth" in r["meta"]]
+    if not cells:
+        return ""
+    lengths = sorted({r["meta"]["length"] for r in cells})
+    depths = sorted({r["meta"]["depth"] for r in cells})
+    out = []
+    for spec in run.specs:
+        if not spec.answers:
+            continue
+        out += [f"**{spec.label}**", "", "| tokens | " + " | ".join(f"{d:g}%" for d in depths) + " |",
+                "|---|" + "---|" * len(depths)]
+        for length in lengths:
+            row = []
+            for depth in depths:
+                res = [r["results"].get(spec.label, {}) for r in cells
+                       if r["meta"]["length"] == length and r["meta"]["depth"] == depth]
+                row.append(" ".join(_cell(x) for x in res) or "–")
+            out.append(f"| {length} | " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _cell(res: dict) -> str:
+    if not res.get("answered"):
+        return "err" if res.get("error") else "–"
+    return f"{100 * res.get('contains', 0):.0f} / {100 * res.get('keywords', 0):.0f}"
+
+
+def write_outputs(run: BenchRun, out: str | Path, plots: bool = True) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    results = out / "results.json"
+    results.write_text(json.dumps({"meta": run.meta, "summary": run.summary, "storage": run.storage,
+                                   "questions": run.records}, indent=1, default=_json_default, allow_nan=True))
+    cols = summary_columns(run)
+    csv = out / "summary.csv"
+    csv.write_text(",".join(cols) + "\n" + "\n".join(
+        ",".join(_csv(row[c]) for c in cols) for row in run.summary) + "\n")
+    md = out / "summary.md"
+    md.write_text(summary_markdown(run))
+    written += [results, csv, md]
+    if plots:
+        from .plots import make_plots
+
+        written += make_plots(run, out)
+    return written
+
+
+def _csv(value) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace('"', '""') + '"' if ("," in value or '"' in value) else value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.6g}"
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return str(obj)
+
+
+def load_run(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def available_methods() -> list[str]:
+    return list(registry())
+
+
+ProgressCallback = Callable[[float, str], None]
