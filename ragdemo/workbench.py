@@ -108,6 +108,13 @@ class Workbench:
     def runs(self, collection: str | None = None, limit: int = 50) -> list[dict]:
         return self.store.runs(self.corpus(collection).collection_id, limit)
 
+    def use_settings(self, settings: Settings) -> None:
+        """Switch model, device or quantisation. The new model loads first, so a failure (no hub, no CUDA)
+        raises ModelUnavailable and leaves the workbench on the previous model."""
+        models = Models(settings)
+        models.lm
+        self.settings, self.models = settings, models
+
     @staticmethod
     def methods():
         return registry()
