@@ -50,14 +50,30 @@ def _limits(pairs: list[str]) -> dict[str, int]:
     return limits
 
 
-def cmd_bench(bench, args, parse_knobs, progress_bar) -> int:
-    from ..workbench import Workbench
+def run_benchmark(workbench, dataset: str, out: str | Path, methods=None, knobs: dict | None = None,
+                  limits: dict | None = None, path: str | None = None, n: int | None = None, seed: int = 0,
+                  articles: int | None = None, lengths=None, depths=None, reference: str = "rag",
+                  max_new_tokens: int | None = None, progress=None, cleanup: bool = True, plots: bool = True,
+                  extra_meta: dict | None = None):
+    """Everything `bench` does, shared by the CLI and the UI: load the data, run, write the outputs.
+    Returns (run, written files)."""
     from .datasets import load_dataset
     from .runner import DEFAULT_MAX_NEW_TOKENS, apply_limits, parse_method_specs, run_bench, write_outputs
 
+    specs = parse_method_specs(methods, knobs)
+    apply_limits(specs, limits)
+    tokenizer = workbench.models.lm.tokenizer if dataset == "needle" else None
+    data = load_dataset(dataset, tokenizer, path, n, seed, articles, lengths, depths)
+    print(f"{data.description}; methods: {', '.join(s.label for s in specs)}", file=sys.stderr)
+    run = run_bench(workbench, data, specs, reference, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, progress,
+                    cleanup=cleanup, extra_meta={"seed": seed, **(extra_meta or {})})
+    return run, write_outputs(run, out, plots=plots)
+
+
+def cmd_bench(bench, args, parse_knobs, progress_bar) -> int:
+    from ..workbench import Workbench
+
     knobs = parse_knobs(args.set)
-    specs = parse_method_specs(args.methods, knobs)
-    apply_limits(specs, _limits(args.limit))
     out = Path(args.out)
     # a store of its own: the user's library is untouched and every run starts from fresh collections
     home = out / "store" if args.keep else Path(tempfile.mkdtemp(prefix="ragdemo-bench-"))
@@ -65,16 +81,13 @@ def cmd_bench(bench, args, parse_knobs, progress_bar) -> int:
         shutil.rmtree(home)
     scratch = Workbench(bench.settings.with_(home=home))
     try:
-        tokenizer = scratch.models.lm.tokenizer if args.dataset == "needle" else None
-        dataset = load_dataset(args.dataset, tokenizer, args.path, args.n, args.seed, args.articles,
-                               _ints(args.lengths, "--lengths"), _ints(args.depths, "--depths"))
-        max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-        print(f"{dataset.description}; methods: {', '.join(s.label for s in specs)}", file=sys.stderr)
         bar, update = progress_bar("bench")
         with bar, contextlib.redirect_stdout(sys.stderr):
-            run = run_bench(scratch, dataset, specs, args.reference, max_new, update, cleanup=not args.keep,
-                            extra_meta=_command_meta())
-        written = write_outputs(run, out, plots=not args.no_plots)
+            run, written = run_benchmark(
+                scratch, args.dataset, out, args.methods, knobs, _limits(args.limit), args.path, args.n, args.seed,
+                args.articles, _ints(args.lengths, "--lengths"), _ints(args.depths, "--depths"), args.reference,
+                args.max_new_tokens, update, cleanup=not args.keep, plots=not args.no_plots,
+                extra_meta=_command_meta())
     finally:
         scratch.store.close()
         if not args.keep:

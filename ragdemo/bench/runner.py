@@ -158,7 +158,7 @@ def run_bench(workbench, dataset: Dataset, specs: list[MethodSpec], reference: s
                 records.append(record)
         finally:
             if cleanup and haystack.documents:
-                _empty_collection(workbench, collection)
+                _drop_collection(workbench, collection)
     meta = {"dataset": dataset.name, "description": dataset.description, "reference": reference,
             "closed_book": "closed_book", "model": lm.model_id, "dtype": str(lm.dtype).replace("torch.", ""),
             "device": str(lm.device), "max_new_tokens": max_new_tokens,
@@ -197,10 +197,12 @@ def _fill_collection(workbench, collection: str, haystack: Haystack, tick: _Tick
     return workbench.corpus(collection)
 
 
-def _empty_collection(workbench, collection: str) -> None:
-    corpus = workbench.corpus(collection)
-    for doc in workbench.store.documents(corpus.collection_id):
-        workbench.store.delete_document(corpus.collection_id, str(doc["id"]))
+def _drop_collection(workbench, collection: str) -> None:
+    """The benchmark's collection and, by cascade, its documents, chunks, vectors and artifacts."""
+    store = workbench.store
+    collection_id = store.collection_id(collection)
+    with store.transaction():
+        store.db.execute("DELETE FROM collections WHERE id = ?", (collection_id,))
 
 
 def _prepare(spec: MethodSpec, corpus, max_new_tokens: int, tick: _Ticker) -> tuple[float, int]:
