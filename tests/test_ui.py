@@ -1,6 +1,8 @@
 """Fast UI tests: the HTML rendering helpers and the Gradio handlers called directly on a tiny workbench."""
 from __future__ import annotations
 
+import re
+
 import gradio as gr
 import pytest
 
@@ -91,6 +93,10 @@ def test_sources_highlight_the_matching_sentence():
     r = result(sources=[{"doc": "a.txt", "chunk_id": 3, "chunk_ids": [3, 4], "score": 0.8}])
     html = render_sources([r], {3: "Part one about towers. ", 4: "Part two."}, "towers")
     assert "a.txt" in html and "Part one about towers." in html and "Part two." in html and "3, 4" in html
+    whole = result(sources=[{"doc": "a.txt"}], segments=[{"kind": "passage", "mark": "text", "text": "All of a.txt here.",
+                                                         "n_tokens": 5, "source": {"doc": "a.txt"}}])
+    html = render_sources([whole], {}, "a.txt")
+    assert "whole document" in html and "All of a.txt here." in re.sub("<[^>]+>", "", html)
 
 
 def test_chart_and_tables():
@@ -101,6 +107,9 @@ def test_chart_and_tables():
     headers, rows = document_table([{"id": 1, "name": "a.txt", "n_tokens": 10, "n_chunks": 1, "size": 1500,
                                      "storage": {"btr": 4000}}])
     assert headers[-1] == "btr storage" and rows[0][-1] == "4.0 kB"
+    headers, rows = document_table([{"id": 1, "name": "a.txt", "n_tokens": 10, "n_chunks": 1, "size": 1, "storage": {}}],
+                                   ["lloco"])
+    assert headers[-1] == "lloco storage" and rows[0][-1] == "0 B"  # preparable methods always get a column
     assert fmt_bytes(0) == "0 B" and fmt_bytes(2_500_000) == "2.5 MB"
 
 
@@ -155,6 +164,20 @@ def test_upload_bad_input(tiny_bench, docs_dir, tmp_path):
         library.delete(tiny_bench, None, "demo")
 
 
+def test_prepare_and_finetune_handlers(tiny_bench, docs_dir):
+    knobs = _knobs()
+    blank = [None] * len(knobs.knobs)
+    with pytest.raises(gr.Error, match="pick at least one method"):
+        library.prepare(tiny_bench, knobs, [], "demo", *blank)
+    with pytest.raises(gr.Error, match="empty|no collection"):
+        library.prepare(tiny_bench, knobs, ["rag"], "nothing-here", *blank)
+    library.upload(tiny_bench, _paths(docs_dir), "demo")
+    status, table, *_ = library.prepare(tiny_bench, knobs, ["rag"], "demo", *blank)
+    assert "rag: nothing to prepare" in status and len(table) == 2
+    with pytest.raises(gr.Error, match="no fine-tuning step"):
+        library.finetune(tiny_bench, knobs, "rag", "demo", *blank)
+
+
 def _knobs():
     with gr.Blocks():
         knobs = KnobSet()
@@ -177,7 +200,7 @@ def test_compare_streams_cards_then_fills_every_output(tiny_bench, docs_dir):
     assert cards.count("data-status='done'") == 3 and "rd-error" not in cards
     assert len(figure.axes) == 3
     assert sees.count("class='rd-sees'") == 3 and "data-mark='text'" in sees
-    assert "eiffel.txt" in sources  # rag and full context read the document
+    assert "eiffel.txt" in sources and "whole document" in sources  # rag and full context read the documents
     assert sorted(history["method"]) == ["closed_book", "full_context", "rag"]
     assert len(ask.history(tiny_bench, "demo")) == 3
 

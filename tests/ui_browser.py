@@ -190,7 +190,7 @@ def screenshot_cards(driver, path: Path) -> None:
     chart = driver.find_element(By.ID, "chart")
     bottom = driver.execute_script("return arguments[0].getBoundingClientRect().bottom + window.scrollY", chart)
     chrome_height = driver.execute_script("return window.outerHeight - window.innerHeight")
-    driver.set_window_size(1400, int(bottom + 24 + chrome_height))
+    driver.set_window_size(1400, int(bottom + 10 + chrome_height))
     time.sleep(0.5)
     path.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(path))

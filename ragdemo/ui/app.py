@@ -31,6 +31,7 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
             settings_status = build_settings_tab(wb)
             # ---- end of tabs ----
         library.connect_knobs(ask.knobs)
+        ask.compared.then(lambda c: refresh(wb, c), [collection], library.refresh_outputs)  # storage built on first use
         demo.load(lambda c: refresh(wb, c), [collection], library.refresh_outputs)
         demo.load(lambda c: history(wb, c), [collection], [ask.history])
         collection.change(lambda c: history(wb, c), [collection], [ask.history])

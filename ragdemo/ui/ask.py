@@ -101,6 +101,7 @@ class AskTab:
     question: gr.Textbox
     methods: gr.CheckboxGroup
     history: gr.Dataframe
+    compared: object  # the Compare event, so other tabs can refresh after it (e.g. storage in the Library)
 
 
 def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
@@ -130,6 +131,7 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
             gr.Markdown("### History")
             refresh_button = gr.Button("Refresh history", size="sm", scale=0)
         history_table = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True, elem_id="history",
+                                     column_widths=["12%", "20%", "9%", "13%", "22%", "6%", "6%", "6%", "6%"],
                                      label="Past runs in this collection (newest first)")
     inputs = [question, methods, collection, *knobs.components]
     outputs = [cards, chart, sees, sources, history_table]
@@ -137,8 +139,7 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
     def run(q, m, c, *v):
         yield from compare(wb, knobs, q, m, c, *v)
 
-    compare_button.click(run, inputs, outputs, **MODEL_QUEUE)
-    question.submit(run, inputs, outputs, **MODEL_QUEUE)
+    compared = gr.on([compare_button.click, question.submit], run, inputs, outputs, **MODEL_QUEUE)
     refresh_button.click(lambda c: history(wb, c), [collection], [history_table])
-    return AskTab(knobs, question, methods, history_table)
+    return AskTab(knobs, question, methods, history_table, compared)
 

@@ -8,6 +8,7 @@ import gradio as gr
 import pandas as pd
 
 from ..ingest.readers import SUPPORTED
+from ..methods import registry
 from ..store.db import check_collection_name
 from ..workbench import Workbench
 from .common import MODEL_QUEUE, error, method_choices, progress_bridge, user_errors, warn
@@ -24,7 +25,8 @@ def collection_names(workbench: Workbench) -> list[str]:
 
 
 def documents_frame(workbench: Workbench, collection: str) -> pd.DataFrame:
-    headers, rows = document_table(workbench.documents(collection))
+    preparable = [name for name, cls in registry().items() if cls.has_prepare]
+    headers, rows = document_table(workbench.documents(collection), preparable)
     return pd.DataFrame(rows, columns=headers)
 
 

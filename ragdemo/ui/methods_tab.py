@@ -11,7 +11,7 @@ def knob_table(params_cls: type) -> str:
     rows = [f"| `{name}` | `{default!r}` | {type(default).__name__} |"
             + (" shared: set in Settings |" if name in SHARED else " |")
             for name, default in knob_defaults(params_cls)]
-    return "| knob | default | type | |\n|---|---|---|---|\n" + "\n".join(rows)
+    return "| knob | default | type | note |\n|---|---|---|---|\n" + "\n".join(rows)
 
 
 def method_markdown(name: str, cls: type) -> str:

@@ -249,10 +249,16 @@ def terms(text: str) -> set[str]:
     return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 2 and w not in STOPWORDS}
 
 
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Sentences end at . ! ? before whitespace, or at a line break ("a.txt" and "3.5" stay whole)."""
+    cuts = [0] + [m.end() for m in re.finditer(r"[.!?](?=\s)|\n", text)] + [len(text)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if text[a:b].strip()]
+
+
 def highlight_match(text: str, query: str) -> str:
     """Escaped `text` with the sentence that best matches `query` (question + answer words) in <mark>."""
     wanted = terms(query)
-    spans = [(m.start(), m.end()) for m in re.finditer(r"[^.!?\n]+[.!?]*", text)]
+    spans = sentence_spans(text)
     best, best_score = None, 0
     for start, end in spans:
         score = len(terms(text[start:end]) & wanted)
@@ -269,24 +275,36 @@ def source_chunk_ids(source: dict) -> list[int]:
     return [int(i) for i in (source.get("chunk_ids") or [source.get("chunk_id")]) if i is not None]
 
 
+def source_text(source: dict, result: Result, chunk_texts: dict[int, str]) -> str:
+    """The stored chunk text; for sources without chunks (a whole document), the passage as the method read it."""
+    ids = source_chunk_ids(source)
+    if ids:
+        return "".join(chunk_texts.get(i, "") for i in ids)
+    return "".join(s.get("text", "") for s in result.segments if s.get("source") == source and s.get("mark") != "repeated")
+
+
 def render_sources(results: list[Result], chunk_texts: dict[int, str], question: str,
                    labels: dict[str, str] | None = None) -> str:
-    """Per method, the passages it read, with the sentence matching the question and its answer highlighted."""
+    """Per method, the passages it read, with the sentence matching the question and its answer highlighted.
+    The best-scoring passage of each method is open; the others unfold on click."""
     blocks = []
     for result in results:
         if not result.sources:
             continue
         label = (labels or {}).get(result.method, result.method)
+        best = max(range(len(result.sources)), key=lambda i: float(result.sources[i].get("score") or 0))
         items = []
-        for source in result.sources:
+        for index, source in enumerate(result.sources):
             ids = source_chunk_ids(source)
-            text = "".join(chunk_texts.get(i, "") for i in ids)
+            text = source_text(source, result, chunk_texts)
+            where = f"chunks {', '.join(map(str, ids))}" if ids else "whole document"
             score = f" · score {float(source['score']):.3f}" if source.get("score") is not None else ""
             body = (highlight_match(text, f"{question} {result.answer}") if text
-                    else f"<i style='{MUTED}'>chunk no longer stored</i>")
-            items.append(f"<details class='rd-source'><summary>{esc(source.get('doc', '?'))} · chunks "
-                         f"{esc(', '.join(map(str, ids)))}{score}</summary>"
-                         f"<div style='white-space:pre-wrap;font-size:13px;padding:6px;background:#f9fafb'>{body}</div></details>")
+                    else f"<i style='{MUTED}'>no longer stored</i>")
+            items.append(f"<details class='rd-source'{' open' if index == best else ''}><summary>"
+                         f"{esc(source.get('doc', '?'))} · {esc(where)}{score}</summary>"
+                         f"<div style='white-space:pre-wrap;font-size:13px;padding:6px;background:#f9fafb;max-height:240px;"
+                         f"overflow:auto'>{body}</div></details>")
         blocks.append(f"<div data-method='{esc(result.method)}' style='margin-bottom:8px'><b>{esc(label)}</b>"
                       f" <span style='{MUTED}'>{len(result.sources)} sources</span>{''.join(items)}</div>")
     if not blocks:
@@ -339,9 +357,10 @@ def history_rows(runs: list[dict]) -> list[list]:
 HISTORY_HEADERS = ["time", "question", "method", "model", "answer", "prompt tokens", "TTFT s", "total s", "storage B"]
 
 
-def document_table(docs: list[dict]) -> tuple[list[str], list[list]]:
-    """Headers and rows: one storage column per method that has cached artifacts for any document."""
-    methods = sorted({m for d in docs for m in d.get("storage", {})})
+def document_table(docs: list[dict], methods: list[str] = ()) -> tuple[list[str], list[list]]:
+    """Headers and rows: one storage column per method in `methods` (those with offline artifacts) and per
+    method that has cached artifacts for any document."""
+    methods = list(methods) + sorted({m for d in docs for m in d.get("storage", {})} - set(methods))
     headers = ["id", "name", "tokens", "chunks", "size"] + [f"{m} storage" for m in methods]
     rows = [[d["id"], d["name"], d["n_tokens"], d["n_chunks"], fmt_bytes(d["size"])]
             + [fmt_bytes(d.get("storage", {}).get(m, 0)) for m in methods] for d in docs]
