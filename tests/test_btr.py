@@ -156,7 +156,7 @@ def test_ask_btr_on_tiny_model(ingested):
     assert not any("prepared the collection first" in n for n in btr.notes)
 
 
-def test_artifacts_are_keyed_by_split_bits_and_model(ingested):
+def test_artifacts_are_keyed_by_split_bits_and_model(ingested, monkeypatch):
     corpus = ingested.corpus()
     method = get_method("btr")
     base = method.Params(split=2, bits=1)
@@ -169,7 +169,7 @@ def test_artifacts_are_keyed_by_split_bits_and_model(ingested):
         method.prepare(corpus, changed)
         assert method.storage(corpus, changed) > 0
     assert method.storage(corpus, method.Params(split=2, bits=2)) > stored
-    corpus.lm.model_id = corpus.lm.model_id + "-other"  # another model: a fresh key space
+    monkeypatch.setattr(corpus.lm, "model_id", corpus.lm.model_id + "-other")  # another model: a fresh key space
     assert method.storage(corpus, base) == 0
     result = method.answer("Where is the tower?", corpus, method.Params(split=2, bits=1, max_new_tokens=2))
     assert any("prepared the collection first" in n for n in result.notes)
@@ -184,9 +184,27 @@ def test_nll_at_split_zero_float_equals_plain_prompt(ingested):
     assert method.nll("When was the tower completed?", "in 1889", corpus, params) == pytest.approx(expected, abs=2e-3)
 
 
-def test_non_llama_models_are_not_supported(tmp_path, tiny_lm):
+def test_non_llama_models_are_not_supported(tiny_lm):
+    import dataclasses
+
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tiny_lm.model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100))
+    gpt2 = dataclasses.replace(tiny_lm, model=GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100)))
     with pytest.raises(NotSupported):
-        get_method("btr")._check(tiny_lm, get_method("btr").Params())
+        get_method("btr")._check(gpt2, get_method("btr").Params())
+
+
+def test_offline_merging_shrinks_storage_and_still_answers(ingested):
+    corpus = ingested.corpus()
+    method = get_method("btr")
+    plain, merged = method.Params(split=2, bits=1), method.Params(split=2, bits=1, r_o=0.5, max_new_tokens=3)
+    method.prepare(corpus, merged)
+    codes_bytes = method.storage(corpus, plain)
+    merged_bytes = method.storage(corpus, merged)
+    assert 0 < merged_bytes < codes_bytes
+    result = method.answer("When was the Eiffel Tower completed?", corpus, merged)
+    assert not result.error and result.new_tokens > 0
+    assert not any("prepared the collection first" in n for n in result.notes)
+    assert result.bytes_per_token < 10  # under the unmerged 8 B of bits + 2 B of scale per token
+    with pytest.raises(Exception, match="bits=1"):
+        method.answer("x?", corpus, method.Params(split=2, bits=2, r_o=0.5))

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
 from transformers import DynamicCache
 
 from ..engine.binary import (FLOAT_BITS, Codes, check_bits, encode, fp16_kv_bytes_per_token,
@@ -16,7 +18,7 @@ from ..engine.binary import (FLOAT_BITS, Codes, check_bits, encode, fp16_kv_byte
 from ..engine.calibration import Decoder, fit_decoder, identity_decoder
 from ..engine.generate import decode_loop
 from ..engine.layers import causal_mask, embed, logits, positions, require_llama_like, run_layers
-from ..engine.merging import bipartite_merge
+from ..engine.merging import bipartite_merge, merge_by_token
 from ..engine.prompt import build_prompt, encode as encode_text, passage_text
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
@@ -32,6 +34,7 @@ class BtrParams(Params):
     bits: int = 1  # 1, 2, 4, 8 residual sign planes; 16 = fp16 states (no binarization)
     calibrate: bool = True  # learned channel centre + least-squares bits->state decoder
     after_prefix: bool = True  # passages see the shared instruction prefix in layers [0, split)
+    r_o: float = 0.0  # offline merging (paper Algorithm 1, bits=1): fraction of each token's occurrences folded
     r_p: float = 0.0  # runtime ToMe merging: fraction of passage tokens folded away
     merge_layer: int = -1  # layer where runtime merging happens; -1 = at the split
 
@@ -113,6 +116,42 @@ def chunk_ids_for(tokenizer, chunk: dict) -> list[int]:
     return encode_text(tokenizer, passage_text(chunk["text"]))
 
 
+STOPWORDS = set("""a an and are as at be been but by for from had has have he her his i in is it its of on or
+that the their them they this to was were which who will with not no so than then there these those we you
+your our she him also into about over after before such can could would should may might do does did""".split())
+
+
+def stopword_ids(tokenizer, token_ids: np.ndarray) -> set[int]:
+    """Tokens that carry little passage-specific meaning: English stopwords and pure punctuation/space."""
+    found = set()
+    for token in np.unique(token_ids):
+        text = tokenizer.decode([int(token)]).strip().lower()
+        if text in STOPWORDS or not any(ch.isalnum() for ch in text):
+            found.add(int(token))
+    return found
+
+
+class _StateCache:
+    """Float layer-k states kept in memory between prepares, so trying another `bits` or calibration (e.g.
+    in a benchmark sweep) does not rerun the lower layers. Bounded; keyed by everything the states depend on."""
+
+    def __init__(self, max_bytes: int = 1_500_000_000):
+        self.max_bytes, self.items, self.nbytes = max_bytes, {}, 0
+
+    def get(self, key: tuple, chunk: dict, compute):
+        full = key + (chunk["chunk_id"], _digest(chunk["text"].encode()))
+        if full not in self.items:
+            value = compute()
+            while self.items and self.nbytes + value.nbytes > self.max_bytes:
+                self.nbytes -= self.items.pop(next(iter(self.items))).nbytes
+            self.items[full] = value
+            self.nbytes += value.nbytes
+        return self.items[full]
+
+
+_STATES = _StateCache()
+
+
 class Btr(Method):
     name = "btr"
     label = "BTR (binary token representations)"
@@ -150,6 +189,10 @@ Knobs: `k` chunks retrieved, `split` layer, `bits` (1/2/4/8, 16 = fp16), `calibr
         check_bits(params.bits)
         if not 0 <= params.split <= lm.n_layers:
             raise UserError(f"btr: split must be between 0 and {lm.n_layers} for this model, got {params.split}")
+        if not 0.0 <= params.r_o <= 0.5:
+            raise UserError(f"btr: r_o is a fraction of each token's occurrences between 0 and 0.5, got {params.r_o}")
+        if params.r_o > 0 and params.bits != 1:
+            raise UserError("btr: offline merging (r_o > 0) works on 1-bit codes, as in the paper; set bits=1")
         if not 0.0 <= params.r_p <= 0.5:
             raise UserError(f"btr: r_p is a fraction of passage tokens between 0 and 0.5, got {params.r_p}")
 
@@ -185,10 +228,12 @@ Knobs: `k` chunks retrieved, `split` layer, `bits` (1/2/4/8, 16 = fp16), `calibr
         prefix = prefix_ids(lm.tokenizer) if params.after_prefix else []
         decoder, decoder_blob = self._load_decoder(corpus, params, chunks)
         states: dict[int, np.ndarray] = {}
+        cache_key = (lm.model_id, str(lm.dtype), params.split, _digest(prefix))
 
         def state_of(chunk):
             if chunk["chunk_id"] not in states:
-                states[chunk["chunk_id"]] = lower_states(lm, prefix, chunk_ids_for(lm.tokenizer, chunk), params.split).cpu().numpy()
+                states[chunk["chunk_id"]] = _STATES.get(cache_key, chunk, lambda: lower_states(
+                    lm, prefix, chunk_ids_for(lm.tokenizer, chunk), params.split).cpu().numpy())
             return states[chunk["chunk_id"]]
 
         if decoder is None:  # calibration: every chunk's float states, then the closed-form fit
@@ -211,42 +256,102 @@ Knobs: `k` chunks retrieved, `split` layer, `bits` (1/2/4/8, 16 = fp16), `calibr
             # one transaction per chunk: an interrupted prepare leaves whole artifacts only
             corpus.store.put_artifact(self.name, lm.model_id, chunk_hash, str(chunk["chunk_id"]), to_blob(codes), chunk_id=chunk["chunk_id"])
             say(0.6 + 0.4 * (i + 1) / len(missing), f"binarized {i + 1}/{len(missing)} chunks")
+        if params.r_o > 0:
+            self._compress(corpus, params, chunk_hash, chunks, say)
         say(1.0, f"{len(chunks)} chunks ready")
+
+    def _compress(self, corpus, params, chunk_hash: str, chunks: list[dict], say) -> None:
+        """Paper Algorithm 1: one codebook of merged 1-bit codes for the collection, plus per chunk the index of
+        each token's code. Stopwords (and punctuation) collapse to one code per vocabulary token."""
+        lm, store = corpus.lm, corpus.store
+        merged_hash = _digest({"codes": chunk_hash, "r_o": params.r_o})
+        key = f"codebook:{self._collection_sig(chunks)}"
+        if store.get_artifact(self.name, lm.model_id, merged_hash, key) is not None:
+            return
+        say(0.95, f"offline merging at r_o={params.r_o}")
+        blobs = store.get_artifacts(self.name, lm.model_id, chunk_hash, [str(c["chunk_id"]) for c in chunks])
+        all_codes = [from_blob(blobs[str(c["chunk_id"])]) for c in chunks]
+        token_ids = np.concatenate([chunk_ids_for(lm.tokenizer, c) for c in chunks])
+        packed = np.concatenate([c.planes[0] for c in all_codes])
+        scales = np.concatenate([c.scales for c in all_codes])
+        book = merge_by_token(token_ids, packed, scales, params.r_o, stopword_ids(lm.tokenizer, token_ids),
+                              packed.shape[1] * 8)
+        store.put_artifact(self.name, lm.model_id, merged_hash, key,
+                           st_save({"codes": book.codes, "scales": book.scales}), collection_id=corpus.collection_id,
+                           meta={"before_bytes": int(sum(len(b) for b in blobs.values())), "tokens": int(len(token_ids)),
+                                 "codes_after": int(len(book.codes))})
+        start = 0
+        for chunk, codes in zip(chunks, all_codes):
+            index = book.index[start:start + codes.n].astype("<u4")
+            start += codes.n
+            store.put_artifact(self.name, lm.model_id, merged_hash, str(chunk["chunk_id"]), index.tobytes(),
+                               chunk_id=chunk["chunk_id"])
 
     def storage(self, corpus, params) -> int:
         lm = corpus.lm
         chunks = corpus.chunks()
         _, decoder_blob = self._load_decoder(corpus, params, chunks)
-        chunk_hash = self._chunk_hash(lm, params, decoder_blob)
+        chunk_hash = self._stored_hash(lm, params, decoder_blob)
         row = corpus.store.rows("""SELECT COALESCE(SUM(a.nbytes), 0) AS n FROM artifacts a JOIN chunks c ON c.id = a.chunk_id
                                    JOIN documents d ON d.id = c.doc_id WHERE a.method = ? AND a.model = ?
                                    AND a.params_hash = ? AND d.collection_id = ?""",
                                 (self.name, lm.model_id, chunk_hash, corpus.collection_id))[0]
-        return int(row["n"]) + (len(decoder_blob) if decoder_blob else 0)
+        return int(row["n"]) + (len(decoder_blob) if decoder_blob else 0) + len(self._codebook_blob(corpus, params, decoder_blob) or b"")
+
+    def _stored_hash(self, lm, params, decoder_blob) -> str:
+        """Params hash of what answers read: the chunk codes, or the merged indices when r_o > 0."""
+        chunk_hash = self._chunk_hash(lm, params, decoder_blob)
+        return _digest({"codes": chunk_hash, "r_o": params.r_o}) if params.r_o > 0 else chunk_hash
+
+    def _merged_bytes_per_token(self, corpus, params) -> float:
+        lm = corpus.lm
+        _, decoder_blob = self._load_decoder(corpus, params, corpus.chunks())
+        indices = corpus.store.rows("""SELECT COALESCE(SUM(nbytes), 0) AS n FROM artifacts WHERE method = ? AND model = ?
+                                       AND params_hash = ? AND chunk_id IS NOT NULL""",
+                                    (self.name, lm.model_id, self._stored_hash(lm, params, decoder_blob)))[0]["n"]
+        book = len(self._codebook_blob(corpus, params, decoder_blob) or b"")
+        return (indices + book) / max(indices / 4, 1)
+
+    def _codebook_blob(self, corpus, params, decoder_blob) -> bytes | None:
+        if params.r_o <= 0:
+            return None
+        return corpus.store.get_artifact(self.name, corpus.lm.model_id, self._stored_hash(corpus.lm, params, decoder_blob),
+                                         f"codebook:{self._collection_sig(corpus.chunks())}")
 
     # ---------------------------------------------------------------------------------------- query
     def _artifacts(self, corpus, params, hits):
+        """(decoder, decoder blob, {chunk key: Codes}, bytes read); codes are missing where not prepared."""
         lm = corpus.lm
         decoder, decoder_blob = self._load_decoder(corpus, params, corpus.chunks())
         if decoder is None:
-            return None, None, {}
-        blobs = corpus.store.get_artifacts(self.name, lm.model_id, self._chunk_hash(lm, params, decoder_blob),
+            return None, None, {}, 0
+        blobs = corpus.store.get_artifacts(self.name, lm.model_id, self._stored_hash(lm, params, decoder_blob),
                                            [str(h["chunk_id"]) for h in hits])
-        return decoder, decoder_blob, blobs
+        nbytes = sum(len(b) for b in blobs.values())
+        if params.r_o <= 0:
+            return decoder, decoder_blob, {k: from_blob(b) for k, b in blobs.items()}, nbytes
+        book_blob = self._codebook_blob(corpus, params, decoder_blob)
+        if book_blob is None:
+            return decoder, decoder_blob, {}, 0
+        book = st_load(book_blob)
+        d = lm.model.config.hidden_size
+        codes = {}
+        for key, blob in blobs.items():
+            index = np.frombuffer(blob, "<u4")
+            codes[key] = Codes(len(index), d, 1, planes=book["codes"][index][None], scales=book["scales"][index])
+        return decoder, decoder_blob, codes, nbytes + len(book_blob)
 
     def _load(self, corpus, params, hits) -> tuple[list[torch.Tensor], int, int, list[str]]:
         """Decoded passage states for `hits`, preparing the collection first when artifacts are missing."""
         notes = []
-        decoder, decoder_blob, blobs = self._artifacts(corpus, params, hits)
-        if decoder is None or len(blobs) < len(hits):
+        decoder, decoder_blob, codes, chunk_bytes = self._artifacts(corpus, params, hits)
+        if decoder is None or len(codes) < len(hits):
             self.prepare(corpus, params)
             notes.append("btr artifacts were missing for these knobs: prepared the collection first")
-            decoder, decoder_blob, blobs = self._artifacts(corpus, params, hits)
-        states = []
-        for hit in hits:
-            codes = from_blob(blobs[str(hit["chunk_id"])])
-            states.append(torch.from_numpy(decoder.decode(codes)))
-        chunk_bytes = sum(len(b) for b in blobs.values())
+            decoder, decoder_blob, codes, chunk_bytes = self._artifacts(corpus, params, hits)
+        states = [torch.from_numpy(decoder.decode(codes[str(hit["chunk_id"])])) for hit in hits]
+        if params.r_o > 0:
+            notes.append(f"offline-merged codes (r_o={params.r_o}): storage counts the collection's codebook, read whole")
         return states, chunk_bytes, len(decoder_blob) if decoder_blob else 0, notes
 
     def _plan(self, question, corpus, params):
@@ -292,6 +397,8 @@ Knobs: `k` chunks retrieved, `split` layer, `bits` (1/2/4/8, 16 = fp16), `calibr
         result.cached_tokens = passage_tokens
         result.storage_bytes = chunk_bytes + decoder_bytes
         result.bytes_per_token = round(chunk_bytes / max(passage_tokens, 1), 2)
+        if params.r_o > 0:  # merged codes are shared across the collection: per token = codebook + index / all tokens
+            result.bytes_per_token = round(self._merged_bytes_per_token(corpus, params), 2)
         kv = fp16_kv_bytes_per_token(lm.model.config)
         state = fp16_state_bytes_per_token(lm.model.config)
         result.notes.append(f"{result.bytes_per_token:.1f} B per passage token: {kv / max(result.bytes_per_token, 1e-9):.0f}x "
