@@ -205,6 +205,17 @@ def test_compare_streams_cards_then_fills_every_output(tiny_bench, docs_dir):
     assert len(ask.history(tiny_bench, "demo")) == 3
 
 
+def test_compare_uses_the_knobs_set_in_the_accordions(tiny_bench, docs_dir):
+    library.upload(tiny_bench, _paths(docs_dir), "demo")
+    knobs = _knobs()
+    values = [None] * len(knobs.knobs)
+    values[next(i for i, k in enumerate(knobs.knobs) if (k.method, k.name) == ("rag", "k"))] = 1.0
+    steps = list(ask.compare(tiny_bench, knobs, "Who built the tower?", ["rag"], "demo", *values))
+    assert "data-status='done'" in steps[-1][0]
+    run = tiny_bench.runs("demo", 1)[0]["result"]
+    assert len(run["sources"]) == 1
+
+
 def test_compare_bad_input(tiny_bench, docs_dir):
     with pytest.raises(gr.Error, match="empty"):
         _run_compare(tiny_bench, "   ", ["rag"], "demo")
@@ -238,6 +249,10 @@ def test_settings_failed_switch_keeps_the_previous_model(tiny_bench):
 
 def test_build_app_has_every_tab_and_method(tiny_bench):
     demo = build_app(tiny_bench)
+    compare_fn = next(fn for fn in demo.fns.values() if fn.name == "run")
+    upload_fn = next(fn for fn in demo.fns.values() if "upload" in [t[1] for t in fn.targets])
+    # one queue slot for everything that runs the model: concurrent users wait instead of interleaving
+    assert compare_fn.concurrency_limit == 1 and compare_fn.concurrency_id == upload_fn.concurrency_id
     config = demo.get_config_file()
     labels = {c.get("props", {}).get("label") for c in config["components"]}
     assert {"Library", "Ask", "Methods", "Settings"} <= labels

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from selenium.webdriver.common.by import By
 
 from tests.ui_browser import CHROMEDRIVER, CHROMIUM, DOCUMENT, METHODS, chrome, running_app, screenshot_cards, upload_and_compare
 
@@ -24,14 +25,22 @@ def browser(tmp_path):
     driver.quit()
 
 
+HOSTILE = "Visitors' notes: <img src=x onerror=\"document.title='pwned'\"> <script>document.title='pwned'</script> ${7*7}\n"
+
+
 def test_upload_and_compare_three_methods_in_chromium(tmp_path, browser, default_model_dir):
     document = tmp_path / "eiffel.txt"
     document.write_text(DOCUMENT)
+    hostile = tmp_path / "notes.md"  # uploaded text that looks like HTML must show as text, never run
+    hostile.write_text(HOSTILE)
     screenshot = tmp_path / "ask.png"
     with running_app(tmp_path / "home", "default", tmp_path / "app.log") as url:
         try:
-            cards = upload_and_compare(browser, url, document)
+            cards = upload_and_compare(browser, url, [document, hostile])
             screenshot_cards(browser, screenshot)
+            page_title = browser.title
+            sees_text = browser.find_element(By.ID, "model-sees").text
+            injected = browser.find_elements(By.CSS_SELECTOR, "#model-sees img, #sources img, #model-sees script, #sources script")
         except Exception:
             browser.save_screenshot(str(tmp_path / "failure.png"))
             print((tmp_path / "app.log").read_text()[-4000:])
@@ -48,3 +57,6 @@ def test_upload_and_compare_three_methods_in_chromium(tmp_path, browser, default
     assert by_method["full_context"].metrics["prompt_tokens"] > by_method["closed_book"].metrics["prompt_tokens"] + 50
     assert by_method["rag"].metrics["retrieve_s"] > 0
     assert screenshot.stat().st_size > 20_000
+    assert page_title != "pwned" and not injected
+    shown = sees_text.replace("\n", "")
+    assert "<img src=x" in shown and "${7*7}" in shown  # full context shows the hostile text literally, unevaluated

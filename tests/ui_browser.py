@@ -145,17 +145,18 @@ def wait_until(predicate, timeout: float, what: str, poll: float = 0.5):
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def upload_and_compare(driver, url: str, document: Path, question: str = QUESTION, methods: list[str] = METHODS,
-                       timeout: float = 240) -> list[CardReading]:
+def upload_and_compare(driver, url: str, documents: Path | list[Path], question: str = QUESTION,
+                       methods: list[str] = METHODS, timeout: float = 240) -> list[CardReading]:
     """The user flow: upload through the file input, switch to Ask, pick methods, Compare, wait for every card."""
     from selenium.webdriver.common.by import By
 
+    documents = [documents] if isinstance(documents, Path) else list(documents)
     driver.get(url)
     file_input = wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#upload-files input[type=file]"), 60,
                             "the file input")[0]
-    file_input.send_keys(str(document))
-    wait_until(lambda: document.name in driver.find_element(By.ID, "documents-table").text, timeout,
-               f"{document.name} in the documents table")
+    file_input.send_keys("\n".join(str(d) for d in documents))  # several files at once, as a user would pick them
+    wait_until(lambda: all(d.name in driver.find_element(By.ID, "documents-table").text for d in documents), timeout,
+               f"{[d.name for d in documents]} in the documents table")
     driver.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Ask')]").click()
     box = wait_until(lambda: [e for e in driver.find_elements(By.CSS_SELECTOR, "#question textarea") if e.is_displayed()],
                      30, "the question box")[0]
