@@ -1,0 +1,233 @@
+"""Per-passage KV caches: capture after a shared prefix, query-agnostic compression, storage, RoPE re-rotation.
+
+A passage's cache is computed once, offline, behind the instruction prefix. Keys are stored *position-free*
+(RoPE rotated back to position 0), so at answer time every kept key is rotated to wherever the passage lands
+in the new prompt: one rotation, whatever the passage's old position was (kvpress calls this key re-rotation).
+Compression keeps the same number of tokens in every layer and KV head, so the assembled cache is an ordinary
+rectangular `DynamicCache` and the usual causal mask and decode loop work unchanged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.numpy import load as load_numpy
+from safetensors.numpy import save as save_numpy
+from transformers import DynamicCache
+
+from .layers import causal_mask, embed, positions, run_layers
+
+SCORERS = ("keynorm", "reconstruct")
+STORAGE_DTYPES = ("fp16", "int8")
+RECONSTRUCT_CUE = "\n\nRepeat the previous context exactly.\n"
+
+
+@dataclass
+class PassageKV:
+    """One passage's cache: keys without RoPE, values, and each kept token's index inside the passage."""
+
+    keys: torch.Tensor  # [L, H, n_kept, d]
+    values: torch.Tensor  # [L, H, n_kept, d]
+    offsets: torch.Tensor  # [L, H, n_kept] long, 0-based token index within the passage
+    n_tokens: int  # passage length before compression
+
+    @property
+    def kept(self) -> int:
+        return int(self.keys.shape[2])
+
+
+# ------------------------------------------------------------------ RoPE
+def _rotation(lm, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-rotation cos/sin for any-shaped integer positions -> shape pos.shape + (head_dim,), float32.
+
+    The model's own rotary module is used, so scaled RoPE variants (Llama 3, NTK) rotate the way the model does;
+    its attention_scaling factor is divided out because a re-rotation must not rescale keys twice."""
+    rotary = lm.model.model.rotary_emb
+    flat = pos.reshape(1, -1).to(lm.device)
+    dummy = torch.zeros(1, dtype=torch.float32, device=lm.device)
+    cos, sin = rotary(dummy, position_ids=flat)
+    scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    shape = (*pos.shape, cos.shape[-1])
+    return (cos.float() / scale).reshape(shape), (sin.float() / scale).reshape(shape)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate_keys(lm, keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rotate keys by RoPE angle `pos` (same leading shape as keys minus head_dim); negative pos un-rotates."""
+    cos, sin = _rotation(lm, pos)
+    k = keys.float()
+    return (k * cos + _rotate_half(k) * sin).to(keys.dtype)
+
+
+# --------------------------------------------------------------- capture
+def layer_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A fresh DynamicCache holding these per-layer (keys, values) [1, H, n, d]; inputs are not modified."""
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    return cache
+
+
+def prefill(lm, ids: list[int], cache: DynamicCache, start: int) -> torch.Tensor:
+    """Run every layer over `ids` at positions start.., causal over what the cache holds; returns last hidden."""
+    h = embed(lm, torch.tensor([ids], device=lm.device))
+    past = cache.get_seq_length()
+    mask = causal_mask(len(ids), past + len(ids), lm.device) if len(ids) > 1 else None
+    return run_layers(lm, h, 0, lm.n_layers, positions(start, len(ids), lm.device), mask, cache)
+
+
+def prefix_layers(lm, prefix_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    cache = DynamicCache()
+    with torch.inference_mode():
+        prefill(lm, prefix_ids, cache, 0)
+    return layer_kv(cache)
+
+
+class _QueryTap:
+    """Records each layer's rotated queries during one forward (attention weights are not exposed by sdpa)."""
+
+    def __init__(self, lm):
+        self.queries: list[torch.Tensor | None] = [None] * lm.n_layers
+        self.handles = [layer.self_attn.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+                        for i, layer in enumerate(lm.model.model.layers)]
+
+    def _hook(self, index: int):
+        def hook(module, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            cos, sin = kwargs["position_embeddings"]
+            q = module.q_proj(x).view(*x.shape[:-1], -1, module.head_dim).transpose(1, 2).float()
+            self.queries[index] = q * cos.float().unsqueeze(1) + _rotate_half(q) * sin.float().unsqueeze(1)
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def capture(lm, prefix: list[tuple[torch.Tensor, torch.Tensor]], passage_ids: list[int],
+            reconstruct_ids: list[int] | None = None) -> tuple[PassageKV, torch.Tensor | None]:
+    """The passage's full cache computed alone behind the prefix, with keys made position-free.
+
+    With `reconstruct_ids` (a "repeat the context" cue followed by the passage again), also returns KVzip-style
+    importance [L, H_kv, n]: the most attention any repeated token pays to each passage token, max over the
+    query heads that share the KV head. Tokens the model needs to reproduce the passage score high."""
+    start, n = prefix[0][0].shape[2], len(passage_ids)
+    cache = cache_from(prefix)
+    tap = _QueryTap(lm) if reconstruct_ids else None
+    try:
+        with torch.inference_mode():
+            prefill(lm, passage_ids, cache, start)
+            if tap:
+                tap.queries = [None] * lm.n_layers  # only the reconstruction pass matters
+                prefill(lm, reconstruct_ids, cache, start + n)
+    finally:
+        if tap:
+            tap.close()
+    keys = torch.stack([cache.layers[i].keys[0, :, start:start + n] for i in range(lm.n_layers)])
+    values = torch.stack([cache.layers[i].values[0, :, start:start + n] for i in range(lm.n_layers)])
+    offsets = torch.arange(n, device=keys.device).expand(*keys.shape[:2], n)
+    keys = rotate_keys(lm, keys.float(), -(offsets + start))  # fp32 until storage: no double rounding
+    scores = _reconstruction_scores(lm, cache, tap.queries, start, n) if tap else None
+    return PassageKV(keys, values, offsets.clone(), n), scores
+
+
+def _reconstruction_scores(lm, cache, queries, start: int, n: int) -> torch.Tensor:
+    out = []
+    for i, q in enumerate(queries):  # q: [1, Hq, r, d] rotated, the last r positions of the cache
+        k = cache.layers[i].keys[0].float()  # [H_kv, T, d]
+        h_kv, total = k.shape[0], k.shape[1]
+        group = q.shape[1] // h_kv
+        k = k.repeat_interleave(group, dim=0)
+        logits = torch.einsum("hrd,htd->hrt", q[0], k) / math.sqrt(q.shape[-1])
+        allowed = causal_mask(q.shape[2], total, k.device)[0, 0]
+        attn = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)[:, :, start:start + n]
+        out.append(attn.amax(dim=1).view(h_kv, group, n).amax(dim=1))
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------- compression
+def keynorm_scores(kv: PassageKV) -> torch.Tensor:
+    """kvpress Knorm: keys with a *small* norm tend to draw the most attention, so they are kept."""
+    return -kv.keys.float().norm(dim=-1)
+
+
+def kept_count(n_tokens: int, ratio: int) -> int:
+    return max(1, math.ceil(n_tokens / ratio))
+
+
+def compress(kv: PassageKV, scores: torch.Tensor, ratio: int) -> PassageKV:
+    """Keep the top 1/ratio tokens per layer and KV head, in their original order."""
+    keep = kept_count(kv.n_tokens, ratio)
+    if keep >= kv.kept:
+        return kv
+    index = scores.topk(keep, dim=-1).indices.sort(dim=-1).values
+    gather = index.unsqueeze(-1).expand(*index.shape, kv.keys.shape[-1])
+    return PassageKV(kv.keys.gather(2, gather), kv.values.gather(2, gather), kv.offsets.gather(2, index), kv.n_tokens)
+
+
+# --------------------------------------------------------- serialisation
+def _quantize(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per token and head: one fp16 scale per head_dim vector."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
+    q = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
+    return q.cpu().numpy(), scale.to(torch.float16).cpu().numpy()
+
+
+def to_bytes(kv: PassageKV, storage: str = "fp16") -> bytes:
+    """safetensors bytes (no pickle): keys, values, offsets; int8 adds a scale per token/head."""
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"storage must be one of {STORAGE_DTYPES}")
+    tensors = {"offsets": kv.offsets.to(torch.int16).cpu().numpy()}
+    if storage == "fp16":
+        tensors["keys"] = kv.keys.to(torch.float16).cpu().numpy()
+        tensors["values"] = kv.values.to(torch.float16).cpu().numpy()
+    else:
+        tensors["keys"], tensors["key_scale"] = _quantize(kv.keys)
+        tensors["values"], tensors["value_scale"] = _quantize(kv.values)
+    return save_numpy(tensors, metadata={"n_tokens": str(kv.n_tokens), "storage": storage})
+
+
+def from_bytes(blob: bytes, dtype: torch.dtype, device) -> PassageKV:
+    tensors = load_numpy(blob)
+    n_tokens = _metadata(blob)["n_tokens"]
+
+    def tensor(name: str) -> torch.Tensor:
+        x = torch.from_numpy(tensors[name]).float()
+        if f"{name[:-1]}_scale" in tensors:  # keys -> key_scale, values -> value_scale
+            x = x * torch.from_numpy(tensors[f"{name[:-1]}_scale"]).float()
+        return x.to(device=device, dtype=dtype)
+
+    offsets = torch.from_numpy(tensors["offsets"]).long().to(device)
+    return PassageKV(tensor("keys"), tensor("values"), offsets, int(n_tokens))
+
+
+def _metadata(blob: bytes) -> dict:
+    import json
+    import struct
+
+    size = struct.unpack("<Q", blob[:8])[0]
+    return json.loads(blob[8:8 + size]).get("__metadata__", {})
+
+
+# -------------------------------------------------------------- assembly
+def placed_layers(lm, prefix: list[tuple[torch.Tensor, torch.Tensor]], passages: list[PassageKV],
+                  starts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (keys, values): the prefix, then each passage's kept tokens rotated to start + offset."""
+    rotated = [rotate_keys(lm, p.keys, p.offsets + s) for p, s in zip(passages, starts)]
+    layers = []
+    for i, (pk, pv) in enumerate(prefix):
+        keys = torch.cat([pk] + [r[i].unsqueeze(0).to(pk.dtype) for r in rotated], dim=2)
+        values = torch.cat([pv] + [p.values[i].unsqueeze(0).to(pv.dtype) for p in passages], dim=2)
+        layers.append((keys, values))
+    return layers

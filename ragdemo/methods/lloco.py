@@ -1,0 +1,348 @@
+"""LLoCO-style: passages compressed offline into small KV caches, read at answer time with an optional LoRA."""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..engine import kv as kvc
+from ..engine.generate import decode_loop
+from ..engine.layers import forward_all, require_llama_like
+from ..engine.lora import adapter_bytes, applied_adapter, trainable_lora
+from ..engine.prompt import Prompt, Segment, build_prompt, chat_frame, encode, passage_text
+from ..engine.scoring import answer_ids, mean_nll
+from ..errors import UserError
+from .base import Params, Method, Result, finish
+
+RECIPE = "v1"  # bump when the training recipe changes, so old adapters are not reused
+_PREFIX_CACHE: dict[tuple, list] = {}  # (model object, prefix ids) -> per-layer prefix KV; methods are re-instantiated
+
+
+@dataclass
+class LlocoParams(Params):
+    k: int = 5  # chunks retrieved, as rag
+    c: int = 4  # compression ratio: keep 1/c of each passage's tokens per layer and KV head
+    scorer: str = "reconstruct"  # reconstruct (KVzip-style) | keynorm
+    storage: str = "fp16"  # fp16 | int8
+    positions: str = "original"  # original: kept tokens keep their place in the passage; compact: packed
+    lora: bool = True  # use the collection's adapter when one has been trained
+    train: bool = False  # prepare also trains the collection's LoRA when it is missing (as `finetune` does)
+    lora_r: int = 8
+    lora_steps: int = 300
+    lora_lr: float = 5e-4
+
+
+class Lloco(Method):
+    name = "lloco"
+    label = "LLoCO-style compressed KV + LoRA"
+    order = 7
+    Params = LlocoParams
+    has_prepare = True
+    has_finetune = True
+    card = """### LLoCO-style offline context compression (Tan et al. 2024)
+**Paper:** a trained 7B AutoCompressor turns every 1,536 tokens of a document into ~50 summary vectors (30x)
+offline; a LoRA (r=8 on q/k/v/o) fine-tuned per document collection teaches the decoder to read them; at
+answer time the summaries of the retrieved documents are loaded and the matching LoRA is applied.
+
+**Here:** the compressed *KV cache* of each 64-token chunk stands in for the summary vectors.
+- Offline (`prepare`): each chunk is prefilled alone behind the shared instruction prefix; a query-agnostic
+  scorer keeps 1/c of its tokens in every layer and KV head (`reconstruct`: KVzip-style, the attention each
+  token gets when the model is asked to repeat the chunk; `keynorm`: smallest key norms, kvpress Knorm);
+  keys are stored without RoPE, as fp16 or int8.
+- Answer: top-k chunks (MiniLM, as rag), their caches are loaded, keys re-rotated to their new positions and
+  appended after the cached prefix; only the question is prefilled, then decoding runs as usual.
+- Fine-tune (optional, `python -m ragdemo finetune --method lloco`): a LoRA (r=8, q/k/v/o) trained on the
+  collection to answer cloze questions about a chunk from its compressed cache among distractors; stored with
+  the collection and applied automatically, then removed so other methods see the base model.
+- Approximated: no AutoCompressor (nothing learned compresses here: tokens are selected), passages never see
+  each other (each was encoded alone), 64-token chunks instead of 1,536-token documents.
+- Knobs: k, c (1, 2, 4, 8), scorer, storage (fp16/int8), positions, lora.
+
+Measured figures: pending the SQuAD run."""
+
+    # ------------------------------------------------------------ offline
+    def prepare(self, corpus, params, progress=None) -> None:
+        lm = self._check(corpus, params)
+        corpus.require_documents(self.name)
+        chunks = corpus.chunks()
+        digest = self._artifact_hash(lm, params)
+        have = self._stored_keys(corpus, lm, digest)
+        todo = [c for c in chunks if _chunk_key(c["chunk_id"]) not in have]
+        if progress:
+            progress(0.0, f"{len(chunks) - len(todo)} of {len(chunks)} chunks already compressed")
+        for i, chunk in enumerate(todo):
+            self._compress_and_store(corpus, lm, params, digest, chunk)
+            if progress:
+                progress((i + 1) / len(todo), f"compressed chunk {i + 1}/{len(todo)} (c={params.c}, {params.scorer})")
+        if params.train and params.lora and not self._has_adapter(corpus, lm, params):
+            self.finetune(corpus, params, progress)
+
+    def _has_adapter(self, corpus, lm, params) -> bool:
+        return corpus.store.value("SELECT 1 FROM artifacts WHERE method = ? AND model = ? AND params_hash = ? AND key = ?",
+                                  (self.name, lm.model_id, self._adapter_hash(lm, params), _adapter_key(corpus))) is not None
+
+    def storage(self, corpus, params) -> int:
+        lm = corpus.lm
+        digest = self._artifact_hash(lm, params)
+        return int(corpus.store.value(
+            """SELECT COALESCE(SUM(a.nbytes), 0) FROM artifacts a JOIN chunks c ON c.id = a.chunk_id
+               JOIN documents d ON d.id = c.doc_id WHERE a.method = ? AND a.model = ? AND a.params_hash = ?
+               AND d.collection_id = ?""", (self.name, lm.model_id, digest, corpus.collection_id)) or 0)
+
+    # ------------------------------------------------------------- answer
+    def answer(self, question, corpus, params, stream=None) -> Result:
+        t0 = time.perf_counter()
+        lm = self._check(corpus, params)
+        ctx = self._context(question, corpus, params)
+        with applied_adapter(lm, ctx.adapter):
+            ctx.result.load_s = time.perf_counter() - ctx.load_start
+            with torch.inference_mode():
+                first = forward_all(lm, torch.tensor([ctx.question_ids], device=lm.device), ctx.cache, ctx.next_pos)
+                generation = decode_loop(lm, ctx.cache, first[:, -1:], ctx.next_pos + len(ctx.question_ids),
+                                         params.max_new_tokens, t0, stream)
+        result = finish(ctx.result, lm, ctx.prompt, generation, t0, processed=ctx.processed + len(ctx.question_ids))
+        return self._account(result, ctx)
+
+    def nll(self, question, gold, corpus, params) -> float:
+        lm = self._check(corpus, params)
+        ctx = self._context(question, corpus, params)
+        target = answer_ids(lm.tokenizer, gold)
+        ids = torch.tensor([ctx.question_ids + target], device=lm.device)
+        with applied_adapter(lm, ctx.adapter), torch.inference_mode():
+            logits = forward_all(lm, ids, ctx.cache, ctx.next_pos)
+        return mean_nll(logits[:, len(ctx.question_ids) - 1:], target)
+
+    # ----------------------------------------------------------- finetune
+    def finetune(self, corpus, params, progress=None) -> str:
+        """Train the collection's LoRA: read a chunk from its compressed cache (among k-1 distractors) and
+        continue a quoted span of it, phrased like a question in the answer prompt. Loss: next-token CE."""
+        lm = self._check(corpus, params)
+        self.prepare(corpus, params, (lambda f, m: progress(0.2 * f, m)) if progress else None)
+        chunks = [c for c in corpus.chunks() if len(encode(lm.tokenizer, c["text"])) >= 24]
+        if len(chunks) < 2:
+            raise UserError("lloco fine-tuning needs at least 2 chunks of 24+ tokens in the collection")
+        rng = random.Random(0)
+        torch.manual_seed(0)
+        digest = self._artifact_hash(lm, params)
+        prefix_ids, prefix = self._prefix(lm)
+        started, losses = time.perf_counter(), []
+        with trainable_lora(lm, r=params.lora_r, alpha=2 * params.lora_r) as peft_model:
+            trainable = [p for p in peft_model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(trainable, lr=params.lora_lr, weight_decay=0.0)
+            for step in range(params.lora_steps):
+                layers, next_pos, q_ids, target = self._training_example(corpus, lm, params, digest, prefix,
+                                                                         chunks, rng)
+                loss = self._example_loss(lm, layers, next_pos, q_ids, target)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                if progress:
+                    recent = sum(losses[-20:]) / len(losses[-20:])
+                    progress(0.2 + 0.8 * (step + 1) / params.lora_steps,
+                             f"LoRA step {step + 1}/{params.lora_steps}, loss {recent:.3f}")
+            blob = adapter_bytes(peft_model, params.lora_r, 2 * params.lora_r,
+                                 {"recipe": RECIPE, "steps": params.lora_steps, "c": params.c, "scorer": params.scorer})
+        corpus.store.put_artifact(self.name, lm.model_id, self._adapter_hash(lm, params), _adapter_key(corpus),
+                                  blob, collection_id=corpus.collection_id,
+                                  meta={"loss_first": losses[0], "loss_last20": sum(losses[-20:]) / len(losses[-20:])})
+        first = sum(losses[:20]) / len(losses[:20])
+        last = sum(losses[-20:]) / len(losses[-20:])
+        return (f"lloco LoRA r={params.lora_r} trained on {len(chunks)} chunks, {params.lora_steps} steps in "
+                f"{time.perf_counter() - started:.0f}s: loss {first:.3f} -> {last:.3f}; {len(blob)} bytes stored")
+
+    def _training_example(self, corpus, lm, params, digest, prefix, chunks, rng):
+        target_chunk = rng.choice(chunks)
+        others = rng.sample([c for c in chunks if c["chunk_id"] != target_chunk["chunk_id"]], min(params.k - 1, len(chunks) - 1))
+        picked = sorted([target_chunk, *others], key=lambda c: (c["doc_id"], c["ord"]))
+        passages, _, _ = self._load_passages(corpus, lm, params, digest, picked)
+        layers, next_pos = self._place(lm, prefix, passages, params)
+        ids = encode(lm.tokenizer, target_chunk["text"].strip())
+        span = rng.randint(5, 10)
+        answer = rng.randint(6, 12)
+        start = rng.randint(0, max(0, len(ids) - span - answer))
+        quote = lm.tokenizer.decode(ids[start:start + span]).strip()
+        _, tail = chat_frame(lm.tokenizer)
+        q_ids = encode(lm.tokenizer, f"Question: What comes right after \"{quote}\" in the context?{tail}")
+        return layers, next_pos, q_ids, ids[start + span:start + span + answer]
+
+    @staticmethod
+    def _example_loss(lm, layers, next_pos, q_ids, target) -> torch.Tensor:
+        cache = kvc.cache_from(layers)
+        logits = forward_all(lm, torch.tensor([q_ids + target], device=lm.device), cache, next_pos)
+        pred = logits[0, len(q_ids) - 1: len(q_ids) - 1 + len(target)].float()
+        return F.cross_entropy(pred, torch.tensor(target, device=lm.device))
+
+    # ------------------------------------------------------------ helpers
+    @staticmethod
+    def _check(corpus, params):
+        lm = corpus.lm
+        require_llama_like(lm, "lloco")
+        if params.c < 1:
+            raise UserError("lloco: c (compression ratio) must be >= 1")
+        if params.scorer not in kvc.SCORERS:
+            raise UserError(f"lloco: scorer must be one of {', '.join(kvc.SCORERS)}")
+        if params.storage not in kvc.STORAGE_DTYPES:
+            raise UserError(f"lloco: storage must be one of {', '.join(kvc.STORAGE_DTYPES)}")
+        if params.positions not in ("original", "compact"):
+            raise UserError("lloco: positions must be original or compact")
+        return lm
+
+    def _artifact_hash(self, lm, params) -> str:
+        prefix_ids, _ = self._prefix(lm, compute=False)
+        return _hash({"c": params.c, "scorer": params.scorer, "storage": params.storage, "prefix": prefix_ids,
+                      "cue": kvc.RECONSTRUCT_CUE if params.scorer == "reconstruct" else ""})
+
+    def _adapter_hash(self, lm, params) -> str:
+        return _hash({"kv": self._artifact_hash(lm, params), "positions": params.positions, "k": params.k,
+                      "r": params.lora_r, "steps": params.lora_steps, "lr": params.lora_lr, "recipe": RECIPE})
+
+    def _stored_keys(self, corpus, lm, digest) -> set[str]:
+        rows = corpus.store.rows("""SELECT a.key FROM artifacts a JOIN chunks c ON c.id = a.chunk_id
+                                    JOIN documents d ON d.id = c.doc_id WHERE a.method = ? AND a.model = ?
+                                    AND a.params_hash = ? AND d.collection_id = ?""",
+                                 (self.name, lm.model_id, digest, corpus.collection_id))
+        return {r["key"] for r in rows}
+
+    @staticmethod
+    def _prefix(lm, compute: bool = True):
+        prefix_ids = build_prompt(lm.tokenizer, "?", [{"text": "."}]).segments[0].ids
+        if not compute:
+            return prefix_ids, None
+        key = (id(lm.model), tuple(prefix_ids))
+        if key not in _PREFIX_CACHE:
+            _PREFIX_CACHE.clear()  # one model at a time: do not keep caches of models that were swapped out
+            _PREFIX_CACHE[key] = kvc.prefix_layers(lm, prefix_ids)
+        return prefix_ids, _PREFIX_CACHE[key]
+
+    def _compress_and_store(self, corpus, lm, params, digest, chunk) -> bytes:
+        _, prefix = self._prefix(lm)
+        ids = encode(lm.tokenizer, passage_text(chunk["text"]))
+        cue = encode(lm.tokenizer, kvc.RECONSTRUCT_CUE) + ids if params.scorer == "reconstruct" else None
+        full, scores = _captured(lm, prefix, ids, cue, params.scorer)
+        blob = kvc.to_bytes(kvc.compress(full, scores, params.c), params.storage)
+        corpus.store.put_artifact(self.name, lm.model_id, digest, _chunk_key(chunk["chunk_id"]), blob,
+                                  chunk_id=chunk["chunk_id"], meta={"n_tokens": len(ids)})
+        return blob
+
+    def _load_passages(self, corpus, lm, params, digest, chunks):
+        """Compressed caches of these chunks, their blob sizes, and how many passage tokens had to be computed
+        now because the chunk was not prepared yet (they are stored for next time)."""
+        keys = [_chunk_key(c["chunk_id"]) for c in chunks]
+        blobs = corpus.store.get_artifacts(self.name, lm.model_id, digest, keys)
+        fresh = [c for c, key in zip(chunks, keys) if key not in blobs]
+        for chunk in fresh:
+            blobs[_chunk_key(chunk["chunk_id"])] = self._compress_and_store(corpus, lm, params, digest, chunk)
+        passages = [kvc.from_bytes(blobs[key], lm.model.dtype, lm.device) for key in keys]
+        recomputed = sum(p.n_tokens for p, c in zip(passages, chunks) if c in fresh)
+        return passages, [len(blobs[key]) for key in keys], recomputed
+
+    @staticmethod
+    def _place(lm, prefix, passages, params):
+        """Where each passage goes: after the prefix, either spaced as the full text would be or packed."""
+        if params.positions == "compact":
+            passages = [kvc.PassageKV(p.keys, p.values, torch.arange(p.kept, device=p.offsets.device).expand_as(p.offsets),
+                                      p.n_tokens) for p in passages]
+        start = prefix[0][0].shape[2]
+        starts = []
+        for p in passages:
+            starts.append(start)
+            start += p.n_tokens if params.positions == "original" else p.kept
+        return kvc.placed_layers(lm, prefix, passages, starts), start
+
+    def _context(self, question, corpus, params) -> "_Context":
+        lm = corpus.lm
+        corpus.require_documents(self.name)
+        hits, retrieve_s = corpus.retrieve(question, params.k)
+        hits = sorted(hits, key=lambda h: (h["doc_id"], h["ord"]))  # document order, as rag reads them
+        load_start = time.perf_counter()
+        had_prefix = (id(lm.model), tuple(self._prefix(lm, compute=False)[0])) in _PREFIX_CACHE
+        prefix_ids, prefix = self._prefix(lm)
+        digest = self._artifact_hash(lm, params)
+        passages, sizes, recomputed = self._load_passages(corpus, lm, params, digest, hits)
+        layers, next_pos = self._place(lm, prefix, passages, params)
+        adapter = None
+        if params.lora:
+            adapter = corpus.store.get_artifact(self.name, lm.model_id, self._adapter_hash(lm, params),
+                                                _adapter_key(corpus))
+        prompt = build_prompt(lm.tokenizer, question, hits)  # same token ids as the cached passages
+        marked = [Segment("prefix", prefix_ids, "cached")]
+        for seg, hit in zip(prompt.segments[1:-1], hits):
+            marked.append(Segment("passage", seg.ids, "compressed" if params.c > 1 else "cached",
+                                  {"doc": hit["doc"], "chunk_id": hit["chunk_id"], "score": hit["score"]}))
+        marked.append(prompt.segments[-1])
+        result = Result(self.name, retrieve_s=retrieve_s, storage_bytes=sum(sizes) + len(adapter or b""))
+        result.bytes_per_token = round(sum(sizes) / max(1, sum(p.n_tokens for p in passages)), 1)
+        processed = (0 if had_prefix else len(prefix_ids)) + recomputed
+        if recomputed:
+            result.notes.append(f"{recomputed} passage tokens were not prepared yet: compressed now and stored")
+        if adapter:
+            result.notes.append(f"collection LoRA applied ({len(adapter)} bytes)")
+        kept = sum(p.kept for p in passages)
+        result.notes.append(f"{kept} of {sum(p.n_tokens for p in passages)} passage tokens kept per layer/head "
+                            f"(c={params.c}, {params.scorer}, {params.storage})")
+        return _Context(kvc.cache_from(layers), next_pos, prompt.segments[-1].ids, Prompt(marked), result,
+                        adapter, processed, load_start, len(prefix_ids) + kept,
+                        [p.kept for p in passages])
+
+    @staticmethod
+    def _account(result: Result, ctx: "_Context") -> Result:
+        result.cached_tokens = ctx.cached
+        result.prompt_tokens = ctx.cached + len(ctx.question_ids)
+        for seg in result.segments:  # the view shows the passage text; say how much of it is in the cache
+            if seg["kind"] == "passage":
+                seg["kept_tokens"] = ctx.kept_per_passage.pop(0)
+        return result
+
+
+@dataclass
+class _Context:
+    cache: object
+    next_pos: int
+    question_ids: list[int]
+    prompt: Prompt
+    result: Result
+    adapter: bytes | None
+    processed: float
+    load_start: float
+    cached: int
+    kept_per_passage: list[int]
+
+
+_CAPTURES: "OrderedDict[tuple, tuple]" = OrderedDict()
+_CAPTURE_BUDGET = 1 << 30  # bytes of uncompressed caches kept in memory
+
+
+def _captured(lm, prefix, ids, cue, scorer):
+    """Uncompressed cache and scores of one passage, remembered for a while: preparing c=2, 4 and 8 one after
+    the other (the benchmark does) then prefills each passage once instead of three times."""
+    key = (id(lm.model), lm.model_id, scorer, tuple(ids), tuple(cue or ()), prefix[0][0].shape[2])
+    if key in _CAPTURES:
+        _CAPTURES.move_to_end(key)
+        return _CAPTURES[key]
+    full, recon = kvc.capture(lm, prefix, ids, cue)
+    scores = recon if recon is not None else kvc.keynorm_scores(full)
+    full = kvc.PassageKV(full.keys.half(), full.values.half(), full.offsets, full.n_tokens)  # stored as fp16 anyway
+    _CAPTURES[key] = (full, scores)
+    while sum(f.keys.nbytes * 2 for f, _ in _CAPTURES.values()) > _CAPTURE_BUDGET:
+        _CAPTURES.popitem(last=False)
+    return full, scores
+
+
+def _chunk_key(chunk_id: int) -> str:
+    return f"chunk:{chunk_id}"
+
+
+def _adapter_key(corpus) -> str:
+    return f"lora:{corpus.collection_id}"
+
+
+def _hash(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

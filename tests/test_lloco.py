@@ -1,0 +1,178 @@
+"""LLoCO-style compressed KV: exact at ratio 1, exact token budgets, clean adapters, CLI round trip."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from ragdemo.engine import kv as kvc
+from ragdemo.engine.layers import forward_all
+from ragdemo.engine.lora import applied_adapter
+from ragdemo.engine.prompt import build_prompt
+from ragdemo.errors import NotSupported
+from ragdemo.methods import get_method
+from ragdemo.methods.base import params_from
+
+QUESTION = "When was the tower completed?"
+
+
+def _ingest(bench, docs_dir, collection="default"):
+    bench.ingest([(p.name, p) for p in sorted(docs_dir.iterdir())], collection)
+    return bench.corpus(collection)
+
+
+def test_rerotated_keys_equal_keys_computed_at_the_new_position(tiny_lm):
+    """RoPE is relative: a whole sequence shifted by s has every key rotated by s and identical values."""
+    ids = tiny_lm.tokenizer("Gustave Eiffel's company built the tower in Paris.", add_special_tokens=False)["input_ids"]
+    at_0, at_37 = kvc.cache_from([]), kvc.cache_from([])
+    with torch.inference_mode():
+        kvc.prefill(tiny_lm, ids, at_0, 0)
+        kvc.prefill(tiny_lm, ids, at_37, 37)
+    shift = torch.full((1, at_0.layers[0].keys.shape[1], len(ids)), 37)
+    for a, b in zip(at_0.layers, at_37.layers):
+        assert not torch.allclose(a.keys, b.keys, atol=1e-3)  # the shift really changes the keys
+        torch.testing.assert_close(kvc.rotate_keys(tiny_lm, a.keys, shift), b.keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.values, b.values, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_one_passage_at_ratio_1_gives_the_full_forward_logits(tiny_bench, docs_dir, positions):
+    corpus = _ingest(tiny_bench, docs_dir)
+    lloco = get_method("lloco")
+    params = params_from(lloco.Params, {"c": 1, "k": 1, "positions": positions})
+    lloco.prepare(corpus, params)
+    ctx = lloco._context(QUESTION, corpus, params)
+    with torch.inference_mode():
+        got = forward_all(corpus.lm, torch.tensor([ctx.question_ids]), ctx.cache, ctx.next_pos)
+        hit = corpus.retrieve(QUESTION, 1)[0]
+        full_ids = build_prompt(corpus.lm.tokenizer, QUESTION, hit).ids
+        want = corpus.lm.model(input_ids=torch.tensor([full_ids])).logits[:, -len(ctx.question_ids):]
+    assert ctx.cached + len(ctx.question_ids) == len(full_ids)
+    # stored keys are position-free, so even here every key went through un-rotation and re-rotation;
+    # the only loss is fp16 storage
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3)
+    assert int(got[0, -1].argmax()) == int(want[0, -1].argmax())
+
+
+@pytest.mark.parametrize("scorer", kvc.SCORERS)
+@pytest.mark.parametrize("ratio", [1, 2, 4, 8])
+def test_compression_keeps_exactly_one_in_c_per_layer_and_head(tiny_lm, scorer, ratio):
+    prefix = kvc.prefix_layers(tiny_lm, tiny_lm.tokenizer("Context:\n", add_special_tokens=False)["input_ids"])
+    ids = tiny_lm.tokenizer("The Eiffel Tower is a wrought-iron lattice tower in Paris, France, built in 1889.",
+                            add_special_tokens=False)["input_ids"]
+    cue = tiny_lm.tokenizer(kvc.RECONSTRUCT_CUE, add_special_tokens=False)["input_ids"] + ids
+    full, recon = kvc.capture(tiny_lm, prefix, ids, cue if scorer == "reconstruct" else None)
+    scores = recon if scorer == "reconstruct" else kvc.keynorm_scores(full)
+    assert scores.shape == full.offsets.shape == (tiny_lm.n_layers, 2, len(ids))
+    small = kvc.compress(full, scores, ratio)
+    want = -(-len(ids) // ratio)
+    assert small.keys.shape == small.values.shape == (tiny_lm.n_layers, 2, want, full.keys.shape[-1])
+    for layer in range(tiny_lm.n_layers):
+        for head in range(2):
+            kept = small.offsets[layer, head]
+            assert kept.tolist() == sorted(set(kept.tolist()))  # distinct, in passage order
+            threshold = scores[layer, head].sort(descending=True).values[want - 1]
+            assert bool((scores[layer, head][kept] >= threshold).all())  # the best-scored ones
+    restored = kvc.from_bytes(kvc.to_bytes(small, "fp16"), torch.float32, "cpu")
+    assert restored.n_tokens == len(ids) and torch.equal(restored.offsets, small.offsets)
+    torch.testing.assert_close(restored.keys, small.keys, atol=1e-2, rtol=1e-3)
+
+
+def test_int8_storage_is_about_half_and_close(tiny_lm):
+    prefix = kvc.prefix_layers(tiny_lm, [1, 2, 3])
+    full, _ = kvc.capture(tiny_lm, prefix, list(range(100, 164)))
+    fp16, int8 = kvc.to_bytes(full, "fp16"), kvc.to_bytes(full, "int8")
+    assert len(int8) < 0.6 * len(fp16)
+    back = kvc.from_bytes(int8, torch.float32, "cpu")
+    err = (back.keys - full.keys).abs().max() / full.keys.abs().max()
+    assert 0 < err < 0.01
+
+
+def test_changed_knob_never_reuses_artifacts_and_delete_cascades(tiny_bench, docs_dir):
+    corpus = _ingest(tiny_bench, docs_dir)
+    lloco = get_method("lloco")
+    c2, c4 = params_from(lloco.Params, {"c": 2}), params_from(lloco.Params, {"c": 4, "storage": "int8"})
+    lloco.prepare(corpus, c2)
+    assert lloco.storage(corpus, c2) > 0 and lloco.storage(corpus, c4) == 0
+    lloco.prepare(corpus, c4)
+    assert 0 < lloco.storage(corpus, c4) < lloco.storage(corpus, c2) / 2
+    tiny_bench.delete("eiffel.txt")
+    tiny_bench.delete("bananas.md")
+    assert lloco.storage(corpus, c2) == 0 and lloco.storage(corpus, c4) == 0
+
+
+def test_answer_reports_only_the_question_as_processed(tiny_bench, docs_dir):
+    corpus = _ingest(tiny_bench, docs_dir)
+    tiny_bench.prepare(["lloco"], knobs={"lloco": {"c": 4}})
+    tiny_bench.ask(QUESTION, ["lloco"], knobs={"lloco": {"c": 4}})  # first answer also builds the prefix cache
+    rag, lloco = tiny_bench.ask(QUESTION, ["rag", "lloco"], knobs={"lloco": {"c": 4}})
+    question_tokens = lloco.segments[-1]["n_tokens"]
+    assert not lloco.error and lloco.processed_tokens == question_tokens
+    passages = [s for s in lloco.segments if s["kind"] == "passage"]
+    assert passages and all(s["mark"] == "compressed" for s in passages)
+    assert all(s["kept_tokens"] == -(-s["n_tokens"] // 4) for s in passages)
+    assert lloco.cached_tokens == lloco.segments[0]["n_tokens"] + sum(s["kept_tokens"] for s in passages)
+    assert lloco.storage_bytes > 0 and lloco.bytes_per_token > 0 and lloco.load_s > 0
+    assert {s["chunk_id"] for s in lloco.sources} <= {c["chunk_id"] for c in corpus.chunks()}
+
+
+def test_lora_trains_applies_and_unloads_cleanly(tiny_bench, docs_dir):
+    corpus = _ingest(tiny_bench, docs_dir)
+    lm = corpus.lm
+    ids = torch.tensor([lm.tokenizer("The tower was completed in 1889.")["input_ids"]])
+    with torch.inference_mode():
+        before = lm.model(input_ids=ids).logits
+    weights = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    grads = {n: p.requires_grad for n, p in lm.model.named_parameters()}
+    seen = []
+    summary = tiny_bench.finetune("lloco", knobs={"lloco": {"lora_steps": 6, "lora_lr": 1e-2}},
+                                  progress=lambda f, m: seen.append(f))
+    assert "6 steps" in summary and seen[-1] == pytest.approx(1.0)
+    # training left nothing behind: plain Linear layers, same weights, same requires_grad flags
+    assert all(type(l.self_attn.q_proj) is nn.Linear for l in lm.model.model.layers)
+    assert all(torch.equal(p, weights[n]) for n, p in lm.model.named_parameters())
+    assert {n: p.requires_grad for n, p in lm.model.named_parameters()} == grads
+    lloco = get_method("lloco")
+    params = params_from(lloco.Params, {"lora_steps": 6, "lora_lr": 1e-2})
+    blob = lloco._context(QUESTION, corpus, params).adapter
+    assert blob, "the adapter is stored with the collection and found at answer time"
+    with applied_adapter(lm, blob), torch.inference_mode():
+        adapted = lm.model(input_ids=ids).logits
+    with torch.inference_mode():
+        after = lm.model(input_ids=ids).logits
+    assert not torch.allclose(adapted, before)
+    assert torch.equal(after, before)  # unloaded bit for bit: other methods see the base model
+    with_lora, = tiny_bench.ask(QUESTION, ["lloco"], knobs={"lloco": {"lora_steps": 6, "lora_lr": 1e-2}})
+    without, = tiny_bench.ask(QUESTION, ["lloco"], knobs={"lloco": {"lora": False}})
+    assert any("LoRA applied" in n for n in with_lora.notes) and not any("LoRA" in n for n in without.notes)
+    assert lloco.storage(corpus, params) > 0
+    tiny_bench.store.delete_document(corpus.collection_id, "eiffel.txt")
+    tiny_bench.store.delete_document(corpus.collection_id, "bananas.md")
+
+
+def test_non_llama_models_get_a_clear_not_supported(tiny_bench, docs_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    corpus = _ingest(tiny_bench, docs_dir)
+    lm = corpus.lm
+    lm.model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(lm.tokenizer)))
+    lloco = get_method("lloco")
+    with pytest.raises(NotSupported, match="Llama-family"):
+        lloco.prepare(corpus, lloco.Params())
+    result, = tiny_bench.ask(QUESTION, ["lloco"])
+    assert "Llama-family" in result.error
+
+
+def test_cli_prepare_then_ask_rag_and_lloco_json(tmp_path, tiny_model_dir, docs_dir):
+    from tests.test_cli import run
+
+    home = tmp_path / "home"
+    run(["ingest", *map(str, sorted(docs_dir.iterdir())), "--collection", "demo"], home, tiny_model_dir)
+    prepared = run(["prepare", "--methods", "lloco", "--collection", "demo", "--set", "lloco.c=2"], home, tiny_model_dir)
+    assert "lloco: prepared" in prepared.stdout
+    asked = run(["ask", QUESTION, "--collection", "demo", "--methods", "rag,lloco", "--set", "lloco.c=2", "--json"],
+                home, tiny_model_dir)
+    rag, lloco = json.loads(asked.stdout)
+    assert (rag["method"], lloco["method"]) == ("rag", "lloco") and not lloco["error"]
+    assert lloco["cached_tokens"] > 0 and lloco["processed_tokens"] < rag["processed_tokens"]
+    assert not any("not prepared" in n for n in lloco["notes"])
