@@ -124,12 +124,14 @@ def test_knobs_come_from_every_registered_method():
             assert (name, knob) in names
     values = [k.default for k in knobs.knobs]
     shared = [i for i, k in enumerate(knobs.knobs) if k.name == "max_new_tokens"]
-    values = [None if i in shared else v for i, v in enumerate(values)]  # blank shared knobs -> Settings value
+    values = [(0 if i % 2 else None) if i in shared else v for i, v in enumerate(values)]  # 0/blank -> Settings value
     rag_k = next(i for i, k in enumerate(knobs.knobs) if (k.method, k.name) == ("rag", "k"))
     values[rag_k] = 2.0  # gr.Number hands back floats
     parsed = knobs.values(*values)
     assert parsed["rag"]["k"] == 2 and isinstance(parsed["rag"]["k"], int)
     assert all("max_new_tokens" not in v for v in parsed.values())
+    values[shared[0]] = 7.0
+    assert knobs.values(*values)[knobs.knobs[shared[0]].method]["max_new_tokens"] == 7
 
 
 # ------------------------------------------------------------------ handlers

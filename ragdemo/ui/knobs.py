@@ -9,7 +9,7 @@ import gradio as gr
 from ..methods import registry
 from ..methods.base import Params
 
-SHARED = {f.name for f in fields(Params)}  # knobs every method has; blank means "use the Settings tab value"
+SHARED = {f.name for f in fields(Params)}  # knobs every method has; 0 or blank means "use the Settings tab value"
 
 
 @dataclass
@@ -37,14 +37,16 @@ def knob_defaults(params_cls: type) -> list[tuple[str, object]]:
 def knob_widget(name: str, default: object) -> gr.components.Component:
     label = name.replace("_", " ")
     if name in SHARED:
-        return gr.Number(value=None, label=label, precision=0, info=f"blank = the Settings value (default {default})")
+        return gr.Number(value=0, label=label, precision=0, minimum=0, min_width=200, scale=1,
+                         info="0 = the Settings tab value")
     if isinstance(default, bool):
-        return gr.Checkbox(value=default, label=label)
+        with gr.Column(min_width=200, scale=1):  # a bare checkbox ignores min_width and gets squeezed in a row
+            return gr.Checkbox(value=default, label=label)
     if isinstance(default, int):
-        return gr.Number(value=default, label=label, precision=0)
+        return gr.Number(value=default, label=label, precision=0, min_width=200, scale=1)
     if isinstance(default, float):
-        return gr.Number(value=default, label=label)
-    return gr.Textbox(value="" if default is None else str(default), label=label)
+        return gr.Number(value=default, label=label, min_width=200, scale=1)
+    return gr.Textbox(value="" if default is None else str(default), label=label, min_width=200, scale=1)
 
 
 class KnobSet:
@@ -57,7 +59,7 @@ class KnobSet:
         """Render one closed accordion per method with knobs (call inside a Blocks layout)."""
         for name, cls in registry().items():
             defaults = knob_defaults(cls.Params)
-            with gr.Accordion(f"{cls.label or name} knobs", open=False):
+            with gr.Accordion(f"{cls.label or name} knobs", open=False), gr.Row():
                 for knob_name, default in defaults:
                     self.knobs.append(Knob(name, knob_name, default, knob_widget(knob_name, default)))
 
@@ -66,10 +68,13 @@ class KnobSet:
         return [k.component for k in self.knobs]
 
     def values(self, *widget_values) -> dict[str, dict]:
-        """{method: {knob: value}}; blank widgets are left out so the method's or Settings' default applies."""
+        """{method: {knob: value}}; blank widgets (and 0 for shared knobs) are left out, so the method's or the
+        Settings' default applies."""
         out: dict[str, dict] = {}
         for knob, value in zip(self.knobs, widget_values):
             if value is None or (isinstance(value, str) and not value.strip() and not isinstance(knob.default, str)):
+                continue
+            if knob.name in SHARED and isinstance(value, (int, float)) and value <= 0:
                 continue
             if isinstance(value, float) and isinstance(knob.default, int) and not isinstance(knob.default, bool):
                 value = int(value)
