@@ -138,3 +138,10 @@ def test_cli_bench_on_a_jsonl_file(tiny_settings, tmp_path, monkeypatch, capsys)
     assert (tmp_path / "o" / "summary.csv").exists()
     assert "| rag |" in capsys.readouterr().out
     assert main(["bench", "--dataset", "nope.txt", "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_time_budget_makes_a_partial_run_that_says_so(tiny_bench, tmp_path):
+    run = run_bench(tiny_bench, _tiny_dataset(), parse_method_specs("rag"), max_new_tokens=2, time_budget_s=0.0)
+    assert run.records == [] and run.meta["partial"].startswith("partial: stopped after 0 of 3 questions")
+    write_outputs(run, tmp_path / "p", plots=False)
+    assert "**partial: stopped after 0 of 3" in (tmp_path / "p" / "summary.md").read_text()

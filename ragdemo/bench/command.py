@@ -28,6 +28,8 @@ def add_bench_parser(sub, common) -> None:
                    help="ask a slow method only the first N questions")
     p.add_argument("--keep", action="store_true", help="keep the benchmark's store (in OUT/store) instead of a temp dir")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MIN",
+                   help="start no new question after MIN minutes; the outputs then say the run is partial")
     p.add_argument("--out", required=True, help="output folder: results.json, summary.csv, summary.md, plots")
 
 
@@ -54,7 +56,7 @@ def run_benchmark(workbench, dataset: str, out: str | Path, methods=None, knobs:
                   limits: dict | None = None, path: str | None = None, n: int | None = None, seed: int = 0,
                   articles: int | None = None, lengths=None, depths=None, reference: str = "rag",
                   max_new_tokens: int | None = None, progress=None, cleanup: bool = True, plots: bool = True,
-                  extra_meta: dict | None = None):
+                  extra_meta: dict | None = None, time_budget_min: float | None = None):
     """Everything `bench` does, shared by the CLI and the UI: load the data, run, write the outputs.
     Returns (run, written files)."""
     from .datasets import load_dataset
@@ -66,7 +68,8 @@ def run_benchmark(workbench, dataset: str, out: str | Path, methods=None, knobs:
     data = load_dataset(dataset, tokenizer, path, n, seed, articles, lengths, depths)
     print(f"{data.description}; methods: {', '.join(s.label for s in specs)}", file=sys.stderr)
     run = run_bench(workbench, data, specs, reference, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, progress,
-                    cleanup=cleanup, extra_meta={"seed": seed, **(extra_meta or {})})
+                    cleanup=cleanup, extra_meta={"seed": seed, **(extra_meta or {})},
+                    time_budget_s=time_budget_min * 60 if time_budget_min else None)
     return run, write_outputs(run, out, plots=plots)
 
 
@@ -87,7 +90,7 @@ def cmd_bench(bench, args, parse_knobs, progress_bar) -> int:
                 scratch, args.dataset, out, args.methods, knobs, _limits(args.limit), args.path, args.n, args.seed,
                 args.articles, _ints(args.lengths, "--lengths"), _ints(args.depths, "--depths"), args.reference,
                 args.max_new_tokens, update, cleanup=not args.keep, plots=not args.no_plots,
-                extra_meta=_command_meta())
+                extra_meta=_command_meta(), time_budget_min=args.time_budget)
     finally:
         scratch.store.close()
         if not args.keep:

@@ -123,9 +123,10 @@ class BenchRun:
 def run_bench(workbench, dataset: Dataset, specs: list[MethodSpec], reference: str = "rag",
               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, progress: Progress | None = None,
               collection_prefix: str | None = None, cleanup: bool = True, extra_meta: dict | None = None,
-              existing_collection: str | None = None) -> BenchRun:
-    """Ask every question of `dataset` with every spec; collections are created fresh (unique names) and their
-    documents deleted afterwards when `cleanup`."""
+              existing_collection: str | None = None, time_budget_s: float | None = None) -> BenchRun:
+    """Ask every question of `dataset` with every spec; collections are created fresh (unique names) and
+    dropped afterwards when `cleanup`. With `time_budget_s`, no new question starts once it is spent: the run
+    is then partial and says so in its meta and summary."""
     if not dataset.n_questions:
         raise UserError("the dataset has no questions")
     specs, reference = with_baselines(specs, reference, None)
@@ -135,7 +136,11 @@ def run_bench(workbench, dataset: Dataset, specs: list[MethodSpec], reference: s
     tick = _Ticker(progress, total_units)
     records, storage, prepare_s = [], {s.label: [] for s in specs}, {s.label: 0.0 for s in specs}
     started = time.time()
+    stopped = ""
     for haystack in dataset.haystacks:
+        if _over(started, time_budget_s):
+            stopped = _stop_note(records, dataset, time_budget_s)
+            break
         collection = existing_collection if (existing_collection and not haystack.documents) else f"{run_id}-{haystack.key}"
         corpus = _fill_collection(workbench, collection, haystack, tick)
         try:
@@ -146,6 +151,9 @@ def run_bench(workbench, dataset: Dataset, specs: list[MethodSpec], reference: s
             asked = {s.label: sum(1 for r in records if s.label in r["results"] and r["results"][s.label].get("answered"))
                      for s in specs}
             for question in haystack.questions:
+                if _over(started, time_budget_s):
+                    stopped = _stop_note(records, dataset, time_budget_s)
+                    break
                 record = {"id": question.id, "question": question.question, "answers": question.answers,
                           "keywords": question.keywords, "meta": question.meta, "haystack": haystack.key,
                           "results": {}}
@@ -165,11 +173,20 @@ def run_bench(workbench, dataset: Dataset, specs: list[MethodSpec], reference: s
             "methods": [{"label": s.label, "method": s.name, "knobs": s.knobs, "limit": s.limit,
                          "answers": s.answers} for s in specs],
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "seconds": round(time.time() - started, 1),
-            "machine": machine_info(), **(extra_meta or {})}
+            "machine": machine_info(), "n_questions": len(records), "partial": stopped, **(extra_meta or {})}
     run = BenchRun(meta, specs, records, storage, prepare_s)
     run.summary = summarize(run)
     tick.done()
     return run
+
+
+def _over(started: float, budget: float | None) -> bool:
+    return budget is not None and time.time() - started > budget
+
+
+def _stop_note(records: list, dataset: Dataset, budget: float) -> str:
+    return (f"partial: stopped after {len(records)} of {dataset.n_questions} questions when the time budget "
+            f"of {budget / 60:.0f} min was spent")
 
 
 class _Ticker:
@@ -358,7 +375,10 @@ def summary_markdown(run: BenchRun) -> str:
              f"- date: {m['date']}, wall time {m['seconds']:.0f} s"]
     if m.get("command"):
         lines.append(f"- command: `{m['command']}`")
-    lines += [f"- reference for context value kept and TTFT ratio: **{m['reference']}**", ""]
+    lines += [f"- reference for context value kept and TTFT ratio: **{m['reference']}**"]
+    if m.get("partial"):
+        lines.append(f"- **{m['partial']}**")
+    lines.append("")
     lines += [summary_markdown_table(run), ""]
     lines += ["EM / F1 / contains are percentages over answered questions (SQuAD normalisation, best over the gold "
               "answers; contains = a normalised gold answer appears as whole words in the normalised answer). "
