@@ -180,6 +180,46 @@ def test_prepare_and_finetune_handlers(tiny_bench, docs_dir):
         library.finetune(tiny_bench, knobs, "rag", "demo", *blank)
 
 
+def test_prepare_shows_progress_and_storage_per_method(tiny_bench, docs_dir, monkeypatch):
+    """A stand-in method with an offline step (defined here, registered only for this test) shows that Prepare
+    passes the Ask tab's knobs, reports progress, and that its storage lands in the documents table."""
+    from dataclasses import dataclass
+
+    from ragdemo import methods
+    from ragdemo.methods.base import Method, Params
+
+    @dataclass
+    class WidthParams(Params):
+        width: int = 3
+
+    class FakeCache(Method):
+        name, label, has_prepare, Params = "fake_cache", "Fake cache", True, WidthParams
+
+        def prepare(self, corpus, params, progress=None):
+            chunks = corpus.chunks()
+            for i, chunk in enumerate(chunks):
+                corpus.store.put_artifact(self.name, corpus.lm.model_id, str(params.width), str(chunk["chunk_id"]),
+                                          b"x" * params.width, chunk_id=chunk["chunk_id"], collection_id=corpus.collection_id)
+                progress((i + 1) / len(chunks), f"chunk {i + 1}")
+
+        def storage(self, corpus, params):
+            return corpus.store.artifact_bytes(corpus.collection_id).get(self.name, 0)
+
+    registry()  # discover the real methods first; then add the stand-in for this test only
+    monkeypatch.setitem(methods._REGISTRY, "fake_cache", FakeCache)
+    library.upload(tiny_bench, [str(docs_dir / "eiffel.txt")], "demo")
+    knobs = _knobs()
+    values = [None] * len(knobs.knobs)
+    values[next(i for i, k in enumerate(knobs.knobs) if (k.method, k.name) == ("fake_cache", "width"))] = 10.0
+    seen = []
+    status, table, *_ = library.prepare(tiny_bench, knobs, ["fake_cache"], "demo", *values,
+                                        progress=lambda fraction, desc=None: seen.append((fraction, desc)))
+    n_chunks = int(table["chunks"][0])
+    assert "fake_cache: prepared" in status and f"{10 * n_chunks} bytes" in status
+    assert table["fake_cache storage"][0] == fmt_bytes(10 * n_chunks)
+    assert seen and seen[-1][0] == 1.0 and "fake_cache" in seen[-1][1]
+
+
 def _knobs():
     with gr.Blocks():
         knobs = KnobSet()
