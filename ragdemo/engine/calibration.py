@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
@@ -27,7 +28,8 @@ class Decoder:
         plain = codes.reconstruct(self.centre)
         if self.weight is None or codes.bits == FLOAT_BITS:
             return plain
-        return features(codes, plain, self.centre) @ self.weight
+        # torch, not numpy: numpy's BLAS ignores the thread budget torch was given and stalls on a busy CPU
+        return (torch.from_numpy(features(codes, plain, self.centre)) @ torch.from_numpy(self.weight)).numpy()
 
     def to_bytes(self) -> bytes:
         tensors = {"centre": self.centre.astype(np.float32)}
