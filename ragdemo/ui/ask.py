@@ -139,7 +139,7 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
     def run(q, m, c, *v):
         yield from compare(wb, knobs, q, m, c, *v)
 
-    compared = gr.on([compare_button.click, question.submit], run, inputs, outputs, **MODEL_QUEUE)
+    compared = gr.on([compare_button.click, question.submit], run, inputs, outputs, api_name="compare", **MODEL_QUEUE)
     refresh_button.click(lambda c: history(wb, c), [collection], [history_table])
     return AskTab(knobs, question, methods, history_table, compared)
 

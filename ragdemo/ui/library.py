@@ -145,7 +145,7 @@ def build_library_tab(workbench: Workbench, collection: gr.Dropdown) -> LibraryT
     tab = LibraryTab(wb, collection, files, status, table, doc_picker, prepare_methods, prepare_button,
                      finetune_method, finetune_button)
     files.upload(lambda f, c, progress=gr.Progress(): upload(wb, f, c, progress=progress), [files, collection],
-                 [status, files, *tab.refresh_outputs], **MODEL_QUEUE)
+                 [status, files, *tab.refresh_outputs], api_name="upload", **MODEL_QUEUE)
     delete_button.click(lambda d, c: delete(wb, d, c), [doc_picker, collection], [status, *tab.refresh_outputs])
     collection.change(lambda c: refresh(wb, c), [collection], tab.refresh_outputs)
     return tab
