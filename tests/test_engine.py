@@ -35,26 +35,21 @@ def test_split_layers_equal_full_forward(tiny_lm):
         torch.testing.assert_close(layers.logits(tiny_lm, h), tiny_lm.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_greedy_decode_matches_hf_generate(tiny_lm):
+def test_greedy_decode_matches_hf_generate(tiny_lm, monkeypatch):
+    from ragdemo.models.lm import LM
+
     ids = torch.randint(5, 1000, (1, 10))
     with torch.inference_mode():
         reference = tiny_lm.model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)[0, 10:].tolist()
-    tiny_lm.model.generation_config.eos_token_id = None
+    monkeypatch.setattr(LM, "eos_ids", property(lambda self: set()))  # compare raw token streams, no early stop
     streamed = []
     cache = DynamicCache()
     with torch.inference_mode():
         first = layers.forward_all(tiny_lm, ids, cache)
-    eos = tiny_lm.eos_ids
-    try:
-        type(tiny_lm).eos_ids = property(lambda self: set())  # compare raw token streams, no early stop
-        out = decode_loop(tiny_lm, cache, first, 10, 6, 0.0, stream=streamed.append)
-        full = generate(tiny_lm, ids[0].tolist(), 6, 0.0)
-    finally:
-        del type(tiny_lm).eos_ids
-    tiny_lm.model.generation_config.eos_token_id = 2
+    out = decode_loop(tiny_lm, cache, first, 10, 6, 0.0, stream=streamed.append)
+    full = generate(tiny_lm, ids[0].tolist(), 6, 0.0)
     assert out.ids == reference == full.ids
     assert "".join(streamed).strip() == out.text
-    assert eos  # the real property came back
 
 
 def test_sampling_is_seeded(tiny_lm):
