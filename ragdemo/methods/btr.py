@@ -280,6 +280,9 @@ Knobs: `k` chunks retrieved, `split` layer, `bits` (1/2/4/8, 16 = fp16), `calibr
                            st_save({"codes": book.codes, "scales": book.scales}), collection_id=corpus.collection_id,
                            meta={"before_bytes": int(sum(len(b) for b in blobs.values())), "tokens": int(len(token_ids)),
                                  "codes_after": int(len(book.codes))})
+        before = sum(len(b) for b in blobs.values())
+        after = len(book.codes) * (book.codes.shape[1] + 2) + 4 * len(token_ids)
+        say(0.97, f"offline merging: {len(token_ids)} codes -> {len(book.codes)} unique, ~{before} B -> ~{after} B")
         start = 0
         for chunk, codes in zip(chunks, all_codes):
             index = book.index[start:start + codes.n].astype("<u4")
