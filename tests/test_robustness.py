@@ -142,3 +142,42 @@ def test_no_pickle_and_safe_torch_load():
             assert not pattern.search(source), f"{what} in {path}"
         for call in re.findall(r"torch\.load\([^)]*\)", source):
             assert "weights_only=True" in call, f"unsafe torch.load in {path}: {call}"
+
+
+def _count_artifacts(home: Path, method: str) -> int:
+    try:
+        return Store(home).value("SELECT COUNT(*) FROM artifacts WHERE method = ?", (method,)) or 0
+    except Exception:
+        return 0
+
+
+@pytest.mark.parametrize("method,knobs", [("lloco", []), ("btr", ["--set", "btr.split=2"])])
+def test_sigkill_during_prepare_never_leaves_partial_artifacts_in_use(tmp_path, tiny_model_dir, method, knobs):
+    """Kill `prepare` after some artifacts landed; the store stays sound, and answering completes the
+    preparation rather than reading half-written state."""
+    home = tmp_path / "home"
+    env = {**os.environ, "RAGDEMO_HOME": str(home), "RAGDEMO_DTYPE": "fp32", "RAGDEMO_MODEL": tiny_model_dir,
+           "RAGDEMO_MAX_NEW_TOKENS": "4"}
+    doc = tmp_path / "long.txt"
+    doc.write_text(" ".join(f"Sentence {j} describes fact number {j} about the long test document." for j in range(500)))
+    subprocess.run([sys.executable, "-m", "ragdemo", "ingest", str(doc)], env=env, check=True, capture_output=True)
+    n_chunks = Store(home).value("SELECT COUNT(*) FROM chunks")
+    proc = subprocess.Popen([sys.executable, "-m", "ragdemo", "prepare", "--methods", method, *knobs], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _count_artifacts(home, method) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    landed = _count_artifacts(home, method)
+    assert 0 < landed < n_chunks, f"the kill was not mid-way ({landed} of {n_chunks} chunk artifacts)"
+    store = Store(home)
+    assert store.integrity_problems() == []
+    asked = subprocess.run([sys.executable, "-m", "ragdemo", "ask", "What does sentence 7 describe?", "--methods",
+                            method, *knobs, "--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert asked.returncode == 0, asked.stderr[-2000:]
+    import json
+
+    [result] = json.loads(asked.stdout)
+    assert not result["error"] and result["prompt_tokens"] > 0
+    assert _count_artifacts(home, method) > landed  # the missing artifacts were built, not skipped
