@@ -41,7 +41,13 @@ the surrounding words come from this app's shared chat-template prompt so token 
 - **Not included: JRT-RNN**, the paper's own prefix-linear-attention architecture (encoder-decoder style
   recurrent model trained for this). Its checkpoints and kernels are not part of transformers, so it cannot be
   loaded here; only the prompting half of the paper is offered.
-- Knobs: context (rag | full), k, max context tokens (0 = as much as fits), max new tokens."""
+- Knobs: context (rag | full), k, max context tokens (0 = as much as fits), max new tokens.
+- **Measured** (SmolLM2-135M, a Transformer, bf16, 1 torch thread on a shared 2-core CPU; 200 SQuAD v1.1 dev
+  questions over 5 whole articles, max 24 new tokens, k=5 as rag): prompt 712 vs rag's 371 tokens (1.92x),
+  mean TTFT 2.04 s vs 1.00 s, total 4.69 s vs 3.23 s; gold-answer NLL 3.79 vs 4.08, i.e. context value kept
+  116% of rag's, but generated answers did not improve: contains 18.5% vs 19.0%, F1 8.9 vs 9.8.
+  Citation: Arora et al., "Just read twice: closing the
+  recall gap for recurrent language models", 2024 (arXiv:2407.05483)."""
 
     def build(self, question, corpus, params):
         corpus.require_documents(self.name)

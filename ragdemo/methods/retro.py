@@ -55,8 +55,10 @@ retrieval only; there is no re-retrieval while the gold answer is teacher-forced
 **Knobs:** k, chunk_tokens, stride (64 as RETRO; In-Context RALM used 4-32; down to 4 here),
 continuation on/off.
 **Models:** any causal LM with a KV cache; recurrent models are refused with a clear message.
-**Measured** (default SmolLM2-135M, bf16, 2-core shared CPU, 200 SQuAD v1.1 dev questions over 5 articles,
-max 24 new tokens; rag k=5, retro k=2 with continuations): see the benchmark report in the issue note."""
+**Measured** (SmolLM2-135M bf16, 1 torch thread on a shared 2-core CPU; 200 SQuAD v1.1 dev questions over
+5 whole articles, max 24 new tokens; retro k=2 with continuations, stride 64, so no re-retrieval inside 24
+tokens; rag k=5): contains 17.0% vs rag 19.0%, F1 8.6 vs 9.8, context value kept 96% of rag's, prompt 291 vs
+371 tokens, mean TTFT 0.77 s vs 1.00 s, total 2.85 s vs 3.23 s."""
 
     # ------------------------------------------------------------ retrieval
     def question_queries(self, tokenizer, question: str, chunk_tokens: int) -> list[str]:
