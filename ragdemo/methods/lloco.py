@@ -64,19 +64,19 @@ answer time the summaries of the retrieved documents are loaded and the matching
   each other (each was encoded alone), 64-token chunks instead of 1,536-token documents.
 - Knobs: k, c (1, 2, 4, 8), scorer, storage (fp16/int8), positions, lora.
 
-**Measured (PARTIAL, 5 questions only):** SQuAD v1.1 dev sample, 2 articles (117 chunks), k=5, default model
-bf16 on a 2-core CPU shared by ~5 busy jobs (load average ~20), 2026-11-22. The 100-question run (script in
-the issue note) did not finish in time; TTFT, contains and LoRA-on rows were not reached. Value kept is
-against RAG over the same top-5 chunks (closed-book gold NLL 7.71, RAG 5.13); n=5 is noise-level.
+**Measured (PARTIAL, 11 questions only):** SQuAD v1.1 dev sample, 2 articles (117 chunks), k=5, default model
+bf16 on a 2-core CPU shared by ~5 busy jobs (load average ~20), 2026-11-22. The 100-question run did not finish
+in time; the LoRA-on leg was still training. Value kept is against RAG over the same top-5 chunks
+(closed-book gold NLL 8.02, RAG 5.54). TTFT was paired on ONE question under that load (RAG 70 s): indicative only.
 
-| variant | value kept | gold NLL | bytes / passage token (prepare) |
-|---|---|---|---|
-| c=1 (no compression, per-passage reuse) | 118% | 4.67 | 23,224 |
-| c=2 keynorm / reconstruct | 118% / 125% | 4.66 / 4.47 | 11,760 |
-| c=4 keynorm / reconstruct | 67% / 118% | 5.97 / 4.65 | 6,053 |
-| c=8 keynorm / reconstruct | 68% / 80% | 5.95 / 5.64 | 3,199 |
-| c=4 reconstruct, int8 storage | 119% | 4.63 | 3,148 |
-| c=4 reconstruct, compact positions | 116% | 4.72 | 6,053 |
+| variant | value kept | gold NLL | TTFT ratio vs RAG (1 q) | bytes / passage token |
+|---|---|---|---|---|
+| c=1 (no compression, per-passage reuse) | 127% | 4.87 | 2.0x | 23,224 |
+| c=2 keynorm / reconstruct | 116% / 117% | 5.16 / 5.12 | 3.3x / 3.2x | 11,686 |
+| c=4 keynorm / reconstruct | 92% / 116% | 5.74 / 5.13 | 3.6x / 7.0x | 5,988 |
+| c=8 keynorm / reconstruct | 86% / 98% | 5.90 / 5.58 | 6.7x / 5.8x | 3,138 |
+| c=4 reconstruct, int8 storage | 116% | 5.16 | - | ~3,150 |
+| c=4 reconstruct, compact positions | 118% | 5.09 | - | 5,988 |
 
 `reconstruct` is the default scorer: it beat keynorm at every ratio in this (small) measurement."""
 
