@@ -150,12 +150,12 @@ def test_lora_trains_applies_and_unloads_cleanly(tiny_bench, docs_dir):
     tiny_bench.store.delete_document(corpus.collection_id, "bananas.md")
 
 
-def test_non_llama_models_get_a_clear_not_supported(tiny_bench, docs_dir):
+def test_non_llama_models_get_a_clear_not_supported(tiny_bench, docs_dir, monkeypatch):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     corpus = _ingest(tiny_bench, docs_dir)
-    lm = corpus.lm
-    lm.model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(lm.tokenizer)))
+    lm = corpus.lm  # shared by every later test: monkeypatch puts the Llama back afterwards
+    monkeypatch.setattr(lm, "model", GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(lm.tokenizer))))
     lloco = get_method("lloco")
     with pytest.raises(NotSupported, match="Llama-family"):
         lloco.prepare(corpus, lloco.Params())
