@@ -184,6 +184,10 @@ Knobs: `k` chunks retrieved, `split` layer, `bits` (1/2/4/8, 16 = fp16), `calibr
 Not done: the paper's training (recovery + query-aware distillation) and a LoRA distillation of layers
 [split, L); calibration here is closed-form only.
 
+**Defaults on a quiet machine** (1 bit, calibrated, split 6, k=5; 125 SQuAD v1.1 dev questions, 2 articles,
+`python -m ragdemo bench --dataset squad --articles 2 ...`, 2026-11-22): 81% context value kept vs RAG over the same
+chunks, contains 14.4% vs RAG 28.8%, TTFT 0.195 s vs 0.212 s (1.09x faster), 74.2 bytes per passage token.
+
 **Measured** (SmolLM2-135M-Instruct, bf16, 1 torch thread on a busy shared 2-core CPU; bundled SQuAD v1.1 dev
 sample: 6 articles, 373 chunks; 100 questions, seed 0; k=3 chunks for both RAG and BTR, split=6; value kept =
 (NLL closed − NLL btr) / (NLL closed − NLL rag) over the same chunks; fp16 KV = 23,040 B/token,
