@@ -2,8 +2,6 @@
 offline, binarized and stored; at query time only the upper layers see them."""
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 
@@ -22,6 +20,7 @@ from ..engine.merging import bipartite_merge, merge_by_token
 from ..engine.prompt import build_prompt, encode as encode_text, passage_text
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
+from ..store import artifact_hash
 from .base import Params, Method, Result, finish
 
 FORMAT_VERSION = 2  # bump when the artifact layout or the way states are computed changes
@@ -102,11 +101,6 @@ def decode_step(lm):
 
 # -------------------------------------------------------------------------------------------- artifacts
 
-def _digest(data) -> str:
-    raw = data if isinstance(data, bytes) else json.dumps(data, sort_keys=True).encode()
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
 def prefix_ids(tokenizer) -> list[int]:
     """The shared instruction prefix every prompt starts with (system turn + 'Context:')."""
     return build_prompt(tokenizer, "?", [{"text": "."}]).segments[0].ids
@@ -139,7 +133,7 @@ class _StateCache:
         self.max_bytes, self.items, self.nbytes = max_bytes, {}, 0
 
     def get(self, key: tuple, chunk: dict, compute):
-        full = key + (chunk["chunk_id"], _digest(chunk["text"].encode()))
+        full = key + (chunk["chunk_id"], artifact_hash(chunk["text"].encode()))
         if full not in self.items:
             value = compute()
             while self.items and self.nbytes + value.nbytes > self.max_bytes:
@@ -225,12 +219,12 @@ Targets: storage ≥100x vs KV — met (310x); TTFT ≥2x — not met at any set
 
     def _base_hash(self, lm, params) -> dict:
         return {"v": FORMAT_VERSION, "split": params.split, "bits": params.bits, "calibrate": params.calibrate,
-                "after_prefix": params.after_prefix, "prefix": _digest(prefix_ids(lm.tokenizer)),
+                "after_prefix": params.after_prefix, "prefix": artifact_hash(prefix_ids(lm.tokenizer)),
                 "dtype": str(lm.dtype)}
 
     @staticmethod
     def _collection_sig(chunks: list[dict]) -> str:
-        return _digest(sorted(c["chunk_id"] for c in chunks))
+        return artifact_hash(sorted(c["chunk_id"] for c in chunks))
 
     def _decoder_key(self, chunks) -> str:
         return f"decoder:{self._collection_sig(chunks)}"
@@ -239,11 +233,11 @@ Targets: storage ≥100x vs KV — met (310x); TTFT ≥2x — not met at any set
         lm = corpus.lm
         if not params.calibrate:
             return identity_decoder(lm.model.config.hidden_size), None
-        blob = corpus.store.get_artifact(self.name, lm.model_id, _digest(self._base_hash(lm, params)), self._decoder_key(chunks))
+        blob = corpus.store.get_artifact(self.name, lm.model_id, artifact_hash(self._base_hash(lm, params)), self._decoder_key(chunks))
         return (Decoder.from_bytes(blob), blob) if blob is not None else (None, None)
 
     def _chunk_hash(self, lm, params, decoder_blob: bytes | None) -> str:
-        return _digest({**self._base_hash(lm, params), "decoder": _digest(decoder_blob) if decoder_blob else None})
+        return artifact_hash({**self._base_hash(lm, params), "decoder": artifact_hash(decoder_blob) if decoder_blob else None})
 
     # --------------------------------------------------------------------------------------- prepare
     def prepare(self, corpus, params, progress=None) -> None:
@@ -255,7 +249,7 @@ Targets: storage ≥100x vs KV — met (310x); TTFT ≥2x — not met at any set
         prefix = prefix_ids(lm.tokenizer) if params.after_prefix else []
         decoder, decoder_blob = self._load_decoder(corpus, params, chunks)
         states: dict[int, np.ndarray] = {}
-        cache_key = (lm.model_id, str(lm.dtype), params.split, _digest(prefix))
+        cache_key = (lm.model_id, str(lm.dtype), params.split, artifact_hash(prefix))
 
         def state_of(chunk):
             if chunk["chunk_id"] not in states:
@@ -271,7 +265,7 @@ Targets: storage ≥100x vs KV — met (310x); TTFT ≥2x — not met at any set
             say(0.6, "fitting the least-squares decoder")
             decoder = fit_decoder(list(states.values()), params.bits)
             decoder_blob = decoder.to_bytes()
-            corpus.store.put_artifact(self.name, lm.model_id, _digest(self._base_hash(lm, params)), self._decoder_key(chunks),
+            corpus.store.put_artifact(self.name, lm.model_id, artifact_hash(self._base_hash(lm, params)), self._decoder_key(chunks),
                                       decoder_blob, collection_id=corpus.collection_id,
                                       meta={"tokens": int(sum(len(s) for s in states.values())),
                                             "seconds": round(time.perf_counter() - started, 1)})
@@ -291,7 +285,7 @@ Targets: storage ≥100x vs KV — met (310x); TTFT ≥2x — not met at any set
         """Paper Algorithm 1: one codebook of merged 1-bit codes for the collection, plus per chunk the index of
         each token's code. Stopwords (and punctuation) collapse to one code per vocabulary token."""
         lm, store = corpus.lm, corpus.store
-        merged_hash = _digest({"codes": chunk_hash, "r_o": params.r_o})
+        merged_hash = artifact_hash({"codes": chunk_hash, "r_o": params.r_o})
         key = f"codebook:{self._collection_sig(chunks)}"
         if store.get_artifact(self.name, lm.model_id, merged_hash, key) is not None:
             return
@@ -331,7 +325,7 @@ Targets: storage ≥100x vs KV — met (310x); TTFT ≥2x — not met at any set
     def _stored_hash(self, lm, params, decoder_blob) -> str:
         """Params hash of what answers read: the chunk codes, or the merged indices when r_o > 0."""
         chunk_hash = self._chunk_hash(lm, params, decoder_blob)
-        return _digest({"codes": chunk_hash, "r_o": params.r_o}) if params.r_o > 0 else chunk_hash
+        return artifact_hash({"codes": chunk_hash, "r_o": params.r_o}) if params.r_o > 0 else chunk_hash
 
     def _merged_bytes_per_token(self, corpus, params) -> float:
         lm = corpus.lm

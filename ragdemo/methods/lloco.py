@@ -1,8 +1,6 @@
 """LLoCO-style: passages compressed offline into small KV caches, read at answer time with an optional LoRA."""
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import time
 from collections import OrderedDict
@@ -18,6 +16,7 @@ from ..engine.lora import adapter_bytes, applied_adapter, trainable_lora
 from ..engine.prompt import Prompt, Segment, build_prompt, chat_frame, encode, passage_text
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
+from ..store import artifact_hash
 from .base import Params, Method, Result, finish
 
 RECIPE = "v1"  # bump when the training recipe changes, so old adapters are not reused
@@ -216,12 +215,12 @@ in time; the LoRA-on leg was still training. Value kept is against RAG over the 
 
     def _artifact_hash(self, lm, params) -> str:
         prefix_ids, _ = self._prefix(lm, compute=False)
-        return _hash({"c": params.c, "scorer": params.scorer, "storage": params.storage, "prefix": prefix_ids,
-                      "cue": kvc.RECONSTRUCT_CUE if params.scorer == "reconstruct" else ""})
+        return artifact_hash({"c": params.c, "scorer": params.scorer, "storage": params.storage, "prefix": prefix_ids,
+                              "cue": kvc.RECONSTRUCT_CUE if params.scorer == "reconstruct" else ""})
 
     def _adapter_hash(self, lm, params) -> str:
-        return _hash({"kv": self._artifact_hash(lm, params), "positions": params.positions, "k": params.k,
-                      "r": params.lora_r, "steps": params.lora_steps, "lr": params.lora_lr, "recipe": RECIPE})
+        return artifact_hash({"kv": self._artifact_hash(lm, params), "positions": params.positions, "k": params.k,
+                              "r": params.lora_r, "steps": params.lora_steps, "lr": params.lora_lr, "recipe": RECIPE})
 
     def _stored_keys(self, corpus, lm, digest) -> set[str]:
         rows = corpus.store.rows("""SELECT a.key FROM artifacts a JOIN chunks c ON c.id = a.chunk_id
@@ -363,5 +362,3 @@ def _adapter_key(corpus) -> str:
     return f"lora:{corpus.collection_id}"
 
 
-def _hash(data: dict) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,5 +1,5 @@
 from .corpus import Corpus, group_passages
-from .db import Store, check_collection_name, sha256
+from .db import Store, artifact_hash, check_collection_name, sha256
 from .index import ChunkIndex, IndexCache
 
-__all__ = ["Corpus", "Store", "IndexCache", "ChunkIndex", "group_passages", "check_collection_name", "sha256"]
+__all__ = ["Corpus", "Store", "IndexCache", "ChunkIndex", "group_passages", "check_collection_name", "sha256", "artifact_hash"]

@@ -23,6 +23,12 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def artifact_hash(data) -> str:
+    """Short key for "the knobs that shaped an artifact": bytes as they are, anything else as sorted JSON."""
+    raw = data if isinstance(data, bytes) else json.dumps(data, sort_keys=True).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
 def check_collection_name(name: str) -> str:
     name = (name or "").strip()
     if not COLLECTION_NAME.match(name):
