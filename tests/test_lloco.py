@@ -176,3 +176,12 @@ def test_cli_prepare_then_ask_rag_and_lloco_json(tmp_path, tiny_model_dir, docs_
     assert (rag["method"], lloco["method"]) == ("rag", "lloco") and not lloco["error"]
     assert lloco["cached_tokens"] > 0 and lloco["processed_tokens"] < rag["processed_tokens"]
     assert not any("not prepared" in n for n in lloco["notes"])
+
+
+def test_prepare_with_train_compresses_then_trains_the_adapter_once(tiny_bench, docs_dir):
+    corpus = _ingest(tiny_bench, docs_dir)
+    lloco = get_method("lloco")
+    params = params_from(lloco.Params, {"train": True, "lora_steps": 3})
+    lloco.prepare(corpus, params)
+    assert lloco._has_adapter(corpus, corpus.lm, params)
+    assert lloco._context(QUESTION, corpus, params).adapter

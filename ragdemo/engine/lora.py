@@ -7,23 +7,55 @@ puts the exact original tensors back afterwards, so the base model is bit-for-bi
 from __future__ import annotations
 
 import json
+import random
 import struct
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from .prompt import chat_frame, encode
+
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # what LLoCO adapted (r=8)
 
 
+@dataclass
+class LoraKnobs:
+    """The knobs of a method that can train a per-collection adapter (mixed into its Params)."""
+
+    lora: bool = True  # use the collection's adapter when one has been trained
+    train: bool = False  # prepare also trains the collection's adapter when it is missing (as `finetune` does)
+    lora_r: int = 8
+    lora_steps: int = 300
+    lora_lr: float = 5e-4
+
+
+@dataclass
+class Training:
+    blob: bytes
+    losses: list[float]
+    seconds: float
+
+    def summary(self, what: str) -> str:
+        first = sum(self.losses[:20]) / len(self.losses[:20])
+        last = sum(self.losses[-20:]) / len(self.losses[-20:])
+        return (f"{what}, {len(self.losses)} steps in {self.seconds:.0f}s: loss {first:.3f} -> {last:.3f}; "
+                f"{len(self.blob)} bytes stored")
+
+
 @contextmanager
-def trainable_lora(lm, r: int = 8, alpha: int = 16, targets=ATTENTION_TARGETS, dropout: float = 0.0):
-    """Inject peft LoRA layers into `lm.model` in place; yields the trainable parameters; always unloads."""
+def trainable_lora(lm, r: int = 8, alpha: int = 16, targets=ATTENTION_TARGETS, dropout: float = 0.0,
+                   layers: list[int] | None = None):
+    """Inject peft LoRA layers into `lm.model` in place (only in `layers` when given); yields the peft model;
+    always unloads."""
     from peft import LoraConfig, get_peft_model
 
     grad_flags = {name: p.requires_grad for name, p in lm.model.named_parameters()}
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, bias="none")
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, bias="none",
+                        layers_to_transform=list(layers) if layers is not None else None)
     peft_model = get_peft_model(lm.model, config)
     was_training = lm.model.training
     try:
@@ -34,6 +66,46 @@ def trainable_lora(lm, r: int = 8, alpha: int = 16, targets=ATTENTION_TARGETS, d
         lm.model.train(was_training)
         for name, p in lm.model.named_parameters():
             p.requires_grad_(grad_flags.get(name, p.requires_grad))
+
+
+def train_adapter(lm, loss_of_step, knobs: LoraKnobs, progress=None, layers: list[int] | None = None,
+                  meta: dict | None = None) -> Training:
+    """The one LoRA training loop: AdamW, clipped gradients, seeded; `loss_of_step(peft_model)` builds one
+    example and returns its loss. `progress(fraction, message)` after every step."""
+    torch.manual_seed(0)
+    started, losses = time.perf_counter(), []
+    with trainable_lora(lm, r=knobs.lora_r, alpha=2 * knobs.lora_r, layers=layers) as peft_model:
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=knobs.lora_lr, weight_decay=0.0)
+        for step in range(knobs.lora_steps):
+            loss = loss_of_step(peft_model)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if progress:
+                recent = sum(losses[-20:]) / len(losses[-20:])
+                progress((step + 1) / knobs.lora_steps, f"LoRA step {step + 1}/{knobs.lora_steps}, loss {recent:.3f}")
+        blob = adapter_bytes(peft_model, knobs.lora_r, 2 * knobs.lora_r, {"steps": knobs.lora_steps, **(meta or {})})
+    return Training(blob, losses, time.perf_counter() - started)
+
+
+def cloze_example(tokenizer, chunks: list[dict], n_passages: int, rng: random.Random):
+    """A training question about the collection's own text: a target chunk among n_passages-1 random
+    distractors (document order), "What comes right after <5-10 quoted tokens> in the context?", and the
+    next 6-12 tokens of the chunk as the answer. Returns (chunks, question ids, answer ids)."""
+    target_chunk = rng.choice(chunks)
+    others = rng.sample([c for c in chunks if c["chunk_id"] != target_chunk["chunk_id"]],
+                        min(n_passages - 1, len(chunks) - 1))
+    picked = sorted([target_chunk, *others], key=lambda c: (c["doc_id"], c["ord"]))
+    ids = encode(tokenizer, target_chunk["text"].strip())
+    span, answer = rng.randint(5, 10), rng.randint(6, 12)
+    start = rng.randint(0, max(0, len(ids) - span - answer))
+    quote = tokenizer.decode(ids[start:start + span]).strip()
+    _, tail = chat_frame(tokenizer)
+    question_ids = encode(tokenizer, f"Question: What comes right after \"{quote}\" in the context?{tail}")
+    return picked, question_ids, ids[start + span:start + span + answer]
 
 
 def adapter_bytes(peft_model, r: int, alpha: int, meta: dict | None = None) -> bytes:

@@ -1,6 +1,7 @@
 """LLoCO-style: passages compressed offline into small KV caches, read at answer time with an optional LoRA."""
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections import OrderedDict
@@ -12,8 +13,8 @@ import torch.nn.functional as F
 from ..engine import kv as kvc
 from ..engine.generate import decode_loop
 from ..engine.layers import forward_all, require_llama_like
-from ..engine.lora import adapter_bytes, applied_adapter, trainable_lora
-from ..engine.prompt import Prompt, Segment, build_prompt, chat_frame, encode, passage_text
+from ..engine.lora import LoraKnobs, applied_adapter, cloze_example, train_adapter
+from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash
@@ -24,17 +25,12 @@ _PREFIX_CACHE: dict[tuple, list] = {}  # (model object, prefix ids) -> per-layer
 
 
 @dataclass
-class LlocoParams(Params):
+class LlocoParams(LoraKnobs, Params):
     k: int = 5  # chunks retrieved, as rag
     c: int = 4  # compression ratio: keep 1/c of each passage's tokens per layer and KV head
     scorer: str = "reconstruct"  # reconstruct (KVzip-style) | keynorm
     storage: str = "fp16"  # fp16 | int8
     positions: str = "original"  # original: kept tokens keep their place in the passage; compact: packed
-    lora: bool = True  # use the collection's adapter when one has been trained
-    train: bool = False  # prepare also trains the collection's LoRA when it is missing (as `finetune` does)
-    lora_r: int = 8
-    lora_steps: int = 300
-    lora_lr: float = 5e-4
 
 
 class Lloco(Method):
@@ -141,55 +137,27 @@ in time; the LoRA-on leg was still training. Value kept is against RAG over the 
         """Train the collection's LoRA: read a chunk from its compressed cache (among k-1 distractors) and
         continue a quoted span of it, phrased like a question in the answer prompt. Loss: next-token CE."""
         lm = self._check(corpus, params)
-        self.prepare(corpus, params, (lambda f, m: progress(0.2 * f, m)) if progress else None)
+        compress_only = dataclasses.replace(params, train=False)  # prepare(train=True) is what called us
+        self.prepare(corpus, compress_only, (lambda f, m: progress(0.2 * f, m)) if progress else None)
         chunks = [c for c in corpus.chunks() if len(encode(lm.tokenizer, c["text"])) >= 24]
         if len(chunks) < 2:
             raise UserError("lloco fine-tuning needs at least 2 chunks of 24+ tokens in the collection")
         rng = random.Random(0)
-        torch.manual_seed(0)
         digest = self._artifact_hash(lm, params)
-        prefix_ids, prefix = self._prefix(lm)
-        started, losses = time.perf_counter(), []
-        with trainable_lora(lm, r=params.lora_r, alpha=2 * params.lora_r) as peft_model:
-            trainable = [p for p in peft_model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(trainable, lr=params.lora_lr, weight_decay=0.0)
-            for step in range(params.lora_steps):
-                layers, next_pos, q_ids, target = self._training_example(corpus, lm, params, digest, prefix,
-                                                                         chunks, rng)
-                loss = self._example_loss(lm, layers, next_pos, q_ids, target)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                if progress:
-                    recent = sum(losses[-20:]) / len(losses[-20:])
-                    progress(0.2 + 0.8 * (step + 1) / params.lora_steps,
-                             f"LoRA step {step + 1}/{params.lora_steps}, loss {recent:.3f}")
-            blob = adapter_bytes(peft_model, params.lora_r, 2 * params.lora_r,
-                                 {"recipe": RECIPE, "steps": params.lora_steps, "c": params.c, "scorer": params.scorer})
-        corpus.store.put_artifact(self.name, lm.model_id, self._adapter_hash(lm, params), _adapter_key(corpus),
-                                  blob, collection_id=corpus.collection_id,
-                                  meta={"loss_first": losses[0], "loss_last20": sum(losses[-20:]) / len(losses[-20:])})
-        first = sum(losses[:20]) / len(losses[:20])
-        last = sum(losses[-20:]) / len(losses[-20:])
-        return (f"lloco LoRA r={params.lora_r} trained on {len(chunks)} chunks, {params.lora_steps} steps in "
-                f"{time.perf_counter() - started:.0f}s: loss {first:.3f} -> {last:.3f}; {len(blob)} bytes stored")
+        _, prefix = self._prefix(lm)
 
-    def _training_example(self, corpus, lm, params, digest, prefix, chunks, rng):
-        target_chunk = rng.choice(chunks)
-        others = rng.sample([c for c in chunks if c["chunk_id"] != target_chunk["chunk_id"]], min(params.k - 1, len(chunks) - 1))
-        picked = sorted([target_chunk, *others], key=lambda c: (c["doc_id"], c["ord"]))
-        passages, _, _ = self._load_passages(corpus, lm, params, digest, picked)
-        layers, next_pos = self._place(lm, prefix, passages, params)
-        ids = encode(lm.tokenizer, target_chunk["text"].strip())
-        span = rng.randint(5, 10)
-        answer = rng.randint(6, 12)
-        start = rng.randint(0, max(0, len(ids) - span - answer))
-        quote = lm.tokenizer.decode(ids[start:start + span]).strip()
-        _, tail = chat_frame(lm.tokenizer)
-        q_ids = encode(lm.tokenizer, f"Question: What comes right after \"{quote}\" in the context?{tail}")
-        return layers, next_pos, q_ids, ids[start + span:start + span + answer]
+        def loss_of_step(_peft_model):
+            picked, q_ids, target = cloze_example(lm.tokenizer, chunks, params.k, rng)
+            passages, _, _ = self._load_passages(corpus, lm, params, digest, picked)
+            layers, next_pos = self._place(lm, prefix, passages, params)
+            return self._example_loss(lm, layers, next_pos, q_ids, target)
+
+        training = train_adapter(lm, loss_of_step, params, (lambda f, m: progress(0.2 + 0.8 * f, m)) if progress else None,
+                                 meta={"recipe": RECIPE, "c": params.c, "scorer": params.scorer})
+        corpus.store.put_artifact(self.name, lm.model_id, self._adapter_hash(lm, params), _adapter_key(corpus),
+                                  training.blob, collection_id=corpus.collection_id,
+                                  meta={"loss_first": training.losses[0], "seconds": round(training.seconds, 1)})
+        return training.summary(f"lloco LoRA r={params.lora_r} trained on {len(chunks)} chunks")
 
     @staticmethod
     def _example_loss(lm, layers, next_pos, q_ids, target) -> torch.Tensor:
