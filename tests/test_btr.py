@@ -179,7 +179,7 @@ def test_nll_at_split_zero_float_equals_plain_prompt(ingested):
     corpus = ingested.corpus()
     method = get_method("btr")
     params = method.Params(split=0, bits=16, calibrate=False, k=2)
-    prompt, _, _, _, _ = method._plan("When was the tower completed?", corpus, params)
+    prompt = method._plan("When was the tower completed?", corpus, params).prompt
     expected = nll_of_answer(corpus.lm, prompt.ids, "in 1889")
     assert method.nll("When was the tower completed?", "in 1889", corpus, params) == pytest.approx(expected, abs=2e-3)
 
@@ -208,3 +208,64 @@ def test_offline_merging_shrinks_storage_and_still_answers(ingested):
     assert result.bytes_per_token < 10  # under the unmerged 8 B of bits + 2 B of scale per token
     with pytest.raises(Exception, match="bits=1"):
         method.answer("x?", corpus, method.Params(split=2, bits=2, r_o=0.5))
+
+
+# ------------------------------------------------------------------------------------ distilled LoRA
+
+def _kl_to_full_model(corpus, method, params, adapter, rng_seed=1):
+    """KL(full model on the text || BTR on decoded bits [+ adapter]) on one fixed cloze example."""
+    import random
+
+    import torch.nn.functional as F
+
+    from ragdemo.engine.layers import forward_all
+    from ragdemo.engine.lora import applied_adapter, cloze_example
+    from ragdemo.methods.btr import chunk_ids_for
+
+    lm = corpus.lm
+    picked, question, target = cloze_example(lm.tokenizer, corpus.chunks(), params.k, random.Random(rng_seed))
+    query = question + target
+    states = method._load(corpus, params, picked)[0]
+    prefix = prefix_ids(lm.tokenizer)
+    full = prefix + [i for c in picked for i in chunk_ids_for(lm.tokenizer, c)] + query
+    with torch.inference_mode():
+        teacher = forward_all(lm, torch.tensor([full]))[0, -len(query):].float()
+        with applied_adapter(lm, adapter):
+            student = btr_forward(lm, prefix, states, query, params.split, len(query)).logits[0].float()
+    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean").item()
+
+
+def test_distilled_lora_moves_btr_towards_the_full_model_and_unloads(ingested):
+    corpus = ingested.corpus()
+    lm = corpus.lm
+    method = get_method("btr")
+    knobs = {"split": 2, "bits": 1, "k": 2, "lora_steps": 30, "lora_lr": 1e-2}
+    params = method.Params(**knobs)
+    method.prepare(corpus, params)
+    before_kl = _kl_to_full_model(corpus, method, params, None)
+    weights = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    seen = []
+    summary = ingested.finetune("btr", knobs={"btr": knobs}, progress=lambda f, m: seen.append(f))
+    assert "30 steps" in summary and seen[-1] == pytest.approx(1.0)
+    assert all(torch.equal(p, weights[n]) for n, p in lm.model.named_parameters())  # nothing left in the base model
+    adapter = method._plan("Where is the tower?", corpus, params).adapter
+    from safetensors.torch import load as load_tensors
+    layers = {int(key.split(".layers.")[1].split(".")[0]) for key in load_tensors(adapter)}
+    assert layers == {2, 3}  # only the upper layers [split, L) are adapted
+    after_kl = _kl_to_full_model(corpus, method, params, adapter)
+    assert after_kl < 0.8 * before_kl
+    with_lora, = ingested.ask("Where is the tower?", ["btr"], knobs={"btr": {**knobs, "max_new_tokens": 3}})
+    without, = ingested.ask("Where is the tower?", ["btr"], knobs={"btr": {**knobs, "lora": False, "max_new_tokens": 3}})
+    assert any("distilled LoRA" in n for n in with_lora.notes) and not any("LoRA" in n for n in without.notes)
+    assert with_lora.storage_bytes == without.storage_bytes + len(adapter)
+    assert method._plan("Where is the tower?", corpus, method.Params(**{**knobs, "bits": 2})).adapter is None  # per bits
+
+
+def test_prepare_with_train_distils_once(ingested):
+    corpus = ingested.corpus()
+    method = get_method("btr")
+    params = method.Params(split=3, bits=2, k=2, train=True, lora_steps=2)
+    method.prepare(corpus, params)
+    assert method._plan("Where is the tower?", corpus, params).adapter
+    with pytest.raises(Exception, match="no upper layers"):
+        method.finetune(corpus, method.Params(split=4, k=2))

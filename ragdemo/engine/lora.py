@@ -108,6 +108,11 @@ def cloze_example(tokenizer, chunks: list[dict], n_passages: int, rng: random.Ra
     return picked, question_ids, ids[start + span:start + span + answer]
 
 
+def adapter_key(corpus) -> str:
+    """Adapters are stored per collection: the one trained on the documents being answered over is applied."""
+    return f"lora:{corpus.collection_id}"
+
+
 def adapter_bytes(peft_model, r: int, alpha: int, meta: dict | None = None) -> bytes:
     """The LoRA A/B matrices keyed by the base module's path in the plain model (e.g. model.layers.0.self_attn.q_proj)."""
     tensors = {}

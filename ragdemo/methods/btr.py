@@ -2,11 +2,14 @@
 offline, binarized and stored; at query time only the upper layers see them."""
 from __future__ import annotations
 
+import dataclasses
+import random
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from transformers import DynamicCache
@@ -15,7 +18,8 @@ from ..engine.binary import (FLOAT_BITS, Codes, check_bits, encode, fp16_kv_byte
                              fp16_state_bytes_per_token, from_blob, to_blob)
 from ..engine.calibration import Decoder, fit_decoder, identity_decoder
 from ..engine.generate import decode_loop
-from ..engine.layers import causal_mask, embed, logits, positions, require_llama_like, run_layers
+from ..engine.layers import causal_mask, embed, forward_all, logits, positions, require_llama_like, run_layers
+from ..engine.lora import LoraKnobs, adapter_key, applied_adapter, cloze_example, train_adapter
 from ..engine.merging import bipartite_merge, merge_by_token
 from ..engine.prompt import build_prompt, encode as encode_text, passage_text
 from ..engine.scoring import answer_ids, mean_nll
@@ -24,10 +28,11 @@ from ..store import artifact_hash
 from .base import Params, Method, Result, finish
 
 FORMAT_VERSION = 2  # bump when the artifact layout or the way states are computed changes
+RECIPE = "distill-v1"  # bump when the LoRA distillation recipe changes, so old adapters are not reused
 
 
 @dataclass
-class BtrParams(Params):
+class BtrParams(LoraKnobs, Params):
     k: int = 5  # chunks retrieved, as in rag (the paper's layer split is `split` here)
     split: int = 6  # layers [0, split) run offline per passage; [split, L) at query time
     bits: int = 1  # 1, 2, 4, 8 residual sign planes; 16 = fp16 states (no binarization)
@@ -36,6 +41,7 @@ class BtrParams(Params):
     r_o: float = 0.0  # offline merging (paper Algorithm 1, bits=1): fraction of each token's occurrences folded
     r_p: float = 0.0  # runtime ToMe merging: fraction of passage tokens folded away
     merge_layer: int = -1  # layer where runtime merging happens; -1 = at the split
+    lora_steps: int = 120  # distillation steps of the optional LoRA on layers [split, L)
 
 
 @dataclass
@@ -99,6 +105,18 @@ def decode_step(lm):
     return step
 
 
+def distill_loss(lm, teacher_off, prefix_ids: list[int], passage_ids: list[list[int]], states: list[torch.Tensor],
+                 query_ids: list[int], split: int) -> torch.Tensor:
+    """KL(full model reading the passages as text || BTR reading them from decoded bits), at every query-side
+    position. `teacher_off()` is a context in which the adapter being trained is switched off."""
+    n = len(query_ids)
+    with torch.no_grad(), teacher_off():
+        full = prefix_ids + [i for ids in passage_ids for i in ids] + query_ids
+        teacher = forward_all(lm, torch.tensor([full], device=lm.device))[0, -n:].float()
+    student = btr_forward(lm, prefix_ids, states, query_ids, split, n).logits[0].float()
+    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+
+
 # -------------------------------------------------------------------------------------------- artifacts
 
 def prefix_ids(tokenizer) -> list[int]:
@@ -152,6 +170,7 @@ class Btr(Method):
     order = 6
     Params = BtrParams
     has_prepare = True
+    has_finetune = True
     card = """### BTR — binary token representations (Cao et al., ICLR 2024)
 **Paper:** an encoder-decoder reader (Atlas/FiD) splits its encoder at layer k. Passages' layer-k token states
 are computed offline, binarized (1 bit per dimension, calibrated with a recovery loss), and merged offline
@@ -280,6 +299,52 @@ Targets: storage ≥100x vs KV — met (310x); TTFT ≥2x — not met at any set
         if params.r_o > 0:
             self._compress(corpus, params, chunk_hash, chunks, say)
         say(1.0, f"{len(chunks)} chunks ready")
+        if params.train and params.lora and self._adapter(corpus, params, decoder_blob) is None:
+            self.finetune(corpus, params, progress)
+
+    # -------------------------------------------------------------------------------------- finetune
+    def finetune(self, corpus, params, progress=None) -> str:
+        """Distil the full model into layers [split, L) with a LoRA: on cloze questions about the collection's own
+        chunks, BTR (passages from decoded bits) learns to match the full model reading the same passages as text."""
+        lm = corpus.lm
+        self._check(lm, params)
+        if params.split >= lm.n_layers:
+            raise UserError(f"btr: split={params.split} leaves no upper layers to fine-tune")
+        codes_only = dataclasses.replace(params, train=False, r_o=0.0)  # distilled on unmerged codes
+        self.prepare(corpus, codes_only, (lambda f, m: progress(0.1 * f, m)) if progress else None)
+        chunks = [c for c in corpus.chunks() if len(chunk_ids_for(lm.tokenizer, c)) >= 24]
+        if len(chunks) < 2:
+            raise UserError("btr fine-tuning needs at least 2 chunks of 24+ tokens in the collection")
+        decoder, decoder_blob = self._load_decoder(corpus, codes_only, corpus.chunks())
+        prefix = prefix_ids(lm.tokenizer)
+        rng = random.Random(0)
+
+        def loss_of_step(peft_model):
+            picked, question_ids, target = cloze_example(lm.tokenizer, chunks, params.k, rng)
+            _, _, codes, _ = self._artifacts(corpus, codes_only, picked)
+            states = [torch.from_numpy(decoder.decode(codes[str(c["chunk_id"])])) for c in picked]
+            return distill_loss(lm, peft_model.disable_adapter, prefix, [chunk_ids_for(lm.tokenizer, c) for c in picked],
+                                states, question_ids + target, params.split)
+
+        training = train_adapter(lm, loss_of_step, params, (lambda f, m: progress(0.1 + 0.9 * f, m)) if progress else None,
+                                 layers=list(range(params.split, lm.n_layers)),
+                                 meta={"recipe": RECIPE, "split": params.split, "bits": params.bits})
+        corpus.store.put_artifact(self.name, lm.model_id, self._adapter_hash(lm, codes_only, decoder_blob),
+                                  adapter_key(corpus), training.blob, collection_id=corpus.collection_id,
+                                  meta={"loss_first": training.losses[0], "seconds": round(training.seconds, 1)})
+        return training.summary(f"btr LoRA r={params.lora_r} on layers [{params.split}, {lm.n_layers}) distilled "
+                                f"on {len(chunks)} chunks")
+
+    def _adapter_hash(self, lm, params, decoder_blob) -> str:
+        return artifact_hash({"codes": self._chunk_hash(lm, params, decoder_blob), "k": params.k, "r": params.lora_r,
+                              "steps": params.lora_steps, "lr": params.lora_lr, "recipe": RECIPE})
+
+    def _adapter(self, corpus, params, decoder_blob) -> bytes | None:
+        """The collection's distilled LoRA for these knobs, when trained and wanted."""
+        if not params.lora:
+            return None
+        return corpus.store.get_artifact(self.name, corpus.lm.model_id, self._adapter_hash(corpus.lm, params, decoder_blob),
+                                         adapter_key(corpus))
 
     def _compress(self, corpus, params, chunk_hash: str, chunks: list[dict], say) -> None:
         """Paper Algorithm 1: one codebook of merged 1-bit codes for the collection, plus per chunk the index of
@@ -320,7 +385,8 @@ Targets: storage ≥100x vs KV — met (310x); TTFT ≥2x — not met at any set
                                    JOIN documents d ON d.id = c.doc_id WHERE a.method = ? AND a.model = ?
                                    AND a.params_hash = ? AND d.collection_id = ?""",
                                 (self.name, lm.model_id, chunk_hash, corpus.collection_id))[0]
-        return int(row["n"]) + (len(decoder_blob) if decoder_blob else 0) + len(self._codebook_blob(corpus, params, decoder_blob) or b"")
+        return (int(row["n"]) + len(decoder_blob or b"") + len(self._codebook_blob(corpus, params, decoder_blob) or b"")
+                + len(self._adapter(corpus, params, decoder_blob) or b""))
 
     def _stored_hash(self, lm, params, decoder_blob) -> str:
         """Params hash of what answers read: the chunk codes, or the merged indices when r_o > 0."""
@@ -365,7 +431,7 @@ Targets: storage ≥100x vs KV — met (310x); TTFT ≥2x — not met at any set
             codes[key] = Codes(len(index), d, 1, planes=book["codes"][index][None], scales=book["scales"][index])
         return decoder, decoder_blob, codes, nbytes + len(book_blob)
 
-    def _load(self, corpus, params, hits) -> tuple[list[torch.Tensor], int, int, list[str]]:
+    def _load(self, corpus, params, hits) -> tuple[list[torch.Tensor], int, bytes | None, list[str]]:
         """Decoded passage states for `hits`, preparing the collection first when artifacts are missing."""
         notes = []
         decoder, decoder_blob, codes, chunk_bytes = self._artifacts(corpus, params, hits)
@@ -376,7 +442,7 @@ Targets: storage ≥100x vs KV — met (310x); TTFT ≥2x — not met at any set
         states = [torch.from_numpy(decoder.decode(codes[str(hit["chunk_id"])])) for hit in hits]
         if params.r_o > 0:
             notes.append(f"offline-merged codes (r_o={params.r_o}): storage counts the collection's codebook, read whole")
-        return states, chunk_bytes, len(decoder_blob) if decoder_blob else 0, notes
+        return states, chunk_bytes, decoder_blob, notes
 
     def _plan(self, question, corpus, params):
         """Retrieve, load and decode; the prompt lists each chunk as its own passage in document order."""
@@ -387,7 +453,10 @@ Targets: storage ≥100x vs KV — met (310x); TTFT ≥2x — not met at any set
         hits = sorted(hits, key=lambda h: (h["doc_id"], h["ord"]))
         prompt = build_prompt(lm.tokenizer, question, hits)
         started = time.perf_counter()
-        states, chunk_bytes, decoder_bytes, notes = self._load(corpus, params, hits)
+        states, chunk_bytes, decoder_blob, notes = self._load(corpus, params, hits)
+        adapter = self._adapter(corpus, params, decoder_blob)
+        if adapter:
+            notes.append(f"distilled LoRA on layers [{params.split}, {lm.n_layers}) applied ({len(adapter)} B)")
         passages = [s for s in prompt.segments if s.kind == "passage"]
         for seg, state in zip(passages, states):
             if len(seg.ids) != len(state):
@@ -396,7 +465,7 @@ Targets: storage ≥100x vs KV — met (310x); TTFT ≥2x — not met at any set
         if not params.after_prefix:
             notes.append("passages were encoded without the instruction prefix")
         result = Result(self.name, retrieve_s=retrieve_s, load_s=time.perf_counter() - started, notes=notes)
-        return prompt, states, result, chunk_bytes, decoder_bytes
+        return _Plan(prompt, states, result, chunk_bytes, len(decoder_blob or b""), adapter)
 
     def _prefix_question(self, prompt, params, lm):
         prefix = prompt.segments[0].ids
@@ -405,12 +474,14 @@ Targets: storage ≥100x vs KV — met (310x); TTFT ≥2x — not met at any set
     def answer(self, question, corpus, params, stream=None) -> Result:
         t0 = time.perf_counter()
         lm = corpus.lm
-        prompt, states, result, chunk_bytes, decoder_bytes = self._plan(question, corpus, params)
+        plan = self._plan(question, corpus, params)
+        prompt, states, result = plan.prompt, plan.states, plan.result
         prefix, question_ids = self._prefix_question(prompt, params, lm)
-        with torch.inference_mode():
-            fwd = btr_forward(lm, prefix, states, question_ids, params.split, 1, params.r_p, params.merge_layer)
-        generation = decode_loop(lm, fwd.cache, fwd.logits, fwd.next_pos, params.max_new_tokens, t0, stream,
-                                 step=decode_step(lm))
+        with applied_adapter(lm, plan.adapter):
+            with torch.inference_mode():
+                fwd = btr_forward(lm, prefix, states, question_ids, params.split, 1, params.r_p, params.merge_layer)
+            generation = decode_loop(lm, fwd.cache, fwd.logits, fwd.next_pos, params.max_new_tokens, t0, stream,
+                                     step=decode_step(lm))
         passage_tokens = sum(len(s) for s in states)
         finish(result, lm, prompt, generation, t0, processed=fwd.token_layers / lm.n_layers)
         if fwd.removed:
@@ -419,8 +490,8 @@ Targets: storage ≥100x vs KV — met (310x); TTFT ≥2x — not met at any set
                     seg["mark"] = "merged"
             result.notes.append(f"runtime merging folded {fwd.removed} of {passage_tokens} passage tokens")
         result.cached_tokens = passage_tokens
-        result.storage_bytes = chunk_bytes + decoder_bytes
-        result.bytes_per_token = round(chunk_bytes / max(passage_tokens, 1), 2)
+        result.storage_bytes = plan.chunk_bytes + plan.decoder_bytes + len(plan.adapter or b"")
+        result.bytes_per_token = round(plan.chunk_bytes / max(passage_tokens, 1), 2)
         if params.r_o > 0:  # merged codes are shared across the collection: per token = codebook + index / all tokens
             result.bytes_per_token = round(self._merged_bytes_per_token(corpus, params), 2)
         kv = fp16_kv_bytes_per_token(lm.model.config)
@@ -428,18 +499,31 @@ Targets: storage ≥100x vs KV — met (310x); TTFT ≥2x — not met at any set
         result.notes.append(f"{result.bytes_per_token:.1f} B per passage token: {kv / max(result.bytes_per_token, 1e-9):.0f}x "
                             f"smaller than an fp16 KV cache ({kv} B), {state / max(result.bytes_per_token, 1e-9):.1f}x "
                             f"smaller than fp16 layer-{params.split} states ({state} B)")
-        if decoder_bytes:
-            result.notes.append(f"plus the shared calibration decoder: {decoder_bytes} B for the collection")
+        if plan.decoder_bytes:
+            result.notes.append(f"plus the shared calibration decoder: {plan.decoder_bytes} B for the collection")
         return result
 
     def nll(self, question, gold, corpus, params) -> float:
         """Teacher-forced: gold tokens join the question on the query side, exactly as generated tokens would
         (they run the lower layers without the passages, the upper layers with everything)."""
         lm = corpus.lm
-        prompt, states, _, _, _ = self._plan(question, corpus, params)
-        prefix, question_ids = self._prefix_question(prompt, params, lm)
+        plan = self._plan(question, corpus, params)
+        prefix, question_ids = self._prefix_question(plan.prompt, params, lm)
         target = answer_ids(lm.tokenizer, gold)
-        with torch.inference_mode():
-            fwd = btr_forward(lm, prefix, states, question_ids + target, params.split, len(target) + 1,
+        with applied_adapter(lm, plan.adapter), torch.inference_mode():
+            fwd = btr_forward(lm, prefix, plan.states, question_ids + target, params.split, len(target) + 1,
                               params.r_p, params.merge_layer)
         return mean_nll(fwd.logits, target)
+
+
+@dataclass
+class _Plan:
+    """What an answer over retrieved chunks reads: the prompt layout, decoded states, and stored byte counts."""
+
+    prompt: object
+    states: list[torch.Tensor]
+    result: Result
+    chunk_bytes: int
+    decoder_bytes: int
+    adapter: bytes | None
+

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..engine import kv as kvc
 from ..engine.generate import decode_loop
 from ..engine.layers import forward_all, require_llama_like
-from ..engine.lora import LoraKnobs, applied_adapter, cloze_example, train_adapter
+from ..engine.lora import LoraKnobs, adapter_key, applied_adapter, cloze_example, train_adapter
 from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
@@ -99,7 +99,7 @@ in time; the LoRA-on leg was still training. Value kept is against RAG over the 
 
     def _has_adapter(self, corpus, lm, params) -> bool:
         return corpus.store.value("SELECT 1 FROM artifacts WHERE method = ? AND model = ? AND params_hash = ? AND key = ?",
-                                  (self.name, lm.model_id, self._adapter_hash(lm, params), _adapter_key(corpus))) is not None
+                                  (self.name, lm.model_id, self._adapter_hash(lm, params), adapter_key(corpus))) is not None
 
     def storage(self, corpus, params) -> int:
         lm = corpus.lm
@@ -154,7 +154,7 @@ in time; the LoRA-on leg was still training. Value kept is against RAG over the 
 
         training = train_adapter(lm, loss_of_step, params, (lambda f, m: progress(0.2 + 0.8 * f, m)) if progress else None,
                                  meta={"recipe": RECIPE, "c": params.c, "scorer": params.scorer})
-        corpus.store.put_artifact(self.name, lm.model_id, self._adapter_hash(lm, params), _adapter_key(corpus),
+        corpus.store.put_artifact(self.name, lm.model_id, self._adapter_hash(lm, params), adapter_key(corpus),
                                   training.blob, collection_id=corpus.collection_id,
                                   meta={"loss_first": training.losses[0], "seconds": round(training.seconds, 1)})
         return training.summary(f"lloco LoRA r={params.lora_r} trained on {len(chunks)} chunks")
@@ -257,7 +257,7 @@ in time; the LoRA-on leg was still training. Value kept is against RAG over the 
         adapter = None
         if params.lora:
             adapter = corpus.store.get_artifact(self.name, lm.model_id, self._adapter_hash(lm, params),
-                                                _adapter_key(corpus))
+                                                adapter_key(corpus))
         prompt = build_prompt(lm.tokenizer, question, hits)  # same token ids as the cached passages
         marked = [Segment("prefix", prefix_ids, "cached")]
         for seg, hit in zip(prompt.segments[1:-1], hits):
@@ -324,9 +324,3 @@ def _captured(lm, prefix, ids, cue, scorer):
 
 def _chunk_key(chunk_id: int) -> str:
     return f"chunk:{chunk_id}"
-
-
-def _adapter_key(corpus) -> str:
-    return f"lora:{corpus.collection_id}"
-
-
