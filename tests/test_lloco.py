@@ -185,3 +185,32 @@ def test_prepare_with_train_compresses_then_trains_the_adapter_once(tiny_bench, 
     lloco.prepare(corpus, params)
     assert lloco._has_adapter(corpus, corpus.lm, params)
     assert lloco._context(QUESTION, corpus, params).adapter
+
+
+def test_distilled_lora_moves_compressed_reading_towards_the_full_text(tiny_bench, docs_dir):
+    """The adapter is trained to make the model reading compressed caches agree with the model reading the text."""
+    import random
+    from contextlib import nullcontext
+
+    from ragdemo.engine.lora import cloze_example, distill_kl, teacher_logits
+    from ragdemo.engine.prompt import encode, passage_text
+
+    corpus = _ingest(tiny_bench, docs_dir)
+    lm, lloco = corpus.lm, get_method("lloco")
+    knobs = {"c": 4, "k": 2, "lora_steps": 30, "lora_lr": 1e-2}
+    params = params_from(lloco.Params, knobs)
+    lloco.prepare(corpus, params)
+    picked, question, target = cloze_example(lm.tokenizer, corpus.chunks(), 2, random.Random(1))
+    query = question + target
+    prefix_ids, prefix = lloco._prefix(lm)
+    teacher = teacher_logits(lm, nullcontext, prefix_ids, [encode(lm.tokenizer, passage_text(c["text"])) for c in picked], query)
+
+    def kl(adapter):
+        passages, _, _ = lloco._load_passages(corpus, lm, params, lloco._artifact_hash(lm, params), picked)
+        layers, next_pos = lloco._place(lm, prefix, passages, params)
+        with applied_adapter(lm, adapter), torch.inference_mode():
+            return distill_kl(forward_all(lm, torch.tensor([query]), kvc.cache_from(layers), next_pos)[0], teacher).item()
+
+    before = kl(None)
+    tiny_bench.finetune("lloco", knobs={"lloco": knobs})
+    assert kl(lloco._context(QUESTION, corpus, params).adapter) < 0.8 * before

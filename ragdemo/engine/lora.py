@@ -14,9 +14,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from .layers import forward_all
 from .prompt import chat_frame, encode
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # what LLoCO adapted (r=8)
@@ -106,6 +108,21 @@ def cloze_example(tokenizer, chunks: list[dict], n_passages: int, rng: random.Ra
     _, tail = chat_frame(tokenizer)
     question_ids = encode(tokenizer, f"Question: What comes right after \"{quote}\" in the context?{tail}")
     return picked, question_ids, ids[start + span:start + span + answer]
+
+
+def teacher_logits(lm, teacher_off, prefix_ids: list[int], passage_ids: list[list[int]], query_ids: list[int]):
+    """The full model reading the passages as plain text (what RAG sees), at every query-side position.
+    `teacher_off()` is a context in which the adapter being trained is switched off."""
+    full = prefix_ids + [i for ids in passage_ids for i in ids] + query_ids
+    with torch.no_grad(), teacher_off():
+        return forward_all(lm, torch.tensor([full], device=lm.device))[0, -len(query_ids):].float()
+
+
+def distill_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per position, averaged: the student learns to read its cached/compressed context
+    the way the full model reads the text."""
+    return F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(teacher, -1), log_target=True,
+                    reduction="batchmean")
 
 
 def adapter_key(corpus) -> str:

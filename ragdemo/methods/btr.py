@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from transformers import DynamicCache
@@ -18,8 +17,9 @@ from ..engine.binary import (FLOAT_BITS, Codes, check_bits, encode, fp16_kv_byte
                              fp16_state_bytes_per_token, from_blob, to_blob)
 from ..engine.calibration import Decoder, fit_decoder, identity_decoder
 from ..engine.generate import decode_loop
-from ..engine.layers import causal_mask, embed, forward_all, logits, positions, require_llama_like, run_layers
-from ..engine.lora import LoraKnobs, adapter_key, applied_adapter, cloze_example, train_adapter
+from ..engine.layers import causal_mask, embed, logits, positions, require_llama_like, run_layers
+from ..engine.lora import (LoraKnobs, adapter_key, applied_adapter, cloze_example, distill_kl, teacher_logits,
+                           train_adapter)
 from ..engine.merging import bipartite_merge, merge_by_token
 from ..engine.prompt import build_prompt, encode as encode_text, passage_text
 from ..engine.scoring import answer_ids, mean_nll
@@ -108,13 +108,9 @@ def decode_step(lm):
 def distill_loss(lm, teacher_off, prefix_ids: list[int], passage_ids: list[list[int]], states: list[torch.Tensor],
                  query_ids: list[int], split: int) -> torch.Tensor:
     """KL(full model reading the passages as text || BTR reading them from decoded bits), at every query-side
-    position. `teacher_off()` is a context in which the adapter being trained is switched off."""
-    n = len(query_ids)
-    with torch.no_grad(), teacher_off():
-        full = prefix_ids + [i for ids in passage_ids for i in ids] + query_ids
-        teacher = forward_all(lm, torch.tensor([full], device=lm.device))[0, -n:].float()
-    student = btr_forward(lm, prefix_ids, states, query_ids, split, n).logits[0].float()
-    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+    position."""
+    teacher = teacher_logits(lm, teacher_off, prefix_ids, passage_ids, query_ids)
+    return distill_kl(btr_forward(lm, prefix_ids, states, query_ids, split, len(query_ids)).logits[0], teacher)
 
 
 # -------------------------------------------------------------------------------------------- artifacts

@@ -8,19 +8,19 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..engine import kv as kvc
 from ..engine.generate import decode_loop
 from ..engine.layers import forward_all, require_llama_like
-from ..engine.lora import LoraKnobs, adapter_key, applied_adapter, cloze_example, train_adapter
+from ..engine.lora import (LoraKnobs, adapter_key, applied_adapter, cloze_example, distill_kl, teacher_logits,
+                           train_adapter)
 from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash
 from .base import Params, Method, Result, finish
 
-RECIPE = "v1"  # bump when the training recipe changes, so old adapters are not reused
+RECIPE = "v2-distill"  # bump when the training recipe changes, so old adapters are not reused
 _PREFIX_CACHE: dict[tuple, list] = {}  # (model object, prefix ids) -> per-layer prefix KV; methods are re-instantiated
 
 
@@ -134,8 +134,9 @@ in time; the LoRA-on leg was still training. Value kept is against RAG over the 
 
     # ----------------------------------------------------------- finetune
     def finetune(self, corpus, params, progress=None) -> str:
-        """Train the collection's LoRA: read a chunk from its compressed cache (among k-1 distractors) and
-        continue a quoted span of it, phrased like a question in the answer prompt. Loss: next-token CE."""
+        """Train the collection's LoRA by distillation: on cloze questions about a chunk (among k-1 distractors),
+        the model reading the compressed caches learns to match the full model reading the same chunks as text
+        (KL at every question and answer position)."""
         lm = self._check(corpus, params)
         compress_only = dataclasses.replace(params, train=False)  # prepare(train=True) is what called us
         self.prepare(corpus, compress_only, (lambda f, m: progress(0.2 * f, m)) if progress else None)
@@ -144,13 +145,17 @@ in time; the LoRA-on leg was still training. Value kept is against RAG over the 
             raise UserError("lloco fine-tuning needs at least 2 chunks of 24+ tokens in the collection")
         rng = random.Random(0)
         digest = self._artifact_hash(lm, params)
-        _, prefix = self._prefix(lm)
+        prefix_ids, prefix = self._prefix(lm)
 
-        def loss_of_step(_peft_model):
+        def loss_of_step(peft_model):
             picked, q_ids, target = cloze_example(lm.tokenizer, chunks, params.k, rng)
             passages, _, _ = self._load_passages(corpus, lm, params, digest, picked)
             layers, next_pos = self._place(lm, prefix, passages, params)
-            return self._example_loss(lm, layers, next_pos, q_ids, target)
+            query = q_ids + target
+            teacher = teacher_logits(lm, peft_model.disable_adapter, prefix_ids,
+                                     [encode(lm.tokenizer, passage_text(c["text"])) for c in picked], query)
+            student = forward_all(lm, torch.tensor([query], device=lm.device), kvc.cache_from(layers), next_pos)
+            return distill_kl(student[0], teacher)
 
         training = train_adapter(lm, loss_of_step, params, (lambda f, m: progress(0.2 + 0.8 * f, m)) if progress else None,
                                  meta={"recipe": RECIPE, "c": params.c, "scorer": params.scorer})
@@ -158,13 +163,6 @@ in time; the LoRA-on leg was still training. Value kept is against RAG over the 
                                   training.blob, collection_id=corpus.collection_id,
                                   meta={"loss_first": training.losses[0], "seconds": round(training.seconds, 1)})
         return training.summary(f"lloco LoRA r={params.lora_r} trained on {len(chunks)} chunks")
-
-    @staticmethod
-    def _example_loss(lm, layers, next_pos, q_ids, target) -> torch.Tensor:
-        cache = kvc.cache_from(layers)
-        logits = forward_all(lm, torch.tensor([q_ids + target], device=lm.device), cache, next_pos)
-        pred = logits[0, len(q_ids) - 1: len(q_ids) - 1 + len(target)].float()
-        return F.cross_entropy(pred, torch.tensor(target, device=lm.device))
 
     # ------------------------------------------------------------ helpers
     @staticmethod
