@@ -50,6 +50,28 @@ def test_index_follows_deletes(tiny_bench, docs_dir):
     assert all("Eiffel" not in h["text"] for h in corpus.search(["Eiffel Tower"], 5)[0])
 
 
+def test_a_recreated_collection_never_reads_the_dropped_ones_index(tiny_bench):
+    """SQLite reuses deleted ids: a new collection can get the old collection's id and chunk ids. Retrieval
+    must still search the new text (this once made the needle benchmark search the previous haystack)."""
+    store = tiny_bench.store
+
+    def fill(text: str):
+        tiny_bench.ingest([("doc.txt", text.encode())], "bench")
+        return tiny_bench.corpus("bench")
+
+    first = fill("The Eiffel Tower is in Paris. " * 20 + "Bananas are yellow fruit. " * 20)
+    first.search(["yellow bananas"], 1)
+    old_chunks = [c["chunk_id"] for c in first.chunks()]
+    with store.transaction():
+        store.db.execute("DELETE FROM collections WHERE id = ?", (first.collection_id,))
+    second = fill("Mountains are tall and cold. " * 20 + "Rivers flow into the big sea. " * 20)
+    assert second.collection_id == first.collection_id  # the ids really were reused
+    assert [c["chunk_id"] for c in second.chunks()] == old_chunks
+    hit = second.search(["tall cold mountains"], 1)[0][0]
+    assert "Mountains" in hit["text"]
+    assert hit["text"] in [c["text"] for c in second.chunks()]
+
+
 def test_failed_ingest_stores_nothing(tiny_bench, docs_dir):
     store = tiny_bench.store
     cid = store.collection_id("default")

@@ -206,11 +206,15 @@ class Store:
         return ids, matrix
 
     def vector_signature(self, collection_id: int, embedder: str) -> str:
-        """Changes whenever the set of embedded chunks changes; FAISS files carry it to detect staleness."""
-        row = self.rows("""SELECT COUNT(*) AS n, COALESCE(SUM(v.chunk_id), 0) AS s, COALESCE(MAX(v.chunk_id), 0) AS m
-                           FROM vectors v JOIN chunks c ON c.id = v.chunk_id JOIN documents d ON d.id = c.doc_id
-                           WHERE d.collection_id = ? AND v.embedder = ?""", (collection_id, embedder))[0]
-        return f"{row['n']}-{row['s']}-{row['m']}"
+        """Changes whenever the set of embedded chunks changes; FAISS files carry it to detect staleness.
+        SQLite reuses the ids of deleted rows, so ids alone cannot tell a new collection from a dropped one with
+        as many chunks: each document's content hash is part of the signature."""
+        rows = self.rows("""SELECT d.id, d.sha256, COUNT(*) AS n, SUM(v.chunk_id) AS s, MAX(v.chunk_id) AS m
+                            FROM vectors v JOIN chunks c ON c.id = v.chunk_id JOIN documents d ON d.id = c.doc_id
+                            WHERE d.collection_id = ? AND v.embedder = ? GROUP BY d.id ORDER BY d.id""",
+                         (collection_id, embedder))
+        parts = [f"{r['id']}:{r['sha256']}:{r['n']}:{r['s']}:{r['m']}" for r in rows]
+        return f"{sum(r['n'] for r in rows)}-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
     # ------------------------------------------------------------ artifacts
     def put_artifact(self, method: str, model: str, params_hash: str, key: str, blob: bytes,
