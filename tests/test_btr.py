@@ -215,11 +215,9 @@ def test_offline_merging_shrinks_storage_and_still_answers(ingested):
 def _kl_to_full_model(corpus, method, params, adapter, rng_seed=1):
     """KL(full model on the text || BTR on decoded bits [+ adapter]) on one fixed cloze example."""
     import random
+    from contextlib import nullcontext
 
-    import torch.nn.functional as F
-
-    from ragdemo.engine.layers import forward_all
-    from ragdemo.engine.lora import applied_adapter, cloze_example
+    from ragdemo.engine.lora import applied_adapter, cloze_example, distill_kl, teacher_logits
     from ragdemo.methods.btr import chunk_ids_for
 
     lm = corpus.lm
@@ -227,12 +225,10 @@ def _kl_to_full_model(corpus, method, params, adapter, rng_seed=1):
     query = question + target
     states = method._load(corpus, params, picked)[0]
     prefix = prefix_ids(lm.tokenizer)
-    full = prefix + [i for c in picked for i in chunk_ids_for(lm.tokenizer, c)] + query
-    with torch.inference_mode():
-        teacher = forward_all(lm, torch.tensor([full]))[0, -len(query):].float()
-        with applied_adapter(lm, adapter):
-            student = btr_forward(lm, prefix, states, query, params.split, len(query)).logits[0].float()
-    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean").item()
+    teacher = teacher_logits(lm, nullcontext, prefix, [chunk_ids_for(lm.tokenizer, c) for c in picked], query)
+    with applied_adapter(lm, adapter), torch.inference_mode():
+        student = btr_forward(lm, prefix, states, query, params.split, len(query)).logits[0]
+    return distill_kl(student, teacher).item()
 
 
 def test_distilled_lora_moves_btr_towards_the_full_model_and_unloads(ingested):

@@ -329,18 +329,20 @@ setting with ≥90% value is split 18 + LoRA at 1.67–1.69x. No setting here me
             raise UserError(f"btr: split={params.split} leaves no upper layers to fine-tune")
         codes_only = dataclasses.replace(params, train=False, r_o=0.0)  # distilled on unmerged codes
         self.prepare(corpus, codes_only, (lambda f, m: progress(0.1 * f, m)) if progress else None)
-        chunks = [c for c in corpus.chunks() if len(chunk_ids_for(lm.tokenizer, c)) >= 24]
+        token_ids = {c["chunk_id"]: chunk_ids_for(lm.tokenizer, c) for c in corpus.chunks()}
+        chunks = [c for c in corpus.chunks() if len(token_ids[c["chunk_id"]]) >= 24]
         if len(chunks) < 2:
             raise UserError("btr fine-tuning needs at least 2 chunks of 24+ tokens in the collection")
-        decoder, decoder_blob = self._load_decoder(corpus, codes_only, corpus.chunks())
+        loaded = self._load_decoder(corpus, codes_only, corpus.chunks())  # once, not per step
+        decoder, decoder_blob = loaded
         prefix = prefix_ids(lm.tokenizer)
         rng = random.Random(0)
 
         def loss_of_step(peft_model):
             picked, question_ids, target = cloze_example(lm.tokenizer, chunks, params.k, rng)
-            _, _, codes, _ = self._artifacts(corpus, codes_only, picked)
+            _, _, codes, _ = self._artifacts(corpus, codes_only, picked, loaded)
             states = [torch.from_numpy(decoder.decode(codes[str(c["chunk_id"])])) for c in picked]
-            return distill_loss(lm, peft_model.disable_adapter, prefix, [chunk_ids_for(lm.tokenizer, c) for c in picked],
+            return distill_loss(lm, peft_model.disable_adapter, prefix, [token_ids[c["chunk_id"]] for c in picked],
                                 states, question_ids + target, params.split)
 
         training = train_adapter(lm, loss_of_step, params, (lambda f, m: progress(0.1 + 0.9 * f, m)) if progress else None,
@@ -426,10 +428,11 @@ setting with ≥90% value is split 18 + LoRA at 1.67–1.69x. No setting here me
                                          f"codebook:{self._collection_sig(corpus.chunks())}")
 
     # ---------------------------------------------------------------------------------------- query
-    def _artifacts(self, corpus, params, hits):
-        """(decoder, decoder blob, {chunk key: Codes}, bytes read); codes are missing where not prepared."""
+    def _artifacts(self, corpus, params, hits, loaded: tuple | None = None):
+        """(decoder, decoder blob, {chunk key: Codes}, bytes read); codes are missing where not prepared.
+        `loaded`: a (decoder, blob) pair already read by the caller."""
         lm = corpus.lm
-        decoder, decoder_blob = self._load_decoder(corpus, params, corpus.chunks())
+        decoder, decoder_blob = loaded or self._load_decoder(corpus, params, corpus.chunks())
         if decoder is None:
             return None, None, {}, 0
         blobs = corpus.store.get_artifacts(self.name, lm.model_id, self._stored_hash(lm, params, decoder_blob),
