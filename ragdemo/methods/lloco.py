@@ -61,7 +61,7 @@ answer time the summaries of the retrieved documents are loaded and the matching
   target and lowered value kept, see below.)
 - Approximated: no AutoCompressor (nothing learned compresses here: tokens are selected), passages never see
   each other (each was encoded alone), 64-token chunks instead of 1,536-token documents.
-- Knobs: k, c (1, 2, 4, 8), scorer, storage (fp16/int8), positions, lora.
+- Knobs: k, c (1, 2, 4, 8), scorer, storage (fp16/int8), positions, lora, train, lora_r, lora_steps, lora_lr.
 
 **Measured** — `python -m ragdemo bench --dataset squad --articles 2 --n 100 --seed 0 --methods rag,lloco@c=1@scorer=keynorm@lora=0,lloco@c=1@scorer=keynorm@train=1,…`
 (all 16 combinations; 100 SQuAD v1.1 dev questions, 2 articles, 117 chunks, k=5 for RAG and LLoCO; SmolLM2-135M
