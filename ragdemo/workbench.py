@@ -61,7 +61,7 @@ class Workbench:
             scaled = _scaled(progress, i, len(methods), name)
             with corpus.lm.lock:
                 method.prepare(corpus, params, scaled)
-            done.append(f"{name}: prepared ({method.storage(corpus, params)} bytes cached)")
+            done.append(f"{name}: prepared ({method.storage(corpus, params).total:,} bytes stored)")
         return done
 
     def finetune(self, method_name: str, collection: str | None = None, knobs: dict | None = None,

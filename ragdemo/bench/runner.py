@@ -231,7 +231,7 @@ def _prepare(spec: MethodSpec, corpus, max_new_tokens: int, tick: _Ticker) -> tu
             method.prepare(corpus, params, None)
     seconds = time.perf_counter() - start
     try:
-        nbytes = int(method.storage(corpus, params))
+        nbytes = int(method.storage(corpus, params).total)
     except Exception:  # storage accounting must not sink a run; the answers still count
         nbytes = 0
     return seconds, nbytes

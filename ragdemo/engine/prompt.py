@@ -18,6 +18,9 @@ class Segment:
     ids: list[int]
     mark: str = "text"  # text | cached | compressed | binarized | merged | repeated | retrieved
     source: dict | None = None
+    # per token, the share of it the model really reads (1 kept, 0 dropped; LLoCO: the fraction of layers x KV
+    # heads that kept it). None = every token is read. The UI dims dropped tokens, as the LLMLingua demo does.
+    keep: list[float] | None = None
 
 
 @dataclass
@@ -32,11 +35,17 @@ class Prompt:
         return sum(len(s.ids) for s in self.segments)
 
     def view(self, tokenizer) -> list[dict]:
-        return [
-            {"kind": s.kind, "mark": s.mark, "n_tokens": len(s.ids),
-             "text": tokenizer.decode(s.ids), "source": s.source}
-            for s in self.segments
-        ]
+        return [_segment_view(s, tokenizer) for s in self.segments]
+
+
+def _segment_view(segment: Segment, tokenizer) -> dict:
+    view = {"kind": segment.kind, "mark": segment.mark, "n_tokens": len(segment.ids),
+            "text": tokenizer.decode(segment.ids), "source": segment.source}
+    if segment.keep is not None:
+        # token by token, so the UI can dim what was dropped
+        view["tokens"] = [tokenizer.decode([i]) for i in segment.ids]
+        view["keep"] = [round(float(k), 3) for k in segment.keep]
+    return view
 
 
 def chat_frame(tokenizer) -> tuple[str, str]:

@@ -5,7 +5,7 @@ import importlib
 import pkgutil
 
 from ..errors import UserError
-from .base import Method, Params, PromptMethod, Result
+from .base import Method, Params, PromptMethod, Result, StorageAccount
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -47,4 +47,4 @@ def parse_methods(text: str | list[str] | None, default: list[str]) -> list[str]
     return names
 
 
-__all__ = ["Method", "Params", "PromptMethod", "Result", "registry", "get_method", "parse_methods"]
+__all__ = ["Method", "Params", "PromptMethod", "Result", "StorageAccount", "registry", "get_method", "parse_methods"]

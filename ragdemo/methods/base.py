@@ -17,28 +17,62 @@ from ..engine.scoring import nll_of_answer
 Progress = Callable[[float, str], None]  # (fraction 0..1, message)
 
 
+# One meaning per field, for every method. The README glossary and the UI tooltips are generated from this.
+GLOSSARY: dict[str, str] = {
+    "prompt_tokens": "tokens the model attends to when it produces the first answer token (after any "
+                     "compression or merging: what is really in the attention window)",
+    "processed_tokens": "token-layers computed at query time divided by the number of layers "
+                        "(never more than prompt tokens); the rest came from storage",
+    "cached_tokens": "prompt tokens whose states were read from storage instead of computed now; the shared "
+                     "instruction prefix counts here only when the method reads it from a cache, the same rule for every method",
+    "new_tokens": "answer tokens generated",
+    "retrieve_s": "seconds to embed the question, search the index and fetch the chunks",
+    "load_s": "seconds to read and decode stored artifacts (and switch adapters) for this answer",
+    "prepare_s": "seconds spent building missing offline artifacts during this answer (first use of new knobs "
+                 "or new chunks); never part of TTFT",
+    "ttft_s": "seconds from the question to the first answer token, preparation excluded",
+    "decode_s": "seconds from the first to the last answer token",
+    "total_s": "seconds for the whole answer, preparation excluded",
+    "decode_tok_s": "answer tokens per second after the first",
+    "storage_bytes": "bytes of stored artifacts this answer read (per-chunk blobs plus the shared parts it used)",
+    "bytes_per_token": "everything the method stores for the collection (per-chunk artifacts and shared parts: "
+                       "decoder, codebook, adapter) divided by the collection's tokens",
+    "chunk_bytes_per_token": "per-chunk artifact bytes this answer read divided by the passage tokens they cover "
+                             "(shared parts excluded)",
+}
+
+
 @dataclass
 class Result:
+    """What one method produced for one question. Each number field means exactly what `GLOSSARY` says, for
+    every method; `fields_help()` returns that text."""
+
     method: str
     answer: str = ""
     model: str = ""
-    prompt_tokens: int = 0  # tokens the model conditions on
-    processed_tokens: float = 0.0  # token-layers computed at query time / number of layers
+    prompt_tokens: int = 0
+    processed_tokens: float = 0.0
     cached_tokens: int = 0
     new_tokens: int = 0
     retrieve_s: float = 0.0
     load_s: float = 0.0
-    ttft_s: float = 0.0  # question received -> first answer token
+    prepare_s: float = 0.0
+    ttft_s: float = 0.0
     decode_s: float = 0.0
     total_s: float = 0.0
     decode_tok_s: float = 0.0
-    storage_bytes: int = 0  # bytes of cached artifacts this answer read
-    bytes_per_token: float = 0.0  # of this method's cache
+    storage_bytes: int = 0
+    bytes_per_token: float = 0.0
+    chunk_bytes_per_token: float = 0.0
     sources: list[dict] = field(default_factory=list)  # {doc, chunk_id, score}
     events: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    segments: list[dict] = field(default_factory=list)  # "what the model sees": {kind, mark, text, n_tokens}
+    segments: list[dict] = field(default_factory=list)  # "what the model sees": {kind, mark, text, n_tokens, keep?}
     error: str = ""
+
+    @staticmethod
+    def fields_help() -> dict[str, str]:
+        return dict(GLOSSARY)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +107,39 @@ def _coerce(value, annotation, default):
     return kind(value)
 
 
+@dataclass
+class StorageAccount:
+    """One storage account for every method: per-chunk artifacts plus named shared (collection-level) parts.
+
+    `bytes_per_token` amortises everything over the collection's tokens; `chunk_bytes_per_token` is the
+    per-chunk part alone over the same tokens (labelled as such wherever it is shown)."""
+
+    chunk_bytes: int = 0
+    shared: dict[str, int] = field(default_factory=dict)  # e.g. {"decoder": 1_330_000, "adapter": 2_970_000}
+    tokens: int = 0  # the collection's tokens
+
+    @property
+    def shared_bytes(self) -> int:
+        return sum(self.shared.values())
+
+    @property
+    def total(self) -> int:
+        return self.chunk_bytes + self.shared_bytes
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.total / self.tokens if self.tokens else 0.0
+
+    @property
+    def chunk_bytes_per_token(self) -> float:
+        return self.chunk_bytes / self.tokens if self.tokens else 0.0
+
+    def to_dict(self) -> dict:
+        return {"chunk_bytes": self.chunk_bytes, "shared": dict(self.shared), "shared_bytes": self.shared_bytes,
+                "total": self.total, "tokens": self.tokens, "bytes_per_token": round(self.bytes_per_token, 2),
+                "chunk_bytes_per_token": round(self.chunk_bytes_per_token, 2)}
+
+
 class Method:
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""
@@ -96,9 +163,9 @@ class Method:
         """Teacher-forced NLL of `gold` with exactly the context this method would condition on."""
         raise NotImplementedError
 
-    def storage(self, corpus, params) -> int:
-        """Bytes of this method's cached artifacts for the collection."""
-        return 0
+    def storage(self, corpus, params) -> "StorageAccount":
+        """Everything this method keeps for the collection at these knobs, counted the same way for every method."""
+        return StorageAccount(tokens=corpus.n_tokens())
 
 
 class PromptMethod(Method):

@@ -46,6 +46,10 @@ class Corpus:
     def documents(self) -> list[dict]:
         return self.store.document_texts(self.collection_id)
 
+    def n_tokens(self) -> int:
+        """The collection's tokens: the denominator of every method's amortised bytes per token."""
+        return self.store.collection_tokens(self.collection_id)
+
     def chunks(self) -> list[dict]:
         return self.store.chunks(self.collection_id)
 

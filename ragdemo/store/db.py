@@ -152,6 +152,10 @@ class Store:
                                    (SELECT COUNT(*) FROM chunks c WHERE c.doc_id = d.id) AS n_chunks
                             FROM documents d WHERE d.collection_id = ? ORDER BY d.id""", (collection_id,))
 
+    def collection_tokens(self, collection_id: int) -> int:
+        return int(self.value("SELECT COALESCE(SUM(n_tokens), 0) FROM documents WHERE collection_id = ?",
+                              (collection_id,)) or 0)
+
     def document_texts(self, collection_id: int) -> list[dict]:
         return self.rows("SELECT id, name, text FROM documents WHERE collection_id = ? ORDER BY id", (collection_id,))
 
