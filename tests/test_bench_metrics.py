@@ -69,3 +69,22 @@ def test_context_value_kept_is_a_ratio_of_summed_gaps():
     assert context_value_kept([3, 2, 9], [2, 2, float("nan")], [1, 1, 0]) == pytest.approx(1 / 3)
     assert per_question_value_kept(3, 2, 1) == pytest.approx(0.5)
     assert math.isnan(per_question_value_kept(1, 0.5, 1))
+
+
+def test_value_kept_is_na_when_the_reference_barely_beats_closed_book():
+    # a tiny positive denominator (0.01 nats per question) must not turn noise into a huge percentage
+    assert math.isnan(context_value_kept([3.0, 2.0], [1.0, 1.0], [2.99, 1.99]))
+    assert context_value_kept([3.0, 2.0], [2.5, 1.5], [2.0, 1.0]) == pytest.approx(0.5)
+
+
+def test_median_value_kept_skips_questions_where_the_reference_does_not_help():
+    from ragdemo.bench.metrics import median_value_kept
+
+    triples = [(3.0, 2.0, 1.0),   # reference helps: 0.5
+               (3.0, 1.0, 1.0),   # reference helps: 1.0
+               (2.0, 1.0, 2.5),   # reference worse than closed book: the ratio would flip sign, skipped
+               (2.0, 0.0, 1.9999)]  # a tiny gap would give 14,000%+: skipped
+    median, n = median_value_kept(triples)
+    assert n == 2 and median == pytest.approx(0.75)
+    assert math.isnan(per_question_value_kept(2.0, 1.0, 2.5))
+    assert math.isnan(median_value_kept([(2.0, 1.0, 2.5)])[0])

@@ -64,22 +64,40 @@ def answer_scores(prediction: str, golds: list[str], keywords: list[str] | None 
     return scores
 
 
+# Below these gaps (nats per answer token) the reference barely beats closed book: there is no context value
+# to keep, and a ratio over such a denominator would only show noise (a 14,319% median on two questions).
+MIN_MEAN_GAP = 0.05  # the aggregate: mean of NLL_closed - NLL_reference over the questions
+MIN_QUESTION_GAP = 0.1  # per question, for the median
+INDICATIVE_BELOW = 20  # fewer questions than this: the figure is shown as indicative
+
+
 def context_value_kept(closed: list[float], method: list[float], reference: list[float]) -> float:
     """Aggregate (NLL_closed - NLL_method) / (NLL_closed - NLL_reference) as a ratio of summed gaps.
 
     A per-question ratio explodes when the reference barely beats closed book on that question; summing
-    the gaps first weights each question by how much context could help it, which is stable. NaN when the
-    reference does not beat closed book on aggregate (then nothing is there to keep)."""
+    the gaps first weights each question by how much context could help it, which is stable. NaN ("n/a") when
+    the reference's mean gap over closed book is below MIN_MEAN_GAP: then nothing is there to keep."""
     closed, method, reference = (np.asarray(x, dtype=float) for x in (closed, method, reference))
     ok = np.isfinite(closed) & np.isfinite(method) & np.isfinite(reference)
+    if not ok.any():
+        return float("nan")
     gap_ref = float(np.sum(closed[ok] - reference[ok]))
-    if not ok.any() or gap_ref <= 0:
+    if gap_ref / ok.sum() < MIN_MEAN_GAP:
         return float("nan")
     return float(np.sum(closed[ok] - method[ok])) / gap_ref
 
 
-def per_question_value_kept(closed: float, method: float, reference: float, min_gap: float = 1e-6) -> float:
+def per_question_value_kept(closed: float, method: float, reference: float,
+                            min_gap: float = MIN_QUESTION_GAP) -> float:
+    """NaN unless the reference beats closed book on this question by at least `min_gap`: a question where
+    the reference is worse than closed book would flip the sign of the ratio."""
     gap = closed - reference
-    if not all(np.isfinite([closed, method, reference])) or abs(gap) < min_gap:
+    if not all(np.isfinite([closed, method, reference])) or gap < min_gap:
         return float("nan")
     return (closed - method) / gap
+
+
+def median_value_kept(triples: list[tuple[float, float, float]]) -> tuple[float, int]:
+    """(median per-question value kept, how many questions it is taken over)."""
+    ratios = [r for r in (per_question_value_kept(*t) for t in triples) if np.isfinite(r)]
+    return (float(np.median(ratios)) if ratios else float("nan")), len(ratios)

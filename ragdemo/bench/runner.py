@@ -24,7 +24,7 @@ from ..errors import NotSupported, UserError
 from ..methods import get_method, registry
 from ..methods.base import Progress, Result, params_from
 from .datasets import Dataset, Haystack, Question
-from .metrics import answer_scores, context_value_kept, per_question_value_kept
+from .metrics import INDICATIVE_BELOW, MIN_MEAN_GAP, MIN_QUESTION_GAP, answer_scores, context_value_kept, median_value_kept
 
 DEFAULT_MAX_NEW_TOKENS = 24
 REFERENCES = ("rag", "full_context")
@@ -143,6 +143,7 @@ def run_bench(workbench, dataset: Dataset, specs: list[MethodSpec], reference: s
             break
         collection = existing_collection if (existing_collection and not haystack.documents) else f"{run_id}-{haystack.key}"
         corpus = _fill_collection(workbench, collection, haystack, tick)
+        workbench.warm(collection)  # no answer below pays for a cold model, embedder or index
         try:
             for spec in specs:
                 seconds, nbytes = _prepare(spec, corpus, max_new_tokens, tick)
@@ -207,7 +208,7 @@ def _fill_collection(workbench, collection: str, haystack: Haystack, tick: _Tick
     if not haystack.documents:
         return workbench.corpus(collection, create=False)
     files = [(name, text.encode("utf-8")) for name, text in haystack.documents]
-    reports = workbench.ingest(files, collection)
+    reports = workbench.ingest(files, collection, prepare=False)  # each spec prepares with its own knobs, timed
     failed = [r.message for r in reports if r.status == "error"]
     if failed:
         raise UserError(f"could not ingest the benchmark documents: {failed[0]}")
@@ -269,7 +270,7 @@ def _nll(method, question: Question, corpus, params, out: dict) -> float:
 
 # ------------------------------------------------------------------ summary
 SUMMARY_COLUMNS = ["method", "n", "errors", "em", "f1", "contains", "keywords", "nll", "value_kept",
-                   "value_kept_median", "ttft_s", "ttft_vs_ref", "total_s", "prompt_tokens", "processed_tokens",
+                   "value_kept_median", "value_kept_n", "ttft_s", "ttft_vs_ref", "total_s", "prompt_tokens", "processed_tokens",
                    "cached_tokens", "bytes_per_token", "storage_bytes", "prepare_s"]
 
 
@@ -280,8 +281,6 @@ def _mean(values) -> float:
 
 def summarize(run: BenchRun) -> list[dict]:
     ref = run.meta["reference"]
-    ref_ttft = _mean(r["results"][ref].get("ttft_s") for r in run.records
-                     if ref in r["results"] and r["results"][ref].get("answered"))
     rows = []
     for spec in run.specs:
         mine = [r for r in run.records if spec.label in r["results"]]
@@ -289,21 +288,33 @@ def summarize(run: BenchRun) -> list[dict]:
         triples = [(r["results"]["closed_book"]["nll"], r["results"][spec.label]["nll"], r["results"][ref]["nll"])
                    for r in mine if "closed_book" in r["results"] and ref in r["results"]]
         closed, method, reference = (list(x) for x in zip(*triples)) if triples else ([], [], [])
-        per_q = [per_question_value_kept(*t) for t in triples]
+        median, median_n = median_value_kept(triples)
         row = {"method": spec.label, "n": len(mine),
                "errors": sum(1 for r in mine if r["results"][spec.label].get("error")) if spec.answers else 0,
                "nll": _mean(r["results"][spec.label]["nll"] for r in mine),
                "value_kept": context_value_kept(closed, method, reference),
-               "value_kept_median": float(np.nanmedian(per_q)) if np.isfinite(per_q).any() else float("nan"),
+               "value_kept_median": median, "value_kept_n": median_n,
+               "indicative": len(triples) < INDICATIVE_BELOW,
                "storage_bytes": _mean(run.storage.get(spec.label, [])),
                "prepare_s": run.prepare_s.get(spec.label, 0.0)}
         for key in ("em", "f1", "contains", "keywords"):
             row[key] = 100 * _mean(a.get(key) for a in answered) if spec.answers else float("nan")
         for key in ("ttft_s", "total_s", "prompt_tokens", "processed_tokens", "cached_tokens", "bytes_per_token"):
             row[key] = _mean(a.get(key) for a in answered) if spec.answers else float("nan")
-        row["ttft_vs_ref"] = row["ttft_s"] / ref_ttft if ref_ttft and np.isfinite(ref_ttft) else float("nan")
+        row["ttft_vs_ref"] = _ttft_ratio(run.records, spec.label, ref) if spec.answers else float("nan")
         rows.append(row)
     return rows
+
+
+def _ttft_ratio(records: list[dict], label: str, ref: str) -> float:
+    """Mean TTFT over mean reference TTFT, over only the questions both answered (with --limit, a method asked
+    the first 20 questions is compared with the reference on those 20, not on all)."""
+    pairs = [(r["results"][label]["ttft_s"], r["results"][ref]["ttft_s"]) for r in records
+             if r["results"].get(label, {}).get("answered") and r["results"].get(ref, {}).get("answered")]
+    if not pairs:
+        return float("nan")
+    mine, theirs = _mean(p[0] for p in pairs), _mean(p[1] for p in pairs)
+    return mine / theirs if theirs > 0 else float("nan")
 
 
 def machine_info() -> dict:
@@ -333,14 +344,14 @@ def _fmt(value, key: str) -> str:
         return f"{value:.2f}x"
     if key in ("ttft_s", "total_s", "nll"):
         return f"{value:.3f}"
-    if key in ("storage_bytes", "prepare_s", "prompt_tokens", "cached_tokens", "n", "errors"):
+    if key in ("storage_bytes", "prepare_s", "prompt_tokens", "cached_tokens", "n", "errors", "value_kept_n"):
         return f"{value:,.0f}" if key != "prepare_s" else f"{value:.1f}"
     return f"{value:.1f}"
 
 
 MD_HEADERS = {"method": "method", "n": "n", "errors": "errors", "em": "EM", "f1": "F1", "contains": "contains",
               "keywords": "keywords", "nll": "gold NLL", "value_kept": "value kept",
-              "value_kept_median": "value kept (median)", "ttft_s": "TTFT s", "ttft_vs_ref": "TTFT vs ref",
+              "value_kept_median": "value kept (median)", "value_kept_n": "median over n", "ttft_s": "TTFT s", "ttft_vs_ref": "TTFT vs ref",
               "total_s": "total s", "prompt_tokens": "prompt tok", "processed_tokens": "processed tok",
               "cached_tokens": "cached tok", "bytes_per_token": "bytes/tok", "storage_bytes": "storage B",
               "prepare_s": "prepare s"}
@@ -356,6 +367,7 @@ def summary_markdown_table(run: BenchRun) -> str:
     lines = ["| " + " | ".join(MD_HEADERS[c] for c in cols) + " |", "|" + "---|" * len(cols)]
     for row in run.summary:
         label = row["method"] + ("" if _spec(run, row["method"]).answers else " (NLL only)")
+        label += " (indicative: < %d questions)" % INDICATIVE_BELOW if row.get("indicative") else ""
         lines.append("| " + " | ".join(_fmt(label if c == "method" else row[c], c) for c in cols) + " |")
     return "\n".join(lines)
 
@@ -384,8 +396,11 @@ def summary_markdown(run: BenchRun) -> str:
               "answers; contains = a normalised gold answer appears as whole words in the normalised answer). "
               "Gold NLL is the mean teacher-forced NLL per token of the first gold answer.",
               f"**Value kept** = Σ(NLL_closed_book − NLL_method) / Σ(NLL_closed_book − NLL_{m['reference']}) over "
-              "the same questions: a ratio of summed gaps, stable where per-question ratios explode; the median of "
-              "per-question ratios is shown beside it. TTFT vs ref = mean TTFT / the reference's mean TTFT.",
+              "the same questions: a ratio of summed gaps, stable where per-question ratios explode; \"–\" (n/a) when "
+              f"the reference beats closed book by less than {MIN_MEAN_GAP} nats per token on average. The median of "
+              f"per-question ratios is taken over the questions where the reference beats closed book by at least "
+              f"{MIN_QUESTION_GAP} nats (their count is shown). Rows on fewer than {INDICATIVE_BELOW} questions are "
+              "indicative only. TTFT vs ref = mean TTFT / the reference's mean TTFT over the questions both answered.",
               "Storage B is each method's cached artifacts for the collection (mean per collection); "
               "bytes/tok is per token of its cache. \"NLL only\" rows were added to score context value kept."]
     limited = [s for s in run.specs if s.limit]
