@@ -105,7 +105,10 @@ class _QueryTap:
         def hook(module, args, kwargs):
             x = kwargs.get("hidden_states", args[0] if args else None)
             cos, sin = kwargs["position_embeddings"]
-            q = module.q_proj(x).view(*x.shape[:-1], -1, module.head_dim).transpose(1, 2).float()
+            q = module.q_proj(x).view(*x.shape[:-1], -1, module.head_dim)
+            if getattr(module, "q_norm", None) is not None:  # Qwen3 normalises each head before RoPE
+                q = module.q_norm(q)
+            q = q.transpose(1, 2).float()
             self.queries[index] = q * cos.float().unsqueeze(1) + _rotate_half(q) * sin.float().unsqueeze(1)
         return hook
 

@@ -40,10 +40,32 @@ def as_model_mask(lm, allowed: torch.Tensor | None, dtype: torch.dtype):
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def sliding_window(lm) -> int | None:
+    """The smallest sliding attention window any layer uses (Mistral v0.1, Qwen2/3 with use_sliding_window), or None."""
+    config = lm.model.config
+    windows = [getattr(layer.self_attn, "sliding_window", None) for layer in lm.model.model.layers]
+    if config.model_type == "mistral":  # Mistral's attention reads the window from the config, every layer
+        windows.append(getattr(config, "sliding_window", None))
+    windows = [int(w) for w in windows if w]
+    return min(windows) if windows else None
+
+
+def check_window(lm, kv_len: int) -> None:
+    """The engine builds full causal masks (BTR's and LLoCO's caches do not hold keys at contiguous positions),
+    so a span longer than a sliding window would silently attend further than the model was trained to."""
+    window = sliding_window(lm)
+    if window is not None and kv_len > window:
+        raise NotSupported(f"{lm.model_id} uses sliding-window attention ({window} tokens) and this prompt spans "
+                           f"{kv_len}; the engine's layer-by-layer paths attend to the full span, so they stop here. "
+                           "Use fewer or shorter passages, or a model without a sliding window.")
+
+
 def run_layers(lm, hidden: torch.Tensor, start: int, end: int, pos: torch.Tensor,
                mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
     """Run decoder layers [start, end). `mask` is bool [1,1,q,kv] or None (single-token decode only)."""
     inner = lm.model.model
+    past = cache.get_seq_length(start) if cache is not None else 0
+    check_window(lm, mask.shape[-1] if mask is not None else past + hidden.shape[1])
     rope = inner.rotary_emb(hidden, position_ids=pos)
     model_mask = as_model_mask(lm, mask, hidden.dtype)
     for layer in inner.layers[start:end]:
