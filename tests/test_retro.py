@@ -85,7 +85,7 @@ def test_re_retrieval_every_stride_tokens(tiny_bench, corpus, stride, expected_s
         assert event["chunk_ids"] and isinstance(event["changed"], bool) and event["query"]
     # the documents are tiny: the same neighbours come back, so the KV cache is kept and nothing is re-prefilled
     assert all(not e["changed"] and "cache kept" in e["action"] for e in result.events[1:])
-    assert result.processed_tokens == result.prompt_tokens
+    assert result.processed_tokens + result.cached_tokens == result.prompt_tokens
     assert result.sources and result.retrieve_s > 0
 
 
@@ -169,7 +169,17 @@ def test_rebuilt_context_matches_a_fresh_prefill(tiny_bench, corpus, monkeypatch
                                                         if (c["doc"], c["ord"]) in {("bananas.md", 0), ("eiffel.txt", 1)}}
 
 
-def test_nll_uses_the_question_neighbours(corpus):
-    method = get_method("retro")
-    with_context = method.nll(QUESTION, "1889", corpus, method.Params())
-    assert with_context > 0 and with_context == pytest.approx(method.nll(QUESTION, "1889", corpus, method.Params()))
+def test_nll_teacher_forces_the_gold_after_exactly_the_question_neighbours(corpus):
+    from ragdemo.engine.prompt import build_prompt
+    from ragdemo.engine.scoring import nll_of_answer
+
+    method, lm = get_method("retro"), corpus.lm
+    params = method.Params()
+    found = method.neighbours(corpus, method.question_queries(lm.tokenizer, QUESTION, params.chunk_tokens), params)
+    expected = nll_of_answer(lm, build_prompt(lm.tokenizer, QUESTION, neighbour_passages(found)).ids, "1889")
+    assert method.nll(QUESTION, "1889", corpus, params) == pytest.approx(expected, rel=1e-5)
+    # not the closed-book context, and the continuations are part of what is read
+    closed = nll_of_answer(lm, build_prompt(lm.tokenizer, QUESTION, []).ids, "1889")
+    assert expected != pytest.approx(closed, rel=1e-4)
+    no_continuation = method.Params(continuation=False)
+    assert method.nll(QUESTION, "1889", corpus, no_continuation) != pytest.approx(expected, rel=1e-4)
