@@ -21,10 +21,39 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+def _flag(name: str) -> bool:
+    return _env(name, "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
+SPACE_DATA = Path("/data")  # a Hugging Face Space's persistent storage, when the Space has it
+
+
+def default_home(data: Path | None = None) -> Path:
+    """RAGDEMO_HOME, else /data/ragdemo where /data exists and is writable (survives a Space restart),
+    else ~/.ragdemo."""
+    if os.environ.get("RAGDEMO_HOME"):
+        return Path(os.environ["RAGDEMO_HOME"])
+    data = SPACE_DATA if data is None else data
+    if data.is_dir() and os.access(data, os.W_OK | os.X_OK):
+        return data / "ragdemo"
+    return Path.home() / ".ragdemo"
+
+
+def default_cache(data: Path | None = None) -> Path:
+    """The converted model and the CPU dtype choice: next to the store on persistent storage, so a restarted
+    Space does not convert again."""
+    if os.environ.get("RAGDEMO_CACHE"):
+        return Path(os.environ["RAGDEMO_CACHE"])
+    data = SPACE_DATA if data is None else data
+    if data.is_dir() and os.access(data, os.W_OK | os.X_OK):
+        return data / "ragdemo-cache"
+    return Path.home() / ".cache" / "ragdemo"
+
+
 @dataclass
 class Settings:
-    home: Path = field(default_factory=lambda: Path(_env("RAGDEMO_HOME", str(Path.home() / ".ragdemo"))))
-    cache_dir: Path = field(default_factory=lambda: Path(_env("RAGDEMO_CACHE", str(Path.home() / ".cache" / "ragdemo"))))
+    home: Path = field(default_factory=default_home)
+    cache_dir: Path = field(default_factory=default_cache)
     model_id: str = field(default_factory=lambda: _env("RAGDEMO_MODEL", DEFAULT_MODEL))
     embedder_id: str = field(default_factory=lambda: _env("RAGDEMO_EMBEDDER", DEFAULT_EMBEDDER))
     device: str = field(default_factory=lambda: _env("RAGDEMO_DEVICE", "auto"))
@@ -35,6 +64,10 @@ class Settings:
     max_file_mb: float = field(default_factory=lambda: float(_env("RAGDEMO_MAX_FILE_MB", "50")))
     max_question_chars: int = field(default_factory=lambda: int(_env("RAGDEMO_MAX_QUESTION_CHARS", "2000")))
     default_collection: str = "default"
+    # Fairness on a shared Space (one model queue for every visitor):
+    shared: bool = field(default_factory=lambda: _flag("RAGDEMO_SHARED"))  # no benchmark, no fine-tuning
+    max_compare_s: float = field(default_factory=lambda: float(_env("RAGDEMO_MAX_COMPARE_S",
+                                                                    "120" if _flag("RAGDEMO_SHARED") else "0")))  # 0 = no limit
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -1,10 +1,12 @@
 """The operations a user can do, shared by the CLI and the UI so both stay thin and behave the same."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable
 
 from .config import Settings
+from .engine.generate import TimedStream
 from .errors import NotSupported, UserError
 from .ingest import IngestReport, ingest_files
 from .methods import get_method, registry
@@ -66,6 +68,7 @@ class Workbench:
 
     def finetune(self, method_name: str, collection: str | None = None, knobs: dict | None = None,
                  progress: Progress | None = None) -> str:
+        self.require_private("fine-tuning")
         method = get_method(method_name)
         if not method.has_finetune:
             raise UserError(f"{method_name} has no fine-tuning step")
@@ -90,16 +93,26 @@ class Workbench:
         question = self.check_question(question)
         self.models.lm  # a bad model id or quantisation request is reported before anything else
         corpus = self.corpus(collection, create=False)
+        started = time.perf_counter()
+        limit = self.settings.max_compare_s
         results = []
         for name in methods:
             method = get_method(name)
             params = params_from(method.Params, {"max_new_tokens": self.settings.max_new_tokens, **(knobs or {}).get(name, {})})
             on_token = (lambda text, n=name: stream(n, text)) if stream else None
+            if limit > 0:  # one visitor's Compare may not hold the shared model queue past the limit
+                if time.perf_counter() - started >= limit:
+                    results.append(_over_time(name, corpus.lm.model_id, limit))
+                    continue
+                on_token = TimedStream(on_token, started + limit)
             try:
                 with corpus.lm.lock:
                     result = method.answer(question, corpus, params, on_token)
             except NotSupported as exc:  # one method can't run on this model; the others still answer
                 result = Result(name, model=corpus.lm.model_id, error=str(exc), notes=[str(exc)])
+            if getattr(on_token, "cut", False):
+                result.notes.append(f"answer cut after {result.new_tokens} tokens: this Compare reached its "
+                                    f"{limit:g} s limit (RAGDEMO_MAX_COMPARE_S)")
             if record:
                 self.store.add_run(corpus.collection_id, question, result.to_dict())
             results.append(result)
@@ -115,9 +128,21 @@ class Workbench:
         models.lm
         self.settings, self.models = settings, models
 
+    def require_private(self, what: str) -> None:
+        """Long jobs that would hold the one model queue for minutes are off on a shared Space."""
+        if self.settings.shared:
+            raise UserError(f"{what} is turned off on this shared app (RAGDEMO_SHARED=1): it would keep every other "
+                            "visitor waiting for minutes. Run it on your own machine or a private Space.")
+
     @staticmethod
     def methods():
         return registry()
+
+
+def _over_time(name: str, model: str, limit: float) -> Result:
+    message = (f"not run: this Compare used its {limit:g} s limit on the methods before it "
+               "(RAGDEMO_MAX_COMPARE_S); ask again with fewer methods")
+    return Result(name, model=model, error=message, notes=[message])
 
 
 def _scaled(progress: Progress | None, index: int, count: int, name: str) -> Progress | None:

@@ -59,6 +59,7 @@ def run_benchmark(workbench, dataset: str, out: str | Path, methods=None, knobs:
                   extra_meta: dict | None = None, time_budget_min: float | None = None):
     """Everything `bench` does, shared by the CLI and the UI: load the data, run, write the outputs.
     Returns (run, written files)."""
+    workbench.require_private("the benchmark")
     from .datasets import load_dataset
     from .runner import DEFAULT_MAX_NEW_TOKENS, apply_limits, parse_method_specs, run_bench, write_outputs
 

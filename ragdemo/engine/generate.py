@@ -41,6 +41,28 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
+class TimedStream:
+    """A stream callback with a deadline. The decode loops stop at it, so one visitor's Compare cannot hold the
+    shared model queue past the app's limit; `cut` then says the answer was stopped early."""
+
+    def __init__(self, callback: Stream | None, deadline: float):
+        self.callback, self.deadline, self.cut = callback, deadline, False
+
+    def __call__(self, text: str) -> None:
+        if self.callback:
+            self.callback(text)
+
+    def expired(self) -> bool:
+        if time.perf_counter() >= self.deadline:
+            self.cut = True
+        return self.cut
+
+
+def _expired(stream) -> bool:
+    check = getattr(stream, "expired", None)
+    return bool(check and check())
+
+
 class _TextStream:
     """Turns token ids into text deltas; decoding the whole tail keeps multi-byte characters intact."""
 
@@ -79,7 +101,7 @@ def decode_loop(lm, cache, first_logits: torch.Tensor, next_pos: int, max_new_to
         if token in eos:
             break
         out.push(token)
-        if i + 1 == max_new_tokens:
+        if i + 1 == max_new_tokens or _expired(stream):
             break
         with torch.inference_mode():
             logits = step(torch.tensor([[token]], device=lm.device), next_pos, cache)
@@ -105,6 +127,7 @@ def generate(lm, ids: list[int], max_new_tokens: int, t0: float, stream: Stream 
 
 
 def _generate_recurrent(lm, ids, max_new_tokens, t0, stream, sampling) -> Generation:
+    from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
     from transformers.generation.streamers import BaseStreamer
 
     out = _TextStream(lm.tokenizer, stream)
@@ -127,7 +150,12 @@ def _generate_recurrent(lm, ids, max_new_tokens, t0, stream, sampling) -> Genera
         def end(self):
             pass
 
-    kwargs = dict(max_new_tokens=max_new_tokens, streamer=Collector(), pad_token_id=lm.tokenizer.pad_token_id)
+    class Deadline(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), _expired(stream), dtype=torch.bool, device=input_ids.device)
+
+    kwargs = dict(max_new_tokens=max_new_tokens, streamer=Collector(), pad_token_id=lm.tokenizer.pad_token_id,
+                  stopping_criteria=StoppingCriteriaList([Deadline()]))
     if sampling.temperature > 0:
         kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
     else:

