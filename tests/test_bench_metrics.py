@@ -88,3 +88,14 @@ def test_median_value_kept_skips_questions_where_the_reference_does_not_help():
     assert n == 2 and median == pytest.approx(0.75)
     assert math.isnan(per_question_value_kept(2.0, 1.0, 2.5))
     assert math.isnan(median_value_kept([(2.0, 1.0, 2.5)])[0])
+
+
+def test_readme_glossary_is_generated_from_the_result_glossary():
+    from pathlib import Path
+
+    from ragdemo.methods.base import GLOSSARY, Result, glossary_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert glossary_markdown() in readme
+    numeric = {f for f, v in Result.__dataclass_fields__.items() if v.type in ("int", "float")}
+    assert numeric <= set(GLOSSARY), numeric - set(GLOSSARY)  # every number a user sees is documented

@@ -21,8 +21,9 @@ Progress = Callable[[float, str], None]  # (fraction 0..1, message)
 GLOSSARY: dict[str, str] = {
     "prompt_tokens": "tokens the model attends to when it produces the first answer token (after any "
                      "compression or merging: what is really in the attention window)",
-    "processed_tokens": "token-layers computed at query time divided by the number of layers "
-                        "(never more than prompt tokens); the rest came from storage",
+    "processed_tokens": "token-layers computed at query time up to the first answer token, divided by the number "
+                        "of layers (never more than prompt tokens); the rest came from storage. Work after the first "
+                        "token (RETRO's re-prefills) is listed in the method's events",
     "cached_tokens": "prompt tokens whose states were read from storage instead of computed now; the shared "
                      "instruction prefix counts here only when the method reads it from a cache, the same rule for every method",
     "new_tokens": "answer tokens generated",
@@ -40,6 +41,12 @@ GLOSSARY: dict[str, str] = {
     "chunk_bytes_per_token": "per-chunk artifact bytes this answer read divided by the passage tokens they cover "
                              "(shared parts excluded)",
 }
+
+
+def glossary_markdown() -> str:
+    """The README's glossary table, generated from GLOSSARY so the two never disagree (a test compares them)."""
+    rows = [f"| `{name}` | {text} |" for name, text in GLOSSARY.items()]
+    return "\n".join(["| field | meaning (the same for every method) |", "|---|---|", *rows])
 
 
 @dataclass
@@ -179,7 +186,11 @@ class PromptMethod(Method):
         lm = corpus.lm
         prompt, result = self.build(question, corpus, params)
         generation = generate(lm, prompt.ids, params.max_new_tokens, t0, stream)
-        return finish(result, lm, prompt, generation, t0, processed=len(prompt))
+        if generation.cached_tokens:  # the shared instruction prefix was read from the LM's prefix cache
+            if generation.cached_tokens == len(prompt.segments[0].ids):
+                prompt.segments[0].mark = "cached"
+            result.cached_tokens += generation.cached_tokens
+        return finish(result, lm, prompt, generation, t0, processed=len(prompt) - generation.cached_tokens)
 
     def nll(self, question: str, gold: str, corpus, params) -> float:
         prompt, _ = self.build(question, corpus, params)
