@@ -1,0 +1,121 @@
+"""Automatic prefix caching, as serving engines do it: the shared instruction prefix's KV is computed once per
+model and every method's prefill starts after it.
+
+Every prompt starts with one of a few fixed instruction prefixes (engine/prompt.py `shared_prefixes`: the
+system turn + "Context:" for retrieval prompts, the bare system turn for closed book and JRT). Entries are
+keyed by the exact prefix token ids and by the adapter switched on (a LoRA changes the prefix's states too);
+the cache belongs to the LM object (`lm.prefix_cache`) and is emptied when the model object changes. An answer
+that reads the prefix from here counts it in `cached_tokens`, not `processed_tokens`, whatever the method.
+
+`shared_prefix(lm, ids)` is the cached `PrefixState` (cacheblend, lingua, lloco); `compute_prefix` the same
+computed now for a prefix that is not shared (e.g. one that holds the question).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .kv import cache_from, layer_kv
+from .prompt import shared_prefixes
+
+Layers = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class PrefixState:
+    """A prefix read by every layer: its ids, per-layer (keys, values), the logits at its last position (what
+    predicts the first token after it), and `fresh`: computed for this call rather than read from the cache."""
+
+    ids: list[int]
+    layers: Layers
+    last_logits: torch.Tensor  # [1, 1, vocab]
+    fresh: bool = True
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def compute_prefix(lm, ids: list[int]) -> PrefixState:
+    cache = DynamicCache()
+    with torch.inference_mode():
+        logits = lm.model(input_ids=torch.tensor([ids], device=lm.device), past_key_values=cache, use_cache=True,
+                          logits_to_keep=1).logits
+    return PrefixState(list(ids), layer_kv(cache), logits, fresh=True)
+
+
+class PrefixCache:
+    """Per-layer (keys, values) of instruction prefixes, least recently used first out."""
+
+    def __init__(self, max_entries: int = 8):
+        self.max_entries = max_entries
+        self.items: "OrderedDict[tuple, PrefixState]" = OrderedDict()
+        self.model_ref: int | None = None
+        self.prefixes: tuple[int, list[list[int]]] | None = None  # (tokenizer id, shared prefixes longest first)
+
+    def _key(self, lm, ids: list[int]) -> tuple:
+        if self.model_ref != id(lm.model):
+            self.items.clear()
+            self.prefixes = None
+            self.model_ref = id(lm.model)
+        adapters = getattr(lm, "adapters", None)
+        return tuple(ids), getattr(adapters, "active", None)
+
+    def has(self, lm, ids: list[int]) -> bool:
+        return self._key(lm, ids) in self.items
+
+    def get(self, lm, ids: list[int]) -> PrefixState:
+        """The prefix's state: from the cache (`fresh` False) or computed now and kept. Callers must not modify
+        the tensors (`kv.cache_from` copies them into a fresh cache)."""
+        key = self._key(lm, ids)
+        if key in self.items:
+            self.items.move_to_end(key)
+            state = self.items[key]
+            return PrefixState(state.ids, state.layers, state.last_logits, fresh=False)
+        state = compute_prefix(lm, ids)
+        self.items[key] = state
+        while len(self.items) > self.max_entries:
+            self.items.popitem(last=False)
+        return state
+
+    def shared_prefix(self, lm, ids: list[int]) -> list[int]:
+        """The longest shared instruction prefix that `ids` starts with (and leaves at least one token after)."""
+        self._key(lm, [])
+        if self.prefixes is None or self.prefixes[0] != id(lm.tokenizer):
+            found = sorted(shared_prefixes(lm.tokenizer), key=len, reverse=True)
+            self.prefixes = (id(lm.tokenizer), found)
+        for prefix in self.prefixes[1]:
+            if len(prefix) < len(ids) and ids[:len(prefix)] == prefix:
+                return prefix
+        return []
+
+    def start(self, lm, ids: list[int]) -> tuple[DynamicCache, int, bool]:
+        """A fresh cache already holding the shared prefix of `ids`, how many tokens it holds, and whether they
+        were read from the cache (False: computed now, so they count as processed)."""
+        prefix = self.shared_prefix(lm, ids)
+        if not prefix:
+            return DynamicCache(), 0, False
+        state = self.get(lm, prefix)
+        return cache_from(state.layers), len(prefix), not state.fresh
+
+
+def prefix_cache(lm) -> PrefixCache:
+    """The LM's prefix cache, made on first use; it lives and dies with the LM object."""
+    if getattr(lm, "prefix_cache", None) is None:
+        lm.prefix_cache = PrefixCache()
+    return lm.prefix_cache
+
+
+def instruction_prefix_ids(tokenizer) -> list[int]:
+    """The prefix every retrieving prompt starts with (rag's layout up to the first passage); it does not depend
+    on the question, so passages can be processed behind it offline."""
+    from .prompt import build_prompt
+
+    return build_prompt(tokenizer, "?", [{"text": "."}]).segments[0].ids
+
+
+def shared_prefix(lm, ids: list[int]) -> PrefixState:
+    """The instruction prefix `ids` from the LM's prefix cache (computed on first use)."""
+    return prefix_cache(lm).get(lm, ids)

@@ -1,0 +1,178 @@
+"""CacheBlend-style: every chunk's full KV computed once, reused at answer time, a fraction r recomputed."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..engine import kv as kvc
+from ..engine.blend import selective_recompute
+from ..engine.generate import decode_loop
+from ..engine.layers import forward_all, require_llama_like
+from ..engine.prefix import instruction_prefix_ids, shared_prefix
+from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text
+from ..engine.scoring import answer_ids, mean_nll
+from ..errors import UserError
+from ..store import artifact_hash
+from .base import Params, Result, finish
+from .chunk_artifacts import PerChunkArtifacts, token_budget
+
+STORAGE = "fp16"
+
+
+@dataclass
+class CacheBlendParams(Params):
+    k: int = 5  # chunks retrieved, as rag
+    r: float = 0.15  # share of passage tokens recomputed through the upper layers (0 = pure reuse, 1 = full prefill)
+    selection_layer: int = 1  # layer where reused and fresh KV are compared; layers below run for every token
+    gradual: bool = False  # pick 2x the tokens at the selection layer and narrow to r at the next one
+
+
+class CacheBlend(PerChunkArtifacts):
+    name = "cacheblend"
+    label = "CacheBlend-style KV reuse + selective recompute"
+    order = 8
+    Params = CacheBlendParams
+    card = """### CacheBlend-style KV reuse with selective recompute (Yao et al., EuroSys 2025)
+**Paper:** RAG prompts are made of retrieved chunks whose KV caches could be precomputed, but a chunk's cache
+computed alone never attended to the chunks before it, so reusing it as is ("full KV reuse") loses the
+cross-chunk attention and quality drops. CacheBlend reuses every chunk's cache and recomputes the KV of a small
+share of tokens (~15%), the ones whose reused KV deviates most from a full prefill ("high-KV-deviation"
+tokens). It finds them at an early layer (after recomputing the first layer fully) and narrows the set over
+the next layers ("gradual filtering"); the recompute is pipelined with loading the caches from disk.
+
+**Here:**
+- Offline (`prepare`): each 64-token chunk is prefilled alone behind the shared instruction prefix and its full
+  KV is stored (fp16, keys without RoPE), keyed by the chunk's text hash, the model, its dtype and a format
+  version. That is LLoCO's capture path at c=1.
+- Answer: the top-k chunks (MiniLM, as rag) are read in document order, one passage per chunk, in rag's prompt
+  layout; their caches are loaded and keys re-rotated to where each chunk lands behind the cached prefix.
+  Layers below `selection_layer` run for every passage token; at the selection layer every token's fresh KV is
+  compared with the reused one (squared distance of keys and values), the `r` share that deviates most goes on
+  through every later layer, attending to the mixed cache and replacing its own KV (`gradual`: 2r is picked
+  and the next layer narrows it to r). Then the question is prefilled and decoding runs as usual.
+- Exact: r=1 is a full prefill of the same token sequence (test: same logits as the model reading the prompt;
+  rag joins neighbouring chunks into one passage, so the layouts differ only by the blank line between two
+  neighbouring chunks). r=0 is pure reuse (test). The first chunk sits right after the prefix in both the
+  capture and the prompt, so its reused KV is already exact.
+- Approximated: every token not selected keeps its reused KV in the layers above the selection layer; no
+  pipelining with loading (the blobs are read from SQLite first); the deviation is measured at one layer.
+- Cost: `processed_tokens` counts token-layers ÷ layers: all passage tokens through layers ≤ selection layer,
+  the r share through the rest, plus the question. Storage is the full KV: ~23 kB per token for SmolLM2-135M.
+- Knobs: k, r, selection_layer, gradual.
+
+**Measured:** not yet; the bench command is
+`python -m ragdemo bench --dataset squad --articles 2 --n 100 --seed 0 --methods rag,cacheblend@r=0,cacheblend@r=0.05,cacheblend,cacheblend@r=0.3 --out bench_out/cacheblend`."""
+
+    # ------------------------------------------------------------ offline
+    def build(self, corpus, lm, chunks) -> list[bytes]:
+        """Each chunk prefilled alone behind the instruction prefix; its full KV, keys made position-free."""
+        prefix = shared_prefix(lm, instruction_prefix_ids(lm.tokenizer))
+        return [kvc.to_bytes(kvc.capture(lm, prefix.layers, encode(lm.tokenizer, passage_text(c["text"])))[0], STORAGE)
+                for c in chunks]
+
+    def digest(self, lm) -> str:
+        return artifact_hash({"base": super().digest(lm), "storage": STORAGE})
+
+    # ------------------------------------------------------------- answer
+    def answer(self, question, corpus, params, stream=None) -> Result:
+        t0 = time.perf_counter()
+        lm = self.check(corpus, params)
+        ctx = self._context(question, corpus, params)
+        t0 += ctx.result.prepare_s  # building missing caches is preparation, not part of this answer's clock
+        with torch.inference_mode():
+            first = forward_all(lm, torch.tensor([ctx.question_ids], device=lm.device), ctx.cache, ctx.next_pos)
+            generation = decode_loop(lm, ctx.cache, first[:, -1:], ctx.next_pos + len(ctx.question_ids),
+                                     params.max_new_tokens, t0, stream)
+        result = finish(ctx.result, lm, ctx.prompt, generation, t0, processed=ctx.processed + len(ctx.question_ids))
+        result.bytes_per_token = round(self.storage(corpus, params).bytes_per_token, 1)
+        return _mark_recomputed(result, ctx.prompt, ctx.recomputed, lm.tokenizer)
+
+    def nll(self, question, gold, corpus, params) -> float:
+        lm = self.check(corpus, params)
+        ctx = self._context(question, corpus, params)
+        target = answer_ids(lm.tokenizer, gold)
+        with torch.inference_mode():
+            logits = forward_all(lm, torch.tensor([ctx.question_ids + target], device=lm.device), ctx.cache, ctx.next_pos)
+        return mean_nll(logits[:, len(ctx.question_ids) - 1:], target)
+
+    # ------------------------------------------------------------ helpers
+    def check(self, corpus, params):
+        lm = corpus.lm
+        require_llama_like(lm, "cacheblend")
+        if not 0.0 <= params.r <= 1.0:
+            raise UserError("cacheblend: r (share of passage tokens recomputed) must be between 0 and 1")
+        if not 0 <= params.selection_layer < lm.n_layers:
+            raise UserError(f"cacheblend: selection_layer must be between 0 and {lm.n_layers - 1}")
+        if params.k < 1:
+            raise UserError("cacheblend: k must be at least 1")
+        return lm
+
+    def _context(self, question, corpus, params) -> "_Context":
+        lm = corpus.lm
+        corpus.require_documents(self.name)
+        hits, retrieve_s = corpus.retrieve(question, params.k)
+        hits = sorted(hits, key=lambda h: (h["doc_id"], h["ord"]))  # document order, one passage per chunk
+        result = Result(self.name, retrieve_s=retrieve_s)
+        text_prompt = build_prompt(lm.tokenizer, question, hits)
+        passages = text_prompt.segments[1:-1]
+        load_start = time.perf_counter()
+        prefix = shared_prefix(lm, text_prompt.segments[0].ids)
+        kvs = [kvc.from_bytes(b, lm.model.dtype, lm.device) for b in self.fetch(corpus, lm, hits, result)]
+        assert [p.n_tokens for p in kvs] == [len(s.ids) for s in passages], "stored cache does not match its chunk"
+        starts = [len(prefix) + sum(len(s.ids) for s in passages[:i]) for i in range(len(passages))]
+        with torch.inference_mode():
+            layers = kvc.placed_layers(lm, prefix.layers, kvs, starts)
+            result.load_s = time.perf_counter() - load_start - result.prepare_s
+            ids = [t for s in passages for t in s.ids]
+            keep = token_budget(params.r, len(ids))
+            blend = selective_recompute(lm, layers, ids, len(prefix), keep, params.selection_layer, params.gradual)
+        n = len(ids)
+        result.chunk_bytes_per_token = round(result.storage_bytes / max(1, n), 1)
+        result.cached_tokens = (0 if prefix.fresh else len(prefix)) + n - len(blend.recomputed)
+        result.notes.append(_recompute_note(params, n, len(blend.recomputed), lm.n_layers))
+        marked = [Segment("prefix", prefix.ids, "text" if prefix.fresh else "cached")]
+        marked += [Segment("passage", s.ids, "cached", s.source) for s in passages]
+        marked.append(text_prompt.segments[-1])
+        processed = (len(prefix) if prefix.fresh else 0) + blend.token_layers / lm.n_layers
+        return _Context(kvc.cache_from(blend.layers), len(prefix) + n, text_prompt.segments[-1].ids, Prompt(marked),
+                        result, processed, _split(blend.recomputed, [len(s.ids) for s in passages]))
+
+
+@dataclass
+class _Context:
+    cache: object
+    next_pos: int
+    question_ids: list[int]
+    prompt: Prompt
+    result: Result
+    processed: float
+    recomputed: list[list[int]]  # per passage, 1 where the token was recomputed through the upper layers
+
+
+def _split(indices: list[int], lengths: list[int]) -> list[list[int]]:
+    flags, offset, chosen = [], 0, set(indices)
+    for length in lengths:
+        flags.append([int(offset + i in chosen) for i in range(length)])
+        offset += length
+    return flags
+
+
+def _recompute_note(params, n: int, recomputed: int, n_layers: int) -> str:
+    if recomputed == 0:
+        return f"pure reuse: all {n} passage tokens read from their chunk caches, none recomputed (r={params.r:g})"
+    return (f"{recomputed} of {n} passage tokens recomputed through layers {params.selection_layer + 1}-{n_layers - 1} "
+            f"(r={params.r:g}, highest KV deviation at layer {params.selection_layer}"
+            f"{', gradual' if params.gradual else ''}); layers 0-{params.selection_layer} ran for every passage token")
+
+
+def _mark_recomputed(result: Result, prompt: Prompt, flags: list[list[int]], tokenizer) -> Result:
+    """"What the model sees": each passage token, with 1 where it was recomputed and 0 where its cache was reused."""
+    views = [v for v in result.segments if v["kind"] == "passage"]
+    segments = [s for s in prompt.segments if s.kind == "passage"]
+    for view, segment, row in zip(views, segments, flags):
+        view["tokens"] = [tokenizer.decode([i]) for i in segment.ids]
+        view["recomputed"] = row
+        view["recomputed_tokens"] = sum(row)
+    return result

@@ -1,0 +1,153 @@
+"""LLMLingua-style prompt compression: keep the retrieved passages' most informative tokens, read them as text."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.numpy import load as load_numpy
+from safetensors.numpy import save as save_numpy
+
+from ..engine.generate import generate, supports_kv_cache
+from ..engine.prefix import compute_prefix, instruction_prefix_ids, shared_prefix
+from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text
+from ..engine.scoring import nll_of_answer
+from ..engine.surprisal import surprisal
+from ..errors import NotSupported, UserError
+from .base import Params, Result, finish
+from .chunk_artifacts import PerChunkArtifacts, token_budget
+
+
+@dataclass
+class LinguaParams(Params):
+    k: int = 5  # chunks retrieved, as rag
+    ratio: float = 0.5  # share of passage tokens kept
+    question_aware: bool = False  # LongLLMLingua's contrastive score: costs a forward of the passages at answer time
+
+
+class Lingua(PerChunkArtifacts):
+    name = "lingua"
+    label = "LLMLingua-style prompt compression"
+    order = 9
+    Params = LinguaParams
+    build_batch = 8  # chunks scored per forward
+    card = """### LLMLingua-style prompt compression (Jiang et al. 2023; Selective Context, Li et al. 2023)
+**Paper:** a small LM scores every prompt token by its self-information (surprisal, −log p given the tokens
+before it); tokens the LM predicts well carry little information and are dropped until a budget is met, and
+the target LLM reads what is left as ordinary text. LongLLMLingua (Jiang et al. 2024) makes it question-aware
+with a *contrastive* score: how much less surprising a token becomes once the question is read first.
+
+**Here:**
+- Offline (`prepare`): every 64-token chunk is read alone behind the shared instruction prefix by the same LM
+  that answers, and each token's surprisal is stored (fp16, 2 bytes per token), keyed by the chunk's text hash.
+- Answer: the top-k chunks (MiniLM, as rag) in document order; of all their tokens, the `ratio` share with the
+  highest surprisal is kept, in order, pooled over the passages (exactly round(ratio × passage tokens)); the
+  kept token ids (not re-tokenised text) go into rag's prompt layout and are read as a normal prompt.
+- `question_aware`: the score becomes surprisal alone − surprisal with the question placed before the
+  passages (LongLLMLingua's contrastive perplexity, as in LLMLingua's `condition_compare`). That needs a forward
+  of the question prefix and all retrieved passages at answer time: counted in `processed_tokens` (which can
+  then exceed `prompt_tokens`) and in TTFT.
+- "What the model sees" shows every passage token, the dropped ones with keep = 0.
+- Exact: ratio=1 reads exactly the same tokens as rag over the same chunks (one passage per chunk).
+- Approximated: the scoring LM is the answering LM (135M) rather than a separate small LM for a large target;
+  no coarse passage-level ranking, budget controller or iterative re-scoring after dropping (LLMLingua re-scores
+  segment by segment); scores of each chunk are computed with the chunk alone, not after the other passages.
+- Knobs: k, ratio, question_aware.
+
+**Measured:** not yet; the bench command is
+`python -m ragdemo bench --dataset squad --articles 2 --n 100 --seed 0 --methods rag,lingua@ratio=0.33,lingua,lingua@ratio=0.7,lingua@ratio=0.33@question_aware=1,lingua@question_aware=1,lingua@ratio=0.7@question_aware=1 --out bench_out/lingua`."""
+
+    # ------------------------------------------------------------ offline
+    def build(self, corpus, lm, chunks) -> list[bytes]:
+        """Each chunk's per-token surprisal, read alone behind the instruction prefix, as fp16."""
+        sequences = [encode(lm.tokenizer, passage_text(c["text"])) for c in chunks]
+        scores = surprisal(lm, shared_prefix(lm, instruction_prefix_ids(lm.tokenizer)), sequences)
+        return [save_numpy({"surprisal": nats.numpy().astype(np.float16)}) for nats in scores]
+
+    # ------------------------------------------------------------- answer
+    def answer(self, question, corpus, params, stream=None) -> Result:
+        t0 = time.perf_counter()
+        lm = self.check(corpus, params)
+        plan = self._plan(question, corpus, params)
+        t0 += plan.result.prepare_s  # scoring chunks that were not prepared is preparation, not this answer
+        generation = generate(lm, plan.kept.ids, params.max_new_tokens, t0, stream)
+        result = finish(plan.result, lm, plan.shown, generation, t0, processed=len(plan.kept) + plan.scoring_tokens)
+        result.prompt_tokens = len(plan.kept)  # the view shows every passage token; the model reads the kept ones
+        result.bytes_per_token = round(self.storage(corpus, params).bytes_per_token, 2)
+        passages = [v for v in result.segments if v["kind"] == "passage"]
+        for view, segment in zip(passages, [s for s in plan.kept.segments if s.kind == "passage"]):
+            view["kept_tokens"] = len(segment.ids)
+        return result
+
+    def nll(self, question, gold, corpus, params) -> float:
+        self.check(corpus, params)
+        return nll_of_answer(corpus.lm, self._plan(question, corpus, params).kept.ids, gold)
+
+    # ------------------------------------------------------------ helpers
+    def check(self, corpus, params):
+        lm = corpus.lm
+        if not supports_kv_cache(lm):
+            raise NotSupported(f"lingua scores tokens with a KV-cached forward; '{lm.model_id}' has none")
+        if not 0.0 < params.ratio <= 1.0:
+            raise UserError("lingua: ratio (share of passage tokens kept) must be in (0, 1]")
+        if params.k < 1:
+            raise UserError("lingua: k must be at least 1")
+        return lm
+
+    def _plan(self, question, corpus, params) -> "_Plan":
+        lm = corpus.lm
+        corpus.require_documents(self.name)
+        hits, retrieve_s = corpus.retrieve(question, params.k)
+        hits = sorted(hits, key=lambda h: (h["doc_id"], h["ord"]))  # document order, one passage per chunk
+        result = Result(self.name, retrieve_s=retrieve_s)
+        full = build_prompt(lm.tokenizer, question, hits)
+        passages = full.segments[1:-1]
+        load_start = time.perf_counter()
+        scores = [torch.from_numpy(load_numpy(b)["surprisal"].astype(np.float32))
+                  for b in self.fetch(corpus, lm, hits, result)]
+        result.load_s = time.perf_counter() - load_start - result.prepare_s
+        assert [len(s) for s in scores] == [len(p.ids) for p in passages], "stored scores do not match their chunk"
+        n = sum(len(p.ids) for p in passages)
+        scoring_tokens = 0
+        if params.question_aware:
+            given, scoring_tokens = _surprisal_given_question(lm, question, passages)
+            scores = [alone - with_q for alone, with_q in zip(scores, given)]
+        flags = keep_flags(scores, token_budget(params.ratio, n))
+        result.chunk_bytes_per_token = round(result.storage_bytes / max(1, n), 2)
+        kept_n = sum(sum(f) for f in flags)
+        result.notes.append(f"{kept_n} of {n} passage tokens kept (ratio {params.ratio:g}, "
+                            f"{'contrastive score given the question' if params.question_aware else 'self-information'})")
+        if scoring_tokens:
+            result.notes.append(f"question-aware scoring ran {scoring_tokens} tokens (question prefix + every retrieved "
+                                f"passage) through the model before the prompt: counted in processed tokens and TTFT")
+        shown = [full.segments[0]] + [Segment("passage", p.ids, "pruned", p.source, [float(f) for f in row])
+                                      for p, row in zip(passages, flags)] + [full.segments[-1]]
+        kept = [full.segments[0]] + [Segment("passage", [t for t, f in zip(p.ids, row) if f], "text", p.source)
+                                     for p, row in zip(passages, flags)] + [full.segments[-1]]
+        return _Plan(Prompt(kept), Prompt(shown), result, scoring_tokens)
+
+
+@dataclass
+class _Plan:
+    kept: Prompt  # what the model reads
+    shown: Prompt  # every passage token with its keep flag, for "what the model sees"
+    result: Result
+    scoring_tokens: int  # tokens run through the model at answer time only to score (question_aware)
+
+
+def keep_flags(scores: list[torch.Tensor], count: int) -> list[list[int]]:
+    """1 for the `count` highest-scored tokens over all passages (ties: the earlier token), 0 for the rest."""
+    flat = torch.cat([s.float() for s in scores]).tolist() if scores else []
+    order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))[:count]
+    chosen = torch.zeros(len(flat), dtype=torch.long)
+    chosen[order] = 1
+    return [row.tolist() for row in chosen.split([s.numel() for s in scores])]
+
+
+def _surprisal_given_question(lm, question: str, passages: list[Segment]) -> tuple[list[torch.Tensor], int]:
+    """Each passage's surprisal when the question comes first (JRT's layout puts it before the context)."""
+    question_prefix = build_prompt(lm.tokenizer, question, [{"text": "."}], repeat_context=True).segments[0].ids
+    prefix = compute_prefix(lm, question_prefix)
+    given = surprisal(lm, prefix, [p.ids for p in passages])
+    return given, len(question_prefix) + sum(len(p.ids) for p in passages)

@@ -1,0 +1,114 @@
+"""LLMLingua-style compression: surprisal as the model computes it, exactly the budgeted tokens kept in order,
+question-aware scoring changes the choice and is paid for, one storage account."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ragdemo.engine.prefix import compute_prefix, instruction_prefix_ids
+from ragdemo.engine.surprisal import surprisal
+from ragdemo.methods import get_method
+from ragdemo.methods.base import StorageAccount, params_from
+from ragdemo.methods.chunk_artifacts import token_budget
+from tests.test_cacheblend import ingest
+
+QUESTION = "Who designed the tower?"
+
+
+def plan(corpus, **knobs):
+    method = get_method("lingua")
+    return method._plan(QUESTION, corpus, params_from(method.Params, knobs))
+
+
+def test_batched_surprisal_equals_the_plain_forward(tiny_lm):
+    tok = tiny_lm.tokenizer
+    prefix_ids = instruction_prefix_ids(tok)
+    sequences = [tok(t, add_special_tokens=False)["input_ids"] for t in
+                 ("The Eiffel Tower is in Paris.", "Bananas are yellow fruits that grow in tropical regions.", "Hi")]
+    got = surprisal(tiny_lm, compute_prefix(tiny_lm, prefix_ids), sequences)
+    for ids, nats in zip(sequences, got):
+        with torch.inference_mode():
+            logits = tiny_lm.model(input_ids=torch.tensor([prefix_ids + ids])).logits[0]
+        logp = F.log_softmax(logits[len(prefix_ids) - 1:-1].float(), dim=-1)
+        want = -logp.gather(-1, torch.tensor(ids).unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(nats, want, atol=1e-4, rtol=1e-4)  # padding in the batch changed nothing
+
+
+@pytest.mark.parametrize("ratio", [0.33, 0.5, 0.7])
+def test_keeps_exactly_the_budgeted_tokens_in_order(tiny_bench, docs_dir, ratio):
+    corpus = ingest(tiny_bench, docs_dir)
+    p = plan(corpus, ratio=ratio)
+    shown = [s for s in p.shown.segments if s.kind == "passage"]
+    kept = [s for s in p.kept.segments if s.kind == "passage"]
+    n = sum(len(s.ids) for s in shown)
+    assert sum(len(s.ids) for s in kept) == token_budget(ratio, n) == round(sum(sum(s.keep) for s in shown))
+    for full, short in zip(shown, kept):  # the kept ids are the flagged ones, in their original order
+        assert short.ids == [t for t, k in zip(full.ids, full.keep) if k == 1]
+    # the model reads prefix, kept tokens, question: ids, not re-tokenised text
+    assert p.kept.ids == p.kept.segments[0].ids + [t for s in kept for t in s.ids] + p.kept.segments[-1].ids
+    # and what was kept is what scored highest
+    lingua = get_method("lingua")
+    hits = sorted(corpus.retrieve(QUESTION, 5)[0], key=lambda h: (h["doc_id"], h["ord"]))
+    from ragdemo.methods.base import Result
+    from safetensors.numpy import load
+    scores = torch.cat([torch.from_numpy(load(b)["surprisal"]).float()
+                        for b in lingua.fetch(corpus, corpus.lm, hits, Result("lingua"))])
+    flags = torch.tensor([k for s in shown for k in s.keep]).bool()
+    assert scores[flags].min() >= scores[~flags].max()
+
+
+def test_ratio_1_reads_what_rag_reads_over_the_same_chunks(tiny_bench, docs_dir):
+    from ragdemo.engine.prompt import build_prompt
+
+    corpus = ingest(tiny_bench, docs_dir)
+    hits = sorted(corpus.retrieve(QUESTION, 5)[0], key=lambda h: (h["doc_id"], h["ord"]))
+    assert plan(corpus, ratio=1.0).kept.ids == build_prompt(corpus.lm.tokenizer, QUESTION, hits).ids
+
+
+def test_question_aware_changes_the_selection_and_is_paid_for(tiny_bench, docs_dir):
+    corpus = ingest(tiny_bench, docs_dir)
+    plain, aware = plan(corpus), plan(corpus, question_aware=True)
+    flags = lambda p: [k for s in p.shown.segments if s.kind == "passage" for k in s.keep]  # noqa: E731
+    assert len(flags(plain)) == len(flags(aware)) and sum(flags(plain)) == sum(flags(aware))
+    assert flags(plain) != flags(aware)
+    n = len(flags(plain))
+    assert plain.scoring_tokens == 0 and aware.scoring_tokens > n  # question prefix + every passage token
+    one, two = tiny_bench.ask(QUESTION, ["lingua"])[0], tiny_bench.ask(QUESTION, ["lingua"], knobs={"lingua": {"question_aware": True}})[0]
+    assert one.processed_tokens == one.prompt_tokens
+    assert two.processed_tokens == two.prompt_tokens + aware.scoring_tokens
+    assert any("question-aware scoring ran" in note for note in two.notes)
+
+
+def test_answer_fields_and_storage_account(tiny_bench, docs_dir):
+    corpus = ingest(tiny_bench, docs_dir)
+    lingua = get_method("lingua")
+    first, = tiny_bench.ask(QUESTION, ["lingua"])
+    assert not first.error and first.prepare_s > 0 and first.cached_tokens == 0
+    lingua.prepare(corpus, lingua.Params())
+    result, = tiny_bench.ask(QUESTION, ["lingua"])
+    assert result.prepare_s == 0
+    passages = [s for s in result.segments if s["kind"] == "passage"]
+    n = sum(s["n_tokens"] for s in passages)
+    assert all(s["mark"] == "pruned" and len(s["keep"]) == len(s["tokens"]) == s["n_tokens"] for s in passages)
+    assert result.prompt_tokens == result.segments[0]["n_tokens"] + token_budget(0.5, n) + result.segments[-1]["n_tokens"]
+    account = lingua.storage(corpus, lingua.Params())
+    assert isinstance(account, StorageAccount) and account.tokens == corpus.n_tokens() and account.shared == {}
+    rows = tiny_bench.store.rows("SELECT nbytes FROM artifacts WHERE method = 'lingua'")
+    assert account.chunk_bytes == sum(r["nbytes"] for r in rows)
+    chunk_tokens = sum(len(corpus.lm.tokenizer(c["text"].strip() + "\n\n", add_special_tokens=False)["input_ids"])
+                       for c in corpus.chunks())
+    assert 2 * chunk_tokens <= account.chunk_bytes < 2 * chunk_tokens + 200 * len(rows)  # fp16 per token + header
+    assert result.bytes_per_token == pytest.approx(account.bytes_per_token, abs=0.01)
+    assert result.storage_bytes > 0 and result.chunk_bytes_per_token == pytest.approx(result.storage_bytes / n, abs=0.01)
+    tiny_bench.delete("eiffel.txt")
+    tiny_bench.delete("bananas.md")
+    assert lingua.storage(corpus, lingua.Params()).chunk_bytes == 0
+
+
+def test_nll_reads_the_compressed_prompt(tiny_bench, docs_dir):
+    from ragdemo.engine.scoring import nll_of_answer
+
+    corpus = ingest(tiny_bench, docs_dir)
+    lingua = get_method("lingua")
+    params = params_from(lingua.Params, {"ratio": 0.33})
+    assert lingua.nll(QUESTION, "Gustave Eiffel", corpus, params) == pytest.approx(
+        nll_of_answer(corpus.lm, plan(corpus, ratio=0.33).kept.ids, "Gustave Eiffel"), abs=1e-5)
