@@ -90,6 +90,10 @@ class Result:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+# The docstring is the glossary: help(Result) shows every field's one meaning.
+Result.__doc__ += "\n\nFields:\n" + "\n".join(f"    {name}: {text}" for name, text in GLOSSARY.items())
+
+
 @dataclass
 class Params:
     """Knobs shared by every method; a method's own Params subclass adds its knobs with defaults."""
