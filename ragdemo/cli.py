@@ -47,9 +47,12 @@ def parse_knobs(pairs: list[str]) -> dict[str, dict]:
 
 def cmd_ingest(bench, args) -> int:
     files = [(Path(p).name, Path(p)) for p in args.paths]
+    if args.retriever or args.rescore:
+        settings = bench.set_retrieval(args.collection, args.retriever, args.rescore)
+        print(f"retriever: {settings['retriever']} (binary rescore x{settings['rescore']})")
     bar, update = _progress_bar("ingest")
     with bar:
-        reports = bench.ingest(files, args.collection, update)
+        reports = bench.ingest(files, args.collection, update, prepare=not args.no_prepare)
     failed = [r for r in reports if r.status == "error"]
     for report in reports:
         if report.status != "error":
@@ -72,10 +75,10 @@ def cmd_ask(bench, args) -> int:
     if args.json:
         # libraries sometimes print to stdout; with --json, stdout carries the JSON array and nothing else
         with contextlib.redirect_stdout(sys.stderr):
-            results = bench.ask(args.question, methods, args.collection, knobs)
+            results = bench.ask(args.question, methods, args.collection, knobs, retriever=args.retriever)
         print(json.dumps([r.to_dict() for r in results], indent=1))
         return 0
-    results = bench.ask(args.question, methods, args.collection, knobs)
+    results = bench.ask(args.question, methods, args.collection, knobs, retriever=args.retriever)
     for r in results:
         print(f"== {r.method} ({r.model})")
         print(r.error or r.answer)
@@ -107,7 +110,10 @@ def cmd_finetune(bench, args) -> int:
 
 
 def cmd_list(bench, args) -> int:
-    docs = bench.documents(args.collection)
+    name = args.collection or bench.settings.default_collection
+    if name not in {c["name"] for c in bench.store.collections()}:
+        raise UserError(f"no collection named {name!r} (see 'python -m ragdemo collections')")
+    docs = bench.documents(name)
     if args.json:
         print(json.dumps(docs, indent=1))
         return 0
@@ -116,6 +122,38 @@ def cmd_list(bench, args) -> int:
     for d in docs:
         storage = ", ".join(f"{m} {b} B" for m, b in d["storage"].items()) or "no method artifacts"
         print(f"{d['id']:>5}  {d['name']}  {d['n_tokens']} tokens  {d['n_chunks']} chunks  {d['size']} bytes  [{storage}]")
+    return 0
+
+
+def cmd_demo(bench, args) -> int:
+    from .workbench import DEMO_COLLECTION
+
+    bar, update = _progress_bar("demo")
+    with bar:
+        reports = bench.load_demo(update, prepare=not args.no_prepare)
+    for report in reports:
+        print(f"{report.status}: {report.message}")
+    print(f"collection {DEMO_COLLECTION!r} is ready. Example questions (gold answers):")
+    for question, answers in bench.demo_examples():
+        print(f"  {question}  [{' | '.join(answers)}]")
+    print(f"try: python -m ragdemo ask {bench.demo_examples(1)[0][0]!r} --collection {DEMO_COLLECTION}")
+    return 0
+
+
+def cmd_collections(bench, args) -> int:
+    if args.rename:
+        bench.rename_collection(args.rename[0], args.rename[1])
+        print(f"renamed {args.rename[0]!r} to {args.rename[1]!r}")
+    elif args.delete:
+        if not args.yes:
+            raise UserError(f"deleting {args.delete!r} removes its documents and prepared artifacts; add --yes to confirm")
+        bench.delete_collection(args.delete)
+        print(f"deleted collection {args.delete!r}")
+    elif args.create:
+        bench.create_collection(args.create)
+        print(f"created collection {args.create!r}")
+    for c in bench.store.collections():
+        print(f"{c['name']}  {c['documents']} documents  {c['tokens']} tokens")
     return 0
 
 
@@ -132,6 +170,39 @@ def cmd_bench_speed(bench, args) -> int:
     return 0
 
 
+def cmd_bench_order(bench, args) -> int:
+    from .bench.datasets import load_squad
+    from .bench.order import DEFAULT_ORDER_METHODS, format_rows, run_order_bench
+    from .methods import parse_methods
+
+    methods = parse_methods(args.methods, list(DEFAULT_ORDER_METHODS))
+    data = load_squad(n=args.n, seed=args.seed, articles=args.articles)
+    (haystack,) = data.haystacks
+    print(f"{data.description}; {len(methods)} methods, each question in a fresh process; "
+          f"load average at start {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    bar, update = _progress_bar("bench-order")
+    with bar:
+        rows = run_order_bench(bench.settings, methods, [q.question for q in haystack.questions],
+                               haystack.documents, update)
+    print(format_rows(rows))
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+    return 0 if all(r.meets_target for r in rows) else 1
+
+
+def cmd_bench_storage(bench, args) -> int:
+    from .bench.storage import run_storage_bench, storage_markdown, write_storage
+
+    bar, update = _progress_bar("bench-storage")
+    with bar:
+        rows = run_storage_bench(bench.settings, args.methods or "btr@bits=1,lloco@c=4", args.min_tokens, update)
+    lm = bench.models.lm
+    written = write_storage(rows, Path(args.out), {"model": lm.model_id, "dtype": str(lm.dtype),
+                                                   "min_tokens": args.min_tokens, "methods": args.methods})
+    print(storage_markdown(rows))
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
 def cmd_bench(bench, args) -> int:
     from .bench.command import cmd_bench as run
 
@@ -139,9 +210,11 @@ def cmd_bench(bench, args) -> int:
 
 
 COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "prepare": cmd_prepare, "list": cmd_list, "delete": cmd_delete,
+            "demo": cmd_demo, "collections": cmd_collections,
             "bench": cmd_bench,
             "finetune": cmd_finetune,
-            "bench-speed": cmd_bench_speed}
+            "bench-speed": cmd_bench_speed, "bench-order": cmd_bench_order,
+            "bench-storage": cmd_bench_storage}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -162,20 +235,45 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("ingest", parents=[common], help="add documents to a collection")
     p.add_argument("paths", nargs="+")
+    p.add_argument("--retriever", choices=["float", "binary"], default=None,
+                   help="store this retriever with the collection: exact float vectors, or 1-bit codes + rescoring")
+    p.add_argument("--rescore", type=int, default=None, help="binary retriever: rescore the top k x RESCORE (default 10)")
+    p.add_argument("--no-prepare", action="store_true",
+                   help="store the documents only; methods build their offline artifacts on first use")
     p = sub.add_parser("ask", parents=[common], help="answer a question with several methods")
     p.add_argument("question")
     p.add_argument("--methods", default=None, help="comma-separated, e.g. closed_book,full_context,rag")
     p.add_argument("--json", action="store_true", help="print a JSON array of Result objects, nothing else")
+    p.add_argument("--retriever", choices=["float", "binary"], default=None,
+                   help="for this question only (default: the collection's, set with ingest --retriever)")
     p = sub.add_parser("prepare", parents=[common], help="build the methods' offline artifacts")
     p.add_argument("--methods", default=None)
     p = sub.add_parser("finetune", parents=[common], help="train a method's per-collection adapter (e.g. lloco)")
     p.add_argument("--method", required=True)
     p = sub.add_parser("list", parents=[common], help="list the documents of a collection")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("demo", parents=[common], help="load the bundled SQuAD article as collection 'demo', prepared")
+    p.add_argument("--no-prepare", action="store_true", help="store the article only")
+    p = sub.add_parser("collections", parents=[common], help="list, create, rename or delete collections")
+    p.add_argument("--create", metavar="NAME")
+    p.add_argument("--rename", nargs=2, metavar=("OLD", "NEW"))
+    p.add_argument("--delete", metavar="NAME")
+    p.add_argument("--yes", action="store_true", help="confirm --delete")
     p = sub.add_parser("delete", parents=[common], help="delete a document (id, name or sha256 prefix)")
     p.add_argument("doc")
     p = sub.add_parser("bench-speed", parents=[common], help="ingest, retrieval, load and prefill speed on this machine")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
+    p = sub.add_parser("bench-order", parents=[common],
+                       help="does a method's TTFT depend on its position? same questions, methods in order and reversed")
+    p.add_argument("--methods", default=None, help="default: closed_book,rag,retro,btr,lloco")
+    p.add_argument("--n", type=int, default=5, help="questions (SQuAD v1.1 dev sample)")
+    p.add_argument("--articles", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("bench-storage", parents=[common],
+                       help="every byte BTR and LLoCO keep, on the 2-article SQuAD sample and a larger essay collection")
+    p.add_argument("--methods", default=None, help="method variants, default btr@bits=1,lloco@c=4")
+    p.add_argument("--min-tokens", type=int, default=50_000, help="size of the essay collection")
+    p.add_argument("--out", default="assets/results/storage")
     from .bench.command import add_bench_parser
 
     add_bench_parser(sub, common)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .config import Settings
+from .engine.warmup import warm_model
 from .engine.generate import TimedStream
 from .errors import NotSupported, UserError
 from .ingest import IngestReport, ingest_files
@@ -14,7 +16,20 @@ from .methods.base import Progress, Result, params_from
 from .models import Models
 from .store import Corpus, IndexCache, Store
 
-DEFAULT_METHODS = ["closed_book", "full_context", "rag"]
+# Methods that answer in seconds on a CPU; full context (minutes on a long collection) is opt-in.
+DEFAULT_METHODS = ["closed_book", "rag", "retro", "btr", "lloco"]
+DEMO_COLLECTION = "demo"
+DEMO_ARTICLE = "Amazon_rainforest.txt"  # the shortest bundled SQuAD article (~3.5k tokens)
+DEMO_EXAMPLES = 8
+
+
+@dataclass
+class Warmup:
+    """What a warm-up did, so the app and the CLI can say it (and tests can check nothing was skipped)."""
+
+    model_s: float = 0.0
+    collection_s: float = 0.0
+    done: list[str] = field(default_factory=list)
 
 
 class Workbench:
@@ -23,22 +38,97 @@ class Workbench:
         self.store = Store(self.settings.home)
         self.models = Models(self.settings)
         self.indexes = IndexCache(self.store)
+        self._warm_models: set[int] = set()  # id() of LM objects already warmed in this process
+        self._warm_collections: set[tuple[int, int]] = set()  # (LM id, collection id)
 
-    def corpus(self, collection: str | None = None, create: bool = True) -> Corpus:
+    # --------------------------------------------------------------- warm-up
+    def warm(self, collection: str | None = None, progress: Progress | None = None) -> Warmup:
+        """Warm everything an answer touches before any timed answer: the model (a short prefill and decode
+        steps, prefix caches), the embedder, and the collection's FAISS index. Idempotent and cheap once done."""
+        report = Warmup()
+        lm = self.models.lm
+        if id(lm) not in self._warm_models:
+            if progress:
+                progress(0.0, "warming up the model…")
+            with lm.lock:
+                report.model_s = warm_model(lm)
+            self._warm_models.add(id(lm))
+            report.done.append("model")
+        corpus = self._existing_corpus(collection)
+        if corpus is not None and (id(lm), corpus.collection_id) not in self._warm_collections:
+            if progress:
+                progress(0.5, "warming up retrieval…")
+            report.collection_s = self._warm_collection(corpus)
+            report.done.append("collection")
+        if progress:
+            progress(1.0, "warm")
+        return report
+
+    def _existing_corpus(self, collection: str | None) -> Corpus | None:
+        name = collection or self.settings.default_collection
+        try:
+            self.store.collection_id(name, create=False)
+        except UserError:
+            return None
+        return self.corpus(name)
+
+    def _warm_collection(self, corpus: Corpus) -> float:
+        """Embedder, index (built or read now rather than inside the first answer's retrieval) and one search."""
+        started = time.perf_counter()
+        if not corpus.is_empty():
+            corpus.search(["warm-up query"], 1)
+        self._warm_collections.add((id(corpus.lm), corpus.collection_id))
+        return time.perf_counter() - started
+
+    def corpus(self, collection: str | None = None, create: bool = True, retriever: str | None = None) -> Corpus:
+        """`retriever` (float | binary) overrides the collection's stored choice for this corpus only."""
         name = collection or self.settings.default_collection
         if not create:
             self.store.collection_id(name, create=False)
-        return Corpus(self.store, name, self.models, self.indexes)
+        return Corpus(self.store, name, self.models, self.indexes, retriever)
+
+    def set_retrieval(self, collection: str | None = None, retriever: str | None = None,
+                      rescore: int | None = None) -> dict:
+        """The collection's retriever (float | binary) and binary rescoring factor, stored with it:
+        {retriever, rescore} after the change (None leaves a setting as it is)."""
+        return self.corpus(collection).set_retrieval(retriever, rescore)
 
     # -------------------------------------------------------------- library
     def ingest(self, files: list[tuple[str, bytes | Path]], collection: str | None = None,
-               progress: Progress | None = None) -> list[IngestReport]:
+               progress: Progress | None = None, prepare: bool = False) -> list[IngestReport]:
+        """Store the files; with `prepare` (the CLI's and the app's default) also build the offline artifacts of
+        every method that has them at its default knobs, so that no answer pays for one-time preparation. The
+        preparation lines come back as reports with status "prepared" or "skipped"."""
         corpus = self.corpus(collection)
-        return ingest_files(self.store, corpus.collection_id, files, self.models.lm.tokenizer, self.models.embedder,
-                            self.settings.chunk_tokens, int(self.settings.max_file_mb * 1e6), progress)
+        share = 0.4 if prepare else 1.0
+        ingest_progress = (lambda f, m: progress(share * f, m)) if progress else None
+        reports = ingest_files(self.store, corpus.collection_id, files, self.models.lm.tokenizer,
+                               self.models.embedder, self.settings.chunk_tokens, int(self.settings.max_file_mb * 1e6),
+                               ingest_progress)
+        if prepare and any(r.status == "added" for r in reports):
+            rest = (lambda f, m: progress(share + (1 - share) * f, m)) if progress else None
+            reports += self._prepare_defaults(corpus, rest)
+        self._warm_collection(corpus)
+        return reports
+
+    def _prepare_defaults(self, corpus: Corpus, progress: Progress | None) -> list[IngestReport]:
+        """Every method with offline artifacts, at its default knobs; one that cannot run on this model (or whose
+        defaults do not fit it, e.g. a split deeper than a tiny model) is reported as skipped, not as a failed
+        upload."""
+        names = [name for name, method in registry().items() if method.has_prepare]
+        reports = []
+        for i, name in enumerate(names):
+            try:
+                (line,) = self.prepare([name], corpus.collection, None, _scaled(progress, i, len(names), ""))
+                reports.append(IngestReport(name, "prepared", line))
+            except (NotSupported, UserError) as exc:
+                reports.append(IngestReport(name, "skipped", f"{name}: not prepared ({exc})"))
+        return reports
 
     def documents(self, collection: str | None = None) -> list[dict]:
-        corpus = self.corpus(collection)
+        corpus = self._existing_corpus(collection)  # reading never creates a collection
+        if corpus is None:
+            return []
         per_method = self.store.artifact_bytes_by_document(corpus.collection_id)
         docs = self.store.documents(corpus.collection_id)
         for doc in docs:
@@ -46,7 +136,10 @@ class Workbench:
         return docs
 
     def delete(self, ref: str, collection: str | None = None) -> dict:
-        return self.store.delete_document(self.corpus(collection, create=False).collection_id, ref)
+        corpus = self.corpus(collection, create=False)
+        doc = self.store.delete_document(corpus.collection_id, ref)
+        self._warm_collection(corpus)  # the index is rebuilt now, not inside the next answer
+        return doc
 
     # ------------------------------------------------------------- methods
     def prepare(self, methods: list[str], collection: str | None = None, knobs: dict | None = None,
@@ -88,12 +181,15 @@ class Workbench:
         return question
 
     def ask(self, question: str, methods: list[str], collection: str | None = None, knobs: dict | None = None,
-            stream: Callable[[str, str], None] | None = None, record: bool = True) -> list[Result]:
-        """Run each method in turn; the model is shared, so answers are serialised through its lock."""
+            stream: Callable[[str, str], None] | None = None, record: bool = True,
+            retriever: str | None = None) -> list[Result]:
+        """Run each method in turn; the model is shared, so answers are serialised through its lock.
+        `retriever` overrides the collection's retriever for this question only."""
         question = self.check_question(question)
         self.models.lm  # a bad model id or quantisation request is reported before anything else
-        corpus = self.corpus(collection, create=False)
+        corpus = self.corpus(collection, create=False, retriever=retriever)
         started = time.perf_counter()
+        self.warm(corpus.collection)
         limit = self.settings.max_compare_s
         results = []
         for name in methods:
@@ -114,12 +210,51 @@ class Workbench:
                 result.notes.append(f"answer cut after {result.new_tokens} tokens: this Compare reached its "
                                     f"{limit:g} s limit (RAGDEMO_MAX_COMPARE_S)")
             if record:
-                self.store.add_run(corpus.collection_id, question, result.to_dict())
+                # the knobs that differ from the method's defaults, so History tells runs apart
+                knobs_used = {k: v for k, v in vars(params).items() if v != getattr(method.Params(), k, None)}
+                self.store.add_run(corpus.collection_id, question, {**result.to_dict(), "params": knobs_used})
             results.append(result)
         return results
 
     def runs(self, collection: str | None = None, limit: int = 50) -> list[dict]:
-        return self.store.runs(self.corpus(collection).collection_id, limit)
+        corpus = self._existing_corpus(collection)
+        return self.store.runs(corpus.collection_id, limit) if corpus else []
+
+    # ---------------------------------------------------------- collections
+    def create_collection(self, name: str) -> str:
+        self.store.collection_id(name, create=True)
+        return name
+
+    def rename_collection(self, name: str, new_name: str) -> None:
+        self.store.rename_collection(name, new_name)
+
+    def delete_collection(self, name: str) -> None:
+        self.store.delete_collection(name)
+
+    # ----------------------------------------------------------------- demo
+    @staticmethod
+    def demo_examples(n: int = DEMO_EXAMPLES) -> list[tuple[str, list[str]]]:
+        """(question, gold answers) over the demo article: the first `n` with a short answer, in SQuAD order."""
+        from .bench.datasets import load_squad
+
+        (haystack,) = load_squad().haystacks
+        questions = [q for q in haystack.questions if q.meta.get("doc") == DEMO_ARTICLE and len(q.answers[0].split()) <= 4]
+        return [(q.question, q.answers) for q in questions[:n]]
+
+    def load_demo(self, progress: Progress | None = None, prepare: bool = True) -> list[IngestReport]:
+        """The bundled SQuAD article as collection `demo`, prepared for every method with offline artifacts.
+        Idempotent: a second call finds the document by its content and prepares only what is missing (an
+        interrupted first call is finished)."""
+        from .bench.datasets import load_squad
+
+        (haystack,) = load_squad().haystacks
+        files = [(name, text.encode()) for name, text in haystack.documents if name == DEMO_ARTICLE]
+        share = 0.3 if prepare else 1.0
+        reports = self.ingest(files, DEMO_COLLECTION, progress and (lambda f, m: progress(share * f, m)), prepare=False)
+        if prepare:
+            rest = progress and (lambda f, m: progress(share + (1 - share) * f, m))
+            reports += self._prepare_defaults(self.corpus(DEMO_COLLECTION), rest)
+        return reports
 
     def use_settings(self, settings: Settings) -> None:
         """Switch model, device or quantisation. The new model loads first, so a failure (no hub, no CUDA)
@@ -127,6 +262,7 @@ class Workbench:
         models = Models(settings)
         models.lm
         self.settings, self.models = settings, models
+        self.warm()
 
     def require_private(self, what: str) -> None:
         """Long jobs that would hold the one model queue for minutes are off on a shared Space."""
@@ -148,6 +284,7 @@ def _over_time(name: str, model: str, limit: float) -> Result:
 def _scaled(progress: Progress | None, index: int, count: int, name: str) -> Progress | None:
     if progress is None:
         return None
-    return lambda fraction, message: progress((index + fraction) / count, f"{name}: {message}")
+    prefix = f"{name}: " if name else ""
+    return lambda fraction, message: progress((index + fraction) / count, f"{prefix}{message}")
 
 
