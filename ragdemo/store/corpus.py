@@ -4,11 +4,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 
 from ..config import Settings
 from ..errors import UserError
 from ..models import Models
-from .db import Store
+from .db import RETRIEVERS, Store
 from .index import IndexCache
 
 
@@ -18,11 +19,14 @@ class Corpus:
     collection: str
     models: Models
     indexes: IndexCache | None = None
+    retriever: str | None = None  # float | binary for this corpus only; None = the collection's own setting
     collection_id: int = field(init=False)
 
     def __post_init__(self):
         self.collection_id = self.store.collection_id(self.collection)
         self.indexes = self.indexes or IndexCache(self.store)
+        if self.retriever is not None and self.retriever not in RETRIEVERS:
+            raise UserError(f"retriever must be one of {', '.join(RETRIEVERS)}, got {self.retriever!r}")
 
     @property
     def settings(self) -> Settings:
@@ -37,7 +41,7 @@ class Corpus:
         return self.models.embedder
 
     def is_empty(self) -> bool:
-        return not self.store.documents(self.collection_id)
+        return not self.store.has_documents(self.collection_id)
 
     def require_documents(self, method: str) -> None:
         if self.is_empty():
@@ -53,13 +57,42 @@ class Corpus:
     def chunks(self) -> list[dict]:
         return self.store.chunks(self.collection_id)
 
-    def index(self):
-        return self.indexes.get(self.collection_id, self.embedder.name)
+    # ------------------------------------------------------------ retrieval
+    def retrieval_settings(self) -> dict:
+        """{retriever, rescore} in force: this corpus's override, else the collection's stored choice."""
+        state = self.store.collection_state(self.collection_id)
+        return {"retriever": self.retriever or state["retriever"], "rescore": int(state["rescore"])}
+
+    def set_retrieval(self, retriever: str | None = None, rescore: int | None = None) -> dict:
+        """Store the collection's retriever (float | binary) and rescoring factor; every later corpus uses it."""
+        state = self.store.set_retrieval(self.collection_id, retriever, rescore)
+        return {"retriever": state["retriever"], "rescore": int(state["rescore"])}
+
+    @property
+    def retriever_note(self) -> str:
+        """One line for a Result's notes: which retriever finds the passages."""
+        settings = self.retrieval_settings()
+        if settings["retriever"] == "binary":
+            return (f"retriever: binary (1-bit sign codes, {self.embedder.dim // 8} B per chunk, Hamming search, "
+                    f"top k x {settings['rescore']} rescored with the float vectors)")
+        return f"retriever: float (exact L2 over {self.embedder.dim}-d float32 embeddings)"
+
+    def index(self, kind: str | None = None):
+        return self.indexes.get(self.collection_id, self.embedder.name, kind or self.retrieval_settings()["retriever"])
+
+    def nearest(self, vectors: np.ndarray, k: int, settings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(squared L2 distances, chunk ids) [n, k'] of embedded queries under `settings` (default: in force)."""
+        settings = settings or self.retrieval_settings()
+        index = self.index(settings["retriever"])
+        if index.kind == "binary":
+            return index.search(vectors, k, settings["rescore"])
+        return index.search(vectors, k)
 
     def search(self, queries: list[str], k: int) -> list[list[dict]]:
-        """For each query, its k nearest chunks by L2 over MiniLM embeddings, best first."""
-        vectors = self.embedder.embed(queries)
-        distances, ids = self.index().search(vectors, k)
+        """For each query, its k nearest chunks by L2 over MiniLM embeddings, best first. Each hit names the
+        retriever that found it (`retriever`)."""
+        settings = self.retrieval_settings()
+        distances, ids = self.nearest(self.embedder.embed(queries), k, settings)
         found = self.store.chunks_by_id([int(i) for i in ids.ravel() if i >= 0])
         results = []
         for row_d, row_i in zip(distances, ids):
@@ -70,6 +103,7 @@ class Corpus:
                 chunk = dict(found[int(i)])
                 chunk["distance"] = float(d)
                 chunk["score"] = round(1.0 - float(d) / 2.0, 4)  # cosine, since vectors are unit length
+                chunk["retriever"] = settings["retriever"]
                 hits.append(chunk)
             results.append(hits)
         return results
@@ -81,6 +115,52 @@ class Corpus:
         start = time.perf_counter()
         hits = self.search([query], k)[0]
         return hits, time.perf_counter() - start
+
+    def compare_retrievers(self, queries: list[str], k: int = 5, rescore: int | None = None) -> "RetrieverComparison":
+        """Binary against float on the same queries: recall@k of the binary top-k (with and without rescoring)
+        against the exact float top-k, and both indexes' bytes. The per-query chunk ids are kept so a benchmark
+        can also score each retriever against gold passages."""
+        rescore = int(rescore or self.retrieval_settings()["rescore"])
+        vectors = self.embedder.embed(queries)
+        float_index, binary_index = self.index("float"), self.index("binary")
+        _, float_ids = float_index.search(vectors, k)
+        _, binary_ids = binary_index.search(vectors, k, rescore)
+        _, hamming_ids = binary_index.hamming_search(vectors, k)
+        return RetrieverComparison(
+            k=k, rescore=rescore, chunks=len(float_index), float_index_bytes=float_index.nbytes,
+            binary_index_bytes=binary_index.nbytes, id_bytes=float_index.id_bytes,
+            recall_at_k=_recall(binary_ids, float_ids), recall_at_k_hamming_only=_recall(hamming_ids, float_ids),
+            float_ids=float_ids.tolist(), binary_ids=binary_ids.tolist())
+
+
+@dataclass
+class RetrieverComparison:
+    k: int
+    rescore: int
+    chunks: int
+    float_index_bytes: int  # the searched vectors: chunks x d x 4
+    binary_index_bytes: int  # chunks x d / 8
+    id_bytes: int  # the chunk-id map each index carries on top (8 B per chunk)
+    recall_at_k: float  # mean share of the float top-k that the binary retriever (with rescoring) also returns
+    recall_at_k_hamming_only: float  # the same for the Hamming top-k before rescoring
+    float_ids: list[list[int]]
+    binary_ids: list[list[int]]
+
+    @property
+    def size_ratio(self) -> float:
+        return self.float_index_bytes / max(1, self.binary_index_bytes)
+
+    def summary(self) -> str:
+        return (f"binary retriever on {len(self.float_ids)} queries over {self.chunks} chunks: recall@{self.k} "
+                f"{self.recall_at_k:.3f} against float with rescore {self.rescore} ({self.recall_at_k_hamming_only:.3f} "
+                f"Hamming only); index {self.binary_index_bytes:,} B vs {self.float_index_bytes:,} B "
+                f"({self.size_ratio:.0f}x smaller; + {self.id_bytes:,} B of chunk ids each)")
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    shares = [len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) / max(1, int((t >= 0).sum()))
+              for f, t in zip(found, truth)]
+    return float(np.mean(shares)) if shares else 0.0
 
 
 def group_passages(hits: list[dict]) -> list[dict]:

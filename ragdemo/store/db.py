@@ -16,6 +16,8 @@ import sqlite_utils
 from ..errors import UserError
 
 SCHEMA_VERSION = 1
+RETRIEVERS = ("float", "binary")
+DEFAULT_RESCORE = 10  # the binary path rescores k x rescore Hamming candidates with the float vectors
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$")
 
 
@@ -59,6 +61,7 @@ class Store:
         with self.transaction():
             self.db.execute("""CREATE TABLE IF NOT EXISTS collections (
                 id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, created REAL NOT NULL)""")
+            self._add_retrieval_columns()
             self.db.execute("""CREATE TABLE IF NOT EXISTS documents (
                 id INTEGER PRIMARY KEY, collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
                 sha256 TEXT NOT NULL, name TEXT NOT NULL, size INTEGER NOT NULL, n_tokens INTEGER NOT NULL,
@@ -83,7 +86,67 @@ class Store:
             self.db.execute("CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id, ord)")
             self.db.execute("CREATE INDEX IF NOT EXISTS artifacts_chunk ON artifacts(chunk_id)")
             self.db.execute("CREATE INDEX IF NOT EXISTS artifacts_collection ON artifacts(collection_id)")
+            self._create_version_triggers()
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # Retrieval state per collection: `uid` is random and never reused (SQLite reuses deleted row ids, so a
+    # recreated collection can get a dropped one's id), `version` counts document inserts and deletes,
+    # `retriever`/`rescore` choose float or binary search. (uid, version) names the collection's content.
+    RETRIEVAL_COLUMNS = {"uid": "TEXT", "version": "INTEGER NOT NULL DEFAULT 0",
+                         "retriever": "TEXT NOT NULL DEFAULT 'float'", "rescore": f"INTEGER NOT NULL DEFAULT {DEFAULT_RESCORE}"}
+
+    def _add_retrieval_columns(self) -> None:
+        """Stores made before these columns existed get them here (SQLite has no ADD COLUMN IF NOT EXISTS)."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(collections)").fetchall()}
+        for name, declaration in self.RETRIEVAL_COLUMNS.items():
+            if name not in have:
+                self.db.execute(f"ALTER TABLE collections ADD COLUMN {name} {declaration}")
+        self.db.execute("UPDATE collections SET uid = lower(hex(randomblob(16))) WHERE uid IS NULL")
+
+    def _create_version_triggers(self) -> None:
+        """The version moves inside the very transaction that adds or removes a document (also through a
+        cascade from a dropped collection), so a reader can never see new rows under an old version."""
+        for event, row in (("INSERT", "NEW"), ("DELETE", "OLD")):
+            self.db.execute(f"""CREATE TRIGGER IF NOT EXISTS documents_{event.lower()}_version AFTER {event} ON documents
+                                BEGIN UPDATE collections SET version = version + 1 WHERE id = {row}.collection_id; END""")
+
+    def _migrate_artifacts(self) -> None:
+        """Schema 2: chunks carry their text's hash and artifacts are keyed by content.
+
+        Stores from schema 1 get `chunks.sha256` filled in, an `artifacts.basis` column, and lose the artifacts
+        that were keyed by row ids (chunk ids, `lora:{collection id}`): no key can reach them any more, so they
+        would only be counted as storage. They are caches, rebuilt by the next prepare (a trained adapter has to
+        be trained again: the old one may belong to a deleted document whose ids were reused)."""
+        chunk_columns = {row[1] for row in self.db.execute("PRAGMA table_info(chunks)").fetchall()}
+        if "sha256" not in chunk_columns:
+            self.db.execute("ALTER TABLE chunks ADD COLUMN sha256 TEXT")
+            rows = self.db.execute("SELECT id, text FROM chunks").fetchall()
+            self.db.conn.executemany("UPDATE chunks SET sha256 = ? WHERE id = ?",
+                                     [(sha256(text.encode()), chunk_id) for chunk_id, text in rows])
+        artifact_columns = {row[1] for row in self.db.execute("PRAGMA table_info(artifacts)").fetchall()}
+        if "basis" not in artifact_columns:
+            self.db.execute("ALTER TABLE artifacts ADD COLUMN basis TEXT")
+        if int(self.value("PRAGMA user_version") or 0) < 2:
+            self.db.execute("DELETE FROM artifacts WHERE key NOT LIKE 'text:%'")
+        self.db.execute("CREATE INDEX IF NOT EXISTS chunks_sha256 ON chunks(sha256)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS artifacts_key ON artifacts(key)")
+        self._create_artifact_triggers()
+
+    def _create_artifact_triggers(self) -> None:
+        """Artifacts follow the content they were built from, on every path that changes it (add, delete,
+        a cascade from a dropped collection):
+        - a chunk artifact is shared by every chunk with the same text; when its owning chunk goes, another
+          chunk with that text (in any collection) takes it over, and only the last one takes it along;
+        - an artifact with a `basis` was built from the whole collection (a decoder, a codebook, an adapter, codes
+          encoded with that decoder): once a document is added or removed it is superseded, so it is deleted
+          there and then, and the next prepare builds it for the new content."""
+        self.db.execute("""CREATE TRIGGER IF NOT EXISTS chunks_delete_hand_over_artifacts BEFORE DELETE ON chunks
+            BEGIN UPDATE artifacts SET chunk_id = (SELECT MIN(c.id) FROM chunks c WHERE c.sha256 = OLD.sha256 AND c.id != OLD.id)
+                  WHERE chunk_id = OLD.id AND EXISTS (SELECT 1 FROM chunks c WHERE c.sha256 = OLD.sha256 AND c.id != OLD.id);
+            END""")
+        for event, row in (("INSERT", "NEW"), ("DELETE", "OLD")):
+            self.db.execute(f"""CREATE TRIGGER IF NOT EXISTS documents_{event.lower()}_drop_superseded AFTER {event} ON documents
+                BEGIN DELETE FROM artifacts WHERE basis IS NOT NULL AND collection_id = {row}.collection_id; END""")
 
     @contextmanager
     def transaction(self):
@@ -116,8 +179,27 @@ class Store:
         if not create:
             raise UserError(f"no collection named {name!r}; ingest documents into it first")
         with self.transaction():
-            self.db.execute("INSERT OR IGNORE INTO collections (name, created) VALUES (?, ?)", (name, time.time()))
+            self.db.execute("INSERT OR IGNORE INTO collections (name, created, uid) VALUES (?, ?, lower(hex(randomblob(16))))",
+                            (name, time.time()))
         return int(self.value("SELECT id FROM collections WHERE name = ?", (name,)))
+
+    def collection_state(self, collection_id: int) -> dict:
+        """{uid, version, retriever, rescore}: one primary-key read, cheap enough for every retrieval."""
+        found = self.rows("SELECT uid, version, retriever, rescore FROM collections WHERE id = ?", (collection_id,))
+        if not found:
+            raise UserError(f"collection {collection_id} no longer exists")
+        return found[0]
+
+    def set_retrieval(self, collection_id: int, retriever: str | None = None, rescore: int | None = None) -> dict:
+        """Choose the collection's retriever (float | binary) and the binary path's rescoring factor."""
+        if retriever is not None and retriever not in RETRIEVERS:
+            raise UserError(f"retriever must be one of {', '.join(RETRIEVERS)}, got {retriever!r}")
+        if rescore is not None and not 1 <= int(rescore) <= 1000:
+            raise UserError(f"rescore must be between 1 and 1000, got {rescore!r}")
+        with self.transaction():
+            self.db.execute("UPDATE collections SET retriever = COALESCE(?, retriever), rescore = COALESCE(?, rescore) "
+                            "WHERE id = ?", (retriever, None if rescore is None else int(rescore), collection_id))
+        return self.collection_state(collection_id)
 
     def collections(self) -> list[dict]:
         return self.rows("""SELECT c.id, c.name, COUNT(d.id) AS documents, COALESCE(SUM(d.n_tokens), 0) AS tokens
@@ -151,6 +233,10 @@ class Store:
         return self.rows("""SELECT d.id, d.name, d.size, d.n_tokens, d.sha256,
                                    (SELECT COUNT(*) FROM chunks c WHERE c.doc_id = d.id) AS n_chunks
                             FROM documents d WHERE d.collection_id = ? ORDER BY d.id""", (collection_id,))
+
+    def has_documents(self, collection_id: int) -> bool:
+        """One index probe, not a scan: asked before every answer."""
+        return bool(self.value("SELECT EXISTS (SELECT 1 FROM documents WHERE collection_id = ?)", (collection_id,)))
 
     def collection_tokens(self, collection_id: int) -> int:
         return int(self.value("SELECT COALESCE(SUM(n_tokens), 0) FROM documents WHERE collection_id = ?",
@@ -209,10 +295,21 @@ class Store:
         matrix = np.stack([np.frombuffer(r["vec"], dtype=np.float16) for r in rows]).astype(np.float32)
         return ids, matrix
 
+    def vectors_by_id(self, chunk_ids: list[int], embedder: str) -> np.ndarray:
+        """float32 [len(chunk_ids), dim] in the given order: the stored vectors the binary retriever rescores with."""
+        if not chunk_ids:
+            return np.zeros((0, 0), dtype=np.float32)
+        marks = ",".join("?" * len(chunk_ids))
+        with self.lock:
+            found = dict(self.db.execute(f"SELECT chunk_id, vec FROM vectors WHERE embedder = ? AND chunk_id IN ({marks})",
+                                         (embedder, *map(int, chunk_ids))).fetchall())
+        return np.stack([np.frombuffer(found[int(i)], dtype=np.float16) for i in chunk_ids]).astype(np.float32)
+
     def vector_signature(self, collection_id: int, embedder: str) -> str:
         """Changes whenever the set of embedded chunks changes; FAISS files carry it to detect staleness.
         SQLite reuses the ids of deleted rows, so ids alone cannot tell a new collection from a dropped one with
-        as many chunks: each document's content hash is part of the signature."""
+        as many chunks: each document's content hash is part of the signature. It reads every vector row, so
+        the index cache computes it only when the collection's version has moved, not per retrieval."""
         rows = self.rows("""SELECT d.id, d.sha256, COUNT(*) AS n, SUM(v.chunk_id) AS s, MAX(v.chunk_id) AS m
                             FROM vectors v JOIN chunks c ON c.id = v.chunk_id JOIN documents d ON d.id = c.doc_id
                             WHERE d.collection_id = ? AND v.embedder = ? GROUP BY d.id ORDER BY d.id""",

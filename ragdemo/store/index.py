@@ -1,4 +1,9 @@
-"""FAISS indexes: derived data, rebuilt from SQLite whenever missing or out of step with it."""
+"""FAISS indexes: derived data, rebuilt from SQLite whenever missing or out of step with it.
+
+Two retrievers per collection: `float` (exact L2 over the unit float32 embeddings) and `binary` (1-bit sign codes,
+d/8 bytes per chunk, searched by Hamming distance, then the top k x rescore candidates re-ranked by exact L2
+with the float vectors SQLite stores anyway: binary quantisation with rescoring, as in BTR's 1-bit idea carried
+over to retrieval)."""
 from __future__ import annotations
 
 import json
@@ -6,21 +11,41 @@ import os
 import re
 import threading
 from pathlib import Path
+from typing import Callable
 
 import faiss
 import numpy as np
 
 from .db import Store
 
+KINDS = ("float", "binary")
+
+
+def sign_codes(vectors: np.ndarray) -> np.ndarray:
+    """[n, d] floats -> [n, d/8] uint8: one bit per dimension, set where the coordinate is positive."""
+    return np.packbits(np.asarray(vectors) > 0, axis=-1)
+
 
 class ChunkIndex:
     """Exact L2 search over unit vectors (L2 order = cosine order), keyed by chunk id."""
 
+    kind = "float"
+
     def __init__(self, index: faiss.Index, signature: str):
         self.index, self.signature = index, signature
+        self.stamp: tuple | None = None  # the collection (uid, version) this index was checked against
 
     def __len__(self) -> int:
         return self.index.ntotal
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the searched vectors (the chunk-id map, 8 bytes per chunk, comes on top: `id_bytes`)."""
+        return self.index.ntotal * self.index.d * 4
+
+    @property
+    def id_bytes(self) -> int:
+        return self.index.ntotal * 8
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(squared L2 distances, chunk ids), each [n_queries, k']; k' = min(k, size)."""
@@ -30,55 +55,127 @@ class ChunkIndex:
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
+class BinaryChunkIndex:
+    """Hamming search over sign codes, then exact L2 rescoring of the best k x rescore candidates with the
+    stored float vectors, fetched by chunk id (only the candidates are read, never the whole matrix)."""
+
+    kind = "binary"
+
+    def __init__(self, index: faiss.IndexBinary, signature: str, float_vectors: Callable[[list[int]], np.ndarray]):
+        self.index, self.signature, self.float_vectors = index, signature, float_vectors
+        self.stamp: tuple | None = None
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    @property
+    def nbytes(self) -> int:
+        return self.index.ntotal * self.index.code_size
+
+    @property
+    def id_bytes(self) -> int:
+        return self.index.ntotal * 8
+
+    def hamming_search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Hamming distances, chunk ids) of the n nearest sign codes per query."""
+        n = min(n, self.index.ntotal)
+        if n == 0:
+            return np.zeros((len(queries), 0), np.int32), np.zeros((len(queries), 0), np.int64)
+        return self.index.search(sign_codes(queries), n)
+
+    def search(self, queries: np.ndarray, k: int, rescore: int) -> tuple[np.ndarray, np.ndarray]:
+        """(squared L2 distances, chunk ids) like ChunkIndex.search, over the Hamming candidates only."""
+        k = min(k, self.index.ntotal)
+        _, candidates = self.hamming_search(queries, k * max(1, rescore))
+        distances = np.zeros((len(queries), k), np.float32)
+        ids = np.full((len(queries), k), -1, np.int64)
+        for row, (query, found) in enumerate(zip(np.asarray(queries, np.float32), candidates)):
+            found = found[found >= 0]
+            exact = ((self.float_vectors(found.tolist()) - query) ** 2).sum(axis=1)
+            best = np.argsort(exact, kind="stable")[:k]
+            distances[row, :len(best)], ids[row, :len(best)] = exact[best], found[best]
+        return distances, ids
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
 class IndexCache:
-    """One ChunkIndex per (collection, embedder), checked against SQLite's signature on every use."""
+    """One index per (collection, embedder, kind). Every use reads the collection's (uid, version), one
+    primary-key lookup; only when that moved is the content signature computed (a pass over the collection's
+    vector rows) and the file on disk checked against it, then read or rebuilt."""
 
     def __init__(self, store: Store):
         self.store = store
         self.folder = store.home / "faiss"
         self.folder.mkdir(exist_ok=True)
-        self._memory: dict[tuple[int, str], ChunkIndex] = {}
+        self._memory: dict[tuple[int, str, str], ChunkIndex | BinaryChunkIndex] = {}
+        self._signatures: dict[tuple[int, str], tuple[tuple, str]] = {}  # (collection, embedder) -> (stamp, signature)
         self._lock = threading.Lock()
         self.rebuilds = 0
+        self.signature_scans = 0
 
-    def path(self, collection_id: int, embedder: str) -> Path:
-        return self.folder / f"c{collection_id}-{_slug(embedder)}.faiss"
+    def path(self, collection_id: int, embedder: str, kind: str = "float") -> Path:
+        suffix = "" if kind == "float" else f"-{kind}"
+        return self.folder / f"c{collection_id}-{_slug(embedder)}{suffix}.faiss"
 
-    def get(self, collection_id: int, embedder: str) -> ChunkIndex:
-        signature = self.store.vector_signature(collection_id, embedder)
-        key = (collection_id, embedder)
+    def get(self, collection_id: int, embedder: str, kind: str = "float") -> ChunkIndex | BinaryChunkIndex:
+        if kind not in KINDS:
+            raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")
+        state = self.store.collection_state(collection_id)
+        stamp = (state["uid"], state["version"])
+        key = (collection_id, embedder, kind)
         with self._lock:
             cached = self._memory.get(key)
-            if cached is not None and cached.signature == signature and self.path(*key).exists():
+            if cached is not None and cached.stamp == stamp:
                 return cached
+            signature = self._signature(collection_id, embedder, stamp)
             index = self._read(key, signature) or self._rebuild(key, signature)
+            index.stamp = stamp
             self._memory[key] = index
             return index
 
-    def _read(self, key, signature: str) -> ChunkIndex | None:
+    def _signature(self, collection_id: int, embedder: str, stamp: tuple) -> str:
+        """The content signature, computed once per collection version and shared by both kinds."""
+        known = self._signatures.get((collection_id, embedder))
+        if known is not None and known[0] == stamp:
+            return known[1]
+        signature = self.store.vector_signature(collection_id, embedder)
+        self.signature_scans += 1
+        self._signatures[(collection_id, embedder)] = (stamp, signature)
+        return signature
+
+    def _wrap(self, key, index, signature: str):
+        if key[2] == "binary":
+            return BinaryChunkIndex(index, signature, lambda ids, e=key[1]: self.store.vectors_by_id(ids, e))
+        return ChunkIndex(index, signature)
+
+    def _read(self, key, signature: str):
         path = self.path(*key)
-        meta = path.with_suffix(".json")
         try:
-            if json.loads(meta.read_text())["signature"] != signature:
+            if json.loads(path.with_suffix(".json").read_text())["signature"] != signature:
                 return None
-            return ChunkIndex(faiss.read_index(str(path)), signature)
+            read = faiss.read_index_binary if key[2] == "binary" else faiss.read_index
+            return self._wrap(key, read(str(path)), signature)
         except (OSError, ValueError, KeyError, RuntimeError):
             return None
 
-    def _rebuild(self, key, signature: str) -> ChunkIndex:
-        ids, matrix = self.store.vectors(*key)
-        dim = matrix.shape[1] if matrix.size else 1
-        index = faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
+    def _rebuild(self, key, signature: str):
+        ids, matrix = self.store.vectors(*key[:2])
+        dim = matrix.shape[1] if matrix.size else 8
+        if key[2] == "binary":
+            index, write = faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(dim)), faiss.write_index_binary
+            rows = sign_codes(matrix)
+        else:
+            index, write = faiss.IndexIDMap2(faiss.IndexFlatL2(dim)), faiss.write_index
+            rows = matrix
         if len(ids):
-            index.add_with_ids(matrix, ids)
+            index.add_with_ids(rows, ids)
         path = self.path(*key)
         tmp = path.with_suffix(".tmp")
-        faiss.write_index(index, str(tmp))
+        write(index, str(tmp))
         os.replace(tmp, path)  # the signature is written after the index, so a crash in between only forces a rebuild
         path.with_suffix(".json").write_text(json.dumps({"signature": signature, "n": int(len(ids))}))
         self.rebuilds += 1
-        return ChunkIndex(index, signature)
+        return self._wrap(key, index, signature)
