@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from .layers import forward_all
+from .prefix import prefix_cache
 
 Stream = Callable[[str], None]
 
@@ -27,12 +28,14 @@ class Generation:
     text: str
     ttft_s: float  # from t0 (question received) to the first answer token
     decode_s: float  # after the first token until the last
+    cached_tokens: int = 0  # prompt tokens whose states came from the shared prefix cache (not computed now)
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
     last = logits[0, -1].float()
     if sampling.temperature <= 0:
         return int(last.argmax())
+    last = last.cpu()  # the seeded generator lives on the CPU, so a seed gives the same draw on any device
     probs = torch.softmax(last / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
@@ -118,12 +121,14 @@ def generate(lm, ids: list[int], max_new_tokens: int, t0: float, stream: Stream 
     """Prefill `ids` and decode. Recurrent models (Mamba, RWKV) keep their own state: they go through HF generate."""
     if not supports_kv_cache(lm):
         return _generate_recurrent(lm, ids, max_new_tokens, t0, stream, sampling or Sampling())
-    cache = DynamicCache()
-    input_ids = torch.tensor([ids], device=lm.device)
+    cache, start, hit = prefix_cache(lm).start(lm, ids)  # the shared instruction prefix is read, not recomputed
+    input_ids = torch.tensor([ids[start:]], device=lm.device)
     with torch.inference_mode():
         logits = lm.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    return decode_loop(lm, cache, logits, len(ids), max_new_tokens, t0, stream, sampling,
-                       step=lambda tok, pos, c: lm.model(input_ids=tok, past_key_values=c, use_cache=True).logits)
+    generation = decode_loop(lm, cache, logits, len(ids), max_new_tokens, t0, stream, sampling,
+                             step=lambda tok, pos, c: lm.model(input_ids=tok, past_key_values=c, use_cache=True).logits)
+    generation.cached_tokens = start if hit else 0
+    return generation
 
 
 def _generate_recurrent(lm, ids, max_new_tokens, t0, stream, sampling) -> Generation:

@@ -62,6 +62,14 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def shared_prefixes(tokenizer) -> list[list[int]]:
+    """The instruction prefixes every prompt starts with, whatever the question: the system turn + "Context:"
+    (retrieval prompts) and the bare system turn (closed book; JRT, whose question comes next). Prefix caching
+    reuses their states across answers and methods."""
+    head, _ = chat_frame(tokenizer)
+    return [encode(tokenizer, head + "Context:\n"), encode(tokenizer, head)]
+
+
 def passage_text(text: str) -> str:
     return text.strip() + "\n\n"
 

@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from ..engine.generate import decode_loop, supports_kv_cache
+from ..engine.prefix import prefix_cache
 from ..engine.prompt import Prompt, build_prompt, encode
 from ..engine.scoring import nll_of_answer
 from ..errors import NotSupported, UserError
@@ -131,7 +132,9 @@ over 5 articles of the full dev file (heavily shared CPU): contains 17.0% vs 19.
         run = _Run(self, lm, corpus, params, question, prompt, result, budget)
         result.events.append(_event("question", 0, queries, found, True, retrieve_s,
                                     f"prefilled {len(prompt)} tokens", len(prompt)))
-        logits = run.prefill_from(0, prompt.ids)
+        run.cache, start, hit = prefix_cache(lm).start(lm, prompt.ids)  # the shared prefix, as for every method
+        run.processed, result.cached_tokens = (0, start) if hit else (start, 0)
+        logits = run.prefill_from(start, prompt.ids)
         generation = decode_loop(lm, run.cache, logits, len(prompt), params.max_new_tokens, t0, stream,
                                  step=run.step)
         result.retrieve_s = sum(e["retrieve_s"] for e in result.events)
