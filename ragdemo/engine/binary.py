@@ -133,7 +133,7 @@ def from_blob(blob: bytes) -> Codes:
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise Hamming distances between packed codes a [m, w] and b [n, w] -> [m, n] int."""
     xor = np.bitwise_xor(a[:, None, :], b[None, :, :])
-    return np.unpackbits(xor, axis=-1).sum(axis=-1, dtype=np.int32)
+    return np.bitwise_count(xor).sum(axis=-1, dtype=np.int32)  # popcount per byte: no 8x unpacked copy
 
 
 def fp16_kv_bytes_per_token(config) -> int:

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .binary import hamming
 
 
 @dataclass
@@ -62,41 +61,121 @@ class Codebook:
     index: np.ndarray  # [N] int
 
 
-def _majority(codes: np.ndarray, d_bits: int) -> np.ndarray:
-    """Bitwise majority vote of packed codes (ties go to the first code), re-packed: 'average, then sign'."""
-    ones = np.unpackbits(codes, axis=-1, count=d_bits).astype(np.int32).sum(axis=0)
-    first = np.unpackbits(codes[:1], axis=-1, count=d_bits)[0]
-    vote = np.where(2 * ones == len(codes), first, (2 * ones > len(codes)).astype(np.uint8))
-    return np.packbits(vote)
+BLOCK_BYTES = 32 << 20  # working memory per step: distance blocks, unpacked bits
 
 
 def merge_by_token(token_ids: np.ndarray, codes: np.ndarray, scales: np.ndarray, ratio: float,
                    stopword_ids: set[int], d_bits: int) -> Codebook:
     """Every occurrence of one vocabulary token across the corpus is a candidate group. Stopword groups
     collapse to one vector; other groups go through one bipartite round on Hamming distance that folds
-    `ratio` of the occurrences (at most half) into their nearest partner."""
+    `ratio` of the occurrences (at most half) into their nearest partner. Each merged group's code is the
+    bitwise majority of its members (ties: the partner's own bit) and its scale their mean.
+
+    Linear in the collection apart from the per-token distance matrices, which are computed on packed bits in
+    blocks of bounded size: one sort finds every token's occurrences, one sort finds every merged group."""
+    parent = _partners(np.asarray(token_ids), codes, ratio, stopword_ids)
+    return _fold(parent, codes, scales, d_bits)
+
+
+def _partners(token_ids: np.ndarray, codes: np.ndarray, ratio: float, stopword_ids: set[int]) -> np.ndarray:
+    """parent[i] = the occurrence that i is folded into (itself when kept)."""
     parent = np.arange(len(token_ids))
-    for token in np.unique(token_ids):
-        members = np.flatnonzero(token_ids == token)
-        if len(members) < 2:
-            continue
-        if int(token) in stopword_ids:
+    order = np.argsort(token_ids, kind="stable")  # each token's occurrences, in corpus order
+    sorted_tokens = token_ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_tokens[1:] != sorted_tokens[:-1]]) if len(order) else np.zeros(0, int)
+    ends = np.r_[starts[1:], len(order)]
+    words = _as_words(codes)
+    for start, end in zip(starts[ends - starts >= 2], ends[ends - starts >= 2]):
+        members = order[start:end]
+        if int(sorted_tokens[start]) in stopword_ids:
             parent[members] = members[0]
             continue
         n_remove = min(int(ratio * len(members)), len(members) // 2)
         if n_remove <= 0:
             continue
         a, b = members[0::2], members[1::2]
-        dist = hamming(codes[a], codes[b])
-        nearest = dist.argmin(axis=1)
-        best = np.argsort(dist[np.arange(len(a)), nearest], kind="stable")[:n_remove]
+        nearest, distance = nearest_hamming(words[a], words[b])
+        best = np.argsort(distance, kind="stable")[:n_remove]
         parent[a[best]] = b[nearest[best]]
+    return parent
+
+
+def _as_words(codes: np.ndarray) -> np.ndarray:
+    """Packed uint8 codes [n, w] viewed as uint64 words [n, ceil(w/8)] (zero padding adds no distance)."""
+    pad = -codes.shape[1] % 8
+    if pad:
+        codes = np.concatenate([codes, np.zeros((len(codes), pad), np.uint8)], axis=1)
+    return np.ascontiguousarray(codes).view(np.uint64)
+
+
+def nearest_hamming(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of a [m, W] (uint64 words), the first row of b [n, W] at the least Hamming distance and
+    that distance, in blocks of a's rows so no block holds more than BLOCK_BYTES of XORed words."""
+    nearest = np.empty(len(a), np.int64)
+    distance = np.empty(len(a), np.int32)
+    rows = max(1, BLOCK_BYTES // max(1, b.size * 8))
+    for start in range(0, len(a), rows):
+        block = np.bitwise_count(a[start:start + rows, None, :] ^ b[None, :, :]).sum(axis=-1, dtype=np.int32)
+        nearest[start:start + rows] = block.argmin(axis=1)
+        distance[start:start + rows] = block[np.arange(len(block)), nearest[start:start + rows]]
+    return nearest, distance
+
+
+def _fold(parent: np.ndarray, codes: np.ndarray, scales: np.ndarray, d_bits: int) -> Codebook:
+    """One code and scale per merged group, in the order of the groups' roots."""
     roots, index = np.unique(parent, return_inverse=True)
-    merged_codes = np.empty((len(roots), codes.shape[1]), np.uint8)
-    merged_scales = np.empty((len(roots),) + scales.shape[1:], np.float16)
-    for slot, root in enumerate(roots):
-        group = np.flatnonzero(parent == root)
-        order = np.concatenate([[root], group[group != root]])  # the root's own bit wins ties
-        merged_codes[slot] = _majority(codes[order], d_bits) if len(group) > 1 else codes[root]
-        merged_scales[slot] = scales[group].astype(np.float32).mean(axis=0)
+    index = index.reshape(-1)
+    sizes = np.bincount(index, minlength=len(roots))
+    merged_codes = codes[roots].copy()  # a group of one keeps its code byte for byte
+    merged_scales = scales[roots].astype(np.float16)
+    multi = np.flatnonzero(sizes > 1)
+    if len(multi):
+        by_group = np.argsort(index, kind="stable")  # members of each group together, in corpus order
+        members = by_group[np.repeat(sizes > 1, sizes)]  # only the groups of two or more
+        offsets = np.r_[0, np.cumsum(sizes[multi])]
+        merged_codes[multi] = _majorities(codes, members, offsets, codes[roots[multi]], d_bits)
+        merged_scales[multi] = _means(scales, members, offsets)
     return Codebook(merged_codes, merged_scales, index)
+
+
+def _majorities(codes: np.ndarray, members: np.ndarray, offsets: np.ndarray, root_codes: np.ndarray,
+                d_bits: int) -> np.ndarray:
+    """Bitwise majority vote of each group's codes (ties go to the root's bit), re-packed: 'average, then
+    sign'. Groups are taken a batch at a time so the unpacked bits stay within BLOCK_BYTES."""
+    out = np.empty((len(offsets) - 1, codes.shape[1]), np.uint8)
+    budget = max(1, BLOCK_BYTES // (4 * d_bits))
+    group = 0
+    while group < len(out):
+        last = max(group + 1, int(np.searchsorted(offsets, offsets[group] + budget, side="right")) - 1)
+        last = min(last, len(out))
+        ones = _bit_counts(codes, members, offsets[group:last + 1], d_bits, budget)
+        size = np.diff(offsets[group:last + 1])[:, None]
+        first = np.unpackbits(root_codes[group:last], axis=-1, count=d_bits)
+        vote = np.where(2 * ones == size, first, (2 * ones > size).astype(np.uint8))
+        out[group:last] = np.packbits(vote, axis=-1)
+        group = last
+    return out
+
+
+def _bit_counts(codes, members, offsets, d_bits: int, budget: int) -> np.ndarray:
+    """Set bits per position summed over each group [offsets[i], offsets[i+1]) of `members`."""
+    if len(offsets) == 2 and offsets[1] - offsets[0] > budget:  # one very frequent token: sum in slices
+        ones = np.zeros((1, d_bits), np.int64)
+        for start in range(offsets[0], offsets[1], budget):
+            rows = members[start:min(start + budget, offsets[1])]
+            ones[0] += np.unpackbits(codes[rows], axis=-1, count=d_bits).sum(axis=0, dtype=np.int64)
+        return ones
+    bits = np.unpackbits(codes[members[offsets[0]:offsets[-1]]], axis=-1, count=d_bits)
+    return np.add.reduceat(bits, offsets[:-1] - offsets[0], axis=0, dtype=np.int64)
+
+
+def _means(scales: np.ndarray, members: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Each group's mean scale in float32, like numpy's mean of the group alone: groups of one size at a time,
+    one row each, so every row is reduced in the same pairwise order as a lone 1-D mean."""
+    sizes = np.diff(offsets)
+    out = np.empty((len(sizes),) + scales.shape[1:], np.float32)
+    for size in np.unique(sizes):
+        groups = np.flatnonzero(sizes == size)
+        rows = members[offsets[groups][:, None] + np.arange(size)]
+        out[groups] = scales[rows].astype(np.float32).mean(axis=1)
+    return out.astype(np.float16)
