@@ -399,6 +399,9 @@ def _load(model_id: str, device: torch.device, dtype: torch.dtype, quant_kwargs:
     start = time.perf_counter()
     source, label = resolve_source(model_id, cache_dir, dtype)
     offline = hub_kwargs(source)
+    quant = quant_kwargs.get("quantization_config")
+    if quant is not None and getattr(quant, "load_in_4bit", False):
+        quant.bnb_4bit_compute_dtype = dtype  # bitsandbytes would compute in fp32 (slow) unless told
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **offline)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **quant_kwargs, **offline)
