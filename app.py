@@ -1,7 +1,7 @@
 """ragdemo web app. Host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (Gradio's own variables)."""
-from ragdemo.ui import build_app
+from ragdemo.ui import CSS, build_app
 
 demo = build_app()
 
 if __name__ == "__main__":
-    demo.launch()
+    demo.launch(css=CSS)

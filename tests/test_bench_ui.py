@@ -6,15 +6,18 @@ import json
 import gradio as gr
 import pytest
 
-from ragdemo.ui.bench_tab import build_bench_tab, methods_from, run_from_ui
+from ragdemo.ui.bench_tab import build_bench_tab, estimate, methods_from, run_from_ui
+from ragdemo.ui.common import Jobs, cancellable
 
 
 def test_tab_builds_inside_blocks(tiny_bench):
     with gr.Blocks() as demo:
         with gr.Tabs():
-            build_bench_tab(tiny_bench)
+            build_bench_tab(tiny_bench, Jobs())
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
-    assert {"bench-dataset", "bench-methods", "bench-run", "bench-summary"} <= ids
+    assert {"bench-dataset", "bench-methods", "bench-run", "bench-summary", "bench-cancel", "bench-estimate"} <= ids
+    max_new = next(b for b in demo.blocks.values() if getattr(b, "label", None) == "max new tokens")
+    assert max_new.value == tiny_bench.settings.max_new_tokens  # one default for Ask, CLI and bench
 
 
 def test_methods_from_checkboxes_and_variants():
@@ -31,7 +34,36 @@ def test_handler_runs_a_jsonl_benchmark(tiny_bench, tmp_path):
         tiny_bench, "jsonl", str(path), 1, 0, ["closed_book", "rag"], "rag@k=1", "rag", "", "", 3, progress=None)
     assert "reference **rag**" in header
     assert list(table["method"]) == ["closed_book", "rag", "rag@k=1"]
-    assert pareto and pareto.endswith("quality_vs_ttft.png") and needle is None
+    assert pareto["value"].endswith("quality_vs_ttft.png") and pareto["visible"]
+    assert needle["visible"] is False  # no needle plot for a QA dataset
     assert any(f.endswith("results.json") for f in files)
-    with pytest.raises(gr.Error, match="upload a .jsonl"):
-        run_from_ui(tiny_bench, "jsonl", None, 1, 0, ["rag"], "", "rag", "", "", 3, progress=None)
+    with pytest.warns(UserWarning, match="upload a .jsonl"):  # a mistake keeps the previous results on the page
+        status, *rest = run_from_ui(tiny_bench, "jsonl", None, 1, 0, ["rag"], "", "rag", "", "", 3, progress=None)
+    assert "Not run" in status and all(isinstance(r, type(gr.skip())) for r in rest)
+
+
+def test_estimate_before_starting_uses_answers_timed_here(tiny_bench):
+    assert "unknown" in estimate(tiny_bench, "squad", 10, ["closed_book"], "")
+    for seconds in (1.0, 3.0):
+        tiny_bench.store.add_run(None, "q", {"method": "closed_book", "total_s": seconds})
+    text = estimate(tiny_bench, "squad", 10, ["closed_book", "rag"], "")
+    assert "about 26.00 s for 10 questions" in text and "rag (never timed here)" in text  # 10 x 2 s x 1.3 (NLL pass)
+
+
+def test_cancel_stops_the_benchmark_and_removes_its_collections(tiny_bench, tmp_path):
+    import threading
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"question": f"Where is tower {i}?", "answers": ["Paris"],
+                                        "context": f"Tower {i} is in Paris."}) + "\n" for i in range(4)))
+    flag, steps = threading.Event(), []
+
+    def progress(fraction, message):
+        steps.append(message)
+        if len(steps) == 3:
+            flag.set()  # Cancel pressed during the run
+
+    header, *rest = run_from_ui(tiny_bench, "jsonl", str(path), 4, 0, ["closed_book"], "", "rag", "", "", 2,
+                                progress=cancellable(progress, flag))
+    assert header.startswith("**Cancelled.**") and len(steps) == 3
+    assert not [c for c in tiny_bench.store.collections() if c["name"].startswith("bench-")]

@@ -6,12 +6,15 @@ import re
 import gradio as gr
 import pytest
 
+from ragdemo.errors import UserError
 from ragdemo.methods import registry
-from ragdemo.methods.base import Result
+from ragdemo.methods.base import GLOSSARY, Result
 from ragdemo.ui import build_app
 from ragdemo.ui import ask, library, settings
+from ragdemo.ui.common import Jobs
 from ragdemo.ui.knobs import KnobSet, knob_defaults
-from ragdemo.ui.render import (Card, comparison_figure, document_table, fmt_bytes, highlight_match, render_cards,
+from ragdemo.ui.render import (Card, comparison_figure, document_table, esc, fmt_bytes, gold_verdict, highlight_match,
+                               method_colour, one_liner, render_cards,
                                render_model_sees, render_sources)
 
 EVIL = "<script>alert('x')</script>"
@@ -100,9 +103,20 @@ def test_sources_highlight_the_matching_sentence():
 
 
 def test_chart_and_tables():
-    figure = comparison_figure([result("closed_book", storage_bytes=0), result("rag"), Result("x", error="boom")])
-    assert len(figure.axes) == 3
-    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["closed_book", "rag"]
+    figure = comparison_figure([result("closed_book", storage_bytes=0), result("rag", ttft_s=0.02),
+                                result("full_context", ttft_s=51.0), Result("x", error="boom")],
+                               storage={"rag": (3000, 0), "full_context": (0, 0), "closed_book": (0, 0)})
+    ttft, tokens, stored = figure.axes
+    assert ttft.get_xscale() == "log"  # 51 s next to 20 ms: a linear axis flattens the fast methods
+    labels = sorted((t.get_position()[1], t.get_text()) for t in ttft.get_yticklabels())
+    assert [text for _, text in labels] == ["full_context", "rag", "closed_book"]  # first method on top
+    widths = [bar.get_width() for bar in ttft.patches]
+    assert widths == pytest.approx([0.2, 0.02, 51.0])  # horizontal bars: the value is the width
+    assert "ms" in " ".join(t.get_text() for t in ttft.texts) and "51.00 s" in " ".join(t.get_text() for t in ttft.texts)
+    colours = {bar.get_facecolor() for bar in ttft.patches}
+    assert len(colours) == 3  # one colour per method
+    from matplotlib.colors import to_rgba
+    assert ttft.patches[1].get_facecolor() == to_rgba(method_colour("rag"))
     assert comparison_figure([Result("x", error="boom")]) is None
     headers, rows = document_table([{"id": 1, "name": "a.txt", "n_tokens": 10, "n_chunks": 1, "size": 1500,
                                      "storage": {"btr": 4000}}])
@@ -111,6 +125,46 @@ def test_chart_and_tables():
                                    ["lloco"])
     assert headers[-1] == "lloco storage" and rows[0][-1] == "0 B"  # preparable methods always get a column
     assert fmt_bytes(0) == "0 B" and fmt_bytes(2_500_000) == "2.5 MB"
+
+
+def test_storage_panel_splits_per_chunk_and_shared_parts():
+    figure = comparison_figure([result("btr"), result("rag")], storage={"btr": (1000, 5000), "rag": (0, 0)})
+    stored = figure.axes[2]
+    bars = [(round(b.get_x()), round(b.get_width())) for b in stored.patches]
+    assert (0, 1000) in bars and (1000, 5000) in bars  # shared part stacked after the per-chunk part
+    assert "kB" in " ".join(t.get_text() for t in stored.get_xticklabels()) or stored.xaxis.get_major_formatter()(5000, 0) == "5.0 kB"
+
+
+def test_card_marks_gold_cut_prepared_and_explains_each_number():
+    right = Card("rag", "RAG", "done", result=result(answer="It was finished in 1889.", new_tokens=24,
+                                                        prepare_s=3.5), limit=24, golds=["1889"])
+    wrong = Card("closed_book", "Closed book", "done", result=result("closed_book", answer="In 1900.", new_tokens=5),
+                 limit=24, golds=["1889", "in 1889"])
+    html = render_cards([right, wrong])
+    assert html.count("class='rd-gold'") == 2
+    assert "data-correct='1'" in html and "data-correct='0'" in html
+    assert "cut at 24 tokens" in html and html.count("rd-cut") == 1  # only the answer that reached the limit
+    assert "prepared on first use: 3.50 s" in html
+    assert esc(GLOSSARY["processed_tokens"]) in html  # tooltip from the one glossary
+    assert one_liner("rag") in html and "grid-template-columns" in html  # equal widths: a grid, not flex
+    assert method_colour("rag") in html and method_colour("closed_book") in html
+    no_gold = render_cards([Card("rag", "RAG", "done", result=result())])
+    assert "rd-gold" not in no_gold and "rd-cut" not in no_gold and "rd-prepared" not in no_gold
+    assert gold_verdict("The year 1889.", ["1889"]) and not gold_verdict("18890", ["1889"])
+
+
+def test_every_method_has_a_one_line_description():
+    for name in registry():
+        line = one_liner(name)
+        assert 10 < len(line) <= 160, name
+
+
+def test_model_sees_dims_dropped_tokens():
+    r = result("lloco", segments=[{"kind": "passage", "mark": "compressed", "text": "a b c d", "n_tokens": 4,
+                                   "tokens": ["a", " b", " c", " d"], "keep": [1.0, 0.0, 0.75, 0.1]}])
+    html = render_model_sees([r])
+    assert html.count("class='rd-kept'") == 2 and html.count("class='rd-dropped'") == 2
+    assert "2 of 4 compressed tokens kept" in html and method_colour("lloco") in html
 
 
 # --------------------------------------------------------------------- knobs
@@ -134,63 +188,147 @@ def test_knobs_come_from_every_registered_method():
     assert knobs.values(*values)[knobs.knobs[shared[0]].method]["max_new_tokens"] == 7
 
 
+def test_knob_widgets_have_human_labels_help_bounds_and_choices():
+    with gr.Blocks():
+        knobs = KnobSet()
+        knobs.build()
+    by = {(k.method, k.name): k for k in knobs.knobs}
+    scorer = by[("lloco", "scorer")]
+    assert isinstance(scorer.component, gr.Dropdown) and scorer.choices == ["reconstruct", "keynorm"]
+    assert by[("lloco", "positions")].choices == ["original", "compact"]
+    assert by[("jrt", "context")].choices == ["rag", "full"]
+    assert isinstance(by[("rag", "k")].component, gr.Slider) and by[("rag", "k")].component.minimum == 1
+    bits = by[("btr", "bits")]
+    assert isinstance(bits.component, gr.Dropdown) and 1 in bits.choices
+    assert by[("btr", "r_o")].component.label == "Offline merge share"
+    assert "residual sign planes" in (bits.component.info or "")  # help from the field's comment in btr.py
+    assert by[("retro", "stride")].component.info.startswith("re-retrieve")
+    values = [None] * len(knobs.knobs)
+
+    def refused(method, name, value, match):
+        trial = list(values)
+        trial[knobs.knobs.index(by[(method, name)])] = value
+        with pytest.raises(UserError, match=match):
+            knobs.values(*trial)
+
+    refused("rag", "k", 0, "between 1 and 50")
+    refused("lloco", "scorer", "keynrom", "choose one of reconstruct, keynorm")
+    refused("btr", "bits", 3, "choose one of")
+    refused("rag", "k", 2.5, "whole number")
+
+
+def test_comment_choices_only_trusts_lists_containing_the_default():
+    from ragdemo.ui.knobs import comment_choices
+
+    assert comment_choices("fp16 | int8", "fp16") == ["fp16", "int8"]
+    assert comment_choices("rag = top-k chunks; full = every document (cut to fit, both copies)", "rag") == ["rag", "full"]
+    assert comment_choices("a name; used for logs", "default") is None
+    assert comment_choices("just a sentence", "x") is None
+
+
 # ------------------------------------------------------------------ handlers
 def _paths(docs_dir):
     return [str(docs_dir / "eiffel.txt"), str(docs_dir / "bananas.md")]
 
 
-def test_upload_lists_documents_and_delete_removes_one(tiny_bench, docs_dir):
-    status, cleared, table, picker, _ = library.upload(tiny_bench, _paths(docs_dir), "demo")
+def _upload(bench, paths, collection="demo"):
+    """Collections are created explicitly; preparation is off here (the tiny model is not what is tested)."""
+    if collection not in {c["name"] for c in bench.store.collections()}:
+        bench.create_collection(collection)
+    return library.upload(bench, paths, collection, False)
+
+
+def test_upload_lists_documents_and_delete_asks_first(tiny_bench, docs_dir):
+    status, cleared = _upload(tiny_bench, _paths(docs_dir))
     assert "eiffel.txt" in status and "bananas.md" in status and cleared is None
+    table, picker, _ = library.refresh(tiny_bench, "demo")
     assert sorted(table["name"]) == ["bananas.md", "eiffel.txt"]
     assert list(table.columns[:4]) == ["id", "name", "tokens", "chunks"] and (table["tokens"] > 0).all()
     eiffel = next(value for label, value in picker["choices"] if label.startswith("eiffel.txt"))
-    status, table, _, _ = library.delete(tiny_bench, eiffel, "demo")
-    assert "eiffel.txt" in status and list(table["name"]) == ["bananas.md"]
+    question, confirm, keep = library.ask_delete_document(tiny_bench, eiffel, "demo")
+    assert "eiffel.txt" in question and confirm["visible"] and keep["visible"]
+    assert len(tiny_bench.documents("demo")) == 2  # asking deletes nothing
+    assert library.cancel_delete()[0] == "Nothing deleted."
+    status, confirm, _ = library.delete(tiny_bench, eiffel, "demo")
+    assert "eiffel.txt" in status and not confirm["visible"]
+    assert [d["name"] for d in tiny_bench.documents("demo")] == ["bananas.md"]
 
 
-def test_upload_bad_input(tiny_bench, docs_dir, tmp_path):
-    with pytest.raises(gr.Error, match="choose one or more files"):
-        library.upload(tiny_bench, [], "demo")
+def test_upload_errors_stay_in_the_status_line(tiny_bench, docs_dir, tmp_path):
+    """No handler raises into Gradio (that turns the table, picker and collection into "Error" pills)."""
+    with pytest.warns(UserWarning, match="choose one or more files"):
+        status, skipped = _upload(tiny_bench, [])
+    assert status.startswith("**Not done:**") and skipped is not None  # the file box is left alone
     bad = tmp_path / "evil<b>.exe"
     bad.write_bytes(b"MZ\x00\x00")
-    with pytest.raises(gr.Error, match="unsupported file type") as caught:
-        library.upload(tiny_bench, [str(bad)], "demo")
-    assert "<b>" not in str(caught.value)  # modal messages render as HTML in the browser
-    with pytest.warns(UserWarning, match="unsupported"):  # one bad file among good ones is a warning
-        status, *_ = library.upload(tiny_bench, [str(bad), str(docs_dir / "eiffel.txt")], "demo")
-    assert "added" in status
-    with pytest.raises(gr.Error, match="collection"):
-        library.upload(tiny_bench, _paths(docs_dir), "bad/name")
-    with pytest.raises(gr.Error, match="pick a document"):
-        library.delete(tiny_bench, None, "demo")
+    with pytest.warns(UserWarning, match="unsupported file type") as caught:
+        status, cleared = _upload(tiny_bench, [str(bad)])
+    assert len(caught) == 1  # reported once
+    assert cleared is None and "Nothing was added" in status  # the rejected file is cleared from the box
+    assert "<b>" not in status  # statuses render as HTML
+    with pytest.warns(UserWarning, match="unsupported"):  # one bad file among good ones: the good one is stored
+        status, cleared = _upload(tiny_bench, [str(bad), str(docs_dir / "eiffel.txt")])
+    assert "added" in status and cleared is None
+    table, _, _ = library.refresh(tiny_bench, "demo")
+    assert list(table["name"]) == ["eiffel.txt"]
+    with pytest.warns(UserWarning, match="collection"):
+        status, _ = library.upload(tiny_bench, _paths(docs_dir), "bad/name", False)
+    assert "Not done" in status
+    with pytest.warns(UserWarning, match="pick a document"):
+        assert "Not done" in library.ask_delete_document(tiny_bench, None, "demo")[0]
+
+
+def test_typing_a_collection_name_never_creates_it(tiny_bench, docs_dir):
+    before = {c["name"] for c in tiny_bench.store.collections()}
+    with pytest.warns(UserWarning, match="no collection named .*typo"):
+        status, _ = library.upload(tiny_bench, _paths(docs_dir), "typo", False)
+    library.refresh(tiny_bench, "typo")
+    ask.history(tiny_bench, "typo")
+    assert tiny_bench.documents("typo") == [] and tiny_bench.runs("typo") == []
+    assert {c["name"] for c in tiny_bench.store.collections()} == before
+
+
+def test_collections_create_rename_delete_with_confirmation(tiny_bench, docs_dir):
+    status, dropdown = library.create_collection(tiny_bench, "notes")
+    assert "Created" in status and dropdown["value"] == "notes" and "notes" in dropdown["choices"]
+    with pytest.warns(UserWarning, match="already exists"):
+        library.create_collection(tiny_bench, "notes")
+    library.upload(tiny_bench, [str(docs_dir / "eiffel.txt")], "notes", False)
+    status, dropdown = library.rename_collection(tiny_bench, "notes", "physics")
+    assert dropdown["value"] == "physics" and "notes" not in dropdown["choices"]
+    assert [d["name"] for d in tiny_bench.documents("physics")] == ["eiffel.txt"]
+    question, confirm, _ = library.ask_delete_collection(tiny_bench, "physics")
+    assert "1 documents" in question and confirm["visible"] and tiny_bench.documents("physics")
+    status, dropdown, confirm, _ = library.delete_collection(tiny_bench, "physics")
+    assert "Deleted" in status and "physics" not in dropdown["choices"] and not confirm["visible"]
+    assert tiny_bench.store.collections()  # the app always keeps one collection to upload into
 
 
 def test_prepare_and_finetune_handlers(tiny_bench, docs_dir):
     knobs = _knobs()
     blank = [None] * len(knobs.knobs)
-    with pytest.raises(gr.Error, match="pick at least one method"):
+    with pytest.warns(UserWarning, match="pick at least one method"):
         library.prepare(tiny_bench, knobs, [], "demo", *blank)
-    with pytest.raises(gr.Error, match="empty|no collection"):
+    with pytest.warns(UserWarning, match="no collection"):
         library.prepare(tiny_bench, knobs, ["rag"], "nothing-here", *blank)
-    library.upload(tiny_bench, _paths(docs_dir), "demo")
-    status, table, *_ = library.prepare(tiny_bench, knobs, ["rag"], "demo", *blank)
-    assert "rag: nothing to prepare" in status and len(table) == 2
-    with pytest.raises(gr.Error, match="no fine-tuning step"):
+    _upload(tiny_bench, _paths(docs_dir))
+    status = library.prepare(tiny_bench, knobs, ["rag"], "demo", *blank)
+    assert "rag: nothing to prepare" in status
+    with pytest.warns(UserWarning, match="no fine-tuning step"):
         library.finetune(tiny_bench, knobs, "rag", "demo", *blank)
 
 
-def test_prepare_shows_progress_and_storage_per_method(tiny_bench, docs_dir, monkeypatch):
-    """A stand-in method with an offline step (defined here, registered only for this test) shows that Prepare
-    passes the Ask tab's knobs, reports progress, and that its storage lands in the documents table."""
+def _fake_cache_method(monkeypatch, seen_steps=None):
+    """A stand-in method with an offline step (registered only for the test calling this)."""
     from dataclasses import dataclass
 
     from ragdemo import methods
-    from ragdemo.methods.base import Method, Params
+    from ragdemo.methods.base import Method, Params, StorageAccount
+    from ragdemo.store.db import chunk_key
 
     @dataclass
     class WidthParams(Params):
-        width: int = 3
+        width: int = 3  # bytes stored per chunk
 
     class FakeCache(Method):
         name, label, has_prepare, Params = "fake_cache", "Fake cache", True, WidthParams
@@ -198,26 +336,65 @@ def test_prepare_shows_progress_and_storage_per_method(tiny_bench, docs_dir, mon
         def prepare(self, corpus, params, progress=None):
             chunks = corpus.chunks()
             for i, chunk in enumerate(chunks):
-                corpus.store.put_artifact(self.name, corpus.lm.model_id, str(params.width), str(chunk["chunk_id"]),
+                if progress:
+                    progress(i / len(chunks), f"chunk {i + 1}")
+                corpus.store.put_artifact(self.name, corpus.lm.model_id, str(params.width), chunk_key(chunk["text"]),
                                           b"x" * params.width, chunk_id=chunk["chunk_id"], collection_id=corpus.collection_id)
-                progress((i + 1) / len(chunks), f"chunk {i + 1}")
+                if seen_steps is not None:
+                    seen_steps.append(i)
+            if progress:
+                progress(1.0, "done")
 
         def storage(self, corpus, params):
-            return corpus.store.artifact_bytes(corpus.collection_id).get(self.name, 0)
+            return StorageAccount(corpus.store.artifact_bytes(corpus.collection_id).get(self.name, 0),
+                                  tokens=corpus.n_tokens())
 
     registry()  # discover the real methods first; then add the stand-in for this test only
     monkeypatch.setitem(methods._REGISTRY, "fake_cache", FakeCache)
-    library.upload(tiny_bench, [str(docs_dir / "eiffel.txt")], "demo")
+    return FakeCache
+
+
+def test_prepare_shows_progress_and_storage_per_method(tiny_bench, docs_dir, monkeypatch):
+    """Prepare passes the Ask tab's knobs, reports progress, and its storage lands in the documents table."""
+    _fake_cache_method(monkeypatch)
+    _upload(tiny_bench, [str(docs_dir / "eiffel.txt")])
     knobs = _knobs()
     values = [None] * len(knobs.knobs)
     values[next(i for i, k in enumerate(knobs.knobs) if (k.method, k.name) == ("fake_cache", "width"))] = 10.0
     seen = []
-    status, table, *_ = library.prepare(tiny_bench, knobs, ["fake_cache"], "demo", *values,
-                                        progress=lambda fraction, desc=None: seen.append((fraction, desc)))
+    status = library.prepare(tiny_bench, knobs, ["fake_cache"], "demo", *values,
+                             progress=lambda fraction, message: seen.append((fraction, message)))
+    table, _, _ = library.refresh(tiny_bench, "demo")
     n_chunks = int(table["chunks"][0])
     assert "fake_cache: prepared" in status and f"{10 * n_chunks} bytes" in status
     assert table["fake_cache storage"][0] == fmt_bytes(10 * n_chunks)
     assert seen and seen[-1][0] == 1.0 and "fake_cache" in seen[-1][1]
+
+
+def test_cancel_stops_prepare_at_the_next_step_and_keeps_what_was_done(tiny_bench, docs_dir, monkeypatch):
+    steps = []
+    _fake_cache_method(monkeypatch, steps)
+    _upload(tiny_bench, _paths(docs_dir))
+    n_chunks = len(tiny_bench.corpus("demo").chunks())
+    assert n_chunks >= 4
+    jobs, knobs = Jobs(), _knobs()
+    blank = [None] * len(knobs.knobs)
+
+    class Request:
+        session_hash = "user-a"
+
+    def progress(fraction, desc=None):
+        if len(steps) == 2:  # the user presses Cancel as the third chunk starts
+            assert library.cancel_job(jobs, "prepare", Request()).startswith("Cancelling")
+
+    status = library.run_job(jobs, "prepare", Request(), progress,
+                             lambda p: library.prepare(tiny_bench, knobs, ["fake_cache"], "demo", *blank, progress=p))
+    assert status.startswith("**Cancelled.**")
+    assert len(steps) == 3 < n_chunks  # the step under way finishes; the next one never starts
+    stored = tiny_bench.store.artifact_bytes(tiny_bench.corpus("demo").collection_id).get("fake_cache", 0)
+    assert stored == 3 * 3  # the finished chunks are kept whole
+    assert library.cancel_job(jobs, "prepare", Request()) == "Nothing to cancel."  # the flag is gone with the job
+    assert tiny_bench.store.integrity_problems() == []
 
 
 def _knobs():
@@ -227,19 +404,24 @@ def _knobs():
     return knobs
 
 
-def _run_compare(bench, question, methods, collection, knobs=None):
+def _run_compare(bench, question, methods, collection, knobs=None, gold="", values=None):
     knobs = knobs or _knobs()
-    steps = list(ask.compare(bench, knobs, question, methods, collection, *[None] * len(knobs.knobs)))
-    return steps
+    values = values or [None] * len(knobs.knobs)
+    return list(ask.compare(bench, knobs, question, methods, collection, gold, *values))
 
 
 def test_compare_streams_cards_then_fills_every_output(tiny_bench, docs_dir):
-    library.upload(tiny_bench, _paths(docs_dir), "demo")
-    steps = _run_compare(tiny_bench, "When was the Eiffel Tower completed?", ["closed_book", "full_context", "rag"], "demo")
+    _upload(tiny_bench, _paths(docs_dir))
+    steps = _run_compare(tiny_bench, "When was the Eiffel Tower completed?", ["full_context", "closed_book", "rag"],
+                         "demo", gold="1889")
     assert len(steps) >= 2
     assert "data-status='waiting'" in steps[0][0]
+    assert "rd-estimate" in steps[0][0] and "reads about" in steps[0][0]  # full context's expected cost, up front
     cards, figure, sees, sources, history = steps[-1]
     assert cards.count("data-status='done'") == 3 and "rd-error" not in cards
+    assert cards.count("class='rd-gold'") == 3  # every card judged against the gold answer
+    order = re.findall(r"class='rd-card' data-method='(\w+)'", cards)
+    assert order == ["closed_book", "rag", "full_context"]  # the slow method answers last
     assert len(figure.axes) == 3
     assert sees.count("class='rd-sees'") == 3 and "data-mark='text'" in sees
     assert "eiffel.txt" in sources and "whole document" in sources  # rag and full context read the documents
@@ -247,27 +429,44 @@ def test_compare_streams_cards_then_fills_every_output(tiny_bench, docs_dir):
     assert len(ask.history(tiny_bench, "demo")) == 3
 
 
+def test_full_context_estimate_uses_measured_prefill_rate(tiny_bench, docs_dir):
+    _upload(tiny_bench, _paths(docs_dir))
+    assert "no timing measured" in ask.full_context_estimate(tiny_bench, "demo")
+    measured = [Result("rag", processed_tokens=400, ttft_s=2.1, retrieve_s=0.1)]  # 200 tokens/s
+    tokens = tiny_bench.corpus("demo").n_tokens()
+    text = ask.full_context_estimate(tiny_bench, "demo", measured)
+    assert "200 tokens/s" in text and f"{tokens:,} tokens" in text
+
+
 def test_compare_uses_the_knobs_set_in_the_accordions(tiny_bench, docs_dir):
-    library.upload(tiny_bench, _paths(docs_dir), "demo")
+    _upload(tiny_bench, _paths(docs_dir))
     knobs = _knobs()
     values = [None] * len(knobs.knobs)
     values[next(i for i, k in enumerate(knobs.knobs) if (k.method, k.name) == ("rag", "k"))] = 1.0
-    steps = list(ask.compare(tiny_bench, knobs, "Who built the tower?", ["rag"], "demo", *values))
+    steps = _run_compare(tiny_bench, "Who built the tower?", ["rag"], "demo", knobs, values=values)
     assert "data-status='done'" in steps[-1][0]
     run = tiny_bench.runs("demo", 1)[0]["result"]
-    assert len(run["sources"]) == 1
+    assert len(run["sources"]) == 1 and run["params"]["k"] == 1  # History can tell runs with other knobs apart
+    assert "k=1" in steps[-1][4]["knobs"][0]
 
 
-def test_compare_bad_input(tiny_bench, docs_dir):
-    with pytest.raises(gr.Error, match="empty"):
-        _run_compare(tiny_bench, "   ", ["rag"], "demo")
-    with pytest.raises(gr.Error, match="limit"):
-        _run_compare(tiny_bench, "why? " * 1000, ["rag"], "demo")
-    with pytest.raises(gr.Error, match="at least one method"):
-        _run_compare(tiny_bench, "why?", [], "demo")
+def test_compare_bad_input_clears_old_answers_without_error_pills(tiny_bench, docs_dir):
+    _upload(tiny_bench, _paths(docs_dir))
+    knobs = _knobs()
+    for question, methods, message in (("   ", ["rag"], "empty"), ("why? " * 1000, ["rag"], "limit"),
+                                       ("why?", [], "at least one method")):
+        with pytest.warns(UserWarning, match=message):
+            (cards, chart, sees, sources, history), = _run_compare(tiny_bench, question, methods, "demo", knobs)
+        assert "Not run" in cards and message in cards and "rd-card" not in cards and chart is None
+    values = [None] * len(knobs.knobs)
+    values[next(i for i, k in enumerate(knobs.knobs) if (k.method, k.name) == ("rag", "k"))] = 0
+    with pytest.warns(UserWarning, match=r"rag\.k .*between 1 and 50"):  # k=0 would silently answer closed book
+        (cards, *_), = _run_compare(tiny_bench, "why?", ["rag"], "demo", knobs, values=values)
+    assert tiny_bench.runs("demo") == []  # nothing ran
 
 
 def test_compare_on_empty_collection_warns_and_keeps_other_methods(tiny_bench):
+    tiny_bench.create_collection("empty")
     with pytest.warns(UserWarning, match="needs documents"):
         steps = _run_compare(tiny_bench, "Why is the sky blue?", ["closed_book", "rag"], "empty")
     cards = steps[-1][0]
@@ -276,27 +475,75 @@ def test_compare_on_empty_collection_warns_and_keeps_other_methods(tiny_bench):
     assert cards.count("class='rd-answer'") + cards.count("class='rd-error'") == 2
 
 
-def test_settings_failed_switch_keeps_the_previous_model(tiny_bench):
+# --------------------------------------------------------------------- demo
+def test_demo_examples_are_answerable_from_the_demo_article():
+    from ragdemo.bench.datasets import load_squad
+    from ragdemo.workbench import DEMO_ARTICLE, Workbench
+
+    examples = Workbench.demo_examples()
+    assert len(examples) == 8
+    article = dict(load_squad().haystacks[0].documents)[DEMO_ARTICLE]
+    for question, answers in examples:
+        assert question.endswith("?") and answers and all(a in article for a in answers)
+
+
+def test_load_demo_fills_the_collection_and_the_first_example(tiny_bench, monkeypatch):
+    from ragdemo.workbench import DEMO_ARTICLE, DEMO_COLLECTION
+
+    calls = []
+    monkeypatch.setattr(tiny_bench, "_prepare_defaults", lambda corpus, progress: calls.append(corpus.collection) or [])
+    status, collection, question, gold = ask.load_demo(tiny_bench)
+    assert collection["value"] == DEMO_COLLECTION and "Compare" in status
+    assert [d["name"] for d in tiny_bench.documents(DEMO_COLLECTION)] == [DEMO_ARTICLE]
+    assert (question, ask.parse_golds(gold)) == tuple(tiny_bench.demo_examples(1)[0])
+    assert calls == [DEMO_COLLECTION]  # the demo is prepared for the methods that have offline artifacts
+    ask.load_demo(tiny_bench)  # idempotent: the article is recognised by content
+    assert len(tiny_bench.documents(DEMO_COLLECTION)) == 1 and calls == [DEMO_COLLECTION] * 2
+
+
+def test_model_header_names_the_model_and_its_size(tiny_bench):
+    header = ask.model_header(tiny_bench)
+    n = sum(p.numel() for p in tiny_bench.models.lm.model.parameters())
+    assert tiny_bench.models.lm.model_id in header and f"{n / 1e6:.0f} M parameters" in header
+
+
+# ----------------------------------------------------------------- settings
+def test_settings_failed_switch_keeps_the_previous_model_and_resets_widgets(tiny_bench):
     before = tiny_bench.models.lm
-    with pytest.raises(gr.Error, match="could not load model"):
-        settings.apply(tiny_bench, "/no/such/model-dir", "cpu", "none", 16)
-    with pytest.raises(gr.Error, match="CUDA"):
+    in_force = settings.current_values(tiny_bench)
+    with pytest.warns(UserWarning, match="could not load model"):
+        status, *widgets = settings.apply(tiny_bench, "/no/such/model-dir", "cpu", "none", 16)
+    assert "Not applied" in status and tuple(widgets) == in_force  # the page shows what runs
+    with pytest.warns(UserWarning, match="CUDA"):
         settings.apply(tiny_bench, tiny_bench.settings.model_id, "cpu", "4bit", 16)
     assert tiny_bench.models.lm is before
-    status = settings.apply(tiny_bench, tiny_bench.settings.model_id, "cpu", "none", 12)
-    assert tiny_bench.settings.max_new_tokens == 12 and "max new tokens 12" in status
-    with pytest.raises(gr.Error, match="between"):
+    status, *widgets = settings.apply(tiny_bench, tiny_bench.settings.model_id, "cpu", "none", 12)
+    assert tiny_bench.settings.max_new_tokens == 12 and "max new tokens 12" in status and widgets[-1] == 12
+    with pytest.warns(UserWarning, match="between"):
         settings.apply(tiny_bench, tiny_bench.settings.model_id, "cpu", "none", 0)
+    assert "--" not in settings.in_ui_words("no CUDA GPU is visible; use --device cpu")
+
+
+def test_settings_offers_only_devices_this_machine_has():
+    import torch
+
+    assert ("cuda" in settings.DEVICES) == torch.cuda.is_available()
+    assert "mps" not in settings.DEVICES or torch.backends.mps.is_available()
 
 
 def test_build_app_has_every_tab_and_method(tiny_bench):
     demo = build_app(tiny_bench)
-    compare_fn = next(fn for fn in demo.fns.values() if fn.name == "run")
-    upload_fn = next(fn for fn in demo.fns.values() if "upload" in [t[1] for t in fn.targets])
-    # one queue slot for everything that runs the model: concurrent users wait instead of interleaving
-    assert compare_fn.concurrency_limit == 1 and compare_fn.concurrency_id == upload_fn.concurrency_id
+    compare_fn = next(fn for fn in demo.fns.values() if fn.name == "run" and "compare" in str(fn.api_name))
+    upload_fn = next(fn for fn in demo.fns.values() if "upload" in str(fn.api_name))
+    # one queue slot for answers; long jobs (upload with preparation, benchmark) in another, so a Compare
+    # waits for one step of a long job (the model lock), not for all of it
+    assert compare_fn.concurrency_limit == 1 and compare_fn.concurrency_id == "model"
+    assert upload_fn.concurrency_id == "long"
     config = demo.get_config_file()
     labels = {c.get("props", {}).get("label") for c in config["components"]}
     assert {"Library", "Ask", "Methods", "Settings"} <= labels
     picker = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "method-picker")
     assert {v for _, v in picker["props"]["choices"]} == set(registry())
+    assert set(picker["props"]["value"]) == {"closed_book", "rag", "retro", "btr", "lloco"} & set(registry())
+    ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
+    assert {"load-demo", "gold", "confirm-delete", "prepare-cancel", "bench-cancel", "ask-header"} <= ids

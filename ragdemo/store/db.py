@@ -183,6 +183,20 @@ class Store:
                             (name, time.time()))
         return int(self.value("SELECT id FROM collections WHERE name = ?", (name,)))
 
+    def rename_collection(self, name: str, new_name: str) -> None:
+        collection_id, new_name = self.collection_id(name, create=False), check_collection_name(new_name)
+        if self.value("SELECT id FROM collections WHERE name = ?", (new_name,)) is not None:
+            raise UserError(f"a collection named {new_name!r} already exists")
+        with self.transaction():
+            self.db.execute("UPDATE collections SET name = ? WHERE id = ?", (new_name, collection_id))
+
+    def delete_collection(self, name: str) -> int:
+        """The collection, its documents, chunks, vectors and artifacts (cascades); runs keep their text."""
+        collection_id = self.collection_id(name, create=False)
+        with self.transaction():
+            self.db.execute("DELETE FROM collections WHERE id = ?", (collection_id,))
+        return collection_id
+
     def collection_state(self, collection_id: int) -> dict:
         """{uid, version, retriever, rescore}: one primary-key read, cheap enough for every retrieval."""
         found = self.rows("SELECT uid, version, retriever, rescore FROM collections WHERE id = ?", (collection_id,))

@@ -10,17 +10,19 @@ import gradio as gr
 import pandas as pd
 
 from ..errors import UserError
-from ..methods import registry
-from ..methods.base import Result
-from ..workbench import DEFAULT_METHODS, Workbench
-from .common import MODEL_QUEUE, error, method_choices, method_labels, user_errors, warn
+from ..methods import get_method, registry
+from ..methods.base import Result, params_from
+from ..workbench import DEFAULT_METHODS, DEMO_COLLECTION, Workbench
+from .common import MODEL_QUEUE, method_choices, method_labels, progress_bridge, user_errors, warn
 from .knobs import KnobSet
-from .library import collection_name
-from .render import (HISTORY_HEADERS, Card, comparison_figure, history_rows, render_cards, render_model_sees,
-                     render_sources, source_chunk_ids)
+from .library import collection_name, existing_collection
+from .render import (HISTORY_HEADERS, MUTED, Card, comparison_figure, esc, fmt_s, history_rows, render_cards,
+                     render_model_sees, render_sources, source_chunk_ids)
 
 log = logging.getLogger(__name__)
 POLL_S = 0.25  # how often streamed text is pushed to the browser
+RUN_LAST = ("full_context",)  # slow methods answer after the fast ones, so the class reads those first
+GOLD_SEPARATOR = " | "
 
 
 def history_frame(workbench: Workbench, collection: str, limit: int = 50) -> pd.DataFrame:
@@ -32,11 +34,54 @@ def history(workbench: Workbench, collection: str) -> pd.DataFrame:
     return history_frame(workbench, collection_name(workbench, collection))
 
 
+def model_header(workbench: Workbench) -> str:
+    """The model's name and size: a class must know it is judging methods on a small model."""
+    try:
+        lm = workbench.models.lm
+    except Exception as exc:  # the header is informative only; Compare reports load errors properly
+        return f"**Model:** not loaded ({esc(exc)})"
+    n = sum(p.numel() for p in lm.model.parameters())
+    size = f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.0f} M"
+    small = (" A model this small is wrong on many questions: compare the methods with each other, not with a "
+             "large chat model.") if n < 2e9 else ""
+    return (f"**Model:** {esc(lm.model_id)} · **{size} parameters** · {esc(lm.device)} · answers up to "
+            f"{workbench.settings.max_new_tokens} tokens.{small}")
+
+
+# ------------------------------------------------------------------ estimates
+def prefill_rate(workbench: Workbench, collection: str, results: list[Result] = ()) -> float | None:
+    """Tokens per second of query-time prefill measured on this machine: from this comparison's finished
+    answers and the collection's history (only answers with a long enough prompt to be representative)."""
+    runs = [r for r in results if not r.error] + [Result.from_dict(run["result"]) for run in workbench.runs(collection, 50)]
+    pairs = [(r.processed_tokens, r.ttft_s - r.retrieve_s - r.load_s) for r in runs
+             if r.processed_tokens >= 100 and r.ttft_s - r.retrieve_s - r.load_s > 0]
+    if not pairs:
+        return None
+    return sum(t for t, _ in pairs) / sum(s for _, s in pairs)
+
+
+def full_context_estimate(workbench: Workbench, collection: str, results: list[Result] = ()) -> str:
+    """Full context's expected time from its prompt length, before it runs."""
+    try:
+        corpus = workbench.corpus(collection, create=False)
+    except UserError:
+        return ""
+    tokens = min(corpus.n_tokens(), corpus.lm.window - workbench.settings.max_new_tokens)
+    rate = prefill_rate(workbench, collection, results)
+    if rate is None:
+        return f"reads about {tokens:,} tokens; expect the longest wait (no timing measured here yet)"
+    # attention grows faster than linearly with length: this is a lower bound
+    return f"reads about {tokens:,} tokens: at least {fmt_s(tokens / rate)} here ({rate:,.0f} tokens/s measured)"
+
+
+# ---------------------------------------------------------------- comparison
 def run_cards(workbench: Workbench, cards: list[Card], question: str, collection: str, knobs: dict,
               warnings: list[str]) -> None:
     """Run the methods one by one (each through Workbench.ask, which records the run). A method that fails
     on bad input shows its error on its own card; the other methods still answer."""
     for card in cards:
+        if card.method in RUN_LAST:
+            card.estimate = "expected: " + full_context_estimate(workbench, collection, [c.result for c in cards if c.result])
         card.status, card.started = "running", time.perf_counter()
         try:
             card.result = workbench.ask(question, [card.method], collection, knobs,
@@ -51,21 +96,39 @@ def run_cards(workbench: Workbench, cards: list[Card], question: str, collection
         card.status = "done"
 
 
+def parse_golds(gold: str | None) -> list[str]:
+    return [g.strip() for g in (gold or "").split(GOLD_SEPARATOR.strip()) if g.strip()]
+
+
+def not_run(message: str):
+    """What a refused Compare shows: the previous answers are cleared, so none sits under the wrong question."""
+    cards = f"<div class='rd-notrun' style='{MUTED}'>Not run: {esc(message)}</div>"
+    return cards, None, render_model_sees([]), render_sources([], {}, ""), gr.skip()
+
+
 def compare(workbench: Workbench, knobs: KnobSet, question: str, methods: list[str] | None, collection: str,
-            *knob_values):
-    """Generator for the Compare button: yields (cards, chart, model-sees, sources, history) while methods run."""
+            gold: str | None, *knob_values):
+    """Generator for the Compare button: yields (cards, chart, model-sees, sources, history) while methods run.
+    Bad input is a warning and clears the old answers; it never turns the outputs into error pills."""
     try:
         question = workbench.check_question(question)
         if not methods:
             raise UserError("pick at least one method")
-        name = collection_name(workbench, collection)
-        workbench.corpus(name)  # picking a new collection name creates it; closed book works on an empty one
+        name = existing_collection(workbench, collection)
         workbench.models.lm  # a model that cannot load is reported once, before any card
         values = knobs.values(*knob_values)
     except UserError as exc:
-        raise error(str(exc)) from None
+        warn(str(exc))
+        yield not_run(str(exc))
+        return
     labels = method_labels()
-    cards = [Card(m, labels.get(m, m)) for m in methods]
+    order = list(registry())
+    methods = sorted(methods, key=lambda m: (m in RUN_LAST, order.index(m) if m in order else len(order)))
+    golds = parse_golds(gold)
+    cards = [Card(m, labels.get(m, m), limit=_answer_limit(workbench, m, values), golds=golds) for m in methods]
+    for card in cards:
+        if card.method in RUN_LAST:
+            card.estimate = "expected: " + full_context_estimate(workbench, name)
     warnings: list[str] = []
     worker = threading.Thread(target=run_cards, args=(workbench, cards, question, name, values, warnings), daemon=True)
     worker.start()
@@ -76,7 +139,11 @@ def compare(workbench: Workbench, knobs: KnobSet, question: str, methods: list[s
         shown = _flush_warnings(warnings, shown)
         yield render_cards(cards), gr.skip(), gr.skip(), gr.skip(), gr.skip()
     _flush_warnings(warnings, shown)
-    yield final_outputs(workbench, cards, question, name)
+    yield final_outputs(workbench, cards, question, name, values)
+
+
+def _answer_limit(workbench: Workbench, method: str, knobs: dict) -> int:
+    return int(knobs.get(method, {}).get("max_new_tokens") or workbench.settings.max_new_tokens)
 
 
 def _flush_warnings(warnings: list[str], shown: int) -> int:
@@ -85,14 +152,45 @@ def _flush_warnings(warnings: list[str], shown: int) -> int:
     return len(warnings)
 
 
-def final_outputs(workbench: Workbench, cards: list[Card], question: str, collection: str):
+def storage_split(workbench: Workbench, results: list[Result], collection: str, knobs: dict) -> dict[str, tuple[int, int]]:
+    """{method: (per-chunk bytes, shared bytes)} from each method's own storage account."""
+    corpus = workbench.corpus(collection, create=False)
+    out = {}
+    for r in results:
+        try:
+            method = get_method(r.method)
+            account = method.storage(corpus, params_from(method.Params, knobs.get(r.method)))
+            out[r.method] = (account.chunk_bytes, account.shared_bytes)
+        except Exception:  # the chart falls back to the bytes the answer read; the card still has every number
+            log.exception("storage account of %s", r.method)
+    return out
+
+
+def final_outputs(workbench: Workbench, cards: list[Card], question: str, collection: str, knobs: dict | None = None):
     results = [c.result for c in cards if c.result]
     labels = {c.method: c.label for c in cards}
     ids = sorted({i for r in results for s in r.sources for i in source_chunk_ids(s)})
     texts = {i: row["text"] for i, row in workbench.store.chunks_by_id(ids).items()}
     tokenizer = workbench.models.lm.tokenizer
-    return (render_cards(cards), comparison_figure(results, labels), render_model_sees(results, labels, tokenizer),
+    figure = comparison_figure(results, labels, storage_split(workbench, results, collection, knobs or {}))
+    return (render_cards(cards), figure, render_model_sees(results, labels, tokenizer),
             render_sources(results, texts, question, labels), history_frame(workbench, collection))
+
+
+# ----------------------------------------------------------------------- demo
+def load_demo(workbench: Workbench, progress=None):
+    """Load (or finish preparing) the demo collection, switch to it and put the first example in the box."""
+    try:
+        reports = workbench.load_demo(progress_bridge(progress))
+    except UserError as exc:
+        warn(str(exc))
+        return f"Demo not loaded: {esc(exc)}", gr.skip(), gr.skip(), gr.skip()
+    question, answers = workbench.demo_examples(1)[0]
+    prepared = [r.name for r in reports if r.status == "prepared"]
+    done = f"prepared for {', '.join(prepared)}" if prepared else "ready"
+    status = (f"Collection **{DEMO_COLLECTION}** {done}: one Wikipedia article from SQuAD. Pick an example "
+              "question below (each has its gold answer, so cards show ✓/✗) and press **Compare**.")
+    return status, gr.update(value=DEMO_COLLECTION), question, GOLD_SEPARATOR.join(answers)
 
 
 @dataclass
@@ -101,20 +199,35 @@ class AskTab:
     question: gr.Textbox
     methods: gr.CheckboxGroup
     history: gr.Dataframe
+    header: gr.Markdown
     compared: object  # the Compare event, so other tabs can refresh after it (e.g. storage in the Library)
+    demo_loaded: object  # the Load-demo event, so the Library refreshes after it
 
 
 def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
     wb = workbench
     knobs = KnobSet()
     with gr.Tab("Ask", id="ask"):
+        header = gr.Markdown(elem_id="ask-header")
+        with gr.Row(equal_height=True):
+            demo_button = gr.Button("Load demo collection", elem_id="load-demo", scale=0, min_width=220)
+            demo_status = gr.Markdown("New here? One click loads a sample article with example questions and "
+                                      "prepares every method for it (a minute or two the first time).",
+                                      elem_id="demo-status")
         with gr.Row():
             question = gr.Textbox(label="Question", placeholder="Ask something your documents answer…", lines=2,
                                   scale=4, elem_id="question", max_length=wb.settings.max_question_chars * 2)
+            gold = gr.Textbox(label="Gold answer (optional)", placeholder="e.g. Brazil | Brazilian", scale=2,
+                              elem_id="gold", info="cards show ✓ when their answer contains it; | separates alternatives")
             compare_button = gr.Button("Compare", variant="primary", scale=1, elem_id="compare-button")
+        examples = [[q, GOLD_SEPARATOR.join(a), DEMO_COLLECTION] for q, a in wb.demo_examples()]
+        gr.Examples(examples, [question, gold, collection], label="Example questions on the demo collection",
+                    elem_id="examples", examples_per_page=8)
         choices = method_choices()
         methods = gr.CheckboxGroup(choices, value=[m for m in DEFAULT_METHODS if m in registry()], label="Methods",
-                                   elem_id="method-picker", info="Every installed method appears here; see the Methods tab for what each does.")
+                                   elem_id="method-picker",
+                                   info="Ticked: the methods that answer in seconds. Full context reads every document "
+                                        "and takes far longer; its card shows the expected time before it runs.")
         with gr.Accordion("Knobs per method", open=False):
             knobs.build()
         gr.Markdown("### Answers")
@@ -123,7 +236,7 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
         chart = gr.Plot(label="TTFT, tokens and storage per method", show_label=False, elem_id="chart")
         gr.Markdown("### What the model sees\nEach method's prompt, token by token. The colour says how each part "
                     "reached the model: read as text, loaded from a cache, compressed, binarized, merged, repeated "
-                    "or retrieved while generating.")
+                    "or retrieved while generating. Struck-through tokens were dropped by compression.")
         sees = gr.HTML(render_model_sees([]), elem_id="model-sees")
         gr.Markdown("### Sources\nThe passages each method read; the sentence closest to the question and answer is highlighted.")
         sources = gr.HTML(render_sources([], {}, ""), elem_id="sources")
@@ -131,15 +244,16 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
             gr.Markdown("### History")
             refresh_button = gr.Button("Refresh history", size="sm", scale=0)
         history_table = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True, elem_id="history",
-                                     column_widths=["12%", "20%", "9%", "13%", "22%", "6%", "6%", "6%", "6%"],
                                      label="Past runs in this collection (newest first)")
-    inputs = [question, methods, collection, *knobs.components]
+    inputs = [question, methods, collection, gold, *knobs.components]
     outputs = [cards, chart, sees, sources, history_table]
 
-    def run(q, m, c, *v):
-        yield from compare(wb, knobs, q, m, c, *v)
+    def run(q, m, c, g, *v):
+        yield from compare(wb, knobs, q, m, c, g, *v)
 
     compared = gr.on([compare_button.click, question.submit], run, inputs, outputs, api_name="compare", **MODEL_QUEUE)
     refresh_button.click(lambda c: history(wb, c), [collection], [history_table])
-    return AskTab(knobs, question, methods, history_table, compared)
-
+    demo_loaded = demo_button.click(lambda progress=gr.Progress(): load_demo(wb, progress), None,
+                                    [demo_status, collection, question, gold], show_progress_on=[demo_status],
+                                    api_name="load_demo", concurrency_limit=1, concurrency_id="long")
+    return AskTab(knobs, question, methods, history_table, header, compared, demo_loaded)

@@ -1,6 +1,7 @@
 """Benchmark tab: pick a dataset, n and methods; the runner (same code as `python -m ragdemo bench`) does the rest."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -11,15 +12,19 @@ from ..bench.command import run_benchmark
 from ..bench.runner import MD_HEADERS, _fmt, summary_columns
 from ..errors import UserError
 from ..methods import registry
-from .common import MODEL_QUEUE, progress_bridge, user_errors
+from .common import Cancelled, Jobs, cancellable, progress_bridge, session_of, warn
+from .render import esc, fmt_s
 
+log = logging.getLogger(__name__)
 DATASETS = [("SQuAD v1.1 dev sample (6 whole articles)", "squad"), ("Needle in a haystack (Paul Graham essays)", "needle"),
             ("My JSONL file", "jsonl")]
-DEFAULT_METHODS = ["closed_book", "full_context", "rag"]
+DEFAULT_METHODS = ["closed_book", "rag", "retro"]
+NLL_FACTOR = 1.3  # each benchmark answer also scores the gold answer's NLL: roughly a third more time
 HELP = """Runs the chosen methods on real QA data, on fresh collections that are removed afterwards (your library is
 untouched). **EM / F1 / contains** score the generated answers; **value kept** compares teacher-forced NLLs of the gold
 answer: 0% = closed book, 100% = the reference. On a 2-core CPU a SQuAD question takes a few seconds per method, and
-full context (up to 8k tokens) far longer: start with n = 10. The same run on the command line:
+full context (up to 8k tokens) far longer: start with n = 10 (the estimate below uses answers timed on this
+machine). Cancel stops after the current question and removes the benchmark's collections. The same run on the command line:
 `python -m ragdemo bench --dataset squad --n 10 --methods closed_book,rag --out bench_out`."""
 
 
@@ -42,14 +47,50 @@ def methods_from(checked: list[str] | None, variants: str) -> list[str]:
     return methods
 
 
+def estimate(workbench, dataset: str, n, checked, variants) -> str:
+    """Expected duration from this machine's recent answers (mean total time per method, plus the NLL pass)."""
+    try:
+        methods = [m.split("@")[0] for m in methods_from(checked, variants)]
+    except UserError:
+        return ""
+    questions = int(n or 0) if dataset != "needle" else 15
+    seconds: dict[str, list[float]] = {}
+    for run in workbench.store.runs(None, 300):
+        seconds.setdefault(run["method"], []).append(float(run["result"].get("total_s") or 0))
+    known = [sum(seconds[m]) / len(seconds[m]) for m in methods if seconds.get(m)]
+    missing = [m for m in methods if not seconds.get(m)]
+    if not known:
+        return "**Estimated duration:** unknown (none of these methods has answered on this machine yet)."
+    total = questions * sum(known) * NLL_FACTOR
+    unknown = f"; plus {', '.join(missing)} (never timed here)" if missing else ""
+    return f"**Estimated duration:** about {fmt_s(total)} for {questions} questions{esc(unknown)}, preparation not included."
+
+
 def summary_frame(run) -> pd.DataFrame:
     cols = summary_columns(run)
     return pd.DataFrame([[_fmt(row[c], c) for c in cols] for row in run.summary], columns=[MD_HEADERS[c] for c in cols])
 
 
-@user_errors
-def run_from_ui(workbench, dataset: str, jsonl_file, n, seed, checked, variants, reference, lengths, depths,
-                max_new_tokens, progress=gr.Progress()):
+def run_from_ui(workbench, dataset, jsonl_file, n, seed, checked, variants, reference, lengths, depths,
+                max_new_tokens, progress=None):
+    """The Run button: never raises into Gradio, so a mistake leaves the previous results on the page."""
+    empty = (gr.skip(),) * 5
+    try:
+        return _run(workbench, dataset, jsonl_file, n, seed, checked, variants, reference, lengths, depths,
+                    max_new_tokens, progress)
+    except Cancelled:
+        return ("**Cancelled.** The benchmark's collections were removed; nothing was saved.", *empty)
+    except UserError as exc:
+        message = str(exc)
+    except Exception as exc:  # a bug must not take the page; the log has the traceback
+        log.exception("benchmark failed")
+        message = f"internal error: {type(exc).__name__}: {exc}"
+    warn(message)
+    return (f"**Not run:** {esc(message)}", *empty)
+
+
+def _run(workbench, dataset: str, jsonl_file, n, seed, checked, variants, reference, lengths, depths,
+         max_new_tokens, progress=None):
     if dataset == "jsonl":
         if not jsonl_file:
             raise UserError("upload a .jsonl file of {question, answers, context?, doc?} first")
@@ -58,19 +99,21 @@ def run_from_ui(workbench, dataset: str, jsonl_file, n, seed, checked, variants,
     run, written = run_benchmark(
         workbench, dataset, out, methods_from(checked, variants), n=int(n) if n else None, seed=int(seed or 0),
         lengths=_numbers(lengths, "lengths"), depths=_numbers(depths, "depths"), reference=reference,
-        max_new_tokens=int(max_new_tokens) if max_new_tokens else None, progress=progress_bridge(progress),
+        max_new_tokens=int(max_new_tokens) if max_new_tokens else None, progress=progress,
         extra_meta={"command": "Benchmark tab"})
     images = {p.name: str(p) for p in written if p.suffix == ".png"}
-    header = (f"**{run.meta['description']}** · model {run.meta['model']} · reference **{run.meta['reference']}** · "
-              f"{run.meta['seconds']:.0f} s · saved in `{out}`")
-    return (header, summary_frame(run), images.get("quality_vs_ttft.png"), images.get("storage.png"),
-            images.get("needle_heatmap.png"), [str(p) for p in written if p.suffix != ".png"])
+    header = (f"**{esc(run.meta['description'])}** · model {esc(run.meta['model'])} · reference "
+              f"**{esc(run.meta['reference'])}** · {run.meta['seconds']:.0f} s · saved in `{esc(out)}`")
+    # a plot that has nothing to show is hidden rather than drawn empty
+    plots = [gr.update(value=images.get(name), visible=name in images)
+             for name in ("quality_vs_ttft.png", "storage.png", "needle_heatmap.png")]
+    return (header, summary_frame(run), *plots, [str(p) for p in written if p.suffix != ".png"])
 
 
-def build_bench_tab(workbench) -> None:
+def build_bench_tab(workbench, jobs: Jobs) -> None:
     """Call inside the app's gr.Blocks / gr.Tabs."""
     names = list(registry())
-    with gr.Tab("Benchmark", id="benchmark"):
+    with gr.Tab("Benchmark", id="benchmark") as tab:
         gr.Markdown(HELP)
         with gr.Row():
             dataset = gr.Radio([(label, value) for label, value in DATASETS], value="squad", label="Dataset",
@@ -79,7 +122,8 @@ def build_bench_tab(workbench) -> None:
         with gr.Row():
             n = gr.Number(10, precision=0, minimum=1, label="questions (n)", elem_id="bench-n")
             seed = gr.Number(0, precision=0, label="seed")
-            max_new = gr.Number(24, precision=0, minimum=1, label="max new tokens")
+            max_new = gr.Number(workbench.settings.max_new_tokens, precision=0, minimum=1, maximum=4096,
+                                label="max new tokens", info="the same default as the Ask tab and the CLI")
             reference = gr.Radio(["rag", "full_context"], value="rag", label="reference for value kept")
         methods = gr.CheckboxGroup(names, value=[m for m in DEFAULT_METHODS if m in names], label="Methods",
                                    elem_id="bench-methods")
@@ -87,14 +131,40 @@ def build_bench_tab(workbench) -> None:
         with gr.Accordion("Needle settings", open=False):
             lengths = gr.Textbox("1024,2048,4096", label="context lengths (tokens)")
             depths = gr.Textbox("0,25,50,75,100", label="needle depths (%)")
-        run_button = gr.Button("Run benchmark", variant="primary", elem_id="bench-run")
-        header = gr.Markdown()
-        table = gr.Dataframe(label="Summary (means)", interactive=False, elem_id="bench-summary", wrap=True)
+        estimate_md = gr.Markdown(elem_id="bench-estimate")
+        with gr.Row(equal_height=True):
+            run_button = gr.Button("Run benchmark", variant="primary", elem_id="bench-run", scale=0, min_width=200)
+            cancel_button = gr.Button("Cancel", elem_id="bench-cancel", scale=0, min_width=120)
+            header = gr.Markdown(elem_id="bench-status")
+        table = gr.Dataframe(label="Summary (means): click a header to sort, type to filter", interactive=False,
+                             elem_id="bench-summary", wrap=False, show_search="filter")
         with gr.Row():
-            pareto = gr.Image(label="Quality vs TTFT", type="filepath")
-            storage = gr.Image(label="Storage per method", type="filepath")
-            needle = gr.Image(label="Needle heatmap", type="filepath")
+            # show_label=False: Gradio's label badge would cover the title drawn inside each plot
+            pareto = gr.Image(label="Quality vs TTFT", type="filepath", show_label=False, visible=False)
+            storage = gr.Image(label="Storage per method", type="filepath", show_label=False, visible=False)
+            needle = gr.Image(label="Needle heatmap", type="filepath", show_label=False, visible=False)
         files = gr.File(label="results.json, summary.csv, summary.md", file_count="multiple")
-        run_button.click(lambda *a, progress=gr.Progress(): run_from_ui(workbench, *a, progress=progress),
-                         [dataset, jsonl_file, n, seed, methods, variants, reference, lengths, depths, max_new],
-                         [header, table, pareto, storage, needle, files], **MODEL_QUEUE)
+
+        def run(*args, request: gr.Request, progress=gr.Progress()):
+            session = session_of(request)
+            flag = jobs.start(session, "bench")
+            try:
+                return run_from_ui(workbench, *args, progress=cancellable(progress_bridge(progress), flag))
+            finally:
+                jobs.finish(session, "bench")
+
+        def cancel(request: gr.Request):
+            return ("Cancelling: stops after the current question…" if jobs.cancel(session_of(request), "bench")
+                    else "Nothing to cancel.")
+
+        # The long-job queue, not the model queue: the runner takes the model lock per question, so another
+        # user's Compare waits for one answer, not for the whole benchmark.
+        run_button.click(run, [dataset, jsonl_file, n, seed, methods, variants, reference, lengths, depths, max_new],
+                         [header, table, pareto, storage, needle, files], show_progress_on=[header],
+                         concurrency_limit=1, concurrency_id="long")
+        cancel_button.click(cancel, None, [header], queue=False)
+        gr.on([dataset.change, n.change, methods.change, variants.change],
+              lambda d, k, m, v: estimate(workbench, d, k, m, v), [dataset, n, methods, variants], [estimate_md],
+              show_progress="hidden")
+        tab.select(lambda d, k, m, v: estimate(workbench, d, k, m, v), [dataset, n, methods, variants], [estimate_md],
+                   show_progress="hidden")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from typing import Callable
 
 import gradio as gr
@@ -54,6 +55,54 @@ def progress_bridge(progress: gr.Progress | None):
     if progress is None:
         return None
     return lambda fraction, message: progress(max(0.0, min(1.0, float(fraction))), desc=message)
+
+
+class Cancelled(BaseException):
+    """Raised from a long job's progress callback after Cancel: the job stops at its next step (question, chunk,
+    training step). A BaseException, so per-question `except Exception` handlers do not swallow it; the store is
+    consistent because every write is a transaction and the benchmark's cleanup runs in `finally`."""
+
+
+class Jobs:
+    """Cancel flags of the long jobs running now, one per (browser session, job kind): one user's Cancel never
+    stops another user's job."""
+
+    def __init__(self):
+        self._flags: dict[tuple[str, str], threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def start(self, session: str, kind: str) -> threading.Event:
+        with self._lock:
+            flag = self._flags[(session, kind)] = threading.Event()
+        return flag
+
+    def cancel(self, session: str, kind: str) -> bool:
+        with self._lock:
+            flag = self._flags.get((session, kind))
+        if flag is None:
+            return False
+        flag.set()
+        return True
+
+    def finish(self, session: str, kind: str) -> None:
+        with self._lock:
+            self._flags.pop((session, kind), None)
+
+
+def session_of(request) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
+def cancellable(progress: Callable | None, flag: threading.Event) -> Callable:
+    """A Workbench progress callback that raises Cancelled once `flag` is set (checked at every step)."""
+
+    def step(fraction: float, message: str) -> None:
+        if flag.is_set():
+            raise Cancelled()
+        if progress:
+            progress(fraction, message)
+
+    return step
 
 
 def method_labels() -> dict[str, str]:

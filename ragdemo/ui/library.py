@@ -1,19 +1,31 @@
-"""Library tab: upload documents into a collection, see what is stored, delete, and prepare method artifacts."""
+"""Library tab: collections (create, rename, delete), upload documents, see what is stored, delete with a
+confirmation, and prepare or fine-tune method artifacts with a Cancel button.
+
+Handlers here never raise into Gradio: a mistake is a warning plus a status line next to the button that was
+pressed, and the table, picker and collection box keep their values (an exception would turn every output into
+an "Error" pill and hide the table)."""
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
+from ..errors import UserError
 from ..ingest.readers import SUPPORTED
 from ..methods import registry
 from ..store.db import check_collection_name
 from ..workbench import Workbench
-from .common import MODEL_QUEUE, error, method_choices, progress_bridge, user_errors, warn
+from .common import (Cancelled, Jobs, cancellable, method_choices, progress_bridge, session_of, user_errors,
+                     warn)
 from .knobs import KnobSet
 from .render import document_table, esc
+
+log = logging.getLogger(__name__)
+LONG_QUEUE = {"concurrency_limit": 1, "concurrency_id": "long"}  # one long job at a time; Compare keeps its own queue
 
 
 def collection_name(workbench: Workbench, collection: str | None) -> str:
@@ -22,6 +34,43 @@ def collection_name(workbench: Workbench, collection: str | None) -> str:
 
 def collection_names(workbench: Workbench) -> list[str]:
     return [c["name"] for c in workbench.store.collections()] or [workbench.settings.default_collection]
+
+
+def existing_collection(workbench: Workbench, collection: str | None) -> str:
+    """The name, if that collection exists: typing a name never creates one (Create does)."""
+    name = collection_name(workbench, collection)
+    if name not in {c["name"] for c in workbench.store.collections()}:
+        raise UserError(f"there is no collection named {name!r}: create it in the Library tab first")
+    return name
+
+
+def reported(n_outputs: int):
+    """A handler whose first output is its status line: a UserError (or a bug) becomes a warning and that status;
+    the other outputs are left as they are."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Cancelled:
+                return _with_status("**Cancelled.** Everything finished before the Cancel is kept; nothing "
+                                    "half-written.", n_outputs)
+            except UserError as exc:
+                message = str(exc)
+            except Exception as exc:  # a bug must not take the page; the log has the traceback
+                log.exception("handler %s failed", fn.__name__)
+                message = f"internal error: {type(exc).__name__}: {exc}"
+            warn(message)
+            return _with_status(f"**Not done:** {esc(message)}", n_outputs)
+
+        return wrapper
+
+    return wrap
+
+
+def _with_status(status: str, n_outputs: int):
+    return status if n_outputs == 1 else (status, *[gr.skip()] * (n_outputs - 1))
 
 
 def documents_frame(workbench: Workbench, collection: str) -> pd.DataFrame:
@@ -36,58 +85,139 @@ def document_choices(workbench: Workbench, collection: str) -> list[tuple[str, s
 
 @user_errors
 def refresh(workbench: Workbench, collection: str):
-    """Documents table, the delete picker and the collection list, after anything changed."""
+    """Documents table, the delete picker and the collection list, after anything changed (read only)."""
     name = collection_name(workbench, collection)
     choices = document_choices(workbench, name)
     return (documents_frame(workbench, name), gr.update(choices=choices, value=None),
-            gr.update(choices=sorted(set(collection_names(workbench)) | {name})))
+            gr.update(choices=collection_names(workbench)))
 
 
-@user_errors
-def upload(workbench: Workbench, files: list[str] | None, collection: str, progress=gr.Progress()):
-    """Ingest every uploaded file; a bad file is a warning, the others are still stored."""
+def refresh_quietly(workbench: Workbench, collection: str):
+    """refresh() for chained events: a bad name leaves the outputs as they are instead of erroring them."""
+    try:
+        return refresh(workbench, collection)
+    except gr.Error:
+        return gr.skip(), gr.skip(), gr.skip()
+
+
+# ------------------------------------------------------------------ collections
+@reported(2)
+def create_collection(workbench: Workbench, new_name: str):
+    name = check_collection_name((new_name or "").strip())
+    if name in {c["name"] for c in workbench.store.collections()}:
+        raise UserError(f"a collection named {name!r} already exists")
+    workbench.create_collection(name)
+    return f"Created collection **{esc(name)}**.", gr.update(choices=collection_names(workbench), value=name)
+
+
+@reported(2)
+def rename_collection(workbench: Workbench, collection: str, new_name: str):
+    old = existing_collection(workbench, collection)
+    new = check_collection_name((new_name or "").strip())
+    workbench.rename_collection(old, new)
+    return f"Renamed **{esc(old)}** to **{esc(new)}**.", gr.update(choices=collection_names(workbench), value=new)
+
+
+@reported(3)
+def ask_delete_collection(workbench: Workbench, collection: str):
+    name = existing_collection(workbench, collection)
+    n = len(workbench.documents(name))
+    return (f"Delete collection **{esc(name)}** with its {n} documents and every prepared artifact? This cannot "
+            "be undone.", gr.update(visible=True), gr.update(visible=True))
+
+
+@reported(4)
+def delete_collection(workbench: Workbench, collection: str):
+    name = existing_collection(workbench, collection)
+    workbench.delete_collection(name)
+    remaining = [c["name"] for c in workbench.store.collections()]
+    if not remaining:  # the app always has a collection to upload into
+        remaining = [workbench.create_collection(workbench.settings.default_collection)]
+    return (f"Deleted collection **{esc(name)}**.", gr.update(choices=remaining, value=remaining[0]),
+            gr.update(visible=False), gr.update(visible=False))
+
+
+# -------------------------------------------------------------------- documents
+@reported(2)
+def upload(workbench: Workbench, files: list[str] | None, collection: str, prepare: bool = True, progress=None):
+    """Ingest every uploaded file; a bad file is reported once, the others are still stored, and the file box
+    is cleared so the next upload does not send the rejected files again."""
     if not files:
-        raise error("choose one or more files to add")
-    name = collection_name(workbench, collection)
+        raise UserError("choose one or more files to add")
+    name = existing_collection(workbench, collection)
     paths = [Path(f if isinstance(f, str) else f.name) for f in files]
-    reports = workbench.ingest([(p.name, p) for p in paths], name, progress_bridge(progress))
+    try:
+        reports = workbench.ingest([(p.name, p) for p in paths], name, progress_bridge(progress), prepare=bool(prepare))
+    except UserError as exc:  # the file box is cleared either way: a rejected file is not sent twice
+        warn(str(exc))
+        return f"**Not added:** {esc(exc)}", None
     failed = [r for r in reports if r.status == "error"]
     for report in failed:
         warn(report.message)
-    if len(failed) == len(reports):
-        raise error("nothing was added: " + "; ".join(r.message for r in failed))
     lines = [f"- **{esc(r.status)}** {esc(r.message)}" for r in reports]
-    status = f"Collection **{esc(name)}**:\n" + "\n".join(lines)
-    return (status, None, *refresh(workbench, name))
+    head = "Nothing was added." if len(failed) == len(reports) else f"Collection **{esc(name)}**:"
+    return head + "\n" + "\n".join(lines), None
 
 
-@user_errors
+@reported(3)
+def ask_delete_document(workbench: Workbench, doc_id: str | None, collection: str):
+    if not doc_id:
+        raise UserError("pick a document to delete")
+    name = existing_collection(workbench, collection)
+    doc = workbench.store.resolve_document(workbench.corpus(name, create=False).collection_id, str(doc_id))
+    return (f"Delete **{esc(doc['name'])}** with its chunks, vectors and prepared artifacts?",
+            gr.update(visible=True), gr.update(visible=True))
+
+
+@reported(3)
 def delete(workbench: Workbench, doc_id: str | None, collection: str):
     if not doc_id:
-        raise error("pick a document to delete")
-    name = collection_name(workbench, collection)
+        raise UserError("pick a document to delete")
+    name = existing_collection(workbench, collection)
     doc = workbench.delete(str(doc_id), name)
-    return (f"Deleted **{esc(doc['name'])}** and its chunks, vectors and cached artifacts.", *refresh(workbench, name))
+    return (f"Deleted **{esc(doc['name'])}** and its chunks, vectors and cached artifacts.",
+            gr.update(visible=False), gr.update(visible=False))
 
 
-@user_errors
+def cancel_delete():
+    return "Nothing deleted.", gr.update(visible=False), gr.update(visible=False)
+
+
+# ------------------------------------------------------------------- long jobs
+@reported(1)
 def prepare(workbench: Workbench, knobs: KnobSet, methods: list[str] | None, collection: str, *knob_values,
-            progress=gr.Progress()):
+            progress=None):
     if not methods:
-        raise error("pick at least one method to prepare")
-    name = collection_name(workbench, collection)
-    done = workbench.prepare(list(methods), name, knobs.values(*knob_values), progress_bridge(progress))
-    return ("\n".join(f"- {esc(line)}" for line in done), *refresh(workbench, name))
+        raise UserError("pick at least one method to prepare")
+    name = existing_collection(workbench, collection)
+    done = workbench.prepare(list(methods), name, knobs.values(*knob_values), progress)
+    return "\n".join(f"- {esc(line)}" for line in done)
 
 
-@user_errors
+@reported(1)
 def finetune(workbench: Workbench, knobs: KnobSet, method: str | None, collection: str, *knob_values,
-             progress=gr.Progress()):
+             progress=None):
     if not method:
-        raise error("pick a method to fine-tune")
-    name = collection_name(workbench, collection)
-    summary = workbench.finetune(method, name, knobs.values(*knob_values), progress_bridge(progress))
-    return (f"- {esc(method)}: {esc(summary)}", *refresh(workbench, name))
+        raise UserError("pick a method to fine-tune")
+    name = existing_collection(workbench, collection)
+    summary = workbench.finetune(method, name, knobs.values(*knob_values), progress)
+    return f"- {esc(method)}: {esc(summary)}"
+
+
+def run_job(jobs: Jobs, kind: str, request, progress, job):
+    """Run `job(progress)` with a progress callback that stops it at the next step after Cancel."""
+    session = session_of(request)
+    flag = jobs.start(session, kind)
+    try:
+        return job(cancellable(progress_bridge(progress), flag))
+    finally:
+        jobs.finish(session, kind)
+
+
+def cancel_job(jobs: Jobs, kind: str, request) -> str:
+    if jobs.cancel(session_of(request), kind):
+        return "Cancelling: stops after the current step…"
+    return "Nothing to cancel."
 
 
 @dataclass
@@ -100,54 +230,113 @@ class LibraryTab:
     doc_picker: gr.Dropdown
     prepare_methods: gr.CheckboxGroup
     prepare_button: gr.Button
+    prepare_cancel: gr.Button
+    prepare_status: gr.Markdown
     finetune_method: gr.Dropdown
     finetune_button: gr.Button
+    jobs: Jobs
 
     @property
     def refresh_outputs(self):
         return [self.table, self.doc_picker, self.collection]
 
     def connect_knobs(self, knobs: KnobSet) -> None:
-        """Prepare and fine-tune use the knob values set in the Ask tab, so artifacts match what Compare reads."""
-        wb, outputs = self.workbench, [self.status, *self.refresh_outputs]
-        self.prepare_button.click(lambda m, c, *v, progress=gr.Progress(): prepare(wb, knobs, m, c, *v, progress=progress),
-                                  [self.prepare_methods, self.collection, *knobs.components], outputs, **MODEL_QUEUE)
-        self.finetune_button.click(lambda m, c, *v, progress=gr.Progress(): finetune(wb, knobs, m, c, *v, progress=progress),
-                                   [self.finetune_method, self.collection, *knobs.components], outputs, **MODEL_QUEUE)
+        """Prepare and fine-tune use the knob values set in the Ask tab, so artifacts match what Compare reads.
+        They run in the long-job queue, not the model queue: the model lock is taken per method step, so a
+        Compare from another user waits for one step, not for the whole job."""
+        wb, jobs = self.workbench, self.jobs
+
+        def run_prepare(m, c, *v, request: gr.Request, progress=gr.Progress()):
+            return run_job(jobs, "prepare", request, progress,
+                           lambda p: prepare(wb, knobs, m, c, *v, progress=p))
+
+        def run_finetune(m, c, *v, request: gr.Request, progress=gr.Progress()):
+            return run_job(jobs, "prepare", request, progress,
+                           lambda p: finetune(wb, knobs, m, c, *v, progress=p))
+
+        def stop(request: gr.Request):
+            return cancel_job(jobs, "prepare", request)
+
+        for button, fn, picked in ((self.prepare_button, run_prepare, self.prepare_methods),
+                                   (self.finetune_button, run_finetune, self.finetune_method)):
+            button.click(fn, [picked, self.collection, *knobs.components], [self.prepare_status],
+                         show_progress_on=[self.prepare_status], **LONG_QUEUE).then(
+                lambda c: refresh_quietly(wb, c), [self.collection], self.refresh_outputs, show_progress="hidden")
+        self.prepare_cancel.click(stop, None, [self.prepare_status], queue=False)
 
 
-def build_library_tab(workbench: Workbench, collection: gr.Dropdown) -> LibraryTab:
+def build_library_tab(workbench: Workbench, collection: gr.Dropdown, jobs: Jobs) -> LibraryTab:
     wb = workbench
     with gr.Tab("Library", id="library"):
+        with gr.Accordion("Collections: create, rename, delete", open=False, elem_id="collections-box"):
+            with gr.Row(equal_height=True):
+                new_name = gr.Textbox(label="Name", placeholder="e.g. biology-notes", scale=3, elem_id="collection-name")
+                create_button = gr.Button("Create collection", scale=1, elem_id="create-collection")
+                rename_button = gr.Button("Rename the chosen collection to this name", scale=1)
+                delete_coll_button = gr.Button("Delete the chosen collection…", variant="stop", scale=1,
+                                               elem_id="delete-collection")
+            collection_status = gr.Markdown(elem_id="collection-status")
+            with gr.Row():
+                confirm_coll = gr.Button("Yes, delete the collection", variant="stop", visible=False,
+                                         elem_id="confirm-delete-collection")
+                keep_coll = gr.Button("Cancel", visible=False)
         gr.Markdown(f"Add documents to the collection chosen above ({', '.join(sorted(SUPPORTED))}). "
                     "They are chunked into LM tokens, embedded and stored once; duplicates are recognised by content.")
-        files = gr.File(file_count="multiple", type="filepath", label="Upload documents", elem_id="upload-files")
-        status = gr.Markdown(elem_id="library-status")
-        table = gr.Dataframe(label="Documents", interactive=False, elem_id="documents-table", wrap=True)
         with gr.Row():
-            doc_picker = gr.Dropdown(label="Document", choices=[], scale=3)
-            delete_button = gr.Button("Delete document", variant="stop", scale=1)
+            files = gr.File(file_count="multiple", type="filepath", label="Upload documents", elem_id="upload-files",
+                            scale=3)
+            with gr.Column(scale=2):
+                prepare_on_upload = gr.Checkbox(True, label="Prepare every method after upload",
+                                                info="builds the offline artifacts now, so no answer waits for them",
+                                                elem_id="prepare-on-upload")
+                status = gr.Markdown(elem_id="library-status")
+        table = gr.Dataframe(label="Documents", interactive=False, elem_id="documents-table", wrap=True)
+        with gr.Row(equal_height=True):
+            doc_picker = gr.Dropdown(label="Document", choices=[], scale=3, elem_id="doc-picker")
+            delete_button = gr.Button("Delete document…", scale=1, elem_id="delete-document")
+        with gr.Row():
+            delete_status = gr.Markdown(elem_id="delete-status")
+            confirm_delete = gr.Button("Yes, delete it", variant="stop", visible=False, elem_id="confirm-delete")
+            keep_doc = gr.Button("Cancel", visible=False, elem_id="cancel-delete")
         preparable = method_choices(lambda cls: cls.has_prepare)
         trainable = method_choices(lambda cls: cls.has_finetune)
-        with gr.Accordion("Offline preparation", open=bool(preparable or trainable)):
-            gr.Markdown("Some methods precompute artifacts (compressed or binarized caches) or train a small adapter "
-                        "per collection. Compare would build missing artifacts on first use; doing it here shows "
-                        "progress and the storage it costs. The knob values from the Ask tab apply."
-                        + ("" if preparable or trainable else "\n\n*No installed method needs preparation.*"))
+        with gr.Accordion("Offline preparation", open=False):
+            gr.Markdown("Uploads are prepared for every method at its default knobs. Here you can prepare other knob "
+                        "values (those set in the Ask tab apply) or train a small adapter per collection. Cancel "
+                        "stops after the current step; what was finished is kept.")
             with gr.Row():
                 prepare_methods = gr.CheckboxGroup(preparable, value=[v for _, v in preparable], label="Methods to prepare",
-                                                   visible=bool(preparable))
-                prepare_button = gr.Button("Prepare", visible=bool(preparable))
+                                                   visible=bool(preparable), scale=3)
+                prepare_button = gr.Button("Prepare", visible=bool(preparable), scale=1, elem_id="prepare-button")
             with gr.Row():
                 finetune_method = gr.Dropdown(trainable, value=trainable[0][1] if trainable else None,
-                                              label="Method to fine-tune", visible=bool(trainable))
-                finetune_button = gr.Button("Fine-tune", visible=bool(trainable))
-    tab = LibraryTab(wb, collection, files, status, table, doc_picker, prepare_methods, prepare_button,
-                     finetune_method, finetune_button)
-    files.upload(lambda f, c, progress=gr.Progress(): upload(wb, f, c, progress=progress), [files, collection],
-                 [status, files, *tab.refresh_outputs], api_name="upload", **MODEL_QUEUE)
-    delete_button.click(lambda d, c: delete(wb, d, c), [doc_picker, collection], [status, *tab.refresh_outputs])
-    collection.change(lambda c: refresh(wb, c), [collection], tab.refresh_outputs)
+                                              label="Method to fine-tune", visible=bool(trainable), scale=3)
+                finetune_button = gr.Button("Fine-tune", visible=bool(trainable), scale=1, elem_id="finetune-button")
+            with gr.Row():
+                prepare_status = gr.Markdown(elem_id="prepare-status")
+                prepare_cancel = gr.Button("Cancel", scale=0, min_width=120, elem_id="prepare-cancel")
+    tab = LibraryTab(wb, collection, files, status, table, doc_picker, prepare_methods, prepare_button, prepare_cancel,
+                     prepare_status, finetune_method, finetune_button, jobs)
+
+    def then_refresh(event):
+        return event.then(lambda c: refresh_quietly(wb, c), [collection], tab.refresh_outputs, show_progress="hidden")
+
+    then_refresh(files.upload(lambda f, c, p, progress=gr.Progress(): upload(wb, f, c, p, progress=progress),
+                              [files, collection, prepare_on_upload], [status, files], api_name="upload",
+                              show_progress_on=[status], **LONG_QUEUE))
+    delete_button.click(lambda d, c: ask_delete_document(wb, d, c), [doc_picker, collection],
+                        [delete_status, confirm_delete, keep_doc])
+    then_refresh(confirm_delete.click(lambda d, c: delete(wb, d, c), [doc_picker, collection],
+                                      [delete_status, confirm_delete, keep_doc]))
+    keep_doc.click(cancel_delete, None, [delete_status, confirm_delete, keep_doc])
+    then_refresh(create_button.click(lambda n: create_collection(wb, n), [new_name], [collection_status, collection]))
+    then_refresh(rename_button.click(lambda c, n: rename_collection(wb, c, n), [collection, new_name],
+                                     [collection_status, collection]))
+    delete_coll_button.click(lambda c: ask_delete_collection(wb, c), [collection],
+                             [collection_status, confirm_coll, keep_coll])
+    then_refresh(confirm_coll.click(lambda c: delete_collection(wb, c), [collection],
+                                    [collection_status, collection, confirm_coll, keep_coll]))
+    keep_coll.click(lambda: ("Nothing deleted.", gr.update(visible=False), gr.update(visible=False)), None,
+                    [collection_status, confirm_coll, keep_coll])
+    collection.change(lambda c: refresh_quietly(wb, c), [collection], tab.refresh_outputs, show_progress="hidden")
     return tab
-
-

@@ -1,17 +1,58 @@
-"""Methods tab: each registered method's card (paper, mechanism, exact vs approximated) and its knobs."""
+"""Methods tab: each registered method as a three-line summary (paper, mechanism, measured headline) with its
+card (paper, mechanism, exact vs approximated) and knobs folded underneath."""
 from __future__ import annotations
+
+import csv
+from functools import lru_cache
+from pathlib import Path
 
 import gradio as gr
 
+from ..bench.datasets import ASSETS
 from ..methods import registry
-from .knobs import SHARED, knob_defaults
+from .knobs import SHARED, knob_defaults, knob_help, knob_label
+from .render import one_liner
 
 
 def knob_table(params_cls: type) -> str:
-    rows = [f"| `{name}` | `{default!r}` | {type(default).__name__} |"
-            + (" shared: set in Settings |" if name in SHARED else " |")
+    rows = [f"| {knob_label(name)} | `{name}` | `{default!r}` | "
+            + ("shared: 0 = the Settings value" if name in SHARED else knob_help(params_cls, name).replace("|", "/"))
+            + " |"
             for name, default in knob_defaults(params_cls)]
-    return "| knob | default | type | note |\n|---|---|---|---|\n" + "\n".join(rows)
+    return "| knob | name | default | what it does |\n|---|---|---|---|\n" + "\n".join(rows)
+
+
+def paper_line(card: str, fallback: str) -> str:
+    heading = next((line.lstrip("#").strip() for line in card.splitlines() if line.startswith("#")), "")
+    return heading or fallback
+
+
+RESULTS = ASSETS / "results" / "squad_all_summary.csv"  # the all-methods SQuAD run the README reports
+
+
+@lru_cache(maxsize=1)
+def measured_rows(path: Path = RESULTS) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        return {row["method"]: row for row in csv.DictReader(f)}
+
+
+def measured_line(name: str) -> str:
+    """The measured headline of `name` from assets/results (SQuAD, SmolLM2-135M, reference RAG)."""
+    row = measured_rows().get(name)
+    if not row:
+        return "not in the bundled SQuAD run yet (see the Benchmark tab)"
+    value = float(row["value_kept"])
+    return (f"SQuAD, {row['n']} questions: contains {float(row['contains']):.0f}%, context value kept "
+            f"{value:.0%} of RAG's, TTFT {float(row['ttft_s']):.2f} s ({float(row['ttft_vs_ref']):.2f}x RAG) "
+            f"<span title='assets/results/squad_all_summary.csv'>ⓘ</span>")
+
+
+def method_summary(name: str, cls: type) -> str:
+    card = cls.card or ""
+    return (f"**{paper_line(card, cls.label or name)}**  \n{one_liner(name)}  \n"
+            f"<span style='color:#6b7280'>Measured: {measured_line(name)}</span>")
 
 
 def method_markdown(name: str, cls: type) -> str:
@@ -24,7 +65,9 @@ def method_markdown(name: str, cls: type) -> str:
 def build_methods_tab() -> None:
     with gr.Tab("Methods", id="methods"):
         gr.Markdown("Every method answers through the same interface and returns the same record, so the numbers "
-                    "on the Ask tab are comparable. Methods are found automatically: adding one is one file.")
+                    "on the Ask tab are comparable. Methods are found automatically: adding one is one file. "
+                    "Open a method for its card and knobs.")
         for name, cls in registry().items():
-            with gr.Accordion(f"{cls.label or name} ({name})", open=True):
+            gr.Markdown(method_summary(name, cls), elem_classes=["rd-method-summary"])
+            with gr.Accordion(f"{cls.label or name}: details and knobs", open=False):
                 gr.Markdown(method_markdown(name, cls))

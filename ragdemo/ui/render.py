@@ -11,7 +11,9 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from ..methods.base import Result
+from ..bench.metrics import best_over_golds, contains
+from ..methods import registry
+from ..methods.base import GLOSSARY, Result
 
 # mark -> (colour, what it means for the model). Unknown marks get a stable colour and their own name.
 MARKS = {
@@ -26,8 +28,27 @@ MARKS = {
 _SPARE_COLOURS = ["#a5f3fc", "#fecaca", "#d9f99d", "#c7d2fe", "#fef08a", "#e9d5ff"]
 MAX_TOKENS_SHOWN = 240  # per segment; the middle of longer segments is elided so pages stay light
 
-CARD_STYLE = ("flex:1 1 280px;min-width:260px;max-width:520px;border:1px solid #d1d5db;border-radius:10px;"
-              "padding:12px;background:#ffffff;color:#111827;font-size:14px;line-height:1.4")
+# A grid, not a flex row: every card has the same width whatever the row (flex stretched the last row's cards).
+CARDS_STYLE = "display:grid;grid-template-columns:repeat(auto-fill,minmax(270px,1fr));gap:12px;align-items:stretch"
+CARD_STYLE = ("border:1px solid #d1d5db;border-left-width:6px;border-radius:10px;padding:12px;background:#ffffff;"
+              "color:#111827;font-size:14px;line-height:1.4;min-width:0")
+
+# One colour per method, shared by its card, its chart bars and its "what the model sees" block.
+METHOD_PALETTE = ["#6b7280", "#dc2626", "#2563eb", "#0891b2", "#16a34a", "#ca8a04", "#9333ea", "#db2777",
+                  "#ea580c", "#4f46e5", "#0d9488", "#65a30d"]
+
+# What each method does, in one line a newcomer can read on its card (the Methods tab has the details).
+ONE_LINERS = {
+    "closed_book": "No documents: the model answers from what it learned in training.",
+    "full_context": "Every document pasted before the question: the quality reference and the cost ceiling.",
+    "rag": "The k chunks nearest the question are retrieved and read as text.",
+    "jrt": "Retrieved passages read twice, question first, so the second reading knows what matters.",
+    "retro": "Retrieves neighbours for the question, then again from the answer every few tokens while writing.",
+    "btr": "Passages stored as 1-bit codes of their layer states; only the upper layers run at question time.",
+    "lloco": "Passages stored as compressed KV caches (1 token in c kept), read with a small distilled adapter.",
+    "cacheblend": "Stored KV caches of each chunk reused; only the tokens that need it are recomputed.",
+    "lingua": "Passages compressed by dropping the tokens a small LM finds predictable, then read as text.",
+}
 MUTED = "color:#6b7280"
 
 
@@ -44,6 +65,25 @@ def mark_colour(mark: str) -> str:
 
 def mark_meaning(mark: str) -> str:
     return MARKS.get(mark, ("", mark))[1]
+
+
+def method_colour(method: str) -> str:
+    """Stable per method: registry position, and a hash for names outside the registry (e.g. bench variants)."""
+    names = list(registry())
+    base = method.split("@")[0]
+    if base in names:
+        return METHOD_PALETTE[names.index(base) % len(METHOD_PALETTE)]
+    return METHOD_PALETTE[int(hashlib.sha1(base.encode()).hexdigest(), 16) % len(METHOD_PALETTE)]
+
+
+def one_liner(method: str) -> str:
+    cls = registry().get(method)
+    summary = getattr(cls, "summary", "") if cls else ""
+    if summary or method in ONE_LINERS:
+        return summary or ONE_LINERS[method]
+    card = re.sub(r"^#+.*\n", "", (cls.card if cls else "") or "").strip()
+    first = re.split(r"(?<=[.!?])\s", re.sub(r"[*`]", "", card), maxsplit=1)[0]
+    return _short(first, 140)
 
 
 def fmt_bytes(n: float) -> str:
@@ -76,6 +116,9 @@ class Card:
     text: str = ""
     result: Result | None = None
     started: float = field(default_factory=time.perf_counter)
+    limit: int = 0  # max new tokens for this method: an answer that reaches it was cut
+    golds: list[str] = field(default_factory=list)  # gold answers when the question is an example
+    estimate: str = ""  # shown while waiting, e.g. full context's expected time
 
     def push(self, delta: str) -> None:
         self.text += delta
@@ -93,7 +136,8 @@ METRICS = [  # (field, label, formatter)
     ("total_s", "total", fmt_s),
     ("decode_tok_s", "decode tok/s", lambda v: f"{float(v or 0):.1f}"),
     ("storage_bytes", "storage read", fmt_bytes),
-    ("bytes_per_token", "bytes/token", lambda v: f"{float(v or 0):.1f}"),
+    ("bytes_per_token", "stored B/token", lambda v: f"{float(v or 0):.1f}"),
+    ("chunk_bytes_per_token", "per-chunk B/token", lambda v: f"{float(v or 0):.1f}"),
 ]
 
 
@@ -101,14 +145,17 @@ def render_cards(cards: list[Card]) -> str:
     if not cards:
         return f"<div style='{MUTED}'>Pick methods and press Compare: each method's answer and costs appear here.</div>"
     body = "".join(render_card(c) for c in cards)
-    return f"<div class='rd-cards' style='display:flex;flex-wrap:wrap;gap:12px;align-items:stretch'>{body}</div>"
+    return f"<div class='rd-cards' style='{CARDS_STYLE}'>{body}</div>"
 
 
 def render_card(card: Card) -> str:
     result = card.result
     answer = result.answer if result else card.text
     head = (f"<div style='display:flex;justify-content:space-between;gap:8px'><b>{esc(card.label)}</b>"
-            f"<span style='{MUTED};font-size:12px'>{esc(card.method)} · {esc(_status_text(card))}</span></div>")
+            f"<span style='{MUTED};font-size:12px;white-space:nowrap'>{esc(_status_text(card))}</span></div>"
+            f"<div class='rd-oneliner' style='{MUTED};font-size:12px;margin:2px 0 4px'>{esc(one_liner(card.method))}</div>")
+    if card.status == "waiting" and card.estimate:
+        head += f"<div class='rd-estimate' style='font-size:12px;color:#92400e'>{esc(card.estimate)}</div>"
     if result and result.error:
         shown = f"<div class='rd-error' style='background:#fee2e2;color:#991b1b;padding:6px;border-radius:6px'>{esc(result.error)}</div>"
     elif result and not answer.strip():
@@ -117,11 +164,38 @@ def render_card(card: Card) -> str:
         cursor = " ▍" if card.status == "running" else ""
         shown = (f"<div class='rd-answer' style='white-space:pre-wrap;background:#f9fafb;padding:8px;border-radius:6px;"
                  f"min-height:2.5em;margin:6px 0'>{esc(answer)}{cursor}</div>")
+    badges = _badges(card) if result and not result.error else ""
     metrics = _metrics_table(result) if result and not result.error else ""
     notes = "".join(f"<li>{esc(n)}</li>" for n in (result.notes if result else []) if not (result.error and n == result.error))
     notes = f"<ul class='rd-notes' style='margin:6px 0 0 16px;padding:0;font-size:12px;{MUTED}'>{notes}</ul>" if notes else ""
-    return (f"<div class='rd-card' data-method='{esc(card.method)}' data-status='{esc(card.status)}' style='{CARD_STYLE}'>"
-            f"{head}{shown}{metrics}{notes}</div>")
+    return (f"<div class='rd-card' data-method='{esc(card.method)}' data-status='{esc(card.status)}' "
+            f"style='{CARD_STYLE};border-left-color:{method_colour(card.method)}'>{head}{shown}{badges}{metrics}{notes}</div>")
+
+
+BADGE = "display:inline-block;border-radius:10px;padding:1px 8px;margin:0 4px 4px 0;font-size:12px"
+
+
+def gold_verdict(answer: str, golds: list[str]) -> bool:
+    """The bench's containment score: the normalised gold answer appears in the normalised answer."""
+    return bool(best_over_golds(contains, answer, golds))
+
+
+def _badges(card: Card) -> str:
+    result, out = card.result, []
+    if card.golds:
+        if gold_verdict(result.answer, card.golds):
+            out.append(f"<span class='rd-gold' data-correct='1' style='{BADGE};background:#dcfce7;color:#166534'"
+                       f" title='the answer contains a gold answer'>✓ contains “{esc(card.golds[0])}”</span>")
+        else:
+            out.append(f"<span class='rd-gold' data-correct='0' style='{BADGE};background:#fee2e2;color:#991b1b'"
+                       f" title='no gold answer in this answer'>✗ gold: “{esc(' | '.join(card.golds))}”</span>")
+    if card.limit and result.new_tokens >= card.limit:
+        out.append(f"<span class='rd-cut' style='{BADGE};background:#fef3c7;color:#92400e' title='the answer reached "
+                   f"the max new tokens limit and was stopped there'>cut at {card.limit} tokens</span>")
+    if result.prepare_s > 0:
+        out.append(f"<span class='rd-prepared' style='{BADGE};background:#e0e7ff;color:#3730a3' "
+                   f"title='{esc(GLOSSARY['prepare_s'])}'>prepared on first use: {fmt_s(result.prepare_s)}</span>")
+    return f"<div class='rd-badges'>{''.join(out)}</div>" if out else ""
 
 
 def _status_text(card: Card) -> str:
@@ -135,8 +209,9 @@ def _status_text(card: Card) -> str:
 def _metrics_table(result: Result) -> str:
     """A two-column grid of label/value pairs (no <table>: themes draw heavy borders on tables)."""
     cells = "".join(
-        f"<div style='display:flex;justify-content:space-between;gap:6px;border-bottom:1px solid #f3f4f6'>"
-        f"<span style='{MUTED}'>{label}</span><span class='rd-metric' data-metric='{name}' "
+        f"<div style='display:flex;justify-content:space-between;gap:6px;border-bottom:1px solid #f3f4f6' "
+        f"title='{esc(GLOSSARY.get(name, label))}'>"
+        f"<span style='{MUTED};border-bottom:1px dotted #9ca3af;cursor:help'>{label}</span><span class='rd-metric' data-metric='{name}' "
         f"data-value='{float(getattr(result, name) or 0)!r}' style='font-variant-numeric:tabular-nums'>"
         f"{fmt(getattr(result, name))}</span></div>"
         for name, label, fmt in METRICS)
@@ -178,12 +253,31 @@ def _sees_block(result: Result, label: str, tokenizer) -> str:
     segments = "".join(_segment_html(s, tokenizer) for s in result.segments)
     events = _events_html(result.events)
     error = f"<div style='color:#991b1b'>{esc(result.error)}</div>" if result.error else ""
+    kept = _kept_summary(result.segments)
     return (f"<div class='rd-sees' data-method='{esc(result.method)}' style='border:1px solid #e5e7eb;border-radius:8px;"
-            f"padding:10px;background:#ffffff'>"
-            f"<div><b>{esc(label)}</b> <span style='{MUTED}'>{sum(by_mark.values())} prompt tokens: {summary}</span></div>"
+            f"border-left:6px solid {method_colour(result.method)};padding:10px;background:#ffffff'>"
+            f"<div><b>{esc(label)}</b> <span style='{MUTED}'>{sum(by_mark.values())} prompt tokens: {summary}{kept}</span></div>"
             f"<div style='display:flex;height:10px;border-radius:4px;overflow:hidden;margin:6px 0;background:#f3f4f6'>{bar}</div>"
             f"{error}<div style='font-family:ui-monospace,monospace;font-size:12px;line-height:1.8;max-height:320px;"
             f"overflow:auto'>{segments}</div>{events}</div>")
+
+
+def _kept_summary(segments: list[dict]) -> str:
+    marked = [k for s in segments for k in (s.get("keep") or [])]
+    if not marked:
+        return ""
+    return f" · {sum(1 for k in marked if k >= 0.5)} of {len(marked)} compressed tokens kept (dropped ones struck through)"
+
+
+def _kept_tokens_html(tokens: list[str], keep: list[float]) -> str:
+    """Each token as the model reads it: dropped tokens dimmed and struck through (LLMLingua demo style)."""
+    out = []
+    for piece, share in zip(tokens, keep):
+        style = ("border-right:1px solid rgba(0,0,0,.18)" if share >= 0.5
+                 else "opacity:.35;text-decoration:line-through;border-right:1px solid rgba(0,0,0,.1)")
+        out.append(f"<span class='{'rd-kept' if share >= 0.5 else 'rd-dropped'}' title='kept by {share:.0%} of heads'"
+                   f" style='{style}'>{_visible_whitespace(esc(piece))}</span>")
+    return "".join(out)
 
 
 def _segment_html(segment: dict, tokenizer) -> str:
@@ -195,7 +289,13 @@ def _segment_html(segment: dict, tokenizer) -> str:
     tag = (f"<span style='font-size:10px;font-family:sans-serif;background:#374151;color:#fff;border-radius:3px;"
            f"padding:0 4px;margin-right:3px'>{esc(kind)}{' · ' + esc(mark) if mark != 'text' else ''}</span>")
     return (f"<span class='rd-seg' data-mark='{esc(mark)}' title='{esc(title)}' style='background:{mark_colour(mark)};"
-            f"border-radius:3px;padding:1px 0'>{tag}{_tokens_html(segment.get('text', ''), tokenizer)}</span>")
+            f"border-radius:3px;padding:1px 0'>{tag}{_segment_tokens(segment, tokenizer)}</span>")
+
+
+def _segment_tokens(segment: dict, tokenizer) -> str:
+    if segment.get("tokens") and segment.get("keep"):
+        return _kept_tokens_html(segment["tokens"], segment["keep"])
+    return _tokens_html(segment.get("text", ""), tokenizer)
 
 
 def _tokens_html(text: str, tokenizer) -> str:
@@ -313,34 +413,60 @@ def render_sources(results: list[Result], chunk_texts: dict[int, str], question:
 
 
 # ------------------------------------------------------------------ chart
-def comparison_figure(results: list[Result], labels: dict[str, str] | None = None):
-    """TTFT, tokens and storage per method as three bar panels; None when nothing ran."""
+def comparison_figure(results: list[Result], labels: dict[str, str] | None = None,
+                      storage: dict[str, tuple[int, int]] | None = None):
+    """Three panels sharing one row per method (horizontal bars, names once on the left, so they never overlap
+    and the figure stays readable at 800 px): TTFT on a log scale, tokens, storage split per-chunk/shared.
+    `storage` is {method: (per-chunk bytes, shared bytes)} from each method's storage account. None when
+    nothing ran."""
     from matplotlib.figure import Figure  # no pyplot: thread-safe inside the server
+    from matplotlib.ticker import FuncFormatter
 
     done = [r for r in results if not r.error]
     if not done:
         return None
-    names = [(labels or {}).get(r.method, r.method) for r in done]
-    x = list(range(len(done)))
-    figure = Figure(figsize=(11, 3.2), dpi=100, layout="constrained")
-    ttft, tokens, storage = figure.subplots(1, 3)
-    ttft.bar(x, [r.ttft_s for r in done], color="#6366f1")
-    ttft.set_title("time to first token (s)")
-    width = 0.27
-    for offset, (field_name, colour) in zip((-width, 0, width), (("prompt_tokens", "#9ca3af"),
+    names = [_wrap((labels or {}).get(r.method, r.method)) for r in done]
+    y = list(range(len(done)))[::-1]  # first method on top
+    colours = [method_colour(r.method) for r in done]
+    figure = Figure(figsize=(10, 1.3 + 0.55 * len(done)), dpi=100, layout="constrained")
+    ttft, tokens, stored = figure.subplots(1, 3, sharey=True)
+    ttft.barh(y, [max(r.ttft_s, 1e-3) for r in done], color=colours)
+    ttft.set_xscale("log")
+    ttft.set_title("time to first token (log scale)", fontsize=10)
+    ttft.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_s(v)))
+    for yi, r in zip(y, done):
+        ttft.text(max(r.ttft_s, 1e-3), yi, " " + fmt_s(r.ttft_s), va="center", fontsize=8)
+    ttft.set_xlim(right=max(r.ttft_s for r in done) * 8)
+    height = 0.27
+    for offset, (field_name, shade) in zip((height, 0, -height), (("prompt_tokens", "#9ca3af"),
                                                                  ("processed_tokens", "#f59e0b"),
                                                                  ("cached_tokens", "#3b82f6"))):
-        tokens.bar([i + offset for i in x], [getattr(r, field_name) for r in done], width, color=colour,
-                   label=field_name.replace("_tokens", ""))
-    tokens.set_title("tokens")
-    tokens.legend(fontsize=8)
-    storage.bar(x, [r.storage_bytes for r in done], color="#10b981")
-    storage.set_title("storage read (bytes)")
-    storage.set_ylim(bottom=0, top=max(1, max(r.storage_bytes for r in done)) * 1.1)
-    for axis in (ttft, tokens, storage):
-        axis.set_xticks(x, names, rotation=20, fontsize=8)
-        axis.grid(axis="y", alpha=0.3)
+        tokens.barh([v + offset for v in y], [getattr(r, field_name) for r in done], height, color=shade,
+                    label=field_name.replace("_tokens", ""))
+    tokens.set_title("tokens", fontsize=10)
+    tokens.legend(fontsize=7, loc="lower right")
+    parts = [(storage or {}).get(r.method, (r.storage_bytes, 0)) for r in done]
+    stored.barh(y, [c for c, _ in parts], color=colours, label="per-chunk")
+    stored.barh(y, [s_ for _, s_ in parts], left=[c for c, _ in parts], color=colours, hatch="//", alpha=0.45,
+                label="shared (decoder, adapter…)")
+    stored.set_title("stored for the collection", fontsize=10)
+    stored.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_bytes(v)))
+    stored.set_xlim(left=0, right=max(1, max(c + s_ for c, s_ in parts)) * 1.15)
+    stored.legend(fontsize=7, loc="lower right")
+    ttft.set_yticks(y, names, fontsize=9)
+    for axis in (ttft, tokens, stored):
+        axis.grid(axis="x", alpha=0.3)
+        axis.tick_params(axis="x", labelsize=8)
     return figure
+
+
+def _wrap(label: str, width: int = 18) -> str:
+    words, lines = label.split(), [""]
+    for word in words:
+        if lines[-1] and len(lines[-1]) + len(word) > width:
+            lines.append("")
+        lines[-1] = (lines[-1] + " " + word).strip()
+    return "\n".join(lines[:3])
 
 
 # ------------------------------------------------------------------ tables
@@ -349,12 +475,17 @@ def history_rows(runs: list[dict]) -> list[list]:
     for run in runs:
         r = run["result"]
         rows.append([time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["created"])), run["question"], run["method"],
-                     run["model"], _short(r.get("error") or r.get("answer", ""), 120), r.get("prompt_tokens", 0),
-                     round(float(r.get("ttft_s", 0)), 3), round(float(r.get("total_s", 0)), 3), r.get("storage_bytes", 0)])
+                     _knob_text(r.get("params")), run["model"], _short(r.get("error") or r.get("answer", ""), 120),
+                     r.get("prompt_tokens", 0), fmt_s(r.get("ttft_s", 0)), fmt_s(r.get("total_s", 0)),
+                     fmt_bytes(r.get("storage_bytes", 0))])
     return rows
 
 
-HISTORY_HEADERS = ["time", "question", "method", "model", "answer", "prompt tokens", "TTFT s", "total s", "storage B"]
+def _knob_text(params) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (params or {}).items()) if isinstance(params, dict) else ""
+
+
+HISTORY_HEADERS = ["time", "question", "method", "knobs", "model", "answer", "prompt tokens", "TTFT", "total", "storage read"]
 
 
 def document_table(docs: list[dict], methods: list[str] = ()) -> tuple[list[str], list[list]]:

@@ -1,17 +1,34 @@
 """Settings tab: model, device, quantisation, answer length. One shared Workbench; a failed switch keeps the old model."""
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
+
+import re
 
 import gradio as gr
 import torch
 
 from ..config import DEFAULT_MODEL, HUB_PRESETS
+from ..errors import UserError
 from ..workbench import Workbench
-from .common import error, info, user_errors
+from .common import info, warn
 from .render import esc
 
-DEVICES = ["auto", "cpu", "cuda", "mps"]
+
+def available_devices() -> list[str]:
+    """Only devices this machine has: offering mps on Linux just leads to an error."""
+    mps = getattr(torch.backends, "mps", None)
+    return ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if mps and mps.is_available() else [])
+
+
+DEVICES = available_devices()
+
+
+def in_ui_words(message: str) -> str:
+    """Messages written for the CLI name flags ("use --device cpu"); here they name the setting."""
+    return re.sub(r"--([a-z][a-z-]*)(?: (\w+))?", lambda m: f"{m.group(1).replace('-', ' ')} "
+                  + (f"'{m.group(2)}'" if m.group(2) else "") + " in Settings", message).replace("  ", " ")
 QUANTIZE = ["none", "4bit", "8bit"]
 
 
@@ -35,35 +52,62 @@ def model_status(workbench: Workbench) -> str:
     return "\n\n".join(lines)
 
 
-@user_errors
-def apply(workbench: Workbench, model_id: str, device: str, quantize: str, max_new_tokens) -> str:
+def current_values(workbench: Workbench) -> tuple:
+    s = workbench.settings
+    return s.model_id, s.device if s.device in DEVICES else "auto", s.quantize or "none", s.max_new_tokens
+
+
+def apply(workbench: Workbench, model_id: str, device: str, quantize: str, max_new_tokens) -> tuple:
+    """(status, model, device, quantisation, max new tokens). After a failure the widgets go back to the values
+    in force, so what the page shows is what runs."""
+    try:
+        _apply(workbench, model_id, device, quantize, max_new_tokens)
+        info(f"Using {workbench.models.lm.model_id}")
+        status = model_status(workbench)
+    except UserError as exc:
+        message = in_ui_words(str(exc))
+        warn(message)
+        status = f"**Not applied:** {esc(message)}\n\n{model_status(workbench)}"
+    except Exception as exc:  # noqa: BLE001 - reported in the page; the log keeps the traceback
+        logging.getLogger(__name__).exception("apply failed")
+        warn(f"could not apply: {type(exc).__name__}: {exc}")
+        status = f"**Not applied:** {esc(type(exc).__name__)}: {esc(exc)}\n\n{model_status(workbench)}"
+    return (status, *current_values(workbench))
+
+
+def _apply(workbench: Workbench, model_id: str, device: str, quantize: str, max_new_tokens) -> None:
     model_id = (model_id or "").strip() or DEFAULT_MODEL
     try:
         max_new = int(max_new_tokens)
     except (TypeError, ValueError):
-        raise error("max new tokens must be a whole number") from None
+        raise UserError("max new tokens must be a whole number") from None
     if not 1 <= max_new <= 4096:
-        raise error("max new tokens must be between 1 and 4096")
+        raise UserError("max new tokens must be between 1 and 4096")
+    if (device or "auto") not in DEVICES:
+        raise UserError(f"this machine has no {device} device")
     quant = None if quantize in (None, "", "none") else quantize
     settings = replace(workbench.settings, model_id=model_id, device=device or "auto", quantize=quant,
                        max_new_tokens=max_new)
-    workbench.use_settings(settings)  # ModelUnavailable -> gr.Error; the previous model stays in use
-    info(f"Using {workbench.models.lm.model_id}")
-    return model_status(workbench)
+    workbench.use_settings(settings)  # ModelUnavailable: the previous model stays in use
 
 
-def build_settings_tab(workbench: Workbench) -> gr.Markdown:
+def build_settings_tab(workbench: Workbench, ask_header: gr.Markdown | None = None) -> gr.Markdown:
     wb, s = workbench, workbench.settings
     with gr.Tab("Settings", id="settings"):
         gr.Markdown("Settings apply to everyone using this app: there is one shared model. Loading a hub model needs "
                     "internet access; when the hub is unreachable you get a message and the current model stays.")
         model = gr.Dropdown([DEFAULT_MODEL, *HUB_PRESETS], value=s.model_id, allow_custom_value=True, label="Model",
                             info="'default' = embedded SmolLM2-135M-Instruct; or any Hugging Face id or local folder")
-        device = gr.Radio(DEVICES, value=s.device if s.device in DEVICES else "auto", label="Device")
+        device = gr.Radio(DEVICES, value=s.device if s.device in DEVICES else "auto", label="Device",
+                          info="only the devices this machine has")
         quantize = gr.Radio(QUANTIZE, value=s.quantize or "none", label="Quantisation", info=quantize_note())
         max_new = gr.Number(s.max_new_tokens, precision=0, label="Max new tokens", minimum=1, maximum=4096)
         apply_button = gr.Button("Apply", variant="primary")
         status = gr.Markdown(elem_id="model-status")
-    apply_button.click(lambda *a: apply(wb, *a), [model, device, quantize, max_new], [status],
-                       concurrency_limit=1, concurrency_id="model")
+    applied = apply_button.click(lambda *a: apply(wb, *a), [model, device, quantize, max_new],
+                                 [status, model, device, quantize, max_new], concurrency_limit=1, concurrency_id="model")
+    if ask_header is not None:
+        from .ask import model_header  # the Ask tab names the model: it changes with it
+
+        applied.then(lambda: model_header(wb), None, [ask_header], show_progress="hidden")
     return status
