@@ -1,8 +1,42 @@
-def test_speed_bench_quick_runs_and_reports(tiny_bench, capsys, monkeypatch):
+import re
+
+import pytest
+
+
+@pytest.mark.slow
+def test_speed_bench_quick_measures_every_method_honestly(tiny_bench, capsys, monkeypatch):
+    """The quick bench on the tiny model: prefill shares of the peak within (0, 100], every method row present
+    with non-negative components that account for its TTFT, the LoRA rows really use an adapter, and the
+    temporary store is gone afterwards (the user's store gains nothing)."""
     from ragdemo.bench import speed
 
-    monkeypatch.setattr(speed, "bench_load", lambda settings: print("model load: skipped in the fast test"))
-    monkeypatch.setattr(speed, "bench_prefill", lambda settings, lengths: print("prefill: skipped in the fast test"))
-    speed.run_speed_bench(tiny_bench, quick=True)
-    out = capsys.readouterr().out
-    assert "tokens/s" in out and "10000 chunks" in out and "median" in out
+    monkeypatch.setattr(speed, "bench_load", lambda settings: print("model load: skipped in the test"))
+    folders = []
+    scratch = speed._scratch_workbench
+    monkeypatch.setattr(speed, "_scratch_workbench", lambda bench: folders.append(scratch(bench)) or folders[-1])
+    before = [r["name"] for r in tiny_bench.store.rows("SELECT name FROM collections")]
+    out = speed.run_speed_bench(tiny_bench, quick=True)
+    text = capsys.readouterr().out
+
+    assert len(out["prefill"]) == 2 and all(r["seconds"] > 0 and r["peak"] > 0 for r in out["prefill"])
+    shares = [int(m) for m in re.findall(r"(\d+)% of this run's matmul peak", text)]
+    assert len(shares) + text.count("no share shown") == 2
+    assert all(0 < share <= 100 for share in shares)
+
+    rows = out["methods"]
+    assert [r.method for r in rows] == ["rag", "btr", "btr", "btr", "btr", "lloco", "lloco"]
+    assert [r.lora for r in rows] == [False, False, True, False, True, False, True]
+    for row in rows:
+        assert len(row.results) == 2  # the quick run asks 2 questions, after an untimed warm-up answer
+        for result, model_s, first_s in row.results:
+            assert model_s > 0 and first_s >= 0 and result.retrieve_s > 0 and result.load_s >= 0
+            parts = result.retrieve_s + result.load_s + model_s + first_s
+            assert parts <= result.ttft_s + 1e-3  # the overhead outside the model is never negative
+            assert model_s < result.ttft_s
+        assert row.label in text
+    for row in rows[1:]:
+        assert row.mean("processed_tokens") < rows[0].mean("processed_tokens")  # the reuse methods compute less
+    assert "trained here for timing only" in text
+
+    assert folders and not __import__("pathlib").Path(folders[0][0].name).exists()
+    assert [r["name"] for r in tiny_bench.store.rows("SELECT name FROM collections")] == before

@@ -2,16 +2,19 @@
 the same run (these machines are noisy, so absolute seconds alone mean little)."""
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import Settings
-from ..models.lm import _load, _matmul_gflops, converted_default_dir, quiet_transformers
+from ..models.lm import _load, converted_default_dir, quiet_transformers
 from ..store import Corpus, Store
 
 SHARED_ESSAYS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "paul_graham_essays"
@@ -80,35 +83,235 @@ def bench_load(settings: Settings) -> None:
          f"ratio {cold / warm:.0f}x")
 
 
-def flops_per_token(model, context: int) -> float:
-    """2 x parameters for the matmuls, plus attention scores and values at the given context length."""
+def flops_per_token(model, context: int) -> tuple[float, float]:
+    """(matmul FLOPs, attention FLOPs) per prompt token at this prompt length: 2 x parameters (the embedding
+    lookup is free), plus causal attention scores and values over on average context/2 keys."""
     config = model.config
-    params = sum(p.numel() for p in model.parameters()) - config.vocab_size * config.hidden_size  # embedding lookup is free
-    attention = 2 * 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * context / 2
-    return 2 * params + attention
+    params = sum(p.numel() for p in model.parameters()) - config.vocab_size * config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 2 * 2 * config.num_hidden_layers * config.num_attention_heads * head_dim * context / 2
+    return 2 * params, attention
 
 
-def bench_prefill(settings: Settings, lengths: list[int]) -> None:
-    converted_default_dir(settings.cache_dir)
+def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 3) -> float:
+    """GFLOP/s of one square matmul, best of `reps` (the first call pays for kernel selection)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * n ** 3 / best / 1e9
+
+
+def share_of_peak(achieved: float, peak: float) -> str:
+    """A share of the measured peak; a prefill above it means the peak probe was unlucky, so no share is shown."""
+    if peak <= 0 or achieved > peak:
+        return f"above this run's matmul probe ({peak:.0f} GFLOP/s): no share shown"
+    return f"{achieved / peak:4.0%} of this run's matmul peak {peak:.0f} GFLOP/s"
+
+
+def bench_prefill(settings: Settings, lengths: list[int], rounds: int = 3) -> list[dict]:
+    """Prefill throughput of the model in fp32 and bf16 against the matmul peak measured in between: the peak and
+    each prefill are the best of `rounds` interleaved probes, so load that comes and goes hits both alike."""
+    model_id = settings.model_id
+    source_dir = settings.cache_dir
+    if model_id in ("default", "", None):
+        converted_default_dir(source_dir)
+    rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        peak = _matmul_gflops(dtype, n=1024, reps=4)
-        lm = _load("default", torch.device("cpu"), dtype, {}, settings.cache_dir)
+        lm = _load(model_id, torch.device("cpu"), dtype, {}, source_dir)
+        peak, best = 0.0, {n: float("inf") for n in lengths}
+        with torch.inference_mode():
+            lm.model(input_ids=torch.randint(100, 1000, (1, 64)))
+            for _ in range(rounds):
+                peak = max(peak, matmul_peak(dtype))
+                for n in lengths:
+                    ids = torch.randint(100, 1000, (1, n))
+                    started = time.perf_counter()
+                    lm.model(input_ids=ids, logits_to_keep=1)
+                    best[n] = min(best[n], time.perf_counter() - started)
+        name = str(dtype).replace("torch.", "")
         for n in lengths:
-            ids = torch.randint(100, 40000, (1, n))
-            with torch.inference_mode():
-                lm.model(input_ids=ids[:, :64])
-                start = time.perf_counter()
-                lm.model(input_ids=ids, logits_to_keep=1)
-                seconds = time.perf_counter() - start
-            achieved = flops_per_token(lm.model, n) * n / seconds / 1e9
-            _say(f"prefill {str(dtype).replace('torch.', ''):>8} {n:>5} tokens: {n / seconds:6.0f} tok/s, "
-                 f"{achieved:5.1f} GFLOP/s = {achieved / peak:4.0%} of this run's matmul peak {peak:.0f} GFLOP/s")
+            matmul, attention = flops_per_token(lm.model, n)
+            achieved = (matmul + attention) * n / best[n] / 1e9
+            rows.append({"dtype": name, "tokens": n, "seconds": best[n], "gflops": achieved, "peak": peak,
+                         "attention_share": attention / (matmul + attention)})
+            _say(f"prefill {name:>8} {n:>5} tokens: {n / best[n]:6.0f} tok/s, {achieved:5.1f} GFLOP/s = "
+                 f"{share_of_peak(achieved, peak)}; attention is {attention / (matmul + attention):.0%} of the FLOPs "
+                 f"(best of {rounds})")
+    return rows
 
 
+# ---------------------------------------------------------------- methods: TTFT breakdown
+SPEED_COLLECTION = "speed-squad"
 
-def run_speed_bench(bench, quick: bool = False) -> None:
-    _say(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, {sys.platform}")
-    bench_ingest(bench, 3 if quick else 10)
-    bench_retrieval(bench, 10_000 if quick else 100_000, 10 if quick else 50)
-    bench_load(bench.settings)
-    bench_prefill(bench.settings, [256] if quick else [1024, 4096])
+
+@dataclass
+class Row:
+    """One method configuration: knobs, whether its LoRA is on, and the per-answer figures (medians)."""
+
+    label: str
+    method: str
+    knobs: dict
+    lora: bool = False
+    results: list = field(default_factory=list)  # (Result, model seconds before the first token, first-token seconds)
+
+    def median(self, part: str) -> float:
+        return float(np.median([_part(r, model_s, first_s, part) for r, model_s, first_s in self.results]))
+
+    def mean(self, attribute: str) -> float:
+        return float(np.mean([getattr(r, attribute) for r, _, _ in self.results]))
+
+
+def _part(result, model_s: float, first_s: float, part: str) -> float:
+    """One component of TTFT; `overhead` is what the clock saw outside retrieval, loading and the model."""
+    if part == "ttft":
+        return result.ttft_s
+    if part == "prefill":
+        return model_s
+    if part == "first":
+        return first_s
+    if part == "overhead":
+        return result.ttft_s - result.retrieve_s - result.load_s - model_s - first_s
+    return getattr(result, f"{part}_s")
+
+
+class ModelClock:
+    """Times the model's part of an answer: from the LM's first embedding lookup to the end of its first
+    vocabulary projection (the logits the first token is drawn from). Hooks only read the clock."""
+
+    def __init__(self, lm):
+        self.start = self.end = None
+        inner = lm.model.model
+        self.handles = [inner.embed_tokens.register_forward_pre_hook(self._started),
+                        lm.model.lm_head.register_forward_hook(self._ended)]
+
+    def _started(self, *_):
+        if self.start is None:
+            self.start = time.perf_counter()
+
+    def _ended(self, *_):
+        if self.start is not None and self.end is None:
+            self.end = time.perf_counter()
+
+    def reset(self) -> None:
+        self.start = self.end = None
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def method_rows(n_layers: int, quick: bool) -> list[Row]:
+    """RAG, BTR at split 6 and 18 (scaled to the model's depth when it has fewer than 30 layers) and LLoCO c=4,
+    each with the LoRA off and on."""
+    rows = [Row("rag k=5", "rag", {"k": 5})]
+    for split in (6, 18):
+        depth = split if n_layers >= 30 else max(1, min(n_layers - 1, round(split * n_layers / 30)))
+        knobs = {"k": 5, "split": depth, "bits": 1, "calibrate": True}
+        rows += [Row(f"btr split={depth} 1 bit, LoRA off", "btr", {**knobs, "lora": False}),
+                 Row(f"btr split={depth} 1 bit, LoRA on", "btr", {**knobs, "lora": True}, lora=True)]
+    knobs = {"k": 5, "c": 4}
+    rows += [Row("lloco c=4, LoRA off", "lloco", {**knobs, "lora": False}),
+             Row("lloco c=4, LoRA on", "lloco", {**knobs, "lora": True}, lora=True)]
+    return rows
+
+
+def bench_methods(temp, quick: bool = False) -> list[Row]:
+    """Per-answer TTFT breakdown of RAG, BTR and LLoCO over a 2-article SQuAD collection in the temporary store,
+    after preparation, adapter training and a warm-up answer per configuration; questions interleave methods."""
+    from ..bench.datasets import load_squad
+    from ..methods import get_method
+    from ..methods.base import params_from
+
+    dataset = load_squad(n=2 if quick else 10, seed=0, articles=1 if quick else 2)
+    haystack = dataset.haystacks[0]
+    temp.ingest([(name, text.encode()) for name, text in haystack.documents], SPEED_COLLECTION)
+    corpus = temp.corpus(SPEED_COLLECTION, create=False)
+    lm = corpus.lm
+    steps = 2 if quick else 20
+    rows = method_rows(lm.n_layers, quick)
+    _say(f"methods: {dataset.description}; {corpus.n_tokens()} collection tokens; the LoRA rows use an adapter "
+         f"trained here for timing only ({steps} steps, lora_steps={steps}; its answers' quality is not measured)")
+    started = time.perf_counter()
+    for row in rows:
+        knobs = {**row.knobs, "lora_steps": steps} if row.method != "rag" else row.knobs
+        row.knobs = knobs
+        if get_method(row.method).has_prepare:
+            temp.prepare([row.method], SPEED_COLLECTION, {row.method: knobs})
+        if row.lora:
+            temp.finetune(row.method, SPEED_COLLECTION, {row.method: knobs})
+    _say(f"methods: prepared and trained in {time.perf_counter() - started:.0f} s (not part of any figure below)")
+    temp.warm(SPEED_COLLECTION)
+    clock = ModelClock(lm)
+    try:
+        for row in rows:  # warm-up: one untimed answer per configuration (adapter loaded, prefix cached)
+            _timed_answer(row, "What is this about?", corpus, clock, params_from, get_method, keep=False)
+        for question in haystack.questions:
+            for row in rows:
+                _timed_answer(row, question.question, corpus, clock, params_from, get_method)
+    finally:
+        clock.close()
+    report_methods(rows, lm.n_layers)
+    return rows
+
+
+def _timed_answer(row: Row, question: str, corpus, clock: ModelClock, params_from, get_method, keep: bool = True):
+    method = get_method(row.method)
+    params = params_from(method.Params, {**row.knobs, "max_new_tokens": 2})
+    tokens = []
+    clock.reset()
+    called = time.perf_counter()
+    result = method.answer(question, corpus, params, tokens.append)
+    if result.error:
+        raise RuntimeError(f"{row.label}: {result.error}")
+    if row.lora and not any("LoRA" in note for note in result.notes):
+        raise RuntimeError(f"{row.label}: the answer did not use the trained adapter")
+    if keep:
+        first_token_at = called + result.prepare_s + result.ttft_s
+        model_s = clock.end - clock.start
+        row.results.append((result, model_s, max(0.0, first_token_at - clock.end)))
+
+
+def report_methods(rows: list[Row], n_layers: int) -> None:
+    rag = rows[0]
+    rag_ttft, rag_processed = rag.median("ttft"), rag.mean("processed_tokens")
+    _say(f"per-answer TTFT breakdown, medians over {len(rag.results)} questions (ms); x faster = RAG TTFT / TTFT in "
+         "this run; ceiling = RAG's token-layers computed at query time / the method's (BTR: query side + passage "
+         "tokens above the split; LLoCO: the question alone), what TTFT could reach if only the model counted")
+    _say(f"{'configuration':<30} {'TTFT':>7} {'retrieve':>8} {'load':>6} {'prefill':>7} {'1st tok':>7} "
+         f"{'overhead':>8} {'x faster':>8} {'ceiling':>7}")
+    for row in rows:
+        ms = {part: 1000 * row.median(part) for part in ("ttft", "retrieve", "load", "prefill", "first", "overhead")}
+        ceiling = rag_processed / max(row.mean("processed_tokens"), 1e-9)
+        _say(f"{row.label:<30} {ms['ttft']:7.1f} {ms['retrieve']:8.1f} {ms['load']:6.1f} {ms['prefill']:7.1f} "
+             f"{ms['first']:7.1f} {ms['overhead']:8.1f} {rag_ttft / row.median('ttft'):7.2f}x {ceiling:6.2f}x")
+
+
+def _scratch_workbench(bench):
+    """A workbench over a temporary home that shares the already loaded models."""
+    from ..workbench import Workbench
+
+    folder = tempfile.TemporaryDirectory(prefix="ragdemo-speed-")
+    return folder, Workbench(dataclasses.replace(bench.settings, home=Path(folder.name)))
+
+
+def run_speed_bench(bench, quick: bool = False) -> dict:
+    """Every section in a temporary store that is removed afterwards; returns the prefill and method rows."""
+    lm = bench.models.lm
+    _say(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, {sys.platform}, load average "
+         f"{os.getloadavg()[0]:.1f}; model dtype {str(lm.dtype).replace('torch.', '')}"
+         + (f" ({lm.dtype_reason})" if getattr(lm, "dtype_reason", "") else ""))
+    folder, temp = _scratch_workbench(bench)
+    try:
+        bench_ingest(temp, 3 if quick else 10)
+        bench_retrieval(bench, 10_000 if quick else 100_000, 10 if quick else 50)
+        bench_load(bench.settings)
+        prefill = bench_prefill(bench.settings, [256] if quick else [256, 1024, 4096], rounds=2 if quick else 3)
+        methods = bench_methods(temp, quick)
+    finally:
+        folder.cleanup()
+    _say(f"load average at the end {os.getloadavg()[0]:.1f}")
+    return {"prefill": prefill, "methods": methods}
