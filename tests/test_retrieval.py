@@ -174,9 +174,10 @@ def test_binary_index_is_32x_smaller(store):
     cache = IndexCache(store)
     float_index, binary_index = cache.get(cid, EMBEDDER, "float"), cache.get(cid, EMBEDDER, "binary")
     assert binary_index.nbytes == len(binary_index) * 48
-    assert float_index.nbytes == 32 * binary_index.nbytes
+    assert float_index.float32_bytes == 32 * binary_index.nbytes
+    assert float_index.nbytes == 16 * binary_index.nbytes  # the float index keeps SQLite's float16, losslessly
     on_disk = [cache.path(cid, EMBEDDER, kind).stat().st_size for kind in ("float", "binary")]
-    assert on_disk[0] > 20 * on_disk[1]  # the 8-byte chunk ids come on top of both
+    assert on_disk[0] > 10 * on_disk[1]  # the 8-byte chunk ids come on top of both
 
 
 def test_binary_index_rebuilds_after_its_file_is_deleted_and_follows_deletes(store):
@@ -220,8 +221,9 @@ def test_compare_retrievers_reports_recall_and_bytes(tiny_bench, docs_dir):
     n = len(corpus.chunks())
     report = corpus.compare_retrievers(["Eiffel Tower", "yellow bananas", "potassium"], k=2, rescore=n)
     assert report.recall_at_k == 1.0 and report.binary_ids == report.float_ids
-    assert report.float_index_bytes == 32 * report.binary_index_bytes == n * 384 * 4
-    assert "recall@2 1.000" in report.summary()
+    assert report.float32_bytes == 32 * report.binary_index_bytes == n * 384 * 4
+    assert report.float_index_bytes == n * 384 * 2 and report.size_ratio == 32
+    assert "recall@2 1.000" in report.summary() and "32x smaller" in report.summary()
 
 
 # ---------------------------------------------------------------------------------- query embedding
@@ -251,3 +253,20 @@ def test_cli_sets_the_retriever_on_ingest_and_overrides_it_per_question(tmp_path
     assert '"method": "rag"' in asked.stdout
     bad = run(["ask", "hi", "--collection", "demo", "--retriever", "ternary"], home, tiny_model_dir, check=False)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_float_index_is_exact_and_rebuilds_an_older_format(store):
+    """The float16 index returns the brute-force float32 L2 order; a file in another format is rebuilt."""
+    cid, rng = _filled(store)
+    ids, matrix = store.vectors(cid, EMBEDDER)
+    cache = IndexCache(store)
+    queries = _unit(rng, 5)
+    distances, found = cache.get(cid, EMBEDDER).search(queries, 4)
+    brute = ((queries[:, None, :] - matrix[None, :, :]) ** 2).sum(-1)
+    assert np.array_equal(found, ids[np.argsort(brute, axis=1)[:, :4]])
+    assert np.allclose(distances, np.sort(brute, axis=1)[:, :4], atol=1e-5)
+    meta = cache.path(cid, EMBEDDER).with_suffix(".json")
+    meta.write_text(meta.read_text().replace('"format": "fp16-l2"', '"format": "flat-l2"'))
+    fresh = IndexCache(store)
+    fresh.get(cid, EMBEDDER)
+    assert fresh.rebuilds == 1

@@ -44,29 +44,45 @@ def bench_ingest(bench, n_files: int) -> float:
 
 
 def bench_retrieval(bench, n_chunks: int, queries: int = 50) -> float:
-    """Fill a store with n_chunks synthetic chunks (real SQLite rows, random unit vectors) and time Corpus.search."""
+    """Fill a temporary store with n_chunks synthetic chunks (real SQLite rows, random unit vectors) and time
+    Corpus.retrieve (embed + search + fetch) for both retrievers, with the question embedding alone beside it.
+    Returns the float retriever's median seconds."""
     from ..ingest import Chunk
 
-    store = Store(Path(tempfile.mkdtemp(prefix="ragdemo-speed-")))
-    cid = store.collection_id("big")
-    dim = bench.models.embedder.dim
-    rng = np.random.default_rng(0)
-    per_doc = 1000
-    for d in range(n_chunks // per_doc):
-        vectors = rng.standard_normal((per_doc, dim)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        chunks = [Chunk(i, f"synthetic chunk {d}-{i}", i * 64, (i + 1) * 64, 0, 0) for i in range(per_doc)]
-        store.add_document(cid, f"doc{d}", f"sha{d}", 0, "", chunks, vectors, bench.models.embedder.name)
-    corpus = Corpus(store, "big", bench.models)
+    embedder = bench.models.embedder
+    questions = [f"question number {i} about essays" for i in range(queries)]
+    with tempfile.TemporaryDirectory(prefix="ragdemo-speed-") as home:
+        store = Store(Path(home))
+        rng = np.random.default_rng(0)
+        per_doc, cid = 1000, store.collection_id("big")
+        for d in range(n_chunks // per_doc):
+            vectors = rng.standard_normal((per_doc, embedder.dim)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            chunks = [Chunk(i, f"synthetic chunk {d}-{i}", i * 64, (i + 1) * 64, 0, 0) for i in range(per_doc)]
+            store.add_document(cid, f"doc{d}", f"sha{d}", 0, "", chunks, vectors, embedder.name)
+        embedder.embed(["warm-up"])
+        embed = [_seconds(embedder.embed, [q]) for q in questions]
+        lines = []
+        for retriever in ("float", "binary"):
+            corpus = Corpus(store, "big", bench.models, retriever=retriever)
+            start = time.perf_counter()
+            index = corpus.index()
+            build = time.perf_counter() - start
+            corpus.retrieve("warm-up", 5)
+            times = [corpus.retrieve(q, 5)[1] for q in questions]
+            lines.append((retriever, build, index.nbytes, times))
+        store.close()
+    _say(f"retrieval: {n_chunks} chunks, top-5; question embedding alone median {np.median(embed) * 1000:.1f} ms")
+    for retriever, build, nbytes, times in lines:
+        _say(f"  {retriever:>6} retriever: index {nbytes / 1e6:.1f} MB built in {build:.2f} s; embed + search + fetch "
+             f"median {np.median(times) * 1000:.1f} ms, p90 {np.percentile(times, 90) * 1000:.1f} ms")
+    return float(np.median(lines[0][3]))
+
+
+def _seconds(function, *args) -> float:
     start = time.perf_counter()
-    corpus.index()
-    build = time.perf_counter() - start
-    corpus.retrieve("warm-up", 5)
-    times = [corpus.retrieve(f"question number {i} about essays", 5)[1] for i in range(queries)]
-    median = float(np.median(times))
-    _say(f"retrieval: {n_chunks} chunks, FAISS build {build:.2f} s, top-5 query (embed + search + fetch) "
-         f"median {median * 1000:.1f} ms, p90 {np.percentile(times, 90) * 1000:.1f} ms")
-    return median
+    function(*args)
+    return time.perf_counter() - start
 
 
 def bench_load(settings: Settings) -> None:

@@ -1,6 +1,7 @@
 """FAISS indexes: derived data, rebuilt from SQLite whenever missing or out of step with it.
 
-Two retrievers per collection: `float` (exact L2 over the unit float32 embeddings) and `binary` (1-bit sign codes,
+Two retrievers per collection: `float` (exact L2 over the unit embeddings: SQLite stores them as float16, so the
+index keeps them as float16 too, losslessly, and scans half the bytes of float32) and `binary` (1-bit sign codes,
 d/8 bytes per chunk, searched by Hamming distance, then the top k x rescore candidates re-ranked by exact L2
 with the float vectors SQLite stores anyway: binary quantisation with rescoring, as in BTR's 1-bit idea carried
 over to retrieval)."""
@@ -19,6 +20,7 @@ import numpy as np
 from .db import Store
 
 KINDS = ("float", "binary")
+FORMATS = {"float": "fp16-l2", "binary": "sign-hamming"}  # what an index file holds; another format is rebuilt
 
 
 def sign_codes(vectors: np.ndarray) -> np.ndarray:
@@ -27,7 +29,8 @@ def sign_codes(vectors: np.ndarray) -> np.ndarray:
 
 
 class ChunkIndex:
-    """Exact L2 search over unit vectors (L2 order = cosine order), keyed by chunk id."""
+    """Exact L2 search over unit vectors (L2 order = cosine order), keyed by chunk id. Distances are computed in
+    float32 from the float16 vectors SQLite holds."""
 
     kind = "float"
 
@@ -41,6 +44,11 @@ class ChunkIndex:
     @property
     def nbytes(self) -> int:
         """Bytes of the searched vectors (the chunk-id map, 8 bytes per chunk, comes on top: `id_bytes`)."""
+        return self.index.ntotal * faiss.downcast_index(self.index.index).code_size
+
+    @property
+    def float32_bytes(self) -> int:
+        """The same vectors as float32, the usual yardstick for binary quantisation's 32x."""
         return self.index.ntotal * self.index.d * 4
 
     @property
@@ -154,7 +162,8 @@ class IndexCache:
     def _read(self, key, signature: str):
         path = self.path(*key)
         try:
-            if json.loads(path.with_suffix(".json").read_text())["signature"] != signature:
+            meta = json.loads(path.with_suffix(".json").read_text())
+            if meta["signature"] != signature or meta.get("format") != FORMATS[key[2]]:
                 return None
             read = faiss.read_index_binary if key[2] == "binary" else faiss.read_index
             return self._wrap(key, read(str(path)), signature)
@@ -168,7 +177,8 @@ class IndexCache:
             index, write = faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(dim)), faiss.write_index_binary
             rows = sign_codes(matrix)
         else:
-            index, write = faiss.IndexIDMap2(faiss.IndexFlatL2(dim)), faiss.write_index
+            lossless = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
+            index, write = faiss.IndexIDMap2(lossless), faiss.write_index
             rows = matrix
         if len(ids):
             index.add_with_ids(rows, ids)
@@ -176,6 +186,7 @@ class IndexCache:
         tmp = path.with_suffix(".tmp")
         write(index, str(tmp))
         os.replace(tmp, path)  # the signature is written after the index, so a crash in between only forces a rebuild
-        path.with_suffix(".json").write_text(json.dumps({"signature": signature, "n": int(len(ids))}))
+        path.with_suffix(".json").write_text(json.dumps({"signature": signature, "format": FORMATS[key[2]],
+                                                         "n": int(len(ids))}))
         self.rebuilds += 1
         return self._wrap(key, index, signature)
