@@ -20,17 +20,35 @@ def _settings(args) -> Settings:
                             max_new_tokens=args.max_new_tokens)
 
 
-def _progress_bar(desc: str):
+def _progress_bar(desc: str, stream=None):
+    """(context, update): a bar on a terminal; elsewhere (logs, pipes) one plain line per stage, no \\r frames."""
+    stream = stream or sys.stderr
+    if not stream.isatty():
+        return contextlib.nullcontext(), _plain_progress(desc, stream)
     from tqdm import tqdm
 
-    bar = tqdm(total=100, desc=desc, file=sys.stderr, leave=False, bar_format="{l_bar}{bar}| {postfix}")
+    bar = tqdm(total=100, desc=desc, file=stream, leave=False, bar_format="{l_bar}{bar}|")
 
     def update(fraction: float, message: str) -> None:
         bar.n = int(round(100 * max(0.0, min(1.0, fraction))))
-        bar.set_postfix_str(message[:60])
+        # the message goes into the format itself: tqdm's postfix field would prefix it with ", "
+        bar.bar_format = "{l_bar}{bar}| " + message[:60].replace("{", "{{").replace("}", "}}")
         bar.refresh()
 
     return bar, update
+
+
+def _plain_progress(desc: str, stream):
+    """One line when the stage (the message before its first ':' or '…') changes."""
+    last = [None]
+
+    def update(fraction: float, message: str) -> None:
+        stage = message.split(":")[0].split("…")[0].strip()
+        if stage != last[0]:
+            last[0] = stage
+            print(f"{desc}: {message}", file=stream, flush=True)
+
+    return update
 
 
 def parse_knobs(pairs: list[str]) -> dict[str, dict]:
@@ -78,13 +96,20 @@ def cmd_ask(bench, args) -> int:
             results = bench.ask(args.question, methods, args.collection, knobs, retriever=args.retriever)
         print(json.dumps([r.to_dict() for r in results], indent=1))
         return 0
-    results = bench.ask(args.question, methods, args.collection, knobs, retriever=args.retriever)
+    ctx, update = _progress_bar("ask")
+    with ctx:
+        bench.warm(args.collection, update)  # model, embedder, index: said here, not a silent first answer
+    results = []
+    for name in methods:  # one at a time, so a long wait (first-use preparation) says which method it is
+        print(f"{name}: answering…", file=sys.stderr, flush=True)
+        results += bench.ask(args.question, [name], args.collection, knobs, retriever=args.retriever)
     for r in results:
         print(f"== {r.method} ({r.model})")
         print(r.error or r.answer)
         print(f"   prompt {r.prompt_tokens} tok, processed {r.processed_tokens}, cached {r.cached_tokens} | "
               f"retrieve {r.retrieve_s:.3f}s load {r.load_s:.3f}s ttft {r.ttft_s:.3f}s decode {r.decode_s:.3f}s "
-              f"total {r.total_s:.3f}s ({r.decode_tok_s:.1f} tok/s) | storage {r.storage_bytes} B")
+              f"total {r.total_s:.3f}s ({r.decode_tok_s:.1f} tok/s) | storage {r.storage_bytes} B"
+              + (f" | prepared on first use {r.prepare_s:.1f}s" if r.prepare_s else ""))
         for note in r.notes:
             print(f"   note: {note}")
     return 0
@@ -292,5 +317,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print(("\n" if sys.stderr.isatty() else "") + "error: interrupted", file=sys.stderr)  # not on the bar's line
         return 130

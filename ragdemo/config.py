@@ -7,6 +7,8 @@ from pathlib import Path
 
 DEFAULT_MODEL = "default"  # the embedded SmolLM2-135M-Instruct GGUF
 DEFAULT_EMBEDDER = "default"  # the embedded all-MiniLM-L6-v2
+# One answer length for Ask, the CLI and the benchmark, so their numbers compare (the README's runs used 24).
+DEFAULT_MAX_NEW_TOKENS = 24
 
 HUB_PRESETS = [
     "HuggingFaceTB/SmolLM2-360M-Instruct",
@@ -60,7 +62,7 @@ class Settings:
     dtype: str = field(default_factory=lambda: _env("RAGDEMO_DTYPE", "auto"))
     quantize: str | None = field(default_factory=lambda: os.environ.get("RAGDEMO_QUANTIZE") or None)
     chunk_tokens: int = field(default_factory=lambda: int(_env("RAGDEMO_CHUNK_TOKENS", "64")))
-    max_new_tokens: int = field(default_factory=lambda: int(_env("RAGDEMO_MAX_NEW_TOKENS", "48")))
+    max_new_tokens: int = field(default_factory=lambda: int(_env("RAGDEMO_MAX_NEW_TOKENS", str(DEFAULT_MAX_NEW_TOKENS))))
     max_file_mb: float = field(default_factory=lambda: float(_env("RAGDEMO_MAX_FILE_MB", "50")))
     max_question_chars: int = field(default_factory=lambda: int(_env("RAGDEMO_MAX_QUESTION_CHARS", "2000")))
     default_collection: str = "default"

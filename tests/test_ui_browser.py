@@ -6,6 +6,7 @@ random tiny model may stop at once and give an empty answer, and the test must f
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,72 @@ def test_upload_and_compare_three_methods_in_chromium(tmp_path, browser, default
     assert page_title != "pwned" and not injected
     shown = sees_text.replace("\n", "")
     assert "<img src=x" in shown and "${7*7}" in shown  # full context shows the hostile text literally, unevaluated
+
+
+@pytest.mark.slow
+def test_classroom_flow_in_chromium(tmp_path, browser, default_model_dir):
+    """Load the demo, compare the default methods with ✓/✗, a rejected upload then a good one with the table
+    intact, delete with confirmation, start and cancel a benchmark; screenshots at 1600 and 800 px."""
+    from tests.ui_browser import DEFAULT_METHODS, classroom_flow
+
+    shots = tmp_path / "shots"
+    with running_app(tmp_path / "home", "default", tmp_path / "app.log") as url:
+        try:
+            seen = classroom_flow(browser, url, tmp_path, shots)
+        except Exception:
+            browser.save_screenshot(str(tmp_path / "failure.png"))
+            print((tmp_path / "app.log").read_text()[-4000:])
+            raise
+    assert "SmolLM2-135M" in seen["header"] and "M parameters" in seen["header"]
+    assert seen["question"].endswith("?")  # the first example question is in the box
+    assert seen["default_methods"] == sorted(DEFAULT_METHODS)
+    assert [c.method for c in seen["cards"]] == DEFAULT_METHODS
+    for card in seen["cards"]:
+        assert not card.error and card.answer, card
+    assert set(seen["gold"].values()) <= {"0", "1"} and all(seen["gold"].values())  # every card shows ✓ or ✗
+    assert "Amazon_rainforest.txt" in seen["table_after_reject"]  # the table survived the rejected file
+    assert "Error" not in seen["table_after_reject"]
+    assert "virus.exe" not in seen["status_after_good"]  # the rejected file was not sent again
+    assert "Amazon_rainforest.txt" in seen["table_after_good"] and "eiffel.txt" in seen["table_after_good"]
+    assert "eiffel.txt" not in seen["table_after_delete"] and "Amazon_rainforest.txt" in seen["table_after_delete"]
+    assert "Cancelled" in seen["bench_status"]
+    assert not seen["errors"]
+    for name in ("ask_1600.png", "ask_800.png", "library_1600.png"):
+        assert (shots / name).stat().st_size > 20_000
+
+
+@pytest.mark.slow
+def test_two_users_one_benchmarks_the_other_compares(tmp_path, browser, default_model_dir):
+    """User A runs a benchmark; user B's Compare finishes while A's benchmark is still running (long jobs take
+    the model lock per question, not for the whole run)."""
+    from tests.ui_browser import compare_current, open_tab, text_of, upload_files, wait_until
+
+    other = chrome(tmp_path / "profile-b")
+    document = tmp_path / "eiffel.txt"
+    document.write_text(DOCUMENT)
+    try:
+        with running_app(tmp_path / "home", "default", tmp_path / "app.log") as url:
+            browser.get(url)
+            open_tab(browser, "Benchmark")
+            box = browser.find_element(By.CSS_SELECTOR, "#bench-n input")
+            box.clear()
+            box.send_keys("20")
+            browser.find_element(By.ID, "bench-run").click()
+            time.sleep(8)  # A's benchmark is under way
+            other.get(url)
+            open_tab(other, "Library")
+            upload_files(other, [document], prepare=False)
+            wait_until(lambda: "eiffel.txt" in text_of(other, "documents-table"), 600, "B's upload")
+            open_tab(other, "Ask")
+            other.find_element(By.CSS_SELECTOR, "#question textarea").send_keys("When was the Eiffel Tower completed?")
+            started = time.time()
+            cards = compare_current(other, ["closed_book", "rag"], timeout=600)
+            waited = time.time() - started
+            bench_status = text_of(browser, "bench-status")
+            browser.find_element(By.ID, "bench-cancel").click()
+            wait_until(lambda: "Cancelled" in text_of(browser, "bench-status"), 900, "A's benchmark to stop")
+    finally:
+        other.quit()
+    assert all(c.answer for c in cards)
+    assert "Cancelled" not in bench_status and "reference" not in bench_status  # A's run was still going
+    print(f"B's Compare took {waited:.0f} s during A's benchmark")

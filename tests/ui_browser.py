@@ -152,9 +152,9 @@ def upload_and_compare(driver, url: str, documents: Path | list[Path], question:
 
     documents = [documents] if isinstance(documents, Path) else list(documents)
     driver.get(url)
-    file_input = wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#upload-files input[type=file]"), 60,
-                            "the file input")[0]
-    file_input.send_keys("\n".join(str(d) for d in documents))  # several files at once, as a user would pick them
+    wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#upload-files input[type=file]"), 60, "the file input")
+    open_tab(driver, "Library")
+    upload_files(driver, documents, prepare=False)  # several files at once, as a user would pick them
     wait_until(lambda: all(d.name in driver.find_element(By.ID, "documents-table").text for d in documents), timeout,
                f"{[d.name for d in documents]} in the documents table")
     driver.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Ask')]").click()
@@ -195,6 +195,177 @@ def screenshot_cards(driver, path: Path) -> None:
     time.sleep(0.5)
     path.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(path))
+
+
+# ----------------------------------------------------------- classroom flow
+DEFAULT_METHODS = ["closed_book", "rag", "retro", "btr", "lloco"]
+SHOTS = ROOT / "assets" / "screenshots"
+
+
+def open_tab(driver, name: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.XPATH, f"//button[@role='tab'][contains(., '{name}')]").click()
+    time.sleep(0.5)
+
+
+def text_of(driver, elem_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    found = driver.find_elements(By.ID, elem_id)
+    return found[0].text if found else ""
+
+
+def error_toasts(driver) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [t.text for t in driver.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']") if "rror" in t.text]
+
+
+def load_demo(driver, url: str, timeout: float = 1800) -> None:
+    """One click: the demo collection is built and prepared, the first example question is in the box."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(url)
+    wait_until(lambda: driver.find_elements(By.ID, "load-demo"), 60, "the Load demo button")[0].click()
+    wait_until(lambda: "Compare" in text_of(driver, "demo-status") and "demo" in text_of(driver, "demo-status"),
+               timeout, "the demo collection to be ready")
+
+
+def compare_current(driver, methods: list[str], timeout: float = 600) -> list[CardReading]:
+    from selenium.webdriver.common.by import By
+
+    for checkbox in driver.find_elements(By.CSS_SELECTOR, "#method-picker input[type=checkbox]"):
+        if checkbox.is_selected() != (checkbox.get_attribute("name") in methods):
+            driver.execute_script("arguments[0].click();", checkbox)
+    driver.find_element(By.ID, "compare-button").click()
+
+    def all_done():
+        if error_toasts(driver):
+            raise AssertionError(f"the app showed an error: {error_toasts(driver)}")
+        cards = read_cards(driver)
+        return cards if len(cards) == len(methods) and all(c.status == "done" for c in cards) else None
+
+    return wait_until(all_done, timeout, f"{len(methods)} finished method cards")
+
+
+def gold_marks(driver) -> dict[str, str]:
+    from selenium.webdriver.common.by import By
+
+    out = {}
+    for card in driver.find_elements(By.CSS_SELECTOR, "#cards .rd-card"):
+        marks = card.find_elements(By.CSS_SELECTOR, ".rd-gold")
+        out[card.get_attribute("data-method")] = marks[0].get_attribute("data-correct") if marks else ""
+    return out
+
+
+def screenshot_page(driver, path: Path, width: int, until_id: str = "chart") -> None:
+    """The page from the top down to `until_id` at `width` px, as a user sees it."""
+    from selenium.webdriver.common.by import By
+
+    driver.set_window_size(width, 3000)
+    time.sleep(1.5)
+    driver.execute_script("window.scrollTo(0, 0)")
+    element = driver.find_element(By.ID, until_id)
+    bottom = driver.execute_script("return arguments[0].getBoundingClientRect().bottom + window.scrollY", element)
+    chrome_height = driver.execute_script("return window.outerHeight - window.innerHeight")
+    driver.set_window_size(width, int(min(bottom + 10, 6000) + chrome_height))
+    time.sleep(0.8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(path))
+
+
+def upload_files(driver, paths: list[Path], prepare: bool = False) -> None:
+    from selenium.webdriver.common.by import By
+
+    box = driver.find_element(By.CSS_SELECTOR, "#prepare-on-upload input[type=checkbox]")
+    if box.is_selected() != prepare:
+        driver.execute_script("arguments[0].click();", box)
+    file_input = wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#upload-files input[type=file]"), 30,
+                            "the file input")[0]
+    file_input.send_keys("\n".join(str(p) for p in paths))
+
+
+def pick_document(driver, name: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.CSS_SELECTOR, "#doc-picker input")
+    box.click()
+    box.send_keys(name)
+    time.sleep(0.5)
+    options = [o for o in driver.find_elements(By.CSS_SELECTOR, "ul.options li") if name in o.text]
+    if options:
+        options[0].click()
+    else:
+        box.send_keys(Keys.ENTER)
+    time.sleep(0.5)
+
+
+def delete_with_confirmation(driver, name: str, timeout: float = 60) -> None:
+    from selenium.webdriver.common.by import By
+
+    pick_document(driver, name)
+    driver.find_element(By.ID, "delete-document").click()
+    confirm = wait_until(lambda: [b for b in driver.find_elements(By.ID, "confirm-delete") if b.is_displayed()], 30,
+                         "the delete confirmation")[0]
+    if name not in driver.find_element(By.ID, "documents-table").text:
+        raise AssertionError(f"{name} vanished before the deletion was confirmed")
+    confirm.click()
+    wait_until(lambda: name not in driver.find_element(By.ID, "documents-table").text, timeout,
+               f"{name} to leave the documents table")
+
+
+def start_and_cancel_benchmark(driver, n: int = 3, timeout: float = 600) -> str:
+    from selenium.webdriver.common.by import By
+
+    open_tab(driver, "Benchmark")
+    box = driver.find_element(By.CSS_SELECTOR, "#bench-n input")
+    box.clear()
+    box.send_keys(str(n))
+    driver.find_element(By.ID, "bench-run").click()
+    time.sleep(4)
+    driver.find_element(By.ID, "bench-cancel").click()
+    return wait_until(lambda: "Cancelled" in text_of(driver, "bench-status") and text_of(driver, "bench-status"),
+                      timeout, "the benchmark to stop after Cancel")
+
+
+def classroom_flow(driver, url: str, workdir: Path, shots: Path = SHOTS) -> dict:
+    """Everything issue 16 asks a browser to show, in one session. Returns what was observed."""
+    from selenium.webdriver.common.by import By
+
+    seen: dict = {}
+    load_demo(driver, url)
+    seen["header"] = text_of(driver, "ask-header")
+    seen["question"] = driver.find_element(By.CSS_SELECTOR, "#question textarea").get_attribute("value")
+    seen["default_methods"] = sorted(c.get_attribute("name") for c in
+                                     driver.find_elements(By.CSS_SELECTOR, "#method-picker input[type=checkbox]")
+                                     if c.is_selected())
+    seen["cards"] = compare_current(driver, seen["default_methods"])
+    seen["gold"] = gold_marks(driver)
+    screenshot_page(driver, shots / "ask_1600.png", 1600)
+    screenshot_page(driver, shots / "ask_800.png", 800)
+    driver.set_window_size(1400, 1000)
+    driver.execute_script("window.scrollTo(0, 0)")
+    open_tab(driver, "Library")
+    bad = workdir / "virus.exe"
+    bad.write_bytes(b"MZ\x00\x00")
+    upload_files(driver, [bad])
+    wait_until(lambda: "Nothing was added" in text_of(driver, "library-status"), 120, "the rejected upload's status")
+    seen["table_after_reject"] = text_of(driver, "documents-table")
+    good = workdir / "eiffel.txt"
+    good.write_text(DOCUMENT)
+    upload_files(driver, [good])
+    wait_until(lambda: "eiffel.txt" in text_of(driver, "documents-table"), 300, "eiffel.txt in the documents table")
+    seen["status_after_good"] = text_of(driver, "library-status")
+    seen["table_after_good"] = text_of(driver, "documents-table")
+    screenshot_page(driver, shots / "library_1600.png", 1600, "documents-table")
+    driver.set_window_size(1400, 1000)
+    delete_with_confirmation(driver, "eiffel.txt")
+    seen["table_after_delete"] = text_of(driver, "documents-table")
+    seen["bench_status"] = start_and_cancel_benchmark(driver)
+    seen["errors"] = error_toasts(driver)
+    return seen
 
 
 def main(argv=None) -> int:

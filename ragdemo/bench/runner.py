@@ -20,13 +20,13 @@ from typing import Callable
 
 import numpy as np
 
+from ..config import DEFAULT_MAX_NEW_TOKENS  # one default shared with Ask and the CLI
 from ..errors import NotSupported, UserError
 from ..methods import get_method, registry
 from ..methods.base import Progress, Result, params_from
 from .datasets import Dataset, Haystack, Question
 from .metrics import INDICATIVE_BELOW, MIN_MEAN_GAP, MIN_QUESTION_GAP, answer_scores, context_value_kept, median_value_kept
 
-DEFAULT_MAX_NEW_TOKENS = 24
 REFERENCES = ("rag", "full_context")
 RESULT_FIELDS = ["prompt_tokens", "processed_tokens", "cached_tokens", "new_tokens", "retrieve_s", "load_s",
                  "ttft_s", "decode_s", "total_s", "decode_tok_s", "storage_bytes", "bytes_per_token"]

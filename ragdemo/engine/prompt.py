@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SYSTEM = "Answer the question using the context. Reply with a short answer."
+CLOSED_BOOK_SYSTEM = "Answer the question from what you know. Reply with a short answer."  # no context to point at
 MARKER = "\u0000CONTENT\u0000"
 
 
@@ -48,14 +49,14 @@ def _segment_view(segment: Segment, tokenizer) -> dict:
     return view
 
 
-def chat_frame(tokenizer) -> tuple[str, str]:
+def chat_frame(tokenizer, system: str = SYSTEM) -> tuple[str, str]:
     """The text before and after the user's message, from the model's own chat template when it has one."""
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": MARKER}]
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": MARKER}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         head, tail = text.split(MARKER)
         return head, tail
-    return SYSTEM + "\n\n", "\nAnswer:"
+    return system + "\n\n", "\nAnswer:"
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -67,7 +68,8 @@ def shared_prefixes(tokenizer) -> list[list[int]]:
     (retrieval prompts) and the bare system turn (closed book; JRT, whose question comes next). Prefix caching
     reuses their states across answers and methods."""
     head, _ = chat_frame(tokenizer)
-    return [encode(tokenizer, head + "Context:\n"), encode(tokenizer, head)]
+    closed_head, _ = chat_frame(tokenizer, CLOSED_BOOK_SYSTEM)
+    return [encode(tokenizer, head + "Context:\n"), encode(tokenizer, head), encode(tokenizer, closed_head)]
 
 
 def passage_text(text: str) -> str:
@@ -81,8 +83,9 @@ def build_prompt(tokenizer, question: str, passages: list[dict], repeat_context:
     """
     head, tail = chat_frame(tokenizer)
     question_ids = encode(tokenizer, f"Question: {question.strip()}{tail}")
-    if not passages:
-        return Prompt([Segment("prefix", encode(tokenizer, head)), Segment("question", question_ids)])
+    if not passages:  # closed book: an instruction that does not mention a context it does not have
+        closed_head, _ = chat_frame(tokenizer, CLOSED_BOOK_SYSTEM)
+        return Prompt([Segment("prefix", encode(tokenizer, closed_head)), Segment("question", question_ids)])
     prefix = head + (f"Question: {question.strip()}\n\n" if repeat_context else "") + "Context:\n"
     segments = [Segment("prefix", encode(tokenizer, prefix))]
     passage_segments = [Segment("passage", encode(tokenizer, passage_text(p["text"])), source=_source(p)) for p in passages]

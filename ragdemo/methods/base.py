@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
+from ..config import DEFAULT_MAX_NEW_TOKENS
 from ..engine.generate import Generation, Stream, generate
 from ..engine.prompt import Prompt
 from ..engine.scoring import nll_of_answer
@@ -98,7 +99,7 @@ Result.__doc__ += "\n\nFields:\n" + "\n".join(f"    {name}: {text}" for name, te
 class Params:
     """Knobs shared by every method; a method's own Params subclass adds its knobs with defaults."""
 
-    max_new_tokens: int = 48
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
 
 def params_from(cls: type, values: dict | None) -> Any:
