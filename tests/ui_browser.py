@@ -152,7 +152,7 @@ def upload_and_compare(driver, url: str, documents: Path | list[Path], question:
 
     documents = [documents] if isinstance(documents, Path) else list(documents)
     driver.get(url)
-    wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#upload-files input[type=file]"), 60, "the file input")
+    wait_until(lambda: driver.find_elements(By.XPATH, "//button[@role='tab'][contains(., 'Library')]"), 60, "the tabs")
     open_tab(driver, "Library")
     upload_files(driver, documents, prepare=False)  # several files at once, as a user would pick them
     wait_until(lambda: all(d.name in driver.find_element(By.ID, "documents-table").text for d in documents), timeout,
@@ -278,7 +278,8 @@ def screenshot_page(driver, path: Path, width: int, until_id: str = "chart") -> 
 def upload_files(driver, paths: list[Path], prepare: bool = False) -> None:
     from selenium.webdriver.common.by import By
 
-    box = driver.find_element(By.CSS_SELECTOR, "#prepare-on-upload input[type=checkbox]")
+    box = wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#prepare-on-upload input[type=checkbox]"), 60,
+                     "the prepare-on-upload checkbox")[0]
     if box.is_selected() != prepare:
         driver.execute_script("arguments[0].click();", box)
     file_input = wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#upload-files input[type=file]"), 30,
@@ -374,7 +375,26 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--document", help="a file to upload (default: a short Eiffel Tower text)")
     parser.add_argument("--question", default=QUESTION)
+    parser.add_argument("--flow", action="store_true",
+                        help="the classroom flow (demo, ✓/✗, uploads, delete, cancel) with screenshots in assets/screenshots")
+    parser.add_argument("--home", help="reuse this data dir (e.g. one where `python -m ragdemo demo` already prepared)")
     args = parser.parse_args(argv)
+    if args.flow:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            with running_app(Path(args.home) if args.home else tmp / "home", args.model, tmp / "app.log") as url:
+                driver = chrome(tmp / "profile")
+                try:
+                    seen = classroom_flow(driver, url, tmp)
+                except Exception:
+                    driver.save_screenshot(str(SHOTS / "failure.png"))
+                    print((tmp / "app.log").read_text()[-4000:])
+                    raise
+                finally:
+                    driver.quit()
+        for key, value in seen.items():
+            print(f"{key}: {value}")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         document = Path(args.document) if args.document else tmp / "eiffel.txt"

@@ -212,7 +212,7 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
         with gr.Row(equal_height=True):
             demo_button = gr.Button("Load demo collection", elem_id="load-demo", scale=0, min_width=220)
             demo_status = gr.Markdown("New here? One click loads a sample article with example questions and "
-                                      "prepares every method for it (a minute or two the first time).",
+                                      "prepares every method for it (a few minutes the first time, with progress here).",
                                       elem_id="demo-status")
         with gr.Row():
             question = gr.Textbox(label="Question", placeholder="Ask something your documents answer…", lines=2,
@@ -220,9 +220,9 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
             gold = gr.Textbox(label="Gold answer (optional)", placeholder="e.g. Brazil | Brazilian", scale=2,
                               elem_id="gold", info="cards show ✓ when their answer contains it; | separates alternatives")
             compare_button = gr.Button("Compare", variant="primary", scale=1, elem_id="compare-button")
-        examples = [[q, GOLD_SEPARATOR.join(a), DEMO_COLLECTION] for q, a in wb.demo_examples()]
-        gr.Examples(examples, [question, gold, collection], label="Example questions on the demo collection",
-                    elem_id="examples", examples_per_page=8)
+        examples = gr.Examples([[q, GOLD_SEPARATOR.join(a)] for q, a in wb.demo_examples()], [question, gold],
+                               label="Example questions on the demo collection (click one)", elem_id="examples",
+                               examples_per_page=8)
         choices = method_choices()
         methods = gr.CheckboxGroup(choices, value=[m for m in DEFAULT_METHODS if m in registry()], label="Methods",
                                    elem_id="method-picker",
@@ -256,4 +256,6 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
     demo_loaded = demo_button.click(lambda progress=gr.Progress(): load_demo(wb, progress), None,
                                     [demo_status, collection, question, gold], show_progress_on=[demo_status],
                                     api_name="load_demo", concurrency_limit=1, concurrency_id="long")
+    # an example question is about the demo article: picking one switches to the demo collection
+    examples.load_input_event.then(lambda: gr.update(value=DEMO_COLLECTION), None, [collection], show_progress="hidden")
     return AskTab(knobs, question, methods, history_table, header, compared, demo_loaded)

@@ -29,7 +29,7 @@ _SPARE_COLOURS = ["#a5f3fc", "#fecaca", "#d9f99d", "#c7d2fe", "#fef08a", "#e9d5f
 MAX_TOKENS_SHOWN = 240  # per segment; the middle of longer segments is elided so pages stay light
 
 # A grid, not a flex row: every card has the same width whatever the row (flex stretched the last row's cards).
-CARDS_STYLE = "display:grid;grid-template-columns:repeat(auto-fill,minmax(270px,1fr));gap:12px;align-items:stretch"
+CARDS_STYLE = "display:grid;grid-template-columns:repeat(auto-fit,minmax(290px,1fr));gap:12px;align-items:stretch"
 CARD_STYLE = ("border:1px solid #d1d5db;border-left-width:6px;border-radius:10px;padding:12px;background:#ffffff;"
               "color:#111827;font-size:14px;line-height:1.4;min-width:0")
 
@@ -137,7 +137,7 @@ METRICS = [  # (field, label, formatter)
     ("decode_tok_s", "decode tok/s", lambda v: f"{float(v or 0):.1f}"),
     ("storage_bytes", "storage read", fmt_bytes),
     ("bytes_per_token", "stored B/token", lambda v: f"{float(v or 0):.1f}"),
-    ("chunk_bytes_per_token", "per-chunk B/token", lambda v: f"{float(v or 0):.1f}"),
+    ("chunk_bytes_per_token", "chunk B/token", lambda v: f"{float(v or 0):.1f}"),
 ]
 
 
@@ -420,7 +420,7 @@ def comparison_figure(results: list[Result], labels: dict[str, str] | None = Non
     `storage` is {method: (per-chunk bytes, shared bytes)} from each method's storage account. None when
     nothing ran."""
     from matplotlib.figure import Figure  # no pyplot: thread-safe inside the server
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
     done = [r for r in results if not r.error]
     if not done:
@@ -434,6 +434,7 @@ def comparison_figure(results: list[Result], labels: dict[str, str] | None = Non
     ttft.set_xscale("log")
     ttft.set_title("time to first token (log scale)", fontsize=10)
     ttft.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_s(v)))
+    ttft.xaxis.set_minor_formatter(NullFormatter())  # "2 x 10^0" minor labels overlap at 800 px
     for yi, r in zip(y, done):
         ttft.text(max(r.ttft_s, 1e-3), yi, " " + fmt_s(r.ttft_s), va="center", fontsize=8)
     ttft.set_xlim(right=max(r.ttft_s for r in done) * 8)
@@ -444,16 +445,24 @@ def comparison_figure(results: list[Result], labels: dict[str, str] | None = Non
         tokens.barh([v + offset for v in y], [getattr(r, field_name) for r in done], height, color=shade,
                     label=field_name.replace("_tokens", ""))
     tokens.set_title("tokens", fontsize=10)
-    tokens.legend(fontsize=7, loc="lower right")
+    tokens.legend(fontsize=7, loc="best")
     parts = [(storage or {}).get(r.method, (r.storage_bytes, 0)) for r in done]
     stored.barh(y, [c for c, _ in parts], color=colours, label="per-chunk")
     stored.barh(y, [s_ for _, s_ in parts], left=[c for c, _ in parts], color=colours, hatch="//", alpha=0.45,
                 label="shared (decoder, adapter…)")
     stored.set_title("stored for the collection", fontsize=10)
     stored.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_bytes(v)))
-    stored.set_xlim(left=0, right=max(1, max(c + s_ for c, s_ in parts)) * 1.15)
-    stored.legend(fontsize=7, loc="lower right")
+    most = max(c + s_ for c, s_ in parts)
+    stored.set_xlim(left=0, right=max(1, most) * 1.15)
+    if most:
+        stored.legend(fontsize=7, loc="best")
+    else:  # nothing stored by any of these methods: say so instead of an axis of "0 B" ticks
+        stored.set_xticks([])
+        stored.text(0.5, 0.5, "nothing stored:\nthese methods read text", transform=stored.transAxes,
+                    ha="center", va="center", fontsize=9, color="#6b7280")
     ttft.set_yticks(y, names, fontsize=9)
+    for axis in (tokens, stored):
+        axis.xaxis.set_major_locator(MaxNLocator(4))  # few ticks: labels stay apart at 800 px
     for axis in (ttft, tokens, stored):
         axis.grid(axis="x", alpha=0.3)
         axis.tick_params(axis="x", labelsize=8)
