@@ -99,12 +99,13 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def _matmul_gflops(dtype: torch.dtype, n: int = 512, reps: int = 8) -> float:
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up: first call pays for kernel selection
+    """Through F.linear, the kernel the model's projections use (a bare `a @ b` can take another bf16 path)."""
+    x = torch.randn(n, n, dtype=dtype)
+    weight = torch.randn(n, n, dtype=dtype)
+    torch.nn.functional.linear(x, weight)  # warm-up: first call pays for kernel selection
     start = time.perf_counter()
     for _ in range(reps):
-        a @ b
+        torch.nn.functional.linear(x, weight)
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
