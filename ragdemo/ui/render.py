@@ -420,7 +420,7 @@ def comparison_figure(results: list[Result], labels: dict[str, str] | None = Non
     `storage` is {method: (per-chunk bytes, shared bytes)} from each method's storage account. None when
     nothing ran."""
     from matplotlib.figure import Figure  # no pyplot: thread-safe inside the server
-    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, NullLocator
 
     done = [r for r in results if not r.error]
     if not done:
@@ -457,11 +457,11 @@ def comparison_figure(results: list[Result], labels: dict[str, str] | None = Non
     if most:
         stored.legend(fontsize=7, loc="best")
     else:  # nothing stored by any of these methods: say so instead of an axis of "0 B" ticks
-        stored.set_xticks([])
+        stored.xaxis.set_major_locator(NullLocator())
         stored.text(0.5, 0.5, "nothing stored:\nthese methods read text", transform=stored.transAxes,
                     ha="center", va="center", fontsize=9, color="#6b7280")
     ttft.set_yticks(y, names, fontsize=9)
-    for axis in (tokens, stored):
+    for axis in (tokens, stored) if most else (tokens,):
         axis.xaxis.set_major_locator(MaxNLocator(4))  # few ticks: labels stay apart at 800 px
     for axis in (ttft, tokens, stored):
         axis.grid(axis="x", alpha=0.3)
