@@ -1,5 +1,6 @@
 """LLoCO-style compressed KV: exact at ratio 1, exact token budgets, clean adapters, CLI round trip."""
 import json
+import time
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_one_passage_at_ratio_1_gives_the_full_forward_logits(tiny_bench, docs_d
         hit = corpus.retrieve(QUESTION, 1)[0]
         full_ids = build_prompt(corpus.lm.tokenizer, QUESTION, hit).ids
         want = corpus.lm.model(input_ids=torch.tensor([full_ids])).logits[:, -len(ctx.question_ids):]
-    assert ctx.cached + len(ctx.question_ids) == len(full_ids)
+    assert ctx.attended + len(ctx.question_ids) == len(full_ids)
     # stored keys are position-free, so even here every key went through un-rotation and re-rotation;
     # the only loss is fp16 storage
     torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3)
@@ -93,27 +94,107 @@ def test_changed_knob_never_reuses_artifacts_and_delete_cascades(tiny_bench, doc
     lloco = get_method("lloco")
     c2, c4 = params_from(lloco.Params, {"c": 2}), params_from(lloco.Params, {"c": 4, "storage": "int8"})
     lloco.prepare(corpus, c2)
-    assert lloco.storage(corpus, c2) > 0 and lloco.storage(corpus, c4) == 0
+    assert lloco.storage(corpus, c2).total > 0 and lloco.storage(corpus, c4).total == 0
     lloco.prepare(corpus, c4)
-    assert 0 < lloco.storage(corpus, c4) < lloco.storage(corpus, c2) / 2
+    assert 0 < lloco.storage(corpus, c4).total < lloco.storage(corpus, c2).total / 2
     tiny_bench.delete("eiffel.txt")
     tiny_bench.delete("bananas.md")
-    assert lloco.storage(corpus, c2) == 0 and lloco.storage(corpus, c4) == 0
+    assert lloco.storage(corpus, c2).total == 0 and lloco.storage(corpus, c4).total == 0
 
 
-def test_answer_reports_only_the_question_as_processed(tiny_bench, docs_dir):
+def _layer0_widths(lm):
+    """Counts the tokens that really pass through layer 0, call by call (not a counter the method sets)."""
+    widths = []
+
+    def hook(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        widths.append(int(hidden.shape[1]))
+
+    return widths, lm.model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_answer_prefills_only_the_question(tiny_bench, docs_dir):
     corpus = _ingest(tiny_bench, docs_dir)
-    tiny_bench.prepare(["lloco"], knobs={"lloco": {"c": 4}})
-    tiny_bench.ask(QUESTION, ["lloco"], knobs={"lloco": {"c": 4}})  # first answer also builds the prefix cache
-    rag, lloco = tiny_bench.ask(QUESTION, ["rag", "lloco"], knobs={"lloco": {"c": 4}})
+    knobs = {"lloco": {"c": 4, "max_new_tokens": 4}}
+    tiny_bench.prepare(["lloco"], knobs=knobs)
+    tiny_bench.ask(QUESTION, ["lloco"], knobs=knobs)  # the instruction prefix is in the LM's prefix cache now
+    widths, handle = _layer0_widths(corpus.lm)
+    try:
+        lloco, = tiny_bench.ask(QUESTION, ["lloco"], knobs=knobs)
+    finally:
+        handle.remove()
     question_tokens = lloco.segments[-1]["n_tokens"]
-    assert not lloco.error and lloco.processed_tokens == question_tokens
+    assert not lloco.error and widths, "layer 0 never ran"
+    assert widths[0] == question_tokens  # the prefill: the question and nothing else
+    assert all(w == 1 for w in widths[1:]) and len(widths) <= 4  # then one token per decode step
+    assert lloco.processed_tokens == question_tokens
     passages = [s for s in lloco.segments if s["kind"] == "passage"]
     assert passages and all(s["mark"] == "compressed" for s in passages)
     assert all(s["kept_tokens"] == -(-s["n_tokens"] // 4) for s in passages)
     assert lloco.cached_tokens == lloco.segments[0]["n_tokens"] + sum(s["kept_tokens"] for s in passages)
-    assert lloco.storage_bytes > 0 and lloco.bytes_per_token > 0 and lloco.load_s > 0
+    assert lloco.prompt_tokens == lloco.cached_tokens + question_tokens
+    assert lloco.storage_bytes > 0 and lloco.bytes_per_token > 0 and lloco.chunk_bytes_per_token > 0
+    assert lloco.load_s > 0 and lloco.prepare_s == 0
     assert {s["chunk_id"] for s in lloco.sources} <= {c["chunk_id"] for c in corpus.chunks()}
+
+
+def test_what_the_model_sees_marks_each_passage_token_kept_or_dropped(tiny_bench, docs_dir):
+    corpus = _ingest(tiny_bench, docs_dir)
+    lloco = get_method("lloco")
+    result = lloco.answer(QUESTION, corpus, params_from(lloco.Params, {"c": 4, "k": 3, "max_new_tokens": 2}))
+    passages = [s for s in result.segments if s["kind"] == "passage"]
+    assert passages
+    for seg in passages:
+        keep = seg["keep"]
+        assert len(keep) == len(seg["tokens"]) == seg["n_tokens"]
+        assert all(0.0 <= k <= 1.0 for k in keep) and min(keep) < max(keep)
+        mean = sum(keep) / len(keep)  # every layer and KV head keeps ceil(n / 4) tokens
+        assert mean == pytest.approx(seg["kept_tokens"] / seg["n_tokens"], abs=2e-3)
+        assert 0.25 - 2e-3 <= mean <= 0.25 + 1 / seg["n_tokens"] + 2e-3
+    assert "keep" not in result.segments[-1]  # the question is read whole
+
+
+def test_compressing_missing_chunks_is_prepare_s_never_ttft_or_processed(tiny_bench, docs_dir, monkeypatch):
+    """An answer on an unprepared collection compresses the retrieved chunks first: that is preparation (slowed
+    here by 2 s a chunk so it is plain to see), reported as prepare_s, never in load, TTFT, total or processed."""
+    corpus = _ingest(tiny_bench, docs_dir)
+    tiny_bench.warm()
+    lloco = get_method("lloco")
+    real = lloco._compress_and_store
+
+    def slow(*args, **kwargs):
+        time.sleep(2.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lloco, "_compress_and_store", slow)
+    params = params_from(lloco.Params, {"c": 4, "k": 2, "max_new_tokens": 3})
+    called = time.perf_counter()
+    first = lloco.answer(QUESTION, corpus, params)
+    wall = time.perf_counter() - called
+    assert first.prepare_s >= 4.0 and any("prepare_s" in n for n in first.notes)
+    # the answer's clock skips the preparation: what it reports plus prepare_s fits in the wall time
+    assert first.total_s + first.prepare_s <= wall + 1e-3 and first.load_s <= first.ttft_s <= first.total_s
+    kept = sum(-(-s["n_tokens"] // 4) for s in first.segments if s["kind"] == "passage")
+    question = first.segments[-1]["n_tokens"]
+    assert first.prompt_tokens == first.segments[0]["n_tokens"] + kept + question
+    assert first.processed_tokens <= first.prompt_tokens  # compressing passages is not query-time processing
+    second = lloco.answer(QUESTION, corpus, params)
+    assert second.prepare_s == 0 and second.prompt_tokens == first.prompt_tokens
+
+
+def test_the_prefix_counts_as_cached_only_when_read_from_the_prefix_cache(tiny_bench, docs_dir):
+    corpus = _ingest(tiny_bench, docs_dir)
+    lloco = get_method("lloco")
+    params = params_from(lloco.Params, {"c": 4, "k": 2, "max_new_tokens": 2})
+    lloco.prepare(corpus, params)
+    corpus.lm.prefix_cache = None  # a cold LM: the prefix is computed during the answer
+    cold = lloco.answer(QUESTION, corpus, params)
+    warm = lloco.answer(QUESTION, corpus, params)
+    prefix, question = cold.segments[0]["n_tokens"], cold.segments[-1]["n_tokens"]
+    assert cold.segments[0]["mark"] == "text" and warm.segments[0]["mark"] == "cached"
+    assert cold.processed_tokens == prefix + question and warm.processed_tokens == question
+    assert warm.cached_tokens == cold.cached_tokens + prefix
+    assert cold.prompt_tokens == warm.prompt_tokens
 
 
 def test_lora_trains_applies_and_unloads_cleanly(tiny_bench, docs_dir):
@@ -145,7 +226,7 @@ def test_lora_trains_applies_and_unloads_cleanly(tiny_bench, docs_dir):
     with_lora, = tiny_bench.ask(QUESTION, ["lloco"], knobs={"lloco": {"lora_steps": 6, "lora_lr": 1e-2}})
     without, = tiny_bench.ask(QUESTION, ["lloco"], knobs={"lloco": {"lora": False}})
     assert any("LoRA applied" in n for n in with_lora.notes) and not any("LoRA" in n for n in without.notes)
-    assert lloco.storage(corpus, params) > 0
+    assert lloco.storage(corpus, params).total > 0
     tiny_bench.store.delete_document(corpus.collection_id, "eiffel.txt")
     tiny_bench.store.delete_document(corpus.collection_id, "bananas.md")
 

@@ -32,15 +32,25 @@ class Decoder:
         return (torch.from_numpy(features(codes, plain, self.centre)) @ torch.from_numpy(self.weight)).numpy()
 
     def to_bytes(self) -> bytes:
-        tensors = {"centre": self.centre.astype(np.float32)}
+        """fp16: the decoder is stored once per collection and counted in its storage; half of fp32 (1.33 MB
+        instead of 2.66 MB at d=576). Encode with `from_bytes(to_bytes())` so codes and decoding see the same
+        rounded centre."""
+        tensors = {"centre": _half(self.centre)}
         if self.weight is not None:
-            tensors["weight"] = self.weight.astype(np.float32)
+            tensors["weight"] = _half(self.weight)
         return st_save(tensors)
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "Decoder":
         tensors = st_load(blob)
-        return cls(tensors["centre"], tensors.get("weight"))
+        weight = tensors.get("weight")
+        return cls(tensors["centre"].astype(np.float32), None if weight is None else weight.astype(np.float32))
+
+
+def _half(x: np.ndarray) -> np.ndarray:
+    """fp16 where every value fits (|x| < 65504), else fp32 rather than infinities."""
+    half = x.astype(np.float16)
+    return half if np.isfinite(half).all() else x.astype(np.float32)
 
 
 def features(codes: Codes, plain: np.ndarray, centre: np.ndarray) -> np.ndarray:

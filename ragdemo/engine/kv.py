@@ -178,6 +178,13 @@ def compress(kv: PassageKV, scores: torch.Tensor, ratio: int) -> PassageKV:
     return PassageKV(kv.keys.gather(2, gather), kv.values.gather(2, gather), kv.offsets.gather(2, index), kv.n_tokens)
 
 
+def kept_share(kv: PassageKV) -> torch.Tensor:
+    """Per passage token, the share of (layer x KV head) slots that kept it, from the kept indices `compress`
+    chose: 1 = kept everywhere, 0 = dropped everywhere. Its mean is kept / n_tokens (about 1/ratio)."""
+    slots = kv.offsets.shape[0] * kv.offsets.shape[1]
+    return torch.bincount(kv.offsets.reshape(-1).long().cpu(), minlength=kv.n_tokens).float() / slots
+
+
 # --------------------------------------------------------- serialisation
 def _quantize(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per token and head: one fp16 scale per head_dim vector."""

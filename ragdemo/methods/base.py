@@ -6,8 +6,10 @@ the registry finds it, and the CLI, UI and benchmark pick it up.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from ..config import DEFAULT_MAX_NEW_TOKENS
@@ -23,8 +25,9 @@ GLOSSARY: dict[str, str] = {
     "prompt_tokens": "tokens the model attends to when it produces the first answer token (after any "
                      "compression or merging: what is really in the attention window)",
     "processed_tokens": "token-layers computed at query time up to the first answer token, divided by the number "
-                        "of layers (never more than prompt tokens); the rest came from storage. Work after the first "
-                        "token (RETRO's re-prefills) is listed in the method's events",
+                        "of layers; the rest came from storage. Never more than prompt tokens, except for a method that "
+                        "runs an extra scoring pass over text it then drops (lingua's question-aware scoring), which "
+                        "its notes name. Work after the first token (RETRO's re-prefills) is listed in its events",
     "cached_tokens": "prompt tokens whose states were read from storage instead of computed now; the shared "
                      "instruction prefix counts here only when the method reads it from a cache, the same rule for every method",
     "new_tokens": "answer tokens generated",
@@ -150,6 +153,45 @@ class StorageAccount:
         return {"chunk_bytes": self.chunk_bytes, "shared": dict(self.shared), "shared_bytes": self.shared_bytes,
                 "total": self.total, "tokens": self.tokens, "bytes_per_token": round(self.bytes_per_token, 2),
                 "chunk_bytes_per_token": round(self.chunk_bytes_per_token, 2)}
+
+
+# What `python -m ragdemo bench-storage` measured (every byte counted); method cards read their storage
+# figures from here rather than quoting numbers by hand.
+STORAGE_RESULTS = Path(__file__).resolve().parents[2] / "assets" / "results" / "storage" / "storage.json"
+
+
+def measured_storage(label: str) -> list[dict]:
+    """The bench-storage rows of one method variant (e.g. "btr@bits=1"); [] when it has not been run."""
+    try:
+        rows = json.loads(STORAGE_RESULTS.read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [r for r in rows if r.get("method") == label]
+
+
+def storage_sentence(label: str) -> str:
+    """Card text: bytes per collection token with everything counted, against an fp16 KV cache, per collection."""
+    rows = measured_storage(label)
+    if not rows:
+        return ("not measured in this checkout yet: `python -m ragdemo bench-storage` writes "
+                "`assets/results/storage/storage.json`, and this card then shows the figures")
+
+    def size(n: int) -> str:
+        return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+    def line(r: dict) -> str:
+        parts = [f"per-chunk {size(r['chunk_bytes'])}"] + [f"{k} {size(v)}" for k, v in r["shared"].items()]
+        return (f"{r['collection']} ({r['tokens']:,} tokens): **{r['bytes_per_token']:,.1f} B per token, "
+                f"{r['fp16_kv_bytes_per_token'] / r['bytes_per_token']:,.0f}x smaller than an fp16 KV cache** "
+                f"({', '.join(parts)})")
+
+    return "; ".join(line(r) for r in rows)
+
+
+def storage_ratio(label: str) -> float | None:
+    """The smallest measured ratio fp16 KV / (everything stored per token) over the measured collections."""
+    rows = measured_storage(label)
+    return min(r["fp16_kv_bytes_per_token"] / r["bytes_per_token"] for r in rows) if rows else None
 
 
 class Method:

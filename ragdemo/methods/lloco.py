@@ -12,16 +12,16 @@ import torch
 from ..engine import kv as kvc
 from ..engine.generate import decode_loop
 from ..engine.layers import forward_all, require_llama_like
+from ..engine.prefix import prefix_cache, shared_prefix
 from ..engine.lora import (LoraKnobs, adapter_key, applied_adapter, cloze_example, distill_kl, teacher_logits,
                            train_adapter)
 from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
-from ..store import artifact_hash
-from .base import Params, Method, Result, finish
+from ..store import artifact_hash, chunk_key
+from .base import Params, Method, Result, StorageAccount, finish, storage_sentence
 
 RECIPE = "v2-distill"  # bump when the training recipe changes, so old adapters are not reused
-_PREFIX_CACHE: dict[tuple, list] = {}  # (model object, prefix ids) -> per-layer prefix KV; methods are re-instantiated
 
 
 @dataclass
@@ -69,7 +69,7 @@ bf16, 1 torch thread on the 2-core CPU, 2026-11-22; `assets/results/lloco_grid_s
 over the same chunks (closed book NLL 6.83, RAG 4.62, RAG contains 27%, RAG TTFT 0.385 s). TTFT as x faster
 than RAG. c=1 keeps every token, so both scorers are identical there.
 
-| c | scorer | value kept, LoRA off / on | contains, off / on | TTFT x faster, off / on | bytes / passage token |
+| c | scorer | value kept, LoRA off / on | contains, off / on | TTFT x faster, off / on | per-chunk bytes / passage token |
 |---|---|---|---|---|---|
 | 1 | – | 114% / 119% | 18% / 26% | 4.2 / 3.1 | 23,224 |
 | 2 | keynorm | 85% / 98% | 13% / 18% | 4.9 / 3.5 | 11,759 |
@@ -87,11 +87,16 @@ value kept instead (c=4 reconstruct 89% → 73%; `assets/results/lloco_grid_v1_c
 Fine-tune time: `python -m ragdemo finetune --method lloco`, 300 steps on 143 chunks: 220 s (254 s wall with
 compression), one thread while another benchmark used the other core; 224–386 s per variant inside the grid.
 On the 200-question run (`bench_out/squad200_all`, defaults, no LoRA) the same c=4 setting kept 83%, contains
-13.5% vs RAG 28.5%, TTFT 5.1x faster, 6,050 B per cached token.
+13.5% vs RAG 28.5%, TTFT 5.1x faster, 6,050 B of per-chunk cache per passage token.
+
+**Storage, everything counted** (per-chunk caches + the collection's LoRA when one is trained, divided by the
+collection's tokens; `python -m ragdemo bench-storage`, c=4 at the default knobs, no LoRA trained):
+{measured storage}.
 
 Targets: TTFT ≥5x faster than RAG over the same passages — met without the LoRA (5.3x here, 5.1x on 200
 questions), not with it (3.6x). ≥85% value kept at 4x compression — met on these 100 questions (89% without
-LoRA, 102% with it); 83% on the 200-question run without LoRA."""
+LoRA, 102% with it); 83% on the 200-question run without LoRA.""".replace(
+        "{measured storage}", storage_sentence("lloco@c=4"))
 
     # ------------------------------------------------------------ offline
     def prepare(self, corpus, params, progress=None) -> None:
@@ -99,10 +104,10 @@ LoRA, 102% with it); 83% on the 200-question run without LoRA."""
         corpus.require_documents(self.name)
         chunks = corpus.chunks()
         digest = self._artifact_hash(lm, params)
-        have = self._stored_keys(corpus, lm, digest)
-        todo = [c for c in chunks if _chunk_key(c["chunk_id"]) not in have]
+        have = corpus.store.artifact_keys(self.name, lm.model_id, digest, [chunk_key(c["text"]) for c in chunks])
+        todo = list({chunk_key(c["text"]): c for c in chunks if chunk_key(c["text"]) not in have}.values())
         if progress:
-            progress(0.0, f"{len(chunks) - len(todo)} of {len(chunks)} chunks already compressed")
+            progress(0.0, f"{len(todo)} chunk caches to compress, the others already are")
         for i, chunk in enumerate(todo):
             self._compress_and_store(corpus, lm, params, digest, chunk)
             if progress:
@@ -110,31 +115,42 @@ LoRA, 102% with it); 83% on the 200-question run without LoRA."""
         if params.train and params.lora and not self._has_adapter(corpus, lm, params):
             self.finetune(corpus, params, progress)
 
-    def _has_adapter(self, corpus, lm, params) -> bool:
-        return corpus.store.value("SELECT 1 FROM artifacts WHERE method = ? AND model = ? AND params_hash = ? AND key = ?",
-                                  (self.name, lm.model_id, self._adapter_hash(lm, params), adapter_key(corpus))) is not None
+    def _adapter_where(self, corpus, lm, params) -> tuple[str, str]:
+        """(params hash, key) of the LoRA trained on the collection's current content at these knobs."""
+        return self._adapter_hash(lm, params), adapter_key(corpus.store.content_signature(corpus.collection_id))
 
-    def storage(self, corpus, params) -> int:
+    def _has_adapter(self, corpus, lm, params) -> bool:
+        digest, key = self._adapter_where(corpus, lm, params)
+        return bool(corpus.store.artifact_keys(self.name, lm.model_id, digest, [key]))
+
+    def _adapter(self, corpus, lm, params) -> bytes | None:
+        return corpus.store.get_artifact(self.name, lm.model_id, *self._adapter_where(corpus, lm, params)) if params.lora else None
+
+    def storage(self, corpus, params) -> StorageAccount:
+        """Everything LLoCO keeps for the collection at these knobs: each chunk's compressed cache and the
+        collection's LoRA (the instruction prefix's cache lives in memory only)."""
         lm = corpus.lm
-        digest = self._artifact_hash(lm, params)
-        return int(corpus.store.value(
-            """SELECT COALESCE(SUM(a.nbytes), 0) FROM artifacts a JOIN chunks c ON c.id = a.chunk_id
-               JOIN documents d ON d.id = c.doc_id WHERE a.method = ? AND a.model = ? AND a.params_hash = ?
-               AND d.collection_id = ?""", (self.name, lm.model_id, digest, corpus.collection_id)) or 0)
+        shared = {"adapter": self._adapter_where(corpus, lm, params)} if params.lora else {}
+        chunk_bytes, shared_bytes = corpus.store.artifact_account(corpus.collection_id, self.name, lm.model_id,
+                                                                  self._artifact_hash(lm, params), shared)
+        return StorageAccount(chunk_bytes, shared_bytes, corpus.n_tokens())
 
     # ------------------------------------------------------------- answer
     def answer(self, question, corpus, params, stream=None) -> Result:
         t0 = time.perf_counter()
         lm = self._check(corpus, params)
         ctx = self._context(question, corpus, params)
+        clock = t0 + ctx.result.prepare_s  # preparation is not answering: TTFT and total skip it
         with applied_adapter(lm, ctx.adapter):
-            ctx.result.load_s = time.perf_counter() - ctx.load_start
+            # reading the caches and switching the adapter on, without the chunks compressed just now
+            ctx.result.load_s = time.perf_counter() - ctx.load_start - ctx.result.prepare_s
             with torch.inference_mode():
-                first = forward_all(lm, torch.tensor([ctx.question_ids], device=lm.device), ctx.cache, ctx.next_pos)
-                generation = decode_loop(lm, ctx.cache, first[:, -1:], ctx.next_pos + len(ctx.question_ids),
-                                         params.max_new_tokens, t0, stream)
-        result = finish(ctx.result, lm, ctx.prompt, generation, t0, processed=ctx.processed + len(ctx.question_ids))
-        return self._account(result, ctx)
+                first = forward_all(lm, torch.tensor([ctx.question_ids], device=lm.device), ctx.cache, ctx.next_pos,
+                                    last_only=True)
+                generation = decode_loop(lm, ctx.cache, first, ctx.next_pos + len(ctx.question_ids),
+                                         params.max_new_tokens, clock, stream)
+        result = finish(ctx.result, lm, ctx.prompt, generation, clock, processed=ctx.processed + len(ctx.question_ids))
+        return self._account(result, ctx, self.storage(corpus, params))
 
     def nll(self, question, gold, corpus, params) -> float:
         lm = self._check(corpus, params)
@@ -151,6 +167,7 @@ LoRA, 102% with it); 83% on the 200-question run without LoRA."""
         the model reading the compressed caches learns to match the full model reading the same chunks as text
         (KL at every question and answer position)."""
         lm = self._check(corpus, params)
+        sig = corpus.store.content_signature(corpus.collection_id)  # the content this adapter is trained on
         compress_only = dataclasses.replace(params, train=False)  # prepare(train=True) is what called us
         self.prepare(corpus, compress_only, (lambda f, m: progress(0.2 * f, m)) if progress else None)
         chunks = [c for c in corpus.chunks() if len(encode(lm.tokenizer, c["text"])) >= 24]
@@ -172,8 +189,8 @@ LoRA, 102% with it); 83% on the 200-question run without LoRA."""
 
         training = train_adapter(lm, loss_of_step, params, (lambda f, m: progress(0.2 + 0.8 * f, m)) if progress else None,
                                  meta={"recipe": RECIPE, "c": params.c, "scorer": params.scorer})
-        corpus.store.put_artifact(self.name, lm.model_id, self._adapter_hash(lm, params), adapter_key(corpus),
-                                  training.blob, collection_id=corpus.collection_id,
+        corpus.store.put_artifact(self.name, lm.model_id, self._adapter_hash(lm, params), adapter_key(sig),
+                                  training.blob, collection_id=corpus.collection_id, basis=sig,
                                   meta={"loss_first": training.losses[0], "seconds": round(training.seconds, 1)})
         return training.summary(f"lloco LoRA r={params.lora_r} trained on {len(chunks)} chunks")
 
@@ -201,23 +218,12 @@ LoRA, 102% with it); 83% on the 200-question run without LoRA."""
         return artifact_hash({"kv": self._artifact_hash(lm, params), "positions": params.positions, "k": params.k,
                               "r": params.lora_r, "steps": params.lora_steps, "lr": params.lora_lr, "recipe": RECIPE})
 
-    def _stored_keys(self, corpus, lm, digest) -> set[str]:
-        rows = corpus.store.rows("""SELECT a.key FROM artifacts a JOIN chunks c ON c.id = a.chunk_id
-                                    JOIN documents d ON d.id = c.doc_id WHERE a.method = ? AND a.model = ?
-                                    AND a.params_hash = ? AND d.collection_id = ?""",
-                                 (self.name, lm.model_id, digest, corpus.collection_id))
-        return {r["key"] for r in rows}
-
     @staticmethod
     def _prefix(lm, compute: bool = True):
         prefix_ids = build_prompt(lm.tokenizer, "?", [{"text": "."}]).segments[0].ids
         if not compute:
             return prefix_ids, None
-        key = (id(lm.model), tuple(prefix_ids))
-        if key not in _PREFIX_CACHE:
-            _PREFIX_CACHE.clear()  # one model at a time: do not keep caches of models that were swapped out
-            _PREFIX_CACHE[key] = kvc.prefix_layers(lm, prefix_ids)
-        return prefix_ids, _PREFIX_CACHE[key]
+        return prefix_ids, shared_prefix(lm, prefix_ids).layers  # the LM's prefix cache, shared by every method
 
     def _compress_and_store(self, corpus, lm, params, digest, chunk) -> bytes:
         _, prefix = self._prefix(lm)
@@ -225,21 +231,22 @@ LoRA, 102% with it); 83% on the 200-question run without LoRA."""
         cue = encode(lm.tokenizer, kvc.RECONSTRUCT_CUE) + ids if params.scorer == "reconstruct" else None
         full, scores = _captured(lm, prefix, ids, cue, params.scorer)
         blob = kvc.to_bytes(kvc.compress(full, scores, params.c), params.storage)
-        corpus.store.put_artifact(self.name, lm.model_id, digest, _chunk_key(chunk["chunk_id"]), blob,
+        corpus.store.put_artifact(self.name, lm.model_id, digest, chunk_key(chunk["text"]), blob,
                                   chunk_id=chunk["chunk_id"], meta={"n_tokens": len(ids)})
         return blob
 
     def _load_passages(self, corpus, lm, params, digest, chunks):
-        """Compressed caches of these chunks, their blob sizes, and how many passage tokens had to be computed
-        now because the chunk was not prepared yet (they are stored for next time)."""
-        keys = [_chunk_key(c["chunk_id"]) for c in chunks]
+        """Compressed caches of these chunks, their blob sizes, and the seconds spent compressing the chunks that
+        were not prepared yet (stored for next time; that is preparation, not answering)."""
+        keys = [chunk_key(c["text"]) for c in chunks]
         blobs = corpus.store.get_artifacts(self.name, lm.model_id, digest, keys)
-        fresh = [c for c, key in zip(chunks, keys) if key not in blobs]
-        for chunk in fresh:
-            blobs[_chunk_key(chunk["chunk_id"])] = self._compress_and_store(corpus, lm, params, digest, chunk)
+        fresh = {key: c for c, key in zip(chunks, keys) if key not in blobs}
+        started = time.perf_counter()
+        for key, chunk in fresh.items():
+            blobs[key] = self._compress_and_store(corpus, lm, params, digest, chunk)
+        prepare_s = time.perf_counter() - started if fresh else 0.0
         passages = [kvc.from_bytes(blobs[key], lm.model.dtype, lm.device) for key in keys]
-        recomputed = sum(p.n_tokens for p, c in zip(passages, chunks) if c in fresh)
-        return passages, [len(blobs[key]) for key in keys], recomputed
+        return passages, [len(blobs[key]) for key in keys], prepare_s
 
     @staticmethod
     def _place(lm, prefix, passages, params):
@@ -260,39 +267,45 @@ LoRA, 102% with it); 83% on the 200-question run without LoRA."""
         hits, retrieve_s = corpus.retrieve(question, params.k)
         hits = sorted(hits, key=lambda h: (h["doc_id"], h["ord"]))  # document order, as rag reads them
         load_start = time.perf_counter()
-        had_prefix = (id(lm.model), tuple(self._prefix(lm, compute=False)[0])) in _PREFIX_CACHE
+        had_prefix = prefix_cache(lm).has(lm, self._prefix(lm, compute=False)[0])
         prefix_ids, prefix = self._prefix(lm)
         digest = self._artifact_hash(lm, params)
-        passages, sizes, recomputed = self._load_passages(corpus, lm, params, digest, hits)
+        passages, sizes, prepare_s = self._load_passages(corpus, lm, params, digest, hits)
+        keep = [kvc.kept_share(p) for p in passages]  # before placing: compact positions renumber the offsets
         layers, next_pos = self._place(lm, prefix, passages, params)
-        adapter = None
-        if params.lora:
-            adapter = corpus.store.get_artifact(self.name, lm.model_id, self._adapter_hash(lm, params),
-                                                adapter_key(corpus))
+        adapter = self._adapter(corpus, lm, params)
         prompt = build_prompt(lm.tokenizer, question, hits)  # same token ids as the cached passages
-        marked = [Segment("prefix", prefix_ids, "cached")]
-        for seg, hit in zip(prompt.segments[1:-1], hits):
+        # the prefix counts as cached only when its states were read from the LM's prefix cache
+        marked = [Segment("prefix", prefix_ids, "cached" if had_prefix else "text")]
+        for seg, hit, share in zip(prompt.segments[1:-1], hits, keep):
             marked.append(Segment("passage", seg.ids, "compressed" if params.c > 1 else "cached",
-                                  {"doc": hit["doc"], "chunk_id": hit["chunk_id"], "score": hit["score"]}))
+                                  {"doc": hit["doc"], "chunk_id": hit["chunk_id"], "score": hit["score"]},
+                                  keep=share.tolist()))
         marked.append(prompt.segments[-1])
-        result = Result(self.name, retrieve_s=retrieve_s, storage_bytes=sum(sizes) + len(adapter or b""))
-        result.bytes_per_token = round(sum(sizes) / max(1, sum(p.n_tokens for p in passages)), 1)
-        processed = (0 if had_prefix else len(prefix_ids)) + recomputed
-        if recomputed:
-            result.notes.append(f"{recomputed} passage tokens were not prepared yet: compressed now and stored")
+        passage_tokens = sum(p.n_tokens for p in passages)
+        result = Result(self.name, retrieve_s=retrieve_s, prepare_s=prepare_s,
+                        storage_bytes=sum(sizes) + len(adapter or b""),
+                        chunk_bytes_per_token=round(sum(sizes) / max(1, passage_tokens), 2))
+        if prepare_s:
+            result.notes.append(f"chunk caches missing for these knobs were compressed now and stored "
+                                f"({prepare_s:.2f} s, counted as prepare_s, not in load or TTFT)")
         if adapter:
             result.notes.append(f"collection LoRA applied ({len(adapter)} bytes)")
         kept = sum(p.kept for p in passages)
-        result.notes.append(f"{kept} of {sum(p.n_tokens for p in passages)} passage tokens kept per layer/head "
-                            f"(c={params.c}, {params.scorer}, {params.storage})")
+        result.notes.append(f"{kept} of {passage_tokens} passage tokens kept per layer/head "
+                            f"(c={params.c}, {params.scorer}, {params.storage}); dimmed tokens were dropped")
+        prefix_cached = len(prefix_ids) if had_prefix else 0
         return _Context(kvc.cache_from(layers), next_pos, prompt.segments[-1].ids, Prompt(marked), result,
-                        adapter, processed, load_start, len(prefix_ids) + kept,
-                        [p.kept for p in passages])
+                        adapter, len(prefix_ids) - prefix_cached, load_start, prefix_cached + kept,
+                        len(prefix_ids) + kept, [p.kept for p in passages])
 
     @staticmethod
-    def _account(result: Result, ctx: "_Context") -> Result:
+    def _account(result: Result, ctx: "_Context", account: StorageAccount) -> Result:
+        """prompt = prefix + kept passage tokens + question (what attention sees); cached = kept passage tokens,
+        plus the prefix when it came from the prefix cache; processed (set by finish) = the rest."""
         result.cached_tokens = ctx.cached
-        result.prompt_tokens = ctx.cached + len(ctx.question_ids)
+        result.prompt_tokens = ctx.attended + len(ctx.question_ids)
+        result.bytes_per_token = round(account.bytes_per_token, 2)
         for seg in result.segments:  # the view shows the passage text; say how much of it is in the cache
             if seg["kind"] == "passage":
                 seg["kept_tokens"] = ctx.kept_per_passage.pop(0)
@@ -307,9 +320,10 @@ class _Context:
     prompt: Prompt
     result: Result
     adapter: bytes | None
-    processed: float
+    processed: float  # prompt tokens computed now, besides the question (the prefix when not cached)
     load_start: float
-    cached: int
+    cached: int  # tokens whose states came from storage
+    attended: int  # prefix + kept passage tokens: what the question attends to besides itself
     kept_per_passage: list[int]
 
 
@@ -332,6 +346,3 @@ def _captured(lm, prefix, ids, cue, scorer):
         _CAPTURES.popitem(last=False)
     return full, scores
 
-
-def _chunk_key(chunk_id: int) -> str:
-    return f"chunk:{chunk_id}"

@@ -15,7 +15,7 @@ import sqlite_utils
 
 from ..errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: chunks.sha256, artifacts.basis, content-keyed artifacts (see _migrate_artifacts)
 RETRIEVERS = ("float", "binary")
 DEFAULT_RESCORE = 10  # the binary path rescores k x rescore Hamming candidates with the float vectors
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$")
@@ -29,6 +29,13 @@ def artifact_hash(data) -> str:
     """Short key for "the knobs that shaped an artifact": bytes as they are, anything else as sorted JSON."""
     raw = data if isinstance(data, bytes) else json.dumps(data, sort_keys=True).encode()
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def chunk_key(text: str) -> str:
+    """The key of a per-chunk artifact: the chunk's text, never its row id (SQLite reuses the ids of deleted
+    rows). Model, format version, dtype and knobs go into the artifact's params_hash. The accounting joins
+    artifacts to chunks on this key, so every method keys its chunk artifacts this way."""
+    return "text:" + sha256(text.encode())
 
 
 def check_collection_name(name: str) -> str:
@@ -87,6 +94,7 @@ class Store:
             self.db.execute("CREATE INDEX IF NOT EXISTS artifacts_chunk ON artifacts(chunk_id)")
             self.db.execute("CREATE INDEX IF NOT EXISTS artifacts_collection ON artifacts(collection_id)")
             self._create_version_triggers()
+            self._migrate_artifacts()
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # Retrieval state per collection: `uid` is random and never reused (SQLite reuses deleted row ids, so a
@@ -236,8 +244,9 @@ class Store:
             doc_id = cursor.lastrowid
             for chunk, vec in zip(chunks, vectors):
                 chunk_id = self.db.execute(
-                    "INSERT INTO chunks (doc_id, ord, text, tok_start, tok_end, char_start, char_end) VALUES (?,?,?,?,?,?,?)",
-                    (doc_id, chunk.ord, chunk.text, chunk.tok_start, chunk.tok_end, chunk.char_start, chunk.char_end),
+                    "INSERT INTO chunks (doc_id, ord, text, tok_start, tok_end, char_start, char_end, sha256) VALUES (?,?,?,?,?,?,?,?)",
+                    (doc_id, chunk.ord, chunk.text, chunk.tok_start, chunk.tok_end, chunk.char_start, chunk.char_end,
+                     sha256(chunk.text.encode())),
                 ).lastrowid
                 self.db.execute("INSERT INTO vectors (chunk_id, embedder, dim, vec) VALUES (?,?,?,?)",
                                 (chunk_id, embedder, vec.shape[0], vec.astype(np.float16).tobytes()))
@@ -255,6 +264,13 @@ class Store:
     def collection_tokens(self, collection_id: int) -> int:
         return int(self.value("SELECT COALESCE(SUM(n_tokens), 0) FROM documents WHERE collection_id = ?",
                               (collection_id,)) or 0)
+
+    def content_signature(self, collection_id: int) -> str:
+        """Names the collection's content: a hash of its chunks' text hashes, sorted (so neither row ids nor the
+        order documents arrived in matter). Collection-level artifacts are keyed by it."""
+        rows = self.db.execute("""SELECT c.sha256 FROM chunks c JOIN documents d ON d.id = c.doc_id
+                                  WHERE d.collection_id = ? ORDER BY c.sha256""", (collection_id,)).fetchall()
+        return artifact_hash("|".join(r[0] for r in rows).encode())
 
     def document_texts(self, collection_id: int) -> list[dict]:
         return self.rows("SELECT id, name, text FROM documents WHERE collection_id = ? ORDER BY id", (collection_id,))
@@ -333,40 +349,100 @@ class Store:
 
     # ------------------------------------------------------------ artifacts
     def put_artifact(self, method: str, model: str, params_hash: str, key: str, blob: bytes,
-                     chunk_id: int | None = None, collection_id: int | None = None, meta: dict | None = None) -> None:
+                     chunk_id: int | None = None, collection_id: int | None = None, meta: dict | None = None,
+                     basis: str | None = None) -> None:
+        """Per-chunk artifacts: `key` = chunk_key(text), `chunk_id` = the chunk that owns it (for cascades).
+        Collection-level artifacts: `key` names the content they were built from, `collection_id` owns them.
+        `basis` (with `collection_id`): the collection's content signature when the artifact depends on the whole
+        collection; it is then deleted as soon as a document is added or removed."""
+        if basis is not None and collection_id is None:
+            raise ValueError("an artifact built from a collection's content needs its collection_id")
         with self.transaction():
             self.db.execute(
                 """INSERT OR REPLACE INTO artifacts (method, model, params_hash, key, chunk_id, collection_id, blob,
-                   nbytes, meta, created) VALUES (?,?,?,?,?,?,?,?,?,?)""",
+                   nbytes, meta, created, basis) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
                 (method, model, params_hash, key, chunk_id, collection_id, blob, len(blob),
-                 json.dumps(meta) if meta else None, time.time()))
+                 json.dumps(meta) if meta else None, time.time(), basis))
 
     def get_artifacts(self, method: str, model: str, params_hash: str, keys: list[str]) -> dict[str, bytes]:
-        found: dict[str, bytes] = {}
-        for start in range(0, len(keys), 500):
-            part = keys[start:start + 500]
-            marks = ",".join("?" * len(part))
-            for row in self.rows(f"""SELECT key, blob FROM artifacts WHERE method = ? AND model = ? AND params_hash = ?
-                                     AND key IN ({marks})""", (method, model, params_hash, *part)):
-                found[row["key"]] = row["blob"]
-        return found
+        return {r["key"]: r["blob"] for r in self._artifact_rows("key, blob", method, model, params_hash, keys)}
 
     def get_artifact(self, method: str, model: str, params_hash: str, key: str) -> bytes | None:
         return self.get_artifacts(method, model, params_hash, [key]).get(key)
 
+    def artifact_keys(self, method: str, model: str, params_hash: str, keys: list[str]) -> set[str]:
+        """Which of `keys` are stored, without reading the blobs."""
+        return {r["key"] for r in self._artifact_rows("key", method, model, params_hash, keys)}
+
+    def _artifact_rows(self, columns: str, method: str, model: str, params_hash: str, keys: list[str]) -> list[dict]:
+        found = []
+        for start in range(0, len(keys), 500):
+            part = keys[start:start + 500]
+            marks = ",".join("?" * len(part))
+            found += self.rows(f"""SELECT {columns} FROM artifacts WHERE method = ? AND model = ? AND params_hash = ?
+                                   AND key IN ({marks})""", (method, model, params_hash, *part))
+        return found
+
+    def artifact_usage(self, collection_id: int, method: str | None = None, model: str | None = None) -> list[dict]:
+        """The one storage account query; every storage figure (Library table, method cards, bench) sums its rows.
+
+        Rows {method, model, params_hash, doc_id, key, nbytes}:
+        - per-chunk artifacts whose content is one of the collection's chunks, summed per document (`key` None);
+          a text that occurs twice is counted once, under the first document that holds it (a chunk artifact
+          not keyed by chunk_key breaks the content-key rule, but is still counted, under its owner's document);
+        - collection-level artifacts built from exactly this content (`basis` = its content signature, whichever
+          collection of that content built them) or owned by the collection, one row each (`doc_id` None)."""
+        filters, params = "", []
+        for column, wanted in (("method", method), ("model", model)):
+            if wanted is not None:
+                filters += f" AND a.{column} = ?"
+                params.append(wanted)
+        return self.rows(f"""
+            WITH mine AS (SELECT 'text:' || c.sha256 AS key, MIN(c.doc_id) AS doc_id
+                          FROM chunks c JOIN documents d ON d.id = c.doc_id WHERE d.collection_id = ? GROUP BY c.sha256)
+            SELECT a.method, a.model, a.params_hash, mine.doc_id, NULL AS key, SUM(a.nbytes) AS nbytes
+              FROM artifacts a JOIN mine ON mine.key = a.key WHERE 1 {filters}
+              GROUP BY a.method, a.model, a.params_hash, mine.doc_id
+            UNION ALL
+            SELECT a.method, a.model, a.params_hash, c.doc_id, NULL, SUM(a.nbytes)
+              FROM artifacts a JOIN chunks c ON c.id = a.chunk_id JOIN documents d ON d.id = c.doc_id
+              WHERE d.collection_id = ? AND a.key NOT LIKE 'text:%' {filters}
+              GROUP BY a.method, a.model, a.params_hash, c.doc_id
+            UNION ALL
+            SELECT a.method, a.model, a.params_hash, NULL, a.key, a.nbytes
+              FROM artifacts a WHERE a.chunk_id IS NULL AND (a.collection_id = ? OR a.basis = ?) {filters}""",
+                         (collection_id, *params, collection_id, *params, collection_id,
+                          self.content_signature(collection_id), *params))
+
+    def artifact_account(self, collection_id: int, method: str, model: str, chunk_hash: str,
+                         shared: dict[str, tuple[str, str]]) -> tuple[int, dict[str, int]]:
+        """One method's account at one setting of its knobs: bytes of its per-chunk artifacts stored under
+        `chunk_hash` for the collection's chunks, and of each named collection-level part {name: (params_hash,
+        key)} that exists (a `Method.storage` wraps them in a StorageAccount)."""
+        chunk_bytes, found = 0, {}
+        wanted = {where: name for name, where in shared.items()}
+        for row in self.artifact_usage(collection_id, method, model):
+            if row["doc_id"] is not None and row["params_hash"] == chunk_hash:
+                chunk_bytes += int(row["nbytes"])
+            elif row["doc_id"] is None and (row["params_hash"], row["key"]) in wanted:
+                found[wanted[(row["params_hash"], row["key"])]] = int(row["nbytes"])
+        return chunk_bytes, found
+
     def artifact_bytes(self, collection_id: int) -> dict[str, int]:
-        """Bytes of cached artifacts per method, for chunk-level and collection-level artifacts."""
-        rows = self.rows("""SELECT a.method, SUM(a.nbytes) AS nbytes FROM artifacts a
-                            LEFT JOIN chunks c ON c.id = a.chunk_id LEFT JOIN documents d ON d.id = c.doc_id
-                            WHERE d.collection_id = ? OR a.collection_id = ? GROUP BY a.method""",
-                         (collection_id, collection_id))
-        return {r["method"]: int(r["nbytes"]) for r in rows}
+        """Everything each method keeps for the collection (per-chunk and collection-level), whatever the knobs."""
+        total: dict[str, int] = {}
+        for row in self.artifact_usage(collection_id):
+            total[row["method"]] = total.get(row["method"], 0) + int(row["nbytes"])
+        return total
 
     def artifact_bytes_by_document(self, collection_id: int) -> dict[tuple[int, str], int]:
-        rows = self.rows("""SELECT c.doc_id, a.method, SUM(a.nbytes) AS nbytes FROM artifacts a
-                            JOIN chunks c ON c.id = a.chunk_id JOIN documents d ON d.id = c.doc_id
-                            WHERE d.collection_id = ? GROUP BY c.doc_id, a.method""", (collection_id,))
-        return {(r["doc_id"], r["method"]): int(r["nbytes"]) for r in rows}
+        """Per-chunk artifact bytes per (document, method); collection-level parts belong to no document."""
+        total: dict[tuple[int, str], int] = {}
+        for row in self.artifact_usage(collection_id):
+            if row["doc_id"] is not None:
+                key = (row["doc_id"], row["method"])
+                total[key] = total.get(key, 0) + int(row["nbytes"])
+        return total
 
     # ----------------------------------------------------------------- runs
     def add_run(self, collection_id: int | None, question: str, result: dict) -> None:
