@@ -547,3 +547,18 @@ def test_build_app_has_every_tab_and_method(tiny_bench):
     assert set(picker["props"]["value"]) == {"closed_book", "rag", "retro", "btr", "lloco"} & set(registry())
     ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
     assert {"load-demo", "gold", "confirm-delete", "prepare-cancel", "bench-cancel", "ask-header"} <= ids
+
+
+def test_methods_tab_summaries_have_paper_mechanism_and_measured_headline():
+    import csv
+
+    from ragdemo.ui.methods_tab import RESULTS, knob_table, method_summary
+    from ragdemo.methods.lloco import LlocoParams
+
+    rag = next(row for row in csv.DictReader(open(RESULTS)) if row["method"] == "rag")
+    summary = method_summary("rag", registry()["rag"])
+    assert len(summary.split("\n")) == 3 and one_liner("rag") in summary
+    assert f"contains {float(rag['contains']):.0f}%" in summary
+    assert "not in the bundled SQuAD run" in method_summary("cacheblend", registry()["cacheblend"]) or \
+        "cacheblend" in {r["method"] for r in csv.DictReader(open(RESULTS))}
+    assert "reconstruct (KVzip-style) / keynorm" in knob_table(LlocoParams)  # the note column is no longer empty
