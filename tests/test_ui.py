@@ -562,3 +562,20 @@ def test_methods_tab_summaries_have_paper_mechanism_and_measured_headline():
     assert "not in the bundled SQuAD run" in method_summary("cacheblend", registry()["cacheblend"]) or \
         "cacheblend" in {r["method"] for r in csv.DictReader(open(RESULTS))}
     assert "reconstruct (KVzip-style) / keynorm" in knob_table(LlocoParams)  # the note column is no longer empty
+
+
+def test_cancel_pressed_while_the_job_waits_in_the_queue_is_not_lost():
+    class Request:
+        session_hash = "user-b"
+
+    jobs, ran = Jobs(), []
+    jobs.start("user-b", "prepare")  # the click registers the job at once (queue=False)
+    assert library.cancel_job(jobs, "prepare", Request()).startswith("Cancelling")  # pressed before it started
+
+    def job(progress):
+        progress(0.0, "first step")
+        ran.append("work")
+        return "done"
+
+    status = library.run_job(jobs, "prepare", Request(), None, library.reported(1)(job))
+    assert status.startswith("**Cancelled.**") and ran == []

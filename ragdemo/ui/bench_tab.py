@@ -147,7 +147,7 @@ def build_bench_tab(workbench, jobs: Jobs) -> None:
 
         def run(*args, request: gr.Request, progress=gr.Progress()):
             session = session_of(request)
-            flag = jobs.start(session, "bench")
+            flag = jobs.flag(session, "bench")  # registered by the click, so a Cancel during the queue wait counts
             try:
                 return run_from_ui(workbench, *args, progress=cancellable(progress_bridge(progress), flag))
             finally:
@@ -159,7 +159,11 @@ def build_bench_tab(workbench, jobs: Jobs) -> None:
 
         # The long-job queue, not the model queue: the runner takes the model lock per question, so another
         # user's Compare waits for one answer, not for the whole benchmark.
-        run_button.click(run, [dataset, jsonl_file, n, seed, methods, variants, reference, lengths, depths, max_new],
+        def register(request: gr.Request):
+            jobs.start(session_of(request), "bench")
+
+        run_button.click(register, None, None, queue=False).then(
+            run, [dataset, jsonl_file, n, seed, methods, variants, reference, lengths, depths, max_new],
                          [header, table, pareto, storage, needle, files], show_progress_on=[header],
                          concurrency_limit=1, concurrency_id="long")
         cancel_button.click(cancel, None, [header], queue=False)

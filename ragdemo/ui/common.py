@@ -76,6 +76,12 @@ class Jobs:
             flag = self._flags[(session, kind)] = threading.Event()
         return flag
 
+    def flag(self, session: str, kind: str) -> threading.Event:
+        """The job's flag, registered when its button was clicked (see `start`): a Cancel pressed while the job
+        still waited in the queue is not lost."""
+        with self._lock:
+            return self._flags.setdefault((session, kind), threading.Event())
+
     def cancel(self, session: str, kind: str) -> bool:
         with self._lock:
             flag = self._flags.get((session, kind))

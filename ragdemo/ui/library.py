@@ -207,7 +207,7 @@ def finetune(workbench: Workbench, knobs: KnobSet, method: str | None, collectio
 def run_job(jobs: Jobs, kind: str, request, progress, job):
     """Run `job(progress)` with a progress callback that stops it at the next step after Cancel."""
     session = session_of(request)
-    flag = jobs.start(session, kind)
+    flag = jobs.flag(session, kind)  # registered by the click (queue=False), before the job waited in the queue
     try:
         return job(cancellable(progress_bridge(progress), flag))
     finally:
@@ -257,9 +257,12 @@ class LibraryTab:
         def stop(request: gr.Request):
             return cancel_job(jobs, "prepare", request)
 
+        def register(request: gr.Request):
+            jobs.start(session_of(request), "prepare")
+
         for button, fn, picked in ((self.prepare_button, run_prepare, self.prepare_methods),
                                    (self.finetune_button, run_finetune, self.finetune_method)):
-            button.click(fn, [picked, self.collection, *knobs.components], [self.prepare_status],
+            button.click(register, None, None, queue=False).then(fn, [picked, self.collection, *knobs.components], [self.prepare_status],
                          show_progress_on=[self.prepare_status], **LONG_QUEUE).then(
                 lambda c: refresh_quietly(wb, c), [self.collection], self.refresh_outputs, show_progress="hidden")
         self.prepare_cancel.click(stop, None, [self.prepare_status], queue=False)
