@@ -79,3 +79,12 @@ def test_preparation_on_first_use_goes_to_prepare_s_never_into_ttft(tiny_bench, 
         params = get_method(name).Params(**{k: int(v) for k, v in TINY_KNOBS.get(name, {}).items()})
         account = get_method(name).storage(tiny_bench.corpus(), params)
         assert account.total > 0 and account.tokens == tiny_bench.corpus().n_tokens(), name
+
+
+def test_warm_up_fills_every_shared_prefix_so_no_answer_computes_one(tiny_lm):
+    from ragdemo.engine.prefix import prefix_cache
+    from ragdemo.engine.prompt import shared_prefixes
+    from ragdemo.engine.warmup import warm_model
+
+    warm_model(tiny_lm)
+    assert all(prefix_cache(tiny_lm).has(tiny_lm, ids) for ids in shared_prefixes(tiny_lm.tokenizer))

@@ -7,9 +7,10 @@ import time
 import torch
 from transformers import DynamicCache
 
-from .generate import generate
+from .generate import generate, supports_kv_cache
 from .layers import forward_all
-from .prompt import build_prompt
+from .prefix import prefix_cache
+from .prompt import build_prompt, shared_prefixes
 
 # Two lengths: kernels are picked per shape class, and answers range from a question alone to several passages.
 _WARM_PASSAGE_WORDS = (8, 48)
@@ -27,4 +28,7 @@ def warm_model(lm) -> float:
                 cache = DynamicCache()
                 forward_all(lm, torch.tensor([prompt.ids], device=lm.device), cache, 0)
                 forward_all(lm, torch.tensor([[prompt.ids[-1]]], device=lm.device), cache, len(prompt.ids))
+    if supports_kv_cache(lm):  # every shared instruction prefix, so no method computes one inside its answer
+        for ids in shared_prefixes(lm.tokenizer):
+            prefix_cache(lm).get(lm, ids)
     return time.perf_counter() - started
