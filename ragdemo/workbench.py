@@ -206,6 +206,8 @@ class Workbench:
                     result = method.answer(question, corpus, params, on_token)
             except NotSupported as exc:  # one method can't run on this model; the others still answer
                 result = Result(name, model=corpus.lm.model_id, error=str(exc), notes=[str(exc)])
+            if result.retrieve_s > 0:
+                result.notes.append(corpus.retriever_note)
             if getattr(on_token, "cut", False):
                 result.notes.append(f"answer cut after {result.new_tokens} tokens: this Compare reached its "
                                     f"{limit:g} s limit (RAGDEMO_MAX_COMPARE_S)")

@@ -213,6 +213,10 @@ def test_collection_retriever_setting_reaches_search_and_notes(tiny_bench, docs_
         tiny_bench.set_retrieval(None, "ternary")
     with pytest.raises(UserError, match="retriever"):
         Corpus(tiny_bench.store, "default", tiny_bench.models, retriever="ternary")
+    # every answer that retrieved says which retriever found its passages; closed book retrieves nothing
+    rag, closed = tiny_bench.ask("Where is the Eiffel Tower?", ["rag", "closed_book"], record=False)
+    assert any(n.startswith("retriever: binary") for n in rag.notes)
+    assert not any(n.startswith("retriever:") for n in closed.notes)
 
 
 def test_compare_retrievers_reports_recall_and_bytes(tiny_bench, docs_dir):

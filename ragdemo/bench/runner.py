@@ -28,8 +28,8 @@ from .datasets import Dataset, Haystack, Question
 from .metrics import INDICATIVE_BELOW, MIN_MEAN_GAP, MIN_QUESTION_GAP, answer_scores, context_value_kept, median_value_kept
 
 REFERENCES = ("rag", "full_context")
-RESULT_FIELDS = ["prompt_tokens", "processed_tokens", "cached_tokens", "new_tokens", "retrieve_s", "load_s",
-                 "ttft_s", "decode_s", "total_s", "decode_tok_s", "storage_bytes", "bytes_per_token"]
+RESULT_FIELDS = ["prompt_tokens", "processed_tokens", "cached_tokens", "new_tokens", "retrieve_s", "load_s", "prepare_s",
+                 "ttft_s", "decode_s", "total_s", "decode_tok_s", "storage_bytes", "bytes_per_token", "chunk_bytes_per_token"]
 
 
 @dataclass
@@ -245,6 +245,8 @@ def _ask_one(spec: MethodSpec, question: Question, corpus, max_new_tokens: int) 
         try:
             with corpus.lm.lock:
                 result = method.answer(question.question, corpus, params, None)
+            if result.retrieve_s > 0:
+                result.notes.append(corpus.retriever_note)
         except NotSupported as exc:
             result = Result(spec.name, error=str(exc))
         except Exception as exc:  # one broken method must not lose the whole run; it is reported

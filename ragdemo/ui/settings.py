@@ -11,6 +11,7 @@ import torch
 
 from ..config import DEFAULT_MODEL, HUB_PRESETS
 from ..errors import UserError
+from ..models.lm import default_model_status
 from ..workbench import Workbench
 from .common import info, warn
 from .render import esc
@@ -47,8 +48,12 @@ def model_status(workbench: Workbench) -> str:
         lm = workbench.models.lm  # already loaded: cached by load_lm
         lines.append(f"Loaded **{esc(lm.model_id)}** on {esc(lm.device)} as {esc(str(lm.dtype).replace('torch.', ''))}, "
                      f"{lm.n_layers} layers, window {lm.window} tokens (loaded in {lm.load_s:.1f} s).")
+        if lm.dtype_reason:
+            lines.append(f"Number format: {esc(lm.dtype_reason)}")
     except Exception as exc:  # status display only; apply() reports load failures properly
         lines.append(f"Not loaded: {esc(exc)}")
+    status = default_model_status()
+    lines.append(esc(status[:1].upper() + status[1:]))
     return "\n\n".join(lines)
 
 
