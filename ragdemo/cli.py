@@ -197,20 +197,29 @@ def cmd_bench_speed(bench, args) -> int:
 
 def cmd_bench_order(bench, args) -> int:
     from .bench.datasets import load_squad
-    from .bench.order import DEFAULT_ORDER_METHODS, format_rows, run_order_bench
+    from .bench.order import format_rows, run_order_bench, write_order
     from .methods import parse_methods
+    from .workbench import DEFAULT_METHODS
 
-    methods = parse_methods(args.methods, list(DEFAULT_ORDER_METHODS))
+    methods = parse_methods(args.methods, DEFAULT_METHODS)
     data = load_squad(n=args.n, seed=args.seed, articles=args.articles)
     (haystack,) = data.haystacks
+    load_start = os.getloadavg()[0]
     print(f"{data.description}; {len(methods)} methods, each question in a fresh process; "
-          f"load average at start {os.getloadavg()[0]:.2f}", file=sys.stderr)
+          f"load average at start {load_start:.2f}", file=sys.stderr)
     bar, update = _progress_bar("bench-order")
     with bar:
         rows = run_order_bench(bench.settings, methods, [q.question for q in haystack.questions],
                                haystack.documents, update)
     print(format_rows(rows))
-    print(f"load average at end {os.getloadavg()[0]:.2f}")
+    load_end = os.getloadavg()[0]
+    print(f"load average at end {load_end:.2f}")
+    if args.out:
+        lm = bench.models.lm
+        written = write_order(rows, Path(args.out), {"model": lm.model_id, "dtype": str(lm.dtype), "methods": methods,
+                                                     "questions": len(haystack.questions), "load_start": load_start,
+                                                     "load_end": load_end, "description": data.description})
+        print("wrote " + ", ".join(map(str, written)))
     return 0 if all(r.meets_target for r in rows) else 1
 
 
@@ -290,8 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
     p = sub.add_parser("bench-order", parents=[common],
                        help="does a method's TTFT depend on its position? same questions, methods in order and reversed")
-    p.add_argument("--methods", default=None, help="default: closed_book,rag,retro,btr,lloco")
+    p.add_argument("--methods", default=None, help="default: the Ask tab's default methods")
     p.add_argument("--n", type=int, default=5, help="questions (SQuAD v1.1 dev sample)")
+    p.add_argument("--out", default=None, help="also write order.json and order_summary.md here")
     p.add_argument("--articles", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("bench-storage", parents=[common],

@@ -45,7 +45,7 @@ def test_bench_storage_counts_every_part_and_writes_its_table(tmp_path, tiny_mod
         (c, m) for c in ("squad-2-articles", "essays-3k") for m in ("btr@split=2@bits=1", "lloco@c=4")}
     for r in rows:
         assert r["total"] == r["chunk_bytes"] + sum(r["shared"].values())
-        assert r["bytes_per_token"] == pytest.approx(r["total"] / r["tokens"], rel=1e-3)
+        assert r["bytes_per_token"] == pytest.approx(r["total"] / r["tokens"], abs=0.05)  # rounded to 0.1
     btr = next(r for r in rows if r["method"].startswith("btr"))
     assert "decoder" in btr["shared"] and btr["shared"]["decoder"] > 0  # the calibration decoder is counted
     assert (out / "storage_summary.md").read_text().count("\n") == len(rows) + 2

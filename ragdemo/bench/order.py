@@ -19,7 +19,6 @@ from pathlib import Path
 from ..errors import UserError
 
 TARGET = 1.3
-DEFAULT_ORDER_METHODS = ("closed_book", "rag", "retro", "btr", "lloco")
 
 
 @dataclass
@@ -87,6 +86,16 @@ def _ask_fresh(settings, home: Path, question: str, methods: list[str]) -> list[
     if done.returncode != 0:
         raise UserError(f"ask failed in a fresh process: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout)
+
+
+def write_order(rows: list[OrderRow], out: Path, meta: dict) -> list[Path]:
+    """results file + table, so the README quotes a file rather than numbers copied by hand."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "order.json"
+    data.write_text(json.dumps({"meta": meta, "rows": [{**vars(r), "ratio": r.ratio} for r in rows]}, indent=1))
+    table = out / "order_summary.md"
+    table.write_text(format_rows(rows) + "\n")
+    return [data, table]
 
 
 def format_rows(rows: list[OrderRow]) -> str:

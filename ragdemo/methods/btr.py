@@ -512,8 +512,7 @@ setting with ≥90% value is split 18 + LoRA at 1.67–1.69x. No setting here me
         lm = corpus.lm
         self._check(lm, params)
         corpus.require_documents(self.name)
-        hits, retrieve_s = corpus.retrieve(question, params.k)
-        hits = sorted(hits, key=lambda h: (h["doc_id"], h["ord"]))
+        hits, retrieve_s = corpus.retrieve_in_order(question, params.k)
         prompt = build_prompt(lm.tokenizer, question, hits)
         started = time.perf_counter()
         states, read, notes, prepare_s = self._load(corpus, params, hits)

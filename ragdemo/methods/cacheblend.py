@@ -112,8 +112,7 @@ the next layers ("gradual filtering"); the recompute is pipelined with loading t
     def _context(self, question, corpus, params) -> "_Context":
         lm = corpus.lm
         corpus.require_documents(self.name)
-        hits, retrieve_s = corpus.retrieve(question, params.k)
-        hits = sorted(hits, key=lambda h: (h["doc_id"], h["ord"]))  # document order, one passage per chunk
+        hits, retrieve_s = corpus.retrieve_in_order(question, params.k)
         result = Result(self.name, retrieve_s=retrieve_s)
         text_prompt = build_prompt(lm.tokenizer, question, hits)
         passages = text_prompt.segments[1:-1]

@@ -7,14 +7,13 @@ import time
 from typing import ClassVar
 
 from ..engine.prefix import instruction_prefix_ids
-from ..store import artifact_hash, sha256
+from ..store import artifact_hash, chunk_key
 from .base import Method, Result, StorageAccount
 
 
 def content_key(chunk: dict) -> str:
-    """Keyed by the chunk's text, never its row id: SQLite reuses the ids of deleted rows. Identical chunks
-    share one artifact."""
-    return "text:" + sha256(chunk["text"].encode())
+    """The store's one per-chunk key (its text, never its row id); identical chunks share one artifact."""
+    return chunk_key(chunk["text"])
 
 
 class PerChunkArtifacts(Method):
@@ -40,9 +39,9 @@ class PerChunkArtifacts(Method):
         return {r["key"]: int(r["nbytes"]) for r in rows}
 
     def storage(self, corpus, params) -> StorageAccount:
-        sizes = self.stored_sizes(corpus, corpus.lm)
-        keys = {content_key(c) for c in corpus.chunks()}
-        return StorageAccount(chunk_bytes=sum(sizes[k] for k in keys if k in sizes), tokens=corpus.n_tokens())
+        lm = corpus.lm  # the store's one account query, as for every method
+        chunk_bytes, _ = corpus.store.artifact_account(corpus.collection_id, self.name, lm.model_id, self.digest(lm), {})
+        return StorageAccount(chunk_bytes=chunk_bytes, tokens=corpus.n_tokens())
 
     def prepare(self, corpus, params, progress=None) -> None:
         lm = self.check(corpus, params)

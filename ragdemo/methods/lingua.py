@@ -98,8 +98,7 @@ with a *contrastive* score: how much less surprising a token becomes once the qu
     def _plan(self, question, corpus, params) -> "_Plan":
         lm = corpus.lm
         corpus.require_documents(self.name)
-        hits, retrieve_s = corpus.retrieve(question, params.k)
-        hits = sorted(hits, key=lambda h: (h["doc_id"], h["ord"]))  # document order, one passage per chunk
+        hits, retrieve_s = corpus.retrieve_in_order(question, params.k)
         result = Result(self.name, retrieve_s=retrieve_s)
         full = build_prompt(lm.tokenizer, question, hits)
         passages = full.segments[1:-1]

@@ -264,8 +264,7 @@ LoRA, 102% with it); 83% on the 200-question run without LoRA.""".replace(
     def _context(self, question, corpus, params) -> "_Context":
         lm = corpus.lm
         corpus.require_documents(self.name)
-        hits, retrieve_s = corpus.retrieve(question, params.k)
-        hits = sorted(hits, key=lambda h: (h["doc_id"], h["ord"]))  # document order, as rag reads them
+        hits, retrieve_s = corpus.retrieve_in_order(question, params.k)
         load_start = time.perf_counter()
         had_prefix = prefix_cache(lm).has(lm, self._prefix(lm, compute=False)[0])
         prefix_ids, prefix = self._prefix(lm)

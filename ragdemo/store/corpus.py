@@ -108,6 +108,12 @@ class Corpus:
             results.append(hits)
         return results
 
+    def retrieve_in_order(self, query: str, k: int) -> tuple[list[dict], float]:
+        """Top-k chunks in document order (each its own passage, as the reuse methods read them) and the seconds
+        retrieval took."""
+        hits, seconds = self.retrieve(query, k)
+        return sorted(hits, key=lambda h: (h["doc_id"], h["ord"])), seconds
+
     def retrieve(self, query: str, k: int) -> tuple[list[dict], float]:
         """Top-k chunks for one query and the seconds it took."""
         self.embedder  # load outside the timed span: model loading is not retrieval
