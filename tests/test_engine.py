@@ -138,7 +138,7 @@ def test_prefix_cache_is_keyed_by_prefix_adapter_and_model(tiny_lm, monkeypatch)
     from tests.test_lora import random_adapter
 
     monkeypatch.setattr(tiny_lm, "prefix_cache", PrefixCache())
-    retrieval, closed = shared_prefixes(tiny_lm.tokenizer)
+    retrieval, _, closed = shared_prefixes(tiny_lm.tokenizer)  # the bare system turn (JRT) is the middle one
     closed_ids = build_prompt(tiny_lm.tokenizer, "Where?", []).ids
     assert tiny_lm.prefix_cache.shared_prefix(tiny_lm, closed_ids) == closed  # closed book: the bare system turn
     base = shared_prefix(tiny_lm, retrieval)

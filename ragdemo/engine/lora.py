@@ -14,7 +14,6 @@ import json
 import random
 import struct
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from .layers import forward_all
+from .memo import BoundedCache
 from .prompt import chat_frame, encode
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # what LLoCO adapted (r=8)
@@ -211,8 +211,7 @@ class AdapterCache:
     used first out), plus which one is switched on (`active`: its hash, or None for the base model)."""
 
     def __init__(self, max_bytes: int = 1 << 30):
-        self.max_bytes = max_bytes
-        self.items: "OrderedDict[str, LoadedAdapter]" = OrderedDict()
+        self.items = BoundedCache(max_bytes, lambda adapter: adapter.nbytes)
         self.active: str | None = None
         self.model_ref: int | None = None
 
@@ -221,13 +220,7 @@ class AdapterCache:
             self.items.clear()
             self.model_ref = id(lm.model)
         digest = hashlib.sha256(blob).hexdigest()
-        if digest in self.items:
-            self.items.move_to_end(digest)
-        else:
-            self.items[digest] = LoadedAdapter(lm, blob)
-            while len(self.items) > 1 and sum(a.nbytes for a in self.items.values()) > self.max_bytes:
-                self.items.popitem(last=False)
-        return digest, self.items[digest]
+        return digest, self.items.get(digest, lambda: LoadedAdapter(lm, blob))
 
 
 def adapter_cache(lm) -> AdapterCache:

@@ -12,13 +12,13 @@ computed now for a prefix that is not shared (e.g. one that holds the question).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from .kv import cache_from, layer_kv
+from .memo import BoundedCache
 from .prompt import shared_prefixes
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
@@ -50,8 +50,7 @@ class PrefixCache:
     """Per-layer (keys, values) of instruction prefixes, least recently used first out."""
 
     def __init__(self, max_entries: int = 8):
-        self.max_entries = max_entries
-        self.items: "OrderedDict[tuple, PrefixState]" = OrderedDict()
+        self.items = BoundedCache(max_entries)
         self.model_ref: int | None = None
         self.prefixes: tuple[int, list[list[int]]] | None = None  # (tokenizer id, shared prefixes longest first)
 
@@ -71,14 +70,9 @@ class PrefixCache:
         the tensors (`kv.cache_from` copies them into a fresh cache)."""
         key = self._key(lm, ids)
         if key in self.items:
-            self.items.move_to_end(key)
-            state = self.items[key]
+            state = self.items.get(key, None)
             return PrefixState(state.ids, state.layers, state.last_logits, fresh=False)
-        state = compute_prefix(lm, ids)
-        self.items[key] = state
-        while len(self.items) > self.max_entries:
-            self.items.popitem(last=False)
-        return state
+        return self.items.get(key, lambda: compute_prefix(lm, ids))
 
     def shared_prefix(self, lm, ids: list[int]) -> list[int]:
         """The longest shared instruction prefix that `ids` starts with (and leaves at least one token after)."""

@@ -22,6 +22,7 @@ from ..engine.prefix import shared_prefix
 from ..engine.layers import CAUSAL, embed, logits, positions, require_llama_like, run_layers
 from ..engine.lora import (LoraKnobs, adapter_key, applied_adapter, cloze_example, distill_kl, teacher_logits,
                            train_adapter)
+from ..engine.memo import lm_memo
 from ..engine.merging import bipartite_merge, merge_by_token
 from ..engine.prompt import build_prompt, encode as encode_text, passage_text
 from ..engine.scoring import answer_ids, mean_nll
@@ -146,25 +147,8 @@ def stopword_ids(tokenizer, token_ids: np.ndarray) -> set[int]:
     return found
 
 
-class _StateCache:
-    """Float layer-k states kept in memory between prepares, so trying another `bits` or calibration (e.g.
-    in a benchmark sweep) does not rerun the lower layers. Bounded; keyed by everything the states depend on."""
-
-    def __init__(self, max_bytes: int = 1_500_000_000):
-        self.max_bytes, self.items, self.nbytes = max_bytes, {}, 0
-
-    def get(self, key: tuple, chunk: dict, compute):
-        full = key + (chunk["chunk_id"], artifact_hash(chunk["text"].encode()))
-        if full not in self.items:
-            value = compute()
-            while self.items and self.nbytes + value.nbytes > self.max_bytes:
-                self.nbytes -= self.items.pop(next(iter(self.items))).nbytes
-            self.items[full] = value
-            self.nbytes += value.nbytes
-        return self.items[full]
-
-
-_STATES = _StateCache()
+STATE_MEMORY = 1_500_000_000  # bytes of float lower-layer states kept between prepares (a bits/calibration sweep
+# then reruns no lower layer)
 
 
 STORAGE_LABEL = "btr@bits=1"  # the variant bench-storage measures by default
@@ -323,7 +307,9 @@ setting with ≥90% value is split 18 + LoRA at 1.67–1.69x. No setting here me
 
         def state_of(chunk):
             if chunk["chunk_id"] not in states:
-                states[chunk["chunk_id"]] = _STATES.get(cache_key, chunk, lambda: lower_states(
+                memo = lm_memo(lm, "btr_lower_states", STATE_MEMORY, lambda value: value.nbytes)
+                key = cache_key + (artifact_hash(chunk["text"].encode()),)  # the chunk's content, never its row id
+                states[chunk["chunk_id"]] = memo.get(key, lambda: lower_states(
                     lm, prefix, chunk_ids_for(lm.tokenizer, chunk), params.split).cpu().numpy())
             return states[chunk["chunk_id"]]
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from ..engine import kv as kvc
 from ..engine.generate import decode_loop
+from ..engine.memo import lm_memo
 from ..engine.layers import forward_all, require_llama_like
 from ..engine.prefix import prefix_cache, shared_prefix
 from ..engine.lora import (LoraKnobs, adapter_key, applied_adapter, cloze_example, distill_kl, teacher_logits,
@@ -326,22 +326,20 @@ class _Context:
     kept_per_passage: list[int]
 
 
-_CAPTURES: "OrderedDict[tuple, tuple]" = OrderedDict()
-_CAPTURE_BUDGET = 1 << 30  # bytes of uncompressed caches kept in memory
+CAPTURE_MEMORY = 1 << 30  # bytes of uncompressed passage caches kept in memory
 
 
 def _captured(lm, prefix, ids, cue, scorer):
     """Uncompressed cache and scores of one passage, remembered for a while: preparing c=2, 4 and 8 one after
     the other (the benchmark does) then prefills each passage once instead of three times."""
-    key = (id(lm.model), lm.model_id, scorer, tuple(ids), tuple(cue or ()), prefix[0][0].shape[2])
-    if key in _CAPTURES:
-        _CAPTURES.move_to_end(key)
-        return _CAPTURES[key]
+    memo = lm_memo(lm, "lloco_captures", CAPTURE_MEMORY, lambda value: value[0].keys.nbytes * 2)
+    key = (lm.model_id, scorer, tuple(ids), tuple(cue or ()), prefix[0][0].shape[2])
+    return memo.get(key, lambda: _capture(lm, prefix, ids, cue))
+
+
+def _capture(lm, prefix, ids, cue):
     full, recon = kvc.capture(lm, prefix, ids, cue)
     scores = recon if recon is not None else kvc.keynorm_scores(full)
     full = kvc.PassageKV(full.keys.half(), full.values.half(), full.offsets, full.n_tokens)  # stored as fp16 anyway
-    _CAPTURES[key] = (full, scores)
-    while sum(f.keys.nbytes * 2 for f, _ in _CAPTURES.values()) > _CAPTURE_BUDGET:
-        _CAPTURES.popitem(last=False)
     return full, scores
 
