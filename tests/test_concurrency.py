@@ -23,7 +23,7 @@ def test_four_clients_at_once_each_get_their_own_complete_result(tmp_path, defau
     with running_app(home, "default", log_path=tmp_path / "app.log", max_new_tokens=12) as url:
         def ask(question):
             client = Client(url, verbose=False)
-            return client.predict(q=question, m=["rag"], c="default", api_name="/compare")
+            return client.predict(q=question, m=["rag"], c="default", g="", api_name="/compare")
 
         with ThreadPoolExecutor(4) as pool:
             outputs = list(pool.map(ask, QUESTIONS))
