@@ -85,7 +85,8 @@ def test_question_limits(tiny_bench, question, message):
 
 def _ingest_process(home: Path, files: list[Path]) -> subprocess.Popen:
     env = {**os.environ, "RAGDEMO_HOME": str(home), "RAGDEMO_DTYPE": "fp32"}
-    return subprocess.Popen([sys.executable, "-m", "ragdemo", "ingest", *map(str, files)], env=env,
+    # the kill must land in the ingest itself, not in the preparation that follows it by default
+    return subprocess.Popen([sys.executable, "-m", "ragdemo", "ingest", "--no-prepare", *map(str, files)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -166,7 +167,9 @@ def test_sigkill_during_prepare_never_leaves_partial_artifacts_in_use(tmp_path, 
            "RAGDEMO_MAX_NEW_TOKENS": "4"}
     doc = tmp_path / "long.txt"
     doc.write_text(" ".join(f"Sentence {j} describes fact number {j} about the long test document." for j in range(2000)))
-    subprocess.run([sys.executable, "-m", "ragdemo", "ingest", str(doc)], env=env, check=True, capture_output=True)
+    # nothing prepared yet, so the prepare below has work to be killed in
+    subprocess.run([sys.executable, "-m", "ragdemo", "ingest", "--no-prepare", str(doc)], env=env, check=True,
+                   capture_output=True)
     n_chunks = Store(home).value("SELECT COUNT(*) FROM chunks")
     proc = subprocess.Popen([sys.executable, "-m", "ragdemo", "prepare", "--methods", method, *knobs], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
