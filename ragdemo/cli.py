@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import os
@@ -188,10 +189,31 @@ def cmd_delete(bench, args) -> int:
     return 0
 
 
+class _Tee(io.TextIOBase):
+    """Standard output that is also kept, so a bench's printed report can be written to a results file."""
+
+    def __init__(self, stream):
+        self.stream, self.kept = stream, io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.kept.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def cmd_bench_speed(bench, args) -> int:
     from .bench.speed import run_speed_bench
 
-    run_speed_bench(bench, args.quick)
+    tee = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        run_speed_bench(bench, args.quick)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "speed.txt").write_text(tee.kept.getvalue())
+        print(f"wrote {out / 'speed.txt'}")
     return 0
 
 
@@ -237,6 +259,20 @@ def cmd_bench_storage(bench, args) -> int:
     return 0
 
 
+def cmd_bench_retrievers(bench, args) -> int:
+    from .bench.retrievers import retrievers_markdown, run_retriever_bench, write_retrievers
+
+    counts = [None if a == "all" else int(a) for a in args.articles.split(",")]
+    bar, update = _progress_bar("bench-retrievers")
+    with bar:
+        rows = run_retriever_bench(bench.settings, counts, args.n, args.k, args.rescore, args.seed, update)
+    written = write_retrievers(rows, Path(args.out), {"embedder": bench.settings.embedder_id, "n": args.n, "k": args.k,
+                                                      "seed": args.seed, "articles": args.articles})
+    print(retrievers_markdown(rows))
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
 def cmd_bench(bench, args) -> int:
     from .bench.command import cmd_bench as run
 
@@ -248,7 +284,7 @@ COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "prepare": cmd_prepare, "list"
             "bench": cmd_bench,
             "finetune": cmd_finetune,
             "bench-speed": cmd_bench_speed, "bench-order": cmd_bench_order,
-            "bench-storage": cmd_bench_storage}
+            "bench-storage": cmd_bench_storage, "bench-retrievers": cmd_bench_retrievers}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -297,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("doc")
     p = sub.add_parser("bench-speed", parents=[common], help="ingest, retrieval, load and prefill speed on this machine")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
+    p.add_argument("--out", default=None, help="also write the report to OUT/speed.txt (e.g. assets/results/speed)")
     p = sub.add_parser("bench-order", parents=[common],
                        help="does a method's TTFT depend on its position? same questions, methods in order and reversed")
     p.add_argument("--methods", default=None, help="default: the Ask tab's default methods")
@@ -309,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="method variants, default btr@bits=1,lloco@c=4")
     p.add_argument("--min-tokens", type=int, default=50_000, help="size of the essay collection")
     p.add_argument("--out", default="assets/results/storage")
+    p = sub.add_parser("bench-retrievers", parents=[common],
+                       help="binary against float retriever on SQuAD questions: recall@k, gold-paragraph hits, index bytes")
+    p.add_argument("--articles", default="2,all", help="comma-separated article counts of the bundled sample ('all')")
+    p.add_argument("--n", type=int, default=100, help="questions per collection")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--rescore", type=int, default=None, help="candidates = k x rescore (default: the collection's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="assets/results/retrievers")
     from .bench.command import add_bench_parser
 
     add_bench_parser(sub, common)

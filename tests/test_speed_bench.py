@@ -40,3 +40,16 @@ def test_speed_bench_quick_measures_every_method_honestly(tiny_bench, capsys, mo
 
     assert folders and not __import__("pathlib").Path(folders[0][0].name).exists()
     assert [r["name"] for r in tiny_bench.store.rows("SELECT name FROM collections")] == before
+
+
+def test_attention_paths_times_both_paths_and_they_agree(tiny_lm, capsys):
+    """The mask-vs-kernel probe prints one line per length, and the two attention paths give the same states
+    (the engine may take either; resolve_mask picks the kernel where it applies)."""
+    from ragdemo.bench.speed import attention_paths
+
+    rows = attention_paths(tiny_lm, "float32", [16, 64], layers=2, rounds=1)
+    text = capsys.readouterr().out
+    assert [r["tokens"] for r in rows] == [16, 64] and text.count("causal kernel") == 2
+    for row in rows:
+        assert row["mask_s"] > 0 and row["kernel_s"] > 0
+        assert row["max_abs_diff"] < 1e-4

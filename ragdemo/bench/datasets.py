@@ -79,7 +79,7 @@ def load_squad(path: str | Path | None = None, n: int | None = None, seed: int =
                 answers = _unique(a["text"] for a in qa.get("answers", []))
                 if answers:
                     questions.append(Question(str(qa.get("id", len(questions))), qa["question"], answers,
-                                              meta={"doc": f"{title}.txt"}))
+                                              meta={"doc": f"{title}.txt", "paragraph": paragraph["context"].strip()}))
     questions = _sample(questions, n, rng)
     desc = f"SQuAD v1.1 dev ({path.name}): {len(documents)} whole articles, {len(questions)} questions (seed {seed})"
     return Dataset("squad", [Haystack("squad", documents, questions)], desc)

@@ -152,6 +152,7 @@ def bench_prefill(settings: Settings, lengths: list[int], rounds: int = 3) -> li
                     lm.model(input_ids=ids, logits_to_keep=1)
                     best[n] = min(best[n], time.perf_counter() - started)
         name = str(dtype).replace("torch.", "")
+        attention_paths(lm, name, lengths, rounds=rounds)
         for n in lengths:
             matmul, attention = flops_per_token(lm.model, n)
             achieved = (matmul + attention) * n / best[n] / 1e9
@@ -160,6 +161,35 @@ def bench_prefill(settings: Settings, lengths: list[int], rounds: int = 3) -> li
             _say(f"prefill {name:>8} {n:>5} tokens: {n / best[n]:6.0f} tok/s, {achieved:5.1f} GFLOP/s = "
                  f"{share_of_peak(achieved, peak)}; attention is {attention / (matmul + attention):.0%} of the FLOPs "
                  f"(best of {rounds})")
+    return rows
+
+
+def attention_paths(lm, dtype_name: str, lengths: list[int], layers: int = 4, rounds: int = 3) -> list[dict]:
+    """The engine's `run_layers` over its first `layers` layers with an explicit [1,1,n,n] causal mask against
+    no mask (SDPA's own causal kernel), best of `rounds` interleaved runs: `resolve_mask` takes the kernel path
+    whenever no cached keys precede the queries, so this prints whether that is the faster one, and by how much
+    the two outputs differ."""
+    from ..engine.layers import causal_mask, embed, positions, run_layers
+
+    rows = []
+    with torch.inference_mode():
+        for n in lengths:
+            hidden = embed(lm, torch.randint(100, 1000, (1, n)))
+            pos = positions(0, n, lm.device)
+            paths = {"explicit mask": causal_mask(n, n, lm.device), "causal kernel": None}
+            best, out = {name: float("inf") for name in paths}, {}
+            for _ in range(rounds):
+                for name, mask in paths.items():
+                    started = time.perf_counter()
+                    out[name] = run_layers(lm, hidden, 0, layers, pos, mask)
+                    best[name] = min(best[name], time.perf_counter() - started)
+            diff = float((out["explicit mask"].float() - out["causal kernel"].float()).abs().max())
+            speedup = best["explicit mask"] / best["causal kernel"]
+            rows.append({"dtype": dtype_name, "tokens": n, "layers": layers, "mask_s": best["explicit mask"],
+                         "kernel_s": best["causal kernel"], "max_abs_diff": diff})
+            _say(f"attention {dtype_name:>8} {n:>5} tokens, {layers} layers: explicit mask "
+                 f"{1000 * best['explicit mask']:7.1f} ms, causal kernel {1000 * best['causal kernel']:7.1f} ms "
+                 f"({speedup:.2f}x; the engine uses the causal kernel); max |difference| {diff:.1e}")
     return rows
 
 
@@ -274,7 +304,31 @@ def bench_methods(temp, quick: bool = False) -> list[Row]:
     finally:
         clock.close()
     report_methods(rows, lm.n_layers)
+    question_floor(lm, [q.question for q in haystack.questions], rows[0].median("prefill"))
     return rows
+
+
+def question_floor(lm, questions: list[str], rag_prefill_s: float) -> float:
+    """LLoCO's measured limit: the question segment (what LLoCO prefills) run alone, with no context at all.
+    RAG's prefill over that is the speed-up LLoCO would reach if reading and attending to its caches were free;
+    short prefills cost more per token than long ones (weights are streamed once per forward), so this is
+    lower than the token-count ceiling."""
+    from ..engine.layers import forward_all
+    from ..engine.prompt import build_prompt
+
+    times, lengths = [], []
+    with torch.inference_mode():
+        for question in questions:
+            ids = build_prompt(lm.tokenizer, question, [{"text": "."}]).segments[-1].ids
+            forward_all(lm, torch.tensor([ids], device=lm.device), last_only=True)  # first call: kernel choice
+            started = time.perf_counter()
+            forward_all(lm, torch.tensor([ids], device=lm.device), last_only=True)
+            times.append(time.perf_counter() - started)
+            lengths.append(len(ids))
+    floor = float(np.median(times))
+    _say(f"question alone (LLoCO's floor): {np.median(lengths):.0f} tokens, no context, prefill {1000 * floor:.1f} ms "
+         f"median; RAG's prefill / that = {rag_prefill_s / floor:.2f}x, the most LLoCO's prefill could gain")
+    return floor
 
 
 def _timed_answer(row: Row, question: str, corpus, clock: ModelClock, params_from, get_method, keep: bool = True):

@@ -2,14 +2,12 @@
 card (paper, mechanism, exact vs approximated) and knobs folded underneath."""
 from __future__ import annotations
 
-import csv
 from functools import lru_cache
-from pathlib import Path
 
 import gradio as gr
 
-from ..bench.datasets import ASSETS
 from ..methods import registry
+from ..methods.base import bench_rows
 from .knobs import SHARED, knob_defaults, knob_help, knob_label
 from .render import one_liner
 
@@ -27,15 +25,12 @@ def paper_line(card: str, fallback: str) -> str:
     return heading or fallback
 
 
-RESULTS = ASSETS / "results" / "squad_all_summary.csv"  # the all-methods SQuAD run the README reports
+RESULTS = "squad_all_summary.csv"  # the all-methods SQuAD run the README reports
 
 
 @lru_cache(maxsize=1)
-def measured_rows(path: Path = RESULTS) -> dict[str, dict]:
-    if not path.exists():
-        return {}
-    with open(path, newline="") as f:
-        return {row["method"]: row for row in csv.DictReader(f)}
+def measured_rows(relative: str = RESULTS) -> dict[str, dict]:
+    return bench_rows(relative)
 
 
 def measured_line(name: str) -> str:
