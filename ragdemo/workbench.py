@@ -153,9 +153,9 @@ class Workbench:
                 done.append(f"{name}: nothing to prepare")
                 continue
             params = params_from(method.Params, (knobs or {}).get(name))
-            scaled = _scaled(progress, i, len(methods), name)
-            with corpus.lm.lock:
-                method.prepare(corpus, params, scaled)
+            # held per step, not for the whole method: a Compare from another user waits for one chunk
+            with corpus.lm.lock.per_step(_scaled(progress, i, len(methods), name)) as step:
+                method.prepare(corpus, params, step)
             done.append(f"{name}: prepared ({method.storage(corpus, params).total:,} bytes stored)")
         return done
 
@@ -168,8 +168,10 @@ class Workbench:
         corpus = self.corpus(collection, create=False)
         corpus.require_documents("finetune")
         params = params_from(method.Params, (knobs or {}).get(method_name))
-        with corpus.lm.lock:
-            return method.finetune(corpus, params, progress)
+        # held per training step: the adapter trains on a private copy of the module tree (engine/lora.py), so
+        # answers between two steps see the base model
+        with corpus.lm.lock.per_step(progress) as step:
+            return method.finetune(corpus, params, step)
 
     def check_question(self, question: str) -> str:
         question = (question or "").strip()

@@ -13,6 +13,7 @@ import torch
 
 from ..config import DEFAULT_MODEL, Settings
 from ..errors import ModelUnavailable
+from .lock import ModelLock
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class LM:
     load_s: float = 0.0
     quantize: str | None = None  # "4bit" | "8bit" (bitsandbytes) | None
     dtype_reason: str = ""  # why this dtype: shown in Settings and by bench-speed
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    lock: ModelLock = field(default_factory=ModelLock, repr=False)  # every use of the model holds it
     # reuse state the engine keeps for this model, made on first use (engine.prefix.PrefixCache,
     # engine.lora.AdapterCache): it lives and dies with this LM object
     prefix_cache: object = field(default=None, repr=False, compare=False)
