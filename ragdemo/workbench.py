@@ -21,6 +21,7 @@ DEFAULT_METHODS = ["closed_book", "rag", "retro", "btr", "lloco"]
 DEMO_COLLECTION = "demo"
 DEMO_ARTICLE = "Amazon_rainforest.txt"  # the shortest bundled SQuAD article (~3.5k tokens)
 DEMO_EXAMPLES = 8
+DEMO_QUESTIONS = "squad/demo_questions.txt"  # under assets/: the curated example questions, with why
 
 
 @dataclass
@@ -238,12 +239,13 @@ class Workbench:
     # ----------------------------------------------------------------- demo
     @staticmethod
     def demo_examples(n: int = DEMO_EXAMPLES) -> list[tuple[str, list[str]]]:
-        """(question, gold answers) over the demo article: the first `n` with a short answer, in SQuAD order."""
+        """(question, gold answers) of the first `n` demo questions listed in assets/squad/demo_questions.txt
+        (why these, there), in that order."""
         from .bench.datasets import load_squad
 
         (haystack,) = load_squad().haystacks
-        questions = [q for q in haystack.questions if q.meta.get("doc") == DEMO_ARTICLE and len(q.answers[0].split()) <= 4]
-        return [(q.question, q.answers) for q in questions[:n]]
+        by_id = {q.id: q for q in haystack.questions if q.meta.get("doc") == DEMO_ARTICLE}
+        return [(by_id[i].question, by_id[i].answers) for i in demo_question_ids()[:n]]
 
     def load_demo(self, progress: Progress | None = None, prepare: bool = True) -> list[IngestReport]:
         """The bundled SQuAD article as collection `demo`, prepared for every method with offline artifacts.
@@ -277,6 +279,14 @@ class Workbench:
     @staticmethod
     def methods():
         return registry()
+
+
+def demo_question_ids() -> list[str]:
+    """The curated SQuAD ids of the demo's example questions, in order (comments and blank lines skipped)."""
+    from .bench.datasets import ASSETS
+
+    lines = (ASSETS / DEMO_QUESTIONS).read_text(encoding="utf-8").splitlines()
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
 
 
 def _over_time(name: str, model: str, limit: float) -> Result:
