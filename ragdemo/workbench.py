@@ -271,10 +271,11 @@ class Workbench:
         self.warm()
 
     def require_private(self, what: str) -> None:
-        """Long jobs that would hold the one model queue for minutes are off on a shared Space."""
+        """Long jobs that would keep the one model busy for minutes are off on a shared Space."""
         if self.settings.shared:
-            raise UserError(f"{what} is turned off on this shared app (RAGDEMO_SHARED=1): it would keep every other "
-                            "visitor waiting for minutes. Run it on your own machine or a private Space.")
+            raise UserError(f"{what} is turned off on this shared app (RAGDEMO_SHARED=1): it would keep the one model "
+                            "busy for minutes and slow every other visitor's answers. Run it on your own machine or a "
+                            "private Space.")
 
     @staticmethod
     def methods():
