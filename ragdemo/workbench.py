@@ -21,6 +21,7 @@ DEFAULT_METHODS = ["closed_book", "rag", "retro", "btr", "lloco"]
 DEMO_COLLECTION = "demo"
 DEMO_ARTICLE = "Amazon_rainforest.txt"  # the shortest bundled SQuAD article (~3.5k tokens)
 DEMO_EXAMPLES = 8
+DEMO_QUESTIONS = "squad/demo_questions.txt"  # under assets/: the curated example questions, with why
 
 
 @dataclass
@@ -153,9 +154,9 @@ class Workbench:
                 done.append(f"{name}: nothing to prepare")
                 continue
             params = params_from(method.Params, (knobs or {}).get(name))
-            scaled = _scaled(progress, i, len(methods), name)
-            with corpus.lm.lock:
-                method.prepare(corpus, params, scaled)
+            # held per step, not for the whole method: a Compare from another user waits for one chunk
+            with corpus.lm.lock.per_step(_scaled(progress, i, len(methods), name)) as step:
+                method.prepare(corpus, params, step)
             done.append(f"{name}: prepared ({method.storage(corpus, params).total:,} bytes stored)")
         return done
 
@@ -168,8 +169,10 @@ class Workbench:
         corpus = self.corpus(collection, create=False)
         corpus.require_documents("finetune")
         params = params_from(method.Params, (knobs or {}).get(method_name))
-        with corpus.lm.lock:
-            return method.finetune(corpus, params, progress)
+        # held per training step: the adapter trains on a private copy of the module tree (engine/lora.py), so
+        # answers between two steps see the base model
+        with corpus.lm.lock.per_step(progress) as step:
+            return method.finetune(corpus, params, step)
 
     def check_question(self, question: str) -> str:
         question = (question or "").strip()
@@ -236,12 +239,13 @@ class Workbench:
     # ----------------------------------------------------------------- demo
     @staticmethod
     def demo_examples(n: int = DEMO_EXAMPLES) -> list[tuple[str, list[str]]]:
-        """(question, gold answers) over the demo article: the first `n` with a short answer, in SQuAD order."""
+        """(question, gold answers) of the first `n` demo questions listed in assets/squad/demo_questions.txt
+        (why these, there), in that order."""
         from .bench.datasets import load_squad
 
         (haystack,) = load_squad().haystacks
-        questions = [q for q in haystack.questions if q.meta.get("doc") == DEMO_ARTICLE and len(q.answers[0].split()) <= 4]
-        return [(q.question, q.answers) for q in questions[:n]]
+        by_id = {q.id: q for q in haystack.questions if q.meta.get("doc") == DEMO_ARTICLE}
+        return [(by_id[i].question, by_id[i].answers) for i in demo_question_ids()[:n]]
 
     def load_demo(self, progress: Progress | None = None, prepare: bool = True) -> list[IngestReport]:
         """The bundled SQuAD article as collection `demo`, prepared for every method with offline artifacts.
@@ -267,14 +271,23 @@ class Workbench:
         self.warm()
 
     def require_private(self, what: str) -> None:
-        """Long jobs that would hold the one model queue for minutes are off on a shared Space."""
+        """Long jobs that would keep the one model busy for minutes are off on a shared Space."""
         if self.settings.shared:
-            raise UserError(f"{what} is turned off on this shared app (RAGDEMO_SHARED=1): it would keep every other "
-                            "visitor waiting for minutes. Run it on your own machine or a private Space.")
+            raise UserError(f"{what} is turned off on this shared app (RAGDEMO_SHARED=1): it would keep the one model "
+                            "busy for minutes and slow every other visitor's answers. Run it on your own machine or a "
+                            "private Space.")
 
     @staticmethod
     def methods():
         return registry()
+
+
+def demo_question_ids() -> list[str]:
+    """The curated SQuAD ids of the demo's example questions, in order (comments and blank lines skipped)."""
+    from .bench.datasets import ASSETS
+
+    lines = (ASSETS / DEMO_QUESTIONS).read_text(encoding="utf-8").splitlines()
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
 
 
 def _over_time(name: str, model: str, limit: float) -> Result:

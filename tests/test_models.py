@@ -107,6 +107,46 @@ def test_the_converted_copy_is_stored_in_the_dtype_it_runs_in(tmp_path, default_
     assert lm_module.converted_default_dir(cache, torch.bfloat16) == bf16_dir  # second call: no work
 
 
+def test_the_gguf_conversion_bar_is_silenced_then_restored(capfd):
+    """transformers draws "Converting and de-quantizing GGUF tensors..." with tqdm directly, so its own
+    disable_progress_bar() misses it; quiet_loading_bars() switches it off and puts everything back after."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    def convert():  # what the conversion loop draws, through the same module attribute
+        for _ in gguf_utils.tqdm(range(5), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+
+    original, bars_on = gguf_utils.tqdm, hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.disable_progress_bar()
+        convert()
+        assert "de-quantizing" in capfd.readouterr().err  # transformers' own switch does not reach this bar
+        hf_logging.enable_progress_bar()
+        with lm_module.quiet_loading_bars():
+            convert()
+            assert not hf_logging.is_progress_bar_enabled()
+        assert capfd.readouterr().err == ""
+        assert gguf_utils.tqdm is original and hf_logging.is_progress_bar_enabled()  # restored
+    finally:
+        gguf_utils.tqdm = original
+        (hf_logging.enable_progress_bar if bars_on else hf_logging.disable_progress_bar)()
+
+
+@pytest.mark.slow  # a real GGUF conversion into an empty cache: ~20-40 s on a busy 2-core machine
+def test_converting_the_default_gguf_writes_no_bar_to_stderr(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from ragdemo.models.lm import converted_default_dir; "
+            "converted_default_dir(Path(sys.argv[1]))")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=900,
+                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").exists()  # it did convert
+    assert "de-quantizing" not in run.stderr and "\x1b[" not in run.stderr and "\r" not in run.stderr, run.stderr[-500:]
+
+
 # --------------------------------------------------------------------------------- CPU dtype decision
 def _probe(fp32: float, bf16: float, calls: list):
     def probe():

@@ -183,3 +183,43 @@ def test_nll_teacher_forces_the_gold_after_exactly_the_question_neighbours(corpu
     assert expected != pytest.approx(closed, rel=1e-4)
     no_continuation = method.Params(continuation=False)
     assert method.nll(QUESTION, "1889", corpus, no_continuation) != pytest.approx(expected, rel=1e-4)
+
+
+# ------------------------------------------------------------------ the card's measured table
+def test_card_table_is_read_from_the_bundled_result_file_with_its_stride():
+    from pathlib import Path
+
+    summary = (Path(__file__).resolve().parents[1] / "assets" / "results" / "squad_all_summary.md").read_text()
+    retro_row = next(line for line in summary.splitlines() if line.startswith("| retro |"))
+    cells = [c.strip() for c in retro_row.strip("|").split("|")]
+    card = get_method("retro").card
+    # F1, contains, value kept and TTFT of the file's row, in that order, in one table row of the card
+    assert f"| retro | {cells[1]} | {cells[4]} | {cells[5]} | {cells[7]} | {cells[9]} |" in card
+    assert "squad_all_summary.md" in card and "stride=64" in card  # the stride that run had (the default then)
+    assert "No re-retrieval happened in this run" in card and "max new tokens 24" in card
+    assert "no re-retrieval: the answer ended" in card  # the card explains the note an answer gets
+
+
+def test_card_prefers_a_fresh_run_and_counts_its_re_retrievals(tmp_path, monkeypatch):
+    import json
+
+    from ragdemo.methods import measured
+
+    run = tmp_path / "issue15_squad"
+    run.mkdir()
+    (run / "summary.md").write_text(
+        "# Benchmark: squad\n\n- data: SQuAD v1.1 dev: 2 whole articles, 3 questions (seed 0)\n"
+        "- model: SmolLM2-135M-Instruct (float32, cpu), max new tokens 24\n- date: 2026-11-23 16:10 UTC, wall time 9 s\n"
+        "- command: `python -m ragdemo bench --dataset squad --set retro.k=3 --out bench_out/issue15_squad`\n\n"
+        "| method | n | errors | F1 | contains | value kept | TTFT s | TTFT vs ref | total s | prompt tok | processed tok |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| rag | 3 | 0 | 10.0 | 33.3 | 100% | 0.500 | 1.00x | 1.000 | 300 | 300.0 |\n"
+        "| retro | 3 | 0 | 11.0 | 66.7 | 101% | 0.400 | 0.80x | 0.900 | 250 | 250.0 |\n\nNotes.\n")
+    events = [3, 1, 2]  # the question's retrieval, plus re-retrievals in two answers
+    (run / "results.json").write_text(json.dumps({"questions": [
+        {"results": {"retro": {"answered": True, "events": n}}} for n in events]}))
+    monkeypatch.setattr(measured, "RESULTS_DIR", tmp_path)
+    text = retro_module.measured_paragraph()
+    assert "issue15_squad/summary.md" in text and "k=3, stride=16" in text  # set on the command line / default of its date
+    assert "| retro | 3 | 11.0 | 66.7 | 101% | 0.400 | 0.80x | 0.900 | 250 | 250.0 |" in text
+    assert "2 of 3 answers re-retrieved" in text and "No re-retrieval happened" not in text

@@ -226,11 +226,13 @@ def _drop_collection(workbench, collection: str) -> None:
 def _prepare(spec: MethodSpec, corpus, max_new_tokens: int, tick: _Ticker) -> tuple[float, int]:
     method, params = spec.method(), spec.params(max_new_tokens)
     tick.step(f"{spec.label}: prepare")
-    start = time.perf_counter()
+    start, handed_s = time.perf_counter(), 0.0
     if method.has_prepare:
-        with corpus.lm.lock:
-            method.prepare(corpus, params, None)
-    seconds = time.perf_counter() - start
+        # held per step, so another user's Compare waits for one chunk; the time it had the model is not ours
+        with corpus.lm.lock.per_step() as step:
+            method.prepare(corpus, params, step)
+        handed_s = step.handed_s
+    seconds = time.perf_counter() - start - handed_s
     try:
         nbytes = int(method.storage(corpus, params).total)
     except Exception:  # storage accounting must not sink a run; the answers still count

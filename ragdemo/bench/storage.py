@@ -71,8 +71,8 @@ def run_storage_bench(settings, specs_text: str = DEFAULT_SPECS, min_tokens: int
                 done = (c * len(specs) + s) / steps
                 say = (lambda f, m, d=done, l=spec.label: progress(d + f / steps, f"{name} {l}: {m}")) if progress else None
                 method, params = spec.method(), spec.params(24)
-                with lm.lock:
-                    method.prepare(corpus, params, say)
+                with lm.lock.per_step(say) as step:
+                    method.prepare(corpus, params, step)
                 account = method.storage(corpus, params)
                 rows.append(StorageRow(name, spec.label, account.tokens, account.chunk_bytes, dict(account.shared),
                                        account.total, round(account.bytes_per_token, 1),

@@ -1,7 +1,8 @@
 """LoRA adapters on a shared LM: train with peft, store as safetensors bytes, switch on and off without a trace.
 
-The LM object is shared by every method, so an adapter must never leak: training injects peft layers and
-always unloads them (restoring requires_grad too). Answering never rewrites a weight: each collection's
+The LM object is shared by every method, so an adapter must never leak: training injects peft layers into a
+private copy of the module tree (`private_lm`: same weight storage, its own modules), so answers that run
+between two training steps (the job hands the model over per step, models/lock.py) see the base model. Answering never rewrites a weight: each collection's
 adapter is loaded once into `lm.adapters` (an `AdapterCache`, keyed by the blob's content hash) as ready-made
 replacements of the adapted projections, and switching it on or off swaps references (~1 ms for 120
 projections, against ~35 ms to merge into the weights and restore them). Off, every module is the original
@@ -9,6 +10,8 @@ object again, so the base model is bit-for-bit what it was.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import random
@@ -75,17 +78,36 @@ def trainable_lora(lm, r: int = 8, alpha: int = 16, targets=ATTENTION_TARGETS, d
             p.requires_grad_(grad_flags.get(name, p.requires_grad))
 
 
+def private_lm(lm):
+    """The LM over its own copy of the module tree that shares every weight's and buffer's storage: peft can inject
+    LoRA layers into it and switch it to train mode without touching the shared model. Costs the module objects
+    only (no weight is copied). The copy must be made while no adapter is switched on (callers hold `lm.lock`)."""
+    memo = {}
+    for weight in lm.model.parameters():
+        # a fresh Parameter over the same storage, so peft's requires_grad changes stay private too; other
+        # parameter types (bitsandbytes' quantized weights) carry quantisation state and are shared as they are
+        memo[id(weight)] = (torch.nn.Parameter(weight.detach(), requires_grad=False)
+                            if type(weight) is torch.nn.Parameter else weight)
+    for buffer in lm.model.buffers():
+        memo[id(buffer)] = buffer
+    # no prefix or adapter cache: nothing computed by the model in training may be served to an answer
+    return dataclasses.replace(lm, model=copy.deepcopy(lm.model, memo), prefix_cache=None, adapters=None)
+
+
 def train_adapter(lm, loss_of_step, knobs: LoraKnobs, progress=None, layers: list[int] | None = None,
                   meta: dict | None = None) -> Training:
-    """The one LoRA training loop: AdamW, clipped gradients, seeded; `loss_of_step(peft_model)` builds one
-    example and returns its loss. `progress(fraction, message)` after every step."""
+    """The one LoRA training loop: AdamW, clipped gradients, seeded. It trains on `private_lm(lm)`:
+    `loss_of_step(peft_model, student)` builds one example and returns its loss, running the model through
+    `student` (the private LM, adapter in; `peft_model.disable_adapter()` switches it off for a teacher).
+    `progress(fraction, message)` after every step: the shared model is untouched there."""
     torch.manual_seed(0)
     started, losses = time.perf_counter(), []
-    with trainable_lora(lm, r=knobs.lora_r, alpha=2 * knobs.lora_r, layers=layers) as peft_model:
+    student = private_lm(lm)
+    with trainable_lora(student, r=knobs.lora_r, alpha=2 * knobs.lora_r, layers=layers) as peft_model:
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=knobs.lora_lr, weight_decay=0.0)
         for step in range(knobs.lora_steps):
-            loss = loss_of_step(peft_model)
+            loss = loss_of_step(peft_model, student)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()

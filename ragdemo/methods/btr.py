@@ -363,11 +363,11 @@ setting with ≥90% value is split 18 + LoRA at 1.67–1.69x. No setting here me
         prefix = prefix_ids(lm.tokenizer)
         rng = random.Random(0)
 
-        def loss_of_step(peft_model):
+        def loss_of_step(peft_model, student):
             picked, question_ids, target = cloze_example(lm.tokenizer, chunks, params.k, rng)
             codes = self._artifacts(corpus, codes_only, picked, loaded, sig).codes
             states = [torch.from_numpy(decoder.decode(codes[chunk_key(c["text"])])) for c in picked]
-            return distill_loss(lm, peft_model.disable_adapter, prefix, [token_ids[c["chunk_id"]] for c in picked],
+            return distill_loss(student, peft_model.disable_adapter, prefix, [token_ids[c["chunk_id"]] for c in picked],
                                 states, question_ids + target, params.split)
 
         training = train_adapter(lm, loss_of_step, params, (lambda f, m: progress(0.1 + 0.9 * f, m)) if progress else None,

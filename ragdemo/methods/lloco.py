@@ -177,15 +177,15 @@ LoRA, 102% with it); 83% on the 200-question run without LoRA.""".replace(
         digest = self._artifact_hash(lm, params)
         prefix_ids, prefix = self._prefix(lm)
 
-        def loss_of_step(peft_model):
+        def loss_of_step(peft_model, student):
             picked, q_ids, target = cloze_example(lm.tokenizer, chunks, params.k, rng)
-            passages, _, _ = self._load_passages(corpus, lm, params, digest, picked)
+            passages, _, _ = self._load_passages(corpus, lm, params, digest, picked)  # base-model caches
             layers, next_pos = self._place(lm, prefix, passages, params)
             query = q_ids + target
-            teacher = teacher_logits(lm, peft_model.disable_adapter, prefix_ids,
+            teacher = teacher_logits(student, peft_model.disable_adapter, prefix_ids,
                                      [encode(lm.tokenizer, passage_text(c["text"])) for c in picked], query)
-            student = forward_all(lm, torch.tensor([query], device=lm.device), kvc.cache_from(layers), next_pos)
-            return distill_kl(student[0], teacher)
+            logits = forward_all(student, torch.tensor([query], device=lm.device), kvc.cache_from(layers), next_pos)
+            return distill_kl(logits[0], teacher)
 
         training = train_adapter(lm, loss_of_step, params, (lambda f, m: progress(0.2 + 0.8 * f, m)) if progress else None,
                                  meta={"recipe": RECIPE, "c": params.c, "scorer": params.scorer})

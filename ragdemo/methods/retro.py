@@ -15,6 +15,54 @@ from ..engine.scoring import nll_of_answer
 from ..errors import NotSupported, UserError
 from ..store import group_passages
 from .base import Method, Params, Result, finish
+from .measured import MeasuredRun, measured_run
+
+
+# The runs the card reports, first found wins: the run at the current defaults (bench output
+# `bench_out/issue15_squad`, copied to assets/results/issue15_squad/), then the all-methods SQuAD run.
+MEASURED_RUNS = ("issue15_squad/summary.md", "squad_all_summary.md")
+MEASURED_COLUMNS = ["method", "n", "F1", "contains", "value kept", "TTFT s", "TTFT vs ref", "total s", "prompt tok",
+                    "processed tok"]
+# A run's command line names only the knobs it set. The default stride was 64 until this commit time (20fed32)
+# made it 16, so a run that did not set it ran at the default of its date.
+STRIDE_16_SINCE = "2026-11-23 13:41"
+
+
+def measured_stride(run: MeasuredRun) -> int:
+    given = run.knobs("retro").get("stride")
+    if given:
+        return int(given)
+    return 16 if run.meta.get("date", "") >= STRIDE_16_SINCE else 64
+
+
+def re_retrieval_sentence(run: MeasuredRun, stride: int) -> str:
+    """Whether the run re-retrieved at all: never when answers stop before the first stride; otherwise how
+    many answers did, from results.json when it is bundled with the summary."""
+    limit = run.max_new_tokens
+    if limit is not None and stride >= limit:
+        return (f"**No re-retrieval happened in this run:** answers stop at {limit} new tokens, before the first "
+                f"re-retrieval at token {stride}, so the row measures RETRO's retrieval at the question only "
+                "([N, F] neighbours instead of RAG's top-k chunks).")
+    answered = [q["results"]["retro"] for q in run.questions() or [] if q["results"].get("retro", {}).get("answered")]
+    if not answered:
+        return (f"Answers longer than {stride} tokens re-retrieved; how many is in the run's results.json (not "
+                "bundled here).")
+    again = sum(1 for r in answered if r.get("events", 0) > 1)  # the first event is the question's retrieval
+    return (f"{again} of {len(answered)} answers re-retrieved at least once (every {stride} tokens); the others "
+            f"ended before token {stride}.")
+
+
+def measured_paragraph() -> str:
+    run = next(filter(None, map(measured_run, MEASURED_RUNS)), None)
+    if run is None:
+        return ("**Measured:** not in this checkout (`python -m ragdemo bench --dataset squad --articles 2 --methods "
+                "closed_book,rag,retro` writes the table the card shows).")
+    stride = measured_stride(run)
+    knobs = ", ".join(f"{k}={v}" for k, v in {**run.knobs("retro"), "stride": str(stride)}.items())
+    return (f"**Measured** (`{run.relative}`; {run.meta.get('data', '')}; {run.meta.get('model', '')}; "
+            f"{run.meta.get('date', '')}; retro at {knobs}, its other knobs at their defaults; "
+            f"command {run.meta.get('command', 'not recorded')}):\n\n"
+            f"{run.table(['rag', 'retro'], MEASURED_COLUMNS)}\n\n{re_retrieval_sentence(run, stride)}")
 
 
 @dataclass
@@ -57,12 +105,11 @@ retrieval only; there is no re-retrieval while the gold answer is teacher-forced
 RETRO used 64, In-Context RALM 4-32; down to 4 here),
 continuation on/off.
 **Models:** any causal LM with a KV cache; recurrent models are refused with a clear message.
-**Measured** (SmolLM2-135M bf16, 1 torch thread on a 2-core CPU shared with other benchmarks; 200 SQuAD v1.1
-dev questions over 2 whole articles of the bundled sample, `python -m ragdemo bench --dataset squad --articles 2
---n 200 --seed 0 ...`, 2026-11-22; max 24 new tokens; retro k=2 with continuations, stride 64, so no
-re-retrieval inside 24 tokens; rag k=5): contains 34.0% vs rag 28.5%, F1 12.9 vs 11.3, context value kept 106%
-of rag's, prompt 280 vs 369 tokens, mean TTFT 0.46 s vs 0.61 s (0.76x), total 1.69 s vs 1.92 s. An earlier run
-over 5 articles of the full dev file (heavily shared CPU): contains 17.0% vs 19.0%, value kept 96%, TTFT 0.77x."""
+**When no re-retrieval happens:** an answer that ends before `stride` tokens never re-retrieves. Its notes then
+say so ("no re-retrieval: the answer ended after N tokens, before the first one at `stride` tokens (stride)"),
+its events hold the question's retrieval only, and the view shows only *text* neighbours: that answer is RAG
+over [N, F] neighbours, nothing more.
+{measured}""".replace("{measured}", measured_paragraph())
 
     # ------------------------------------------------------------ retrieval
     def question_queries(self, tokenizer, question: str, chunk_tokens: int) -> list[str]:

@@ -1,11 +1,13 @@
 """Language-model loading: the embedded GGUF default, any hub id or local path, device and dtype choice."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 
 from ..config import DEFAULT_MODEL, Settings
 from ..errors import ModelUnavailable
+from .lock import ModelLock
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ class LM:
     load_s: float = 0.0
     quantize: str | None = None  # "4bit" | "8bit" (bitsandbytes) | None
     dtype_reason: str = ""  # why this dtype: shown in Settings and by bench-speed
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    lock: ModelLock = field(default_factory=ModelLock, repr=False)  # every use of the model holds it
     # reuse state the engine keeps for this model, made on first use (engine.prefix.PrefixCache,
     # engine.lora.AdapterCache): it lives and dies with this LM object
     prefix_cache: object = field(default=None, repr=False, compare=False)
@@ -249,8 +252,9 @@ def converted_default_dir(cache_dir: Path, dtype: torch.dtype = torch.float32) -
     else:
         dtype, source, gguf = torch.float32, default_gguf_dir(), {"gguf_file": DEFAULT_GGUF_FILE}
     log.info("converting the embedded default model once to %s", target)
-    tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **gguf).to(dtype)
+    with quiet_loading_bars():
+        tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **gguf).to(dtype)
     # the GGUF marker would make transformers refuse to save and re-dequantize on load
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -267,6 +271,31 @@ def converted_default_dir(cache_dir: Path, dtype: torch.dtype = torch.float32) -
         shutil.rmtree(target)
     staging.rename(target)  # atomic: a killed conversion never leaves a half copy that looks complete
     return target
+
+
+@contextmanager
+def quiet_loading_bars():
+    """No third-party progress bar while the default model converts: transformers' loading bars (its logging
+    switch) and its GGUF "Converting and de-quantizing GGUF tensors..." bar, which it draws with tqdm directly so
+    that switch misses it; in a log or a pipe those are \\r frames and cursor escapes. Both are restored after."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no gguf support in this transformers: no GGUF bar either
+        gguf_utils = None
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 @dataclass(frozen=True)
