@@ -53,12 +53,12 @@ def test_readme_and_cards_quote_the_measured_beyond_the_papers_tables():
     from pathlib import Path
 
     from ragdemo.methods import cacheblend, lingua
-    from ragdemo.methods.base import measured_table
+    from ragdemo.methods.measured import measured_table
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
     for module, method in ((cacheblend, cacheblend.CacheBlend), (lingua, lingua.Lingua)):
         table = measured_table(module.RESULTS, module.MEASURED_ROWS)
-        assert table.startswith("| variant"), table  # the result file is committed with every row
+        assert table.startswith("| method"), table  # the result file is committed with every row
         assert table in readme and table in method.card
     assert (root / "assets/results/retrievers/retrievers_summary.md").read_text().strip() in readme

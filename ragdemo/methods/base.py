@@ -5,7 +5,6 @@ the registry finds it, and the CLI, UI and benchmark pick it up.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import time
@@ -154,42 +153,6 @@ class StorageAccount:
         return {"chunk_bytes": self.chunk_bytes, "shared": dict(self.shared), "shared_bytes": self.shared_bytes,
                 "total": self.total, "tokens": self.tokens, "bytes_per_token": round(self.bytes_per_token, 2),
                 "chunk_bytes_per_token": round(self.chunk_bytes_per_token, 2)}
-
-
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "assets" / "results"
-
-
-def bench_rows(relative: str) -> dict[str, dict]:
-    """A bench run's summary.csv under assets/results, by method label; {} when it has not been run."""
-    path = RESULTS_DIR / relative
-    if not path.exists():
-        return {}
-    with open(path, newline="") as f:
-        return {row["method"]: row for row in csv.DictReader(f)}
-
-
-def _cell(value: str, form: str) -> str:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return "–"
-    return "–" if number != number else form.format(number)  # NaN: not measurable on these questions
-
-
-def measured_table(relative: str, labels: list[str]) -> str:
-    """Card text: the rows `labels` of a bench run under assets/results (value kept, contains, F1, TTFT against
-    the run's reference, bytes per token with everything counted), or how to produce them."""
-    rows = bench_rows(relative)
-    if not all(label in rows for label in labels):
-        return f"not measured in this checkout yet (`assets/results/{relative}` lacks some of {', '.join(labels)})"
-    lines = ["| variant | questions | value kept | contains | F1 | TTFT vs reference | bytes / token, everything |",
-             "|---|---|---|---|---|---|---|"]
-    for label in labels:
-        r = rows[label]
-        lines.append(f"| {label} | {r['n']} | {_cell(r['value_kept'], '{:.0%}')} | {_cell(r['contains'], '{:.0f}%')} | "
-                     f"{_cell(r['f1'], '{:.1f}')} | {_cell(r['ttft_vs_ref'], '{:.2f}x')} | "
-                     f"{_cell(r['bytes_per_token'], '{:,.0f}')} |")
-    return "\n".join(lines) + f"\n\n(`assets/results/{relative}`)"
 
 
 # What `python -m ragdemo bench-storage` measured (every byte counted); method cards read their storage

@@ -77,3 +77,23 @@ def measured_run(relative: str) -> MeasuredRun | None:
         elif columns and rows and not line.startswith("|"):
             break  # the first table only (needle grids follow in some runs)
     return MeasuredRun(path, meta, columns, rows) if columns else None
+
+
+SUMMARY_COLUMNS = ["method", "n", "F1", "contains", "value kept", "TTFT vs ref", "bytes/tok"]
+
+
+def measured_table(relative: str, methods: list[str], columns: list[str] = SUMMARY_COLUMNS) -> str:
+    """Card and README text: these methods' rows of the run at `relative` (value kept, contains, F1, TTFT against
+    the run's reference, bytes per token with everything counted), or a line saying the run is not bundled."""
+    run = measured_run(relative)
+    if run is None or not all(m in run.rows for m in methods):
+        return f"not measured in this checkout (`assets/results/{relative}` is missing or lacks some of these rows)"
+    return f"{run.table(methods, columns)}\n\n(`{run.relative}`)"
+
+
+def share(cell: str | None) -> float | None:
+    """A summary cell such as "81%" or "0.89x" as a number (0.81, 0.89); None when absent or not a number."""
+    try:
+        return float(cell.rstrip("%x").replace(",", "")) / (100 if cell.endswith("%") else 1)
+    except (AttributeError, ValueError):
+        return None

@@ -2,12 +2,11 @@
 card (paper, mechanism, exact vs approximated) and knobs folded underneath."""
 from __future__ import annotations
 
-from functools import lru_cache
 
 import gradio as gr
 
 from ..methods import registry
-from ..methods.base import bench_rows
+from ..methods.measured import measured_run
 from .knobs import SHARED, knob_defaults, knob_help, knob_label
 from .render import one_liner
 
@@ -25,23 +24,21 @@ def paper_line(card: str, fallback: str) -> str:
     return heading or fallback
 
 
-RESULTS = "squad_all_summary.csv"  # the all-methods SQuAD run the README reports
-
-
-@lru_cache(maxsize=1)
-def measured_rows(relative: str = RESULTS) -> dict[str, dict]:
-    return bench_rows(relative)
+# SQuAD runs the README reports, newest first: a method's headline comes from the first run that has it
+HEADLINE_RUNS = ("issue15_squad/summary.md", "squad_all_summary.md")
 
 
 def measured_line(name: str) -> str:
     """The measured headline of `name` from assets/results (SQuAD, SmolLM2-135M, reference RAG)."""
-    row = measured_rows().get(name)
-    if not row:
-        return "not in the bundled SQuAD run yet (see the Benchmark tab)"
-    value = float(row["value_kept"])
-    return (f"SQuAD, {row['n']} questions: contains {float(row['contains']):.0f}%, context value kept "
-            f"{value:.0%} of RAG's, TTFT {float(row['ttft_s']):.2f} s ({float(row['ttft_vs_ref']):.2f}x RAG) "
-            "(assets/results/squad_all_summary.csv)")  # a symbol icon renders as a missing glyph in some fonts
+    run = next((r for r in map(measured_run, HEADLINE_RUNS) if r is not None and name in r.rows), None)
+    if run is None:
+        return "not in the bundled SQuAD runs yet (see the Benchmark tab)"
+
+    def cell(column: str) -> str | None:
+        return run.value(name, column)
+
+    return (f"SQuAD, {cell('n')} questions: contains {cell('contains')}%, context value kept {cell('value kept')} of "
+            f"RAG's, TTFT {cell('TTFT s')} s ({cell('TTFT vs ref')} RAG) ({run.relative})")  # no symbol icons: some fonts lack them
 
 
 def method_summary(name: str, cls: type) -> str:
