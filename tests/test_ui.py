@@ -288,6 +288,23 @@ def test_typing_a_collection_name_never_creates_it(tiny_bench, docs_dir):
     assert {c["name"] for c in tiny_bench.store.collections()} == before
 
 
+def test_collection_retriever_is_set_in_the_library_and_used_by_answers(tiny_bench, docs_dir):
+    library.create_collection(tiny_bench, "bits")
+    library.upload(tiny_bench, [str(docs_dir / "eiffel.txt")], "bits", False)
+    assert library.retrieval_of(tiny_bench, "bits") == ("float", 10)
+    status = library.set_retrieval(tiny_bench, "bits", "binary", 4)
+    assert "binary" in status and "x 4" in status
+    assert library.retrieval_of(tiny_bench, "bits") == ("binary", 4)  # stored with the collection
+    (result,) = tiny_bench.ask("When was the tower completed?", ["rag"], "bits")
+    assert any("retriever: binary" in note for note in result.notes)
+    with pytest.warns(UserWarning, match="no collection named"):
+        library.set_retrieval(tiny_bench, "nosuch", "binary", 4)
+    assert "nosuch" not in {c["name"] for c in tiny_bench.store.collections()}
+    with pytest.warns(UserWarning, match="retriever must be one of"):
+        library.set_retrieval(tiny_bench, "bits", "sparse", 4)
+    assert library.retrieval_of(tiny_bench, "bits") == ("binary", 4)  # a refused value changes nothing
+
+
 def test_collections_create_rename_delete_with_confirmation(tiny_bench, docs_dir):
     status, dropdown = library.create_collection(tiny_bench, "notes")
     assert "Created" in status and dropdown["value"] == "notes" and "notes" in dropdown["choices"]

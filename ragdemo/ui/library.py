@@ -137,6 +137,24 @@ def delete_collection(workbench: Workbench, collection: str):
             gr.update(visible=False), gr.update(visible=False))
 
 
+def retrieval_of(workbench: Workbench, collection: str | None):
+    """The retriever widgets' values for this collection (left as they are for one that does not exist)."""
+    if collection_name(workbench, collection) not in {c["name"] for c in workbench.store.collections()}:
+        return gr.skip(), gr.skip()
+    settings = workbench.corpus(collection, create=False).retrieval_settings()
+    return settings["retriever"], settings["rescore"]
+
+
+@reported(1)
+def set_retrieval(workbench: Workbench, collection: str, retriever: str, rescore: float | None):
+    name = existing_collection(workbench, collection)
+    settings = workbench.set_retrieval(name, retriever, int(rescore) if rescore else None)
+    how = (f"1-bit sign codes, Hamming top k x {settings['rescore']} rescored with the float vectors"
+           if settings["retriever"] == "binary" else "exact search over the float vectors")
+    return (f"Collection **{esc(name)}** now retrieves with the **{settings['retriever']}** retriever ({how}); "
+            "every retrieving method uses it, and each answer's notes name it.")
+
+
 # -------------------------------------------------------------------- documents
 @reported(2)
 def upload(workbench: Workbench, files: list[str] | None, collection: str, prepare: bool = True, progress=None):
@@ -271,13 +289,20 @@ class LibraryTab:
 def build_library_tab(workbench: Workbench, collection: gr.Dropdown, jobs: Jobs) -> LibraryTab:
     wb = workbench
     with gr.Tab("Library", id="library"):
-        with gr.Accordion("Collections: create, rename, delete", open=False, elem_id="collections-box"):
+        with gr.Accordion("Collections: create, rename, delete, retriever", open=False, elem_id="collections-box"):
             with gr.Row(equal_height=True):
                 new_name = gr.Textbox(label="Name", placeholder="e.g. biology-notes", scale=3, elem_id="collection-name")
                 create_button = gr.Button("Create collection", scale=1, elem_id="create-collection")
                 rename_button = gr.Button("Rename the chosen collection to this name", scale=1)
                 delete_coll_button = gr.Button("Delete the chosen collection…", variant="stop", scale=1,
                                                elem_id="delete-collection")
+            with gr.Row(equal_height=True):
+                retriever = gr.Radio(["float", "binary"], value="float", label="Retriever of the chosen collection",
+                                     info="float: exact search over the embeddings; binary: 1-bit sign codes (32x "
+                                          "smaller), Hamming search, then the top k x rescore rescored with the "
+                                          "float vectors", scale=3, elem_id="retriever")
+                rescore = gr.Slider(1, 100, value=10, step=1, label="Rescore (binary)", scale=2, elem_id="rescore")
+                retrieval_button = gr.Button("Apply retriever", scale=1, elem_id="apply-retriever")
             collection_status = gr.Markdown(elem_id="collection-status")
             with gr.Row():
                 confirm_coll = gr.Button("Yes, delete the collection", variant="stop", visible=False,
@@ -342,4 +367,7 @@ def build_library_tab(workbench: Workbench, collection: gr.Dropdown, jobs: Jobs)
     keep_coll.click(lambda: ("Nothing deleted.", gr.update(visible=False), gr.update(visible=False)), None,
                     [collection_status, confirm_coll, keep_coll])
     collection.change(lambda c: refresh_quietly(wb, c), [collection], tab.refresh_outputs, show_progress="hidden")
+    collection.change(lambda c: retrieval_of(wb, c), [collection], [retriever, rescore], show_progress="hidden")
+    retrieval_button.click(lambda c, r, n: set_retrieval(wb, c, r, n), [collection, retriever, rescore],
+                           [collection_status])
     return tab
