@@ -155,9 +155,45 @@ class StorageAccount:
                 "chunk_bytes_per_token": round(self.chunk_bytes_per_token, 2)}
 
 
-# What `python -m ragdemo bench-storage` measured (every byte counted); method cards read their storage
-# figures from here rather than quoting numbers by hand.
-STORAGE_RESULTS = Path(__file__).resolve().parents[2] / "assets" / "results" / "storage" / "storage.json"
+# Measured results shipped with the project; method cards render their figures from here rather than quoting
+# numbers by hand. STORAGE_RESULTS: what `python -m ragdemo bench-storage` measured (every byte counted).
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "assets" / "results"
+STORAGE_RESULTS = RESULTS_DIR / "storage" / "storage.json"
+
+
+@dataclass
+class BenchSummary:
+    """A `python -m ragdemo bench` summary.md as data: its "- key: value" lines and its table's rows, each a
+    {column header: cell text} dict, exactly as the bench wrote them."""
+
+    name: str
+    meta: dict[str, str]
+    rows: list[dict[str, str]]
+
+    def row(self, method: str) -> dict[str, str] | None:
+        return next((r for r in self.rows if r["method"] == method), None)
+
+
+def read_bench_summary(name: str) -> BenchSummary | None:
+    """`RESULTS_DIR/name` parsed, or None when the file is not there."""
+    try:
+        lines = (RESULTS_DIR / name).read_text().splitlines()
+    except OSError:
+        return None
+    meta, rows, header = {}, [], None
+    for line in lines:
+        if line.startswith("- ") and ": " in line and header is None:
+            key, _, value = line[2:].partition(": ")
+            meta[key] = value
+        elif line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if header is None:
+                header = cells
+            elif not all(set(c) <= set("-: ") for c in cells):
+                rows.append(dict(zip(header, cells)))
+        elif header is not None and rows:
+            break
+    return BenchSummary(name, meta, rows)
 
 
 def measured_storage(label: str) -> list[dict]:
