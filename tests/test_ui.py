@@ -201,7 +201,9 @@ def test_knob_widgets_have_human_labels_help_bounds_and_choices():
     bits = by[("btr", "bits")]
     assert isinstance(bits.component, gr.Dropdown) and 1 in bits.choices
     assert by[("btr", "r_o")].component.label == "Offline merge share"
-    assert "residual sign planes" in (bits.component.info or "")  # help from the field's comment in btr.py
+    assert "uniform b-bit grid" in (bits.component.info or "")  # help from the field's comment in btr.py
+    assert by[("btr", "merge_mode")].choices == ["once", "every"]
+    assert isinstance(by[("btr", "query_aware")].component, gr.Checkbox)
     assert by[("retro", "stride")].component.info.startswith("re-retrieve")
     values = [None] * len(knobs.knobs)
 

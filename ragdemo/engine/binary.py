@@ -1,4 +1,4 @@
-"""Binary token representations: sign bits packed with numpy, residual sign planes, fp16 states, and the blob format.
+"""Binary token representations: a uniform b-bit grid packed with numpy (sign bits at b=1), fp16 states, the blob format.
 
 A token's hidden state h (d floats) minus a centre is quantised per token with `bits` bits per dimension and
 stored as `bits` packed bit planes (most significant first) plus one fp16 step per token. The most significant

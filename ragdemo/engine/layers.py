@@ -77,18 +77,41 @@ def check_window(lm, kv_len: int) -> None:
 
 
 def run_layers(lm, hidden: torch.Tensor, start: int, end: int, pos: torch.Tensor,
-               mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-    """Run decoder layers [start, end). `mask` is bool [1,1,q,kv], CAUSAL, or None (single-token decode only)."""
+               mask: torch.Tensor | None = None, cache=None,
+               key_bias: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Run decoder layers [start, end). `mask` is bool [1,1,q,kv], CAUSAL, or None (single-token decode only).
+
+    `key_bias` {layer: [m] floats} is added to that layer's attention logits for its first m keys (what its cache
+    held, then the new tokens; later keys get 0): ToMe's proportional attention, log(size) for merged tokens."""
     inner = lm.model.model
     past = cache.get_seq_length(start) if cache is not None else 0
-    mask = resolve_mask(lm, mask, hidden.shape[1], past)
-    check_window(lm, mask.shape[-1] if mask is not None else past + hidden.shape[1])
+    resolved = resolve_mask(lm, mask, hidden.shape[1], past)
+    check_window(lm, resolved.shape[-1] if resolved is not None else past + hidden.shape[1])
     rope = inner.rotary_emb(hidden, position_ids=pos)
-    model_mask = as_model_mask(lm, mask, hidden.dtype)
-    for layer in inner.layers[start:end]:
-        hidden = layer(hidden, attention_mask=model_mask, position_ids=pos, past_key_values=cache,
-                       use_cache=cache is not None, position_embeddings=rope)
+    model_mask = as_model_mask(lm, resolved, hidden.dtype)
+    for index in range(start, end):
+        layer_mask = model_mask
+        if key_bias and index in key_bias:
+            layer_past = cache.get_seq_length(index) if cache is not None else 0
+            layer_mask = biased_mask(mask, key_bias[index], hidden.shape[1], layer_past, hidden.dtype, lm.device)
+        hidden = inner.layers[index](hidden, attention_mask=layer_mask, position_ids=pos, past_key_values=cache,
+                                     use_cache=cache is not None, position_embeddings=rope)
     return hidden
+
+
+def biased_mask(mask, bias: torch.Tensor, q_len: int, past: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An additive float mask [1,1,q,kv]: `bias` on the first keys (zero after), the smallest float where `mask`
+    forbids. sdpa and eager attention both add a float mask to the logits before the softmax."""
+    kv_len = past + q_len
+    if isinstance(mask, torch.Tensor):
+        allowed = mask
+    elif mask == CAUSAL:
+        allowed = causal_mask(q_len, kv_len, device)
+    else:  # no mask: a single decoded token attends to the whole cache
+        allowed = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
+    per_key = torch.zeros(kv_len, dtype=dtype, device=device)
+    per_key[:len(bias)] = bias.to(device, dtype)
+    return torch.where(allowed, per_key, torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device))
 
 
 def logits(lm, hidden: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from safetensors.torch import save as save_tensors
 
 from .layers import forward_all
 from .memo import BoundedCache
-from .prompt import chat_frame, encode
+from .prompt import encode, question_ids
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # what LLoCO adapted (r=8)
 
@@ -120,10 +120,10 @@ def train_adapter(lm, loss_of_step, knobs: LoraKnobs, progress=None, layers: lis
     return Training(blob, losses, time.perf_counter() - started)
 
 
-def cloze_example(tokenizer, chunks: list[dict], n_passages: int, rng: random.Random):
+def cloze_question(tokenizer, chunks: list[dict], n_passages: int, rng: random.Random):
     """A training question about the collection's own text: a target chunk among n_passages-1 random
     distractors (document order), "What comes right after <5-10 quoted tokens> in the context?", and the
-    next 6-12 tokens of the chunk as the answer. Returns (chunks, question ids, answer ids)."""
+    next 6-12 tokens of the chunk as the answer. Returns (chunks, question text, answer ids)."""
     target_chunk = rng.choice(chunks)
     others = rng.sample([c for c in chunks if c["chunk_id"] != target_chunk["chunk_id"]],
                         min(n_passages - 1, len(chunks) - 1))
@@ -132,15 +132,21 @@ def cloze_example(tokenizer, chunks: list[dict], n_passages: int, rng: random.Ra
     span, answer = rng.randint(5, 10), rng.randint(6, 12)
     start = rng.randint(0, max(0, len(ids) - span - answer))
     quote = tokenizer.decode(ids[start:start + span]).strip()
-    _, tail = chat_frame(tokenizer)
-    question_ids = encode(tokenizer, f"Question: What comes right after \"{quote}\" in the context?{tail}")
-    return picked, question_ids, ids[start + span:start + span + answer]
+    return picked, f"What comes right after \"{quote}\" in the context?", ids[start + span:start + span + answer]
 
 
-def teacher_logits(lm, teacher_off, prefix_ids: list[int], passage_ids: list[list[int]], query_ids: list[int]):
-    """The full model reading the passages as plain text (what RAG sees), at every query-side position.
-    `teacher_off()` is a context in which the adapter being trained is switched off."""
-    full = prefix_ids + [i for ids in passage_ids for i in ids] + query_ids
+def cloze_example(tokenizer, chunks: list[dict], n_passages: int, rng: random.Random):
+    """`cloze_question` with the question as a prompt's final question segment: (chunks, question ids, answer ids)."""
+    picked, question, answer = cloze_question(tokenizer, chunks, n_passages, rng)
+    return picked, question_ids(tokenizer, question), answer
+
+
+def teacher_logits(lm, teacher_off, prefix_ids: list[int], passage_ids: list[list[int]], query_ids: list[int],
+                   lead_ids: list[int] = ()):
+    """The full model reading the passages as plain text (what RAG sees), at every query-side position;
+    `lead_ids` (a question copy before the passages) for layouts that have one. `teacher_off()` is a context in
+    which the adapter being trained is switched off."""
+    full = prefix_ids + list(lead_ids) + [i for ids in passage_ids for i in ids] + query_ids
     with torch.no_grad(), teacher_off():
         return forward_all(lm, torch.tensor([full], device=lm.device))[0, -len(query_ids):].float()
 

@@ -1,8 +1,10 @@
 """Token merging by bipartite matching: ToMe-style at runtime (cosine, float states) and BTR's offline
 Algorithm 1 (Hamming distance, binary codes, per vocabulary token).
 
-Both split the candidates alternately into sets A and B, match every A token to its most similar B token,
+All split the candidates alternately into sets A and B, match every A token to its most similar B token,
 and fold the best-matched fraction of A into their partners, so one pass removes up to half the tokens.
+`bipartite_merge` folds once over all candidates; `merge_within_groups` is the per-layer ToMe step: it keeps
+each token's size (how many original tokens it stands for) so attention can weigh it by log(size).
 """
 from __future__ import annotations
 
@@ -48,6 +50,70 @@ def bipartite_merge(hidden: torch.Tensor, pos: torch.Tensor, candidates: torch.T
     keep_mask[src] = False
     keep = keep_mask.nonzero().squeeze(1)
     return Merged(merged[keep][None], pos[:, keep], keep, len(src))
+
+
+@dataclass
+class Sized:
+    """Tokens that per-layer merging works on: states, positions, each token's size (original tokens it stands
+    for) and group (the passage it belongs to; -1 = never merged, e.g. the question)."""
+
+    hidden: torch.Tensor  # [1, T, d]
+    pos: torch.Tensor  # [1, T]
+    size: torch.Tensor  # [T] float
+    group: torch.Tensor  # [T] long
+
+    def log_size(self) -> torch.Tensor:
+        return self.size.log()
+
+
+def sized(hidden: torch.Tensor, pos: torch.Tensor, group: torch.Tensor) -> Sized:
+    return Sized(hidden, pos, torch.ones(hidden.shape[1], device=hidden.device), group.to(hidden.device))
+
+
+def merge_within_groups(tokens: Sized, ratio: float) -> tuple[Sized, int]:
+    """One ToMe step: in every group g >= 0, fold int(ratio x its tokens) of them into their most cosine-similar
+    later partner of the same group (alternate tokens of the group form A and B). Merged states are the
+    size-weighted mean and sizes add up, so a group's sizes always sum to its original length; a partner keeps
+    its own (later) position. Tokens of group -1 are never touched. Returns the new tokens and how many went."""
+    cand = (tokens.group >= 0).nonzero().squeeze(1)
+    if ratio <= 0 or len(cand) < 2:
+        return tokens, 0
+    group = tokens.group[cand]
+    rank = _rank_within(group, torch.arange(len(cand), device=cand.device))
+    is_a = rank % 2 == 0
+    a_idx, b_idx = cand[is_a], cand[~is_a]
+    a_group, b_group = group[is_a], group[~is_a]
+    states = tokens.hidden[0].float()
+    sim = F.normalize(states[a_idx], dim=-1) @ F.normalize(states[b_idx], dim=-1).T
+    allowed = (a_group[:, None] == b_group[None, :]) & (b_idx[None, :] > a_idx[:, None])  # same passage, later
+    score, partner = sim.masked_fill(~allowed, float("-inf")).max(dim=1)
+    budget = torch.floor(ratio * torch.bincount(group).double()).long()  # per group, of its tokens now
+    by_score = _rank_within(a_group, -score)
+    chosen = (by_score < budget[a_group]) & torch.isfinite(score)
+    src, dst = a_idx[chosen], b_idx[partner[chosen]]
+    if len(src) == 0:
+        return tokens, 0
+    weighted = states * tokens.size[:, None]
+    total = weighted.index_add(0, dst, weighted[src])
+    size = tokens.size.index_add(0, dst, tokens.size[src])
+    touched = torch.unique(dst)
+    states = states.clone()
+    states[touched] = total[touched] / size[touched, None]
+    keep = torch.ones(len(size), dtype=torch.bool, device=size.device)
+    keep[src] = False
+    merged = Sized(states[keep][None].to(tokens.hidden.dtype), tokens.pos[:, keep], size[keep], tokens.group[keep])
+    return merged, len(src)
+
+
+def _rank_within(group: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Each element's rank among the elements of its group, ordered by `key` ascending (ties: first first)."""
+    by_key = torch.argsort(key, stable=True)
+    order = by_key[torch.argsort(group[by_key], stable=True)]  # by group, then by key within the group
+    sorted_group = group[order]
+    first = torch.searchsorted(sorted_group, sorted_group)  # where each element's group starts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=group.device) - first
+    return rank
 
 
 # ------------------------------------------------------------------ offline: paper Algorithm 1

@@ -72,6 +72,22 @@ def shared_prefixes(tokenizer) -> list[list[int]]:
     return [encode(tokenizer, head + "Context:\n"), encode(tokenizer, head), encode(tokenizer, closed_head)]
 
 
+def question_ids(tokenizer, question: str) -> list[int]:
+    """The question segment a prompt ends with: the question, then the assistant turn that starts the answer."""
+    _, tail = chat_frame(tokenizer)
+    return encode(tokenizer, question_text(question, tail))
+
+
+def question_text(question: str, tail: str) -> str:
+    return f"Question: {question.strip()}{tail}"
+
+
+def lead_question_ids(tokenizer, question: str) -> list[int]:
+    """The question as a layout places it before the passages (BTR's query-aware upper layers): the same words,
+    without the assistant turn, which only the final copy opens."""
+    return encode(tokenizer, question_text(question, "\n\n"))
+
+
 def passage_text(text: str) -> str:
     return text.strip() + "\n\n"
 
@@ -82,11 +98,11 @@ def build_prompt(tokenizer, question: str, passages: list[dict], repeat_context:
     `repeat_context` gives JRT's layout: question, context, context, question.
     """
     head, tail = chat_frame(tokenizer)
-    question_ids = encode(tokenizer, f"Question: {question.strip()}{tail}")
+    question_ids = encode(tokenizer, question_text(question, tail))
     if not passages:  # closed book: an instruction that does not mention a context it does not have
         closed_head, _ = chat_frame(tokenizer, CLOSED_BOOK_SYSTEM)
         return Prompt([Segment("prefix", encode(tokenizer, closed_head)), Segment("question", question_ids)])
-    prefix = head + (f"Question: {question.strip()}\n\n" if repeat_context else "") + "Context:\n"
+    prefix = head + (question_text(question, "\n\n") if repeat_context else "") + "Context:\n"
     segments = [Segment("prefix", encode(tokenizer, prefix))]
     passage_segments = [Segment("passage", encode(tokenizer, passage_text(p["text"])), source=_source(p)) for p in passages]
     segments += passage_segments

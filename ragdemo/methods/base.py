@@ -156,7 +156,7 @@ class StorageAccount:
 
 
 # What `python -m ragdemo bench-storage` measured (every byte counted); method cards read their storage
-# figures from here rather than quoting numbers by hand.
+# figures from here rather than quoting numbers by hand (bench summaries: methods/measured.py).
 STORAGE_RESULTS = Path(__file__).resolve().parents[2] / "assets" / "results" / "storage" / "storage.json"
 
 

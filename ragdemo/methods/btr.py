@@ -20,30 +20,38 @@ from ..engine.generate import decode_loop
 from ..engine.kv import cache_from
 from ..engine.prefix import shared_prefix
 from ..engine.layers import CAUSAL, embed, logits, positions, require_llama_like, run_layers
-from ..engine.lora import (LoraKnobs, adapter_key, applied_adapter, cloze_example, distill_kl, teacher_logits,
+from ..engine.lora import (LoraKnobs, adapter_key, applied_adapter, cloze_question, distill_kl, teacher_logits,
                            train_adapter)
 from ..engine.memo import lm_memo
-from ..engine.merging import bipartite_merge, merge_by_token
-from ..engine.prompt import build_prompt, encode as encode_text, passage_text
+from ..engine.merging import bipartite_merge, merge_by_token, merge_within_groups, sized
+from ..engine.prompt import Segment, build_prompt, encode as encode_text, lead_question_ids, passage_text
+from ..engine.prompt import question_ids as final_question_ids
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash, chunk_key
-from .base import Params, Method, Result, StorageAccount, finish, storage_ratio, storage_sentence
+from .measured import measured_run
+from .base import (Params, Method, Result, StorageAccount, finish, params_from, storage_ratio,
+                   storage_sentence)
 
 FORMAT_VERSION = 3  # 3: fp16 decoder, content-keyed artifacts; bump when the artifact layout or the way states are computed changes
 RECIPE = "distill-v1"  # bump when the LoRA distillation recipe changes, so old adapters are not reused
 
 
+ONCE, EVERY = "once", "every"  # runtime merging: one fold at merge_layer, or a ToMe step before every layer from it
+
+
 @dataclass
 class BtrParams(LoraKnobs, Params):
-    k: int = 5  # chunks retrieved, as in rag (the paper's layer split is `split` here)
-    split: int = 6  # layers [0, split) run offline per passage; [split, L) at query time
-    bits: int = 1  # 1, 2, 4, 8 residual sign planes; 16 = fp16 states (no binarization)
+    k: int = 5  # chunks retrieved, as in rag (NOT the paper's k, which is its layer split: `split` here)
+    split: int = 6  # layers [0, split) run offline per passage; [split, L) at query time (the paper's k)
+    bits: int = 1  # 1, 2, 4, 8: a uniform b-bit grid per dimension + one fp16 step per token; 16 = fp16 states
     calibrate: bool = True  # learned channel centre + least-squares bits->state decoder
     after_prefix: bool = True  # passages see the shared instruction prefix in layers [0, split)
+    query_aware: bool = False  # upper layers read [prefix, question, passages, question]: passages see the question
     r_o: float = 0.0  # offline merging (paper Algorithm 1, bits=1): fraction of each token's occurrences folded
-    r_p: float = 0.0  # runtime ToMe merging: fraction of passage tokens folded away
-    merge_layer: int = -1  # layer where runtime merging happens; -1 = at the split
+    r_p: float = 0.0  # runtime ToMe merging: fraction of passage tokens folded away (per layer with merge_mode=every)
+    merge_layer: int = -1  # layer where runtime merging starts; -1 = at the split
+    merge_mode: str = ONCE  # once: one fold at merge_layer over all passages; every: per passage before each layer
     lora_steps: int = 120  # distillation steps of the optional LoRA on layers [split, L)
 
 
@@ -55,8 +63,10 @@ class Forward:
     cache: DynamicCache
     next_pos: int
     token_layers: float  # token x layer products computed at query time
-    removed: int  # passage tokens merged away
-    merge_at: int = 0  # the layer where runtime merging happened
+    removed: int  # passage tokens merged away by the last layer
+    merge_at: int = 0  # the layer where runtime merging started
+    removed_at_split: int = 0  # passage tokens already gone when the first upper layer ran (its window is widest)
+    key_bias: dict = dataclasses.field(default_factory=dict)  # {layer: log sizes of its cached keys}, for decoding
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -71,54 +81,108 @@ def lower_states(lm, prefix_ids: list[int], ids: list[int], split: int) -> torch
 
 
 def btr_forward(lm, prefix_ids: list[int], passages: list[torch.Tensor], question_ids: list[int], split: int,
-                want: int = 1, r_p: float = 0.0, merge_layer: int | None = None, prefix=None) -> Forward:
-    """Prefill [prefix, passages, question] where passages arrive as layer-`split` states.
+                want: int = 1, r_p: float = 0.0, merge_layer: int | None = None, prefix=None,
+                lead_ids: list[int] | None = None, merge_mode: str = ONCE) -> Forward:
+    """Prefill [prefix, lead, passages, question] where passages arrive as layer-`split` states.
 
+    `lead_ids` (query-aware layout: a copy of the question before the passages) is empty by default.
     The prefix comes first and sees only itself, so its keys and values in every layer are those of the prefix
     read alone: `prefix` passes them in (from the LM's prefix cache), otherwise they are computed here.
-    Layers [0, split): the question after the prefix alone (at its final positions, so RoPE distances match).
-    Layers [split, L): passages and question jointly under one causal mask, optionally merging passage tokens
-    at `merge_layer`. The cache then holds only query-side keys below the split and all keys above it, which is
-    exactly what generated tokens may attend to. Returns logits of the last `want` positions.
+    Layers [0, split): the query side alone (lead, then question, after the prefix, at their final positions so
+    RoPE distances match). Layers [split, L): lead, passages and question jointly under one causal mask, so
+    passages attend to the lead; runtime merging of passage tokens from `merge_layer` on. The cache then holds
+    only query-side keys below the split and all keys above it, which is exactly what generated tokens may attend
+    to. Returns logits of the last `want` positions.
     """
     n_layers = lm.n_layers
     device, dtype = lm.device, lm.model.dtype
-    p, q = len(prefix_ids), len(question_ids)
+    lead = list(lead_ids or [])
+    p, a, q = len(prefix_ids), len(lead), len(question_ids)
     n = sum(len(s) for s in passages)
-    total = p + n + q
     cache = cache_from(prefix) if prefix is not None else DynamicCache()
     computed = 0 if prefix is not None or p == 0 else p
     if computed:
         run_layers(lm, embed(lm, torch.tensor([prefix_ids], device=device)), 0, n_layers, positions(0, p, device),
                    CAUSAL, cache)
-    h_query = embed(lm, torch.tensor([question_ids], device=device))
-    h_query = run_layers(lm, h_query, 0, split, positions(p + n, q, device), CAUSAL, cache)
-    h = torch.cat([s.to(device, dtype).unsqueeze(0) for s in passages] + [h_query], dim=1)
-    pos = positions(p, n + q, device)
+    lower = [_lower_query(lm, lead, p, split, cache)] if a else []  # the lead first: the question's cache holds it
+    lower.append(_lower_query(lm, question_ids, p + a + n, split, cache))
+    h = torch.cat(lower[:-1] + [s.to(device, dtype).unsqueeze(0) for s in passages] + lower[-1:], dim=1)
+    pos = positions(p, a + n + q, device)
     merge_at = split if merge_layer is None or merge_layer < 0 else max(split, min(merge_layer, n_layers))
     h = run_layers(lm, h, split, merge_at, pos, CAUSAL, cache)
-    merged = bipartite_merge(h, pos, torch.arange(0, n, device=device), r_p)
-    h, pos = merged.hidden, merged.pos
-    h = run_layers(lm, h, merge_at, n_layers, pos, CAUSAL, cache)
-    token_layers = (computed + q) * n_layers + n * (merge_at - split) + (n - merged.removed) * (n_layers - merge_at)
-    return Forward(logits(lm, h[:, -want:]), cache, total, token_layers, merged.removed, merge_at)
+    upper = _merge_every(lm, h, pos, passages, a, merge_at, r_p, cache) if merge_mode == EVERY \
+        else _merge_once(lm, h, pos, a, n, merge_at, r_p, cache)
+    token_layers = (computed + a + q) * n_layers + n * (merge_at - split) + upper.passage_layers
+    removed_at_split = upper.removed_first if merge_at == split else 0
+    return Forward(logits(lm, upper.hidden[:, -want:]), cache, p + a + n + q, token_layers, upper.removed, merge_at,
+                   removed_at_split, upper.key_bias)
 
 
-def decode_step(lm):
+def _lower_query(lm, ids: list[int], start: int, split: int, cache) -> torch.Tensor:
+    """Query-side tokens through layers [0, split) at their final positions, after what the cache holds."""
+    h = embed(lm, torch.tensor([ids], device=lm.device))
+    return run_layers(lm, h, 0, split, positions(start, len(ids), lm.device), CAUSAL, cache)
+
+
+@dataclass
+class _Upper:
+    """Layers [merge_at, L) run: final states, passage token x layer products, tokens removed (in all and by the
+    first merge), and the proportional-attention key bias per layer."""
+
+    hidden: torch.Tensor
+    passage_layers: int
+    removed: int
+    removed_first: int
+    key_bias: dict
+
+
+def _merge_once(lm, h, pos, a: int, n: int, merge_at: int, r_p: float, cache) -> _Upper:
+    """merge_mode=once (the earlier figures): one bipartite fold over all passage tokens at `merge_at`, plain
+    attention."""
+    merged = bipartite_merge(h, pos, torch.arange(a, a + n, device=h.device), r_p)
+    hidden = run_layers(lm, merged.hidden, merge_at, lm.n_layers, merged.pos, CAUSAL, cache)
+    return _Upper(hidden, (n - merged.removed) * (lm.n_layers - merge_at), merged.removed, merged.removed, {})
+
+
+def _merge_every(lm, h, pos, passages, a: int, merge_at: int, r_p: float, cache) -> _Upper:
+    """ToMe in every layer from `merge_at`: before each layer, fold r_p of each passage's remaining tokens within
+    that passage, then run the layer with log(size) added to the merged keys' logits (proportional attention)."""
+    lengths = torch.tensor([len(s) for s in passages], device=h.device)
+    group = torch.cat([torch.full((a,), -1, device=h.device),
+                       torch.repeat_interleave(torch.arange(len(passages), device=h.device), lengths),
+                       torch.full((h.shape[1] - a - int(lengths.sum()),), -1, device=h.device)]).long()
+    tokens = sized(h, pos, group)
+    removed, first, passage_layers, key_bias = 0, 0, 0, {}
+    for layer in range(merge_at, lm.n_layers):
+        tokens, folded = merge_within_groups(tokens, r_p)
+        removed += folded
+        first = folded if layer == merge_at else first
+        passage_layers += int((tokens.group >= 0).sum())
+        bias = None
+        if removed:
+            bias = {layer: torch.cat([torch.zeros(cache.get_seq_length(layer), device=h.device), tokens.log_size()])}
+            key_bias.update(bias)
+        hidden = run_layers(lm, tokens.hidden, layer, layer + 1, tokens.pos, CAUSAL, cache, bias)
+        tokens = dataclasses.replace(tokens, hidden=hidden)
+    return _Upper(tokens.hidden, passage_layers, removed, first, key_bias)
+
+
+def decode_step(lm, key_bias: dict | None = None):
     """One generated token: every layer in one pass; a single query with no mask attends to each layer's
-    whole cache, which below the split is query-side only."""
+    whole cache, which below the split is query-side only. `key_bias` keeps merged keys weighted by their size."""
     def step(ids, pos, cache):
-        h = run_layers(lm, embed(lm, ids), 0, lm.n_layers, positions(pos, 1, lm.device), None, cache)
+        h = run_layers(lm, embed(lm, ids), 0, lm.n_layers, positions(pos, 1, lm.device), None, cache, key_bias)
         return logits(lm, h)
     return step
 
 
 def distill_loss(lm, teacher_off, prefix_ids: list[int], passage_ids: list[list[int]], states: list[torch.Tensor],
-                 query_ids: list[int], split: int) -> torch.Tensor:
+                 query_ids: list[int], split: int, lead_ids: list[int] = ()) -> torch.Tensor:
     """KL(full model reading the passages as text || BTR reading them from decoded bits), at every query-side
-    position."""
-    teacher = teacher_logits(lm, teacher_off, prefix_ids, passage_ids, query_ids)
-    return distill_kl(btr_forward(lm, prefix_ids, states, query_ids, split, len(query_ids)).logits[0], teacher)
+    position, both in the same layout (`lead_ids`: the question copy before the passages, when query-aware)."""
+    teacher = teacher_logits(lm, teacher_off, prefix_ids, passage_ids, query_ids, lead_ids)
+    student = btr_forward(lm, prefix_ids, states, query_ids, split, len(query_ids), lead_ids=list(lead_ids))
+    return distill_kl(student.logits[0], teacher)
 
 
 # -------------------------------------------------------------------------------------------- artifacts
@@ -166,6 +230,120 @@ def _storage_target() -> str:
             f"the smallest measured collection; the per-chunk codes alone are 310x)")
 
 
+# ------------------------------------------------------------------------------------ measured, for the card
+
+# in assets/results: the bits/calibration grid, the split sweep, and the frontier (query-aware x every-layer
+# merging x split) without and with the distilled LoRA, each a bench summary.md copied unchanged
+RESULT_FILES = ("btr_grid_summary.md", "btr_split_summary.md", "btr_frontier_summary.md", "btr_frontier_lora_summary.md")
+
+
+@dataclass
+class _Measured:
+    """One BTR row of a bench summary, with the knobs its label stands for."""
+
+    label: str
+    params: BtrParams
+    value: float | None  # context value kept, fraction of RAG's
+    speedup: float | None  # RAG's TTFT / this TTFT
+    row: dict
+    lora: bool
+
+
+def _number(cell: str | None) -> float | None:
+    try:
+        return float(cell.replace("%", "").replace("x", "").replace(",", ""))
+    except (AttributeError, ValueError):
+        return None
+
+
+def _adapter_knobs(params: BtrParams) -> tuple:
+    """What decides which adapter a variant reads (as `Btr._adapter_hash`, without the collection)."""
+    return (params.split, params.bits, params.calibrate, params.after_prefix, params.k, params.lora_r,
+            params.lora_steps, params.lora_lr, params.query_aware)
+
+
+def measured_rows(summary) -> list[_Measured]:
+    """The BTR rows of a bench summary. LoRA is on for a row when its `lora` knob is on and a variant of the same
+    run trains the adapter it reads (the bench prepares, and so trains, every variant before the first question)."""
+    parsed = []
+    for row in summary.records:
+        name, *pairs = row["method"].split("@")
+        if name != "btr":
+            continue
+        params = params_from(BtrParams, dict(pair.split("=", 1) for pair in pairs))
+        parsed.append((row, params))
+    trained = {_adapter_knobs(p) for _, p in parsed if p.train and p.lora}
+    out = []
+    for row, params in parsed:
+        value, ratio = _number(row.get("value kept")), _number(row.get("TTFT vs ref"))
+        out.append(_Measured(row["method"], params, None if value is None else value / 100,
+                             1 / ratio if ratio else None, row, params.lora and _adapter_knobs(params) in trained))
+    return out
+
+
+def _merging(params: BtrParams) -> str:
+    if params.r_p <= 0:
+        return "–"
+    where = "the split" if params.merge_layer < 0 else f"layer {params.merge_layer}"
+    if params.merge_mode == EVERY:
+        return f"{params.r_p:g} per layer from {where}"
+    return f"{params.r_p:g} once at {where}"
+
+
+def btr_table(summary) -> str:
+    """A card table of one bench summary's BTR rows, every figure read from the file."""
+    rag = summary.record("rag") or {}
+    meta = summary.meta
+    head = (f"`assets/results/{summary.name}`: {meta.get('data', '?')}; {meta.get('model', '?')}; "
+            f"{meta.get('machine', '?')}; {meta.get('date', '?')}. RAG over the same chunks: TTFT "
+            f"{rag.get('TTFT s', '?')} s, contains {rag.get('contains', '?')}%.  \nCommand: `{meta.get('command', '?').strip('`')}`")
+    lines = [head, "", "| split | bits | calibration | query-aware | LoRA | runtime merging | value kept (median) | "
+             "contains | TTFT, x faster than RAG | stored for the collection, everything |", "|---|" * 1 + "---|" * 9]
+    for m in measured_rows(summary):
+        p, r = m.params, m.row
+        speed = f"{m.speedup:.2f}x" if m.speedup else "–"
+        stored = _number(r.get("storage B"))
+        calibration = "–" if p.bits == FLOAT_BITS else ("on" if p.calibrate else "off")  # fp16 states need none
+        lines.append(f"| {p.split} | {'fp16' if p.bits == FLOAT_BITS else p.bits} | {calibration} | "
+                     f"{'on' if p.query_aware else '–'} | {'on' if m.lora else '–'} | {_merging(p)} | "
+                     f"{r.get('value kept', '?')} ({r.get('value kept (median)', '?')}) | {r.get('contains', '?')}% | "
+                     f"{speed} | {'?' if stored is None else f'{stored / 1e6:.2f} MB'} |")
+    return "\n".join(lines)
+
+
+def measured_summaries() -> list:
+    return [s for s in (measured_run(name) for name in RESULT_FILES) if s is not None]
+
+
+def measured_tables() -> str:
+    found = measured_summaries()
+    missing = [name for name in RESULT_FILES if name not in {s.name for s in found}]
+    text = "\n\n".join(btr_table(s) for s in found)
+    if missing:
+        text += f"\n\nNot measured in this checkout: {', '.join(f'`assets/results/{m}`' for m in missing)}."
+    return text
+
+
+def frontier_verdict(summaries) -> str:
+    """The targets, judged on every 1-bit row of the result files (each against RAG in its own run)."""
+    rows = [m for s in summaries for m in measured_rows(s) if m.params.bits == 1 and m.value is not None and m.speedup]
+
+    def best(min_value: float):
+        fitting = [m for m in rows if m.value >= min_value]
+        return max(fitting, key=lambda m: m.speedup) if fitting else None
+
+    def say(m) -> str:
+        return f"`{m.label}` ({m.value:.0%} value kept, {m.speedup:.2f}x faster than RAG)" if m else "none"
+
+    if not rows:
+        return "no 1-bit row measured yet"
+    target = [m for m in rows if m.value >= 0.95 and m.speedup >= 2.0]
+    stretch = [m for m in rows if m.value >= 0.90 and m.speedup >= 3.0]
+    return (f"≥95% of RAG's context value at ≥2x faster TTFT, 1 bit — **{'met' if target else 'not met'}**; "
+            f"stretch ≥90% at ≥3x — **{'met' if stretch else 'not met'}**. Fastest 1-bit row with ≥95%: "
+            f"{say(best(0.95))}; with ≥90%: {say(best(0.90))} (over {len(rows)} 1-bit rows of the files above)")
+
+
 class Btr(Method):
     name = "btr"
     label = "BTR (binary token representations)"
@@ -174,85 +352,76 @@ class Btr(Method):
     has_prepare = True
     has_finetune = True
     card = """### BTR — binary token representations (Cao et al., ICLR 2024)
-**Paper:** an encoder-decoder reader (Atlas/FiD) splits its encoder at layer k. Passages' layer-k token states
-are computed offline, binarized (1 bit per dimension, calibrated with a recovery loss), and merged offline
-(Algorithm 1: per vocabulary token, bipartite matching on Hamming distance) and at run time (ToMe). Only
-layers [k, L) run at query time: 2–4x faster inference, 101x less storage than a KV cache, ~95% of accuracy.
+**Paper:** an encoder-decoder reader (Atlas/FiD) whose encoder input is the question together with a passage. The
+encoder is split at layer k: layers [0, k) run offline on each passage alone and their token states are stored as
+1-bit vectors (calibrated; trained with a passage-representation-recovery loss and query-aware distillation),
+merged offline (Algorithm 1: per vocabulary token, bipartite matching on Hamming distance); layers [k, L) read
+question and passage jointly at query time, with ToMe merging after every upper layer. 2–4x faster inference at
+~95% of the accuracy. Its storage figure ("over 100x", up to 101x; 127 GB for 3 billion Wikipedia tokens) is
+against its own baseline of storing the same token representations in floating point, not against a KV cache.
+
+**Names:** the knob `k` here is the number of retrieved chunks, as for RAG; the paper's k (the layer split) is
+`split` here.
 
 **Here (decoder-only LM):**
 - *offline* each retrieved unit (the store's 64-token chunk) runs layers [0, split) **after the shared
-  instruction prefix** (knob `after_prefix`; without it the first passage token becomes an attention sink);
-  its states become `bits` residual sign planes packed with numpy + one fp16 scale per plane and token.
-- *calibration* (`calibrate`): signs are taken around a learned channel mean, and a closed-form ridge
-  least-squares decoder maps [scaled signs, raw signs, 1] back to states; fitted on the collection's own
-  states, cached per (model, split, bits, collection).
+  instruction prefix** (knob `after_prefix`; without it the first passage token becomes an attention sink). Its
+  states are stored as **a uniform b-bit grid per dimension with one fp16 step per token** (`bits`): the state
+  minus the calibration centre, divided by the token's step, floored and clipped to 2^b levels; the grid index is
+  kept as b bit planes (most significant first, numpy-packed) followed by the fp16 steps, and decoded as
+  centre + step × (index + ½ − 2^(b−1)). At 1 bit that is the paper's sign(h − centre) × mean|h − centre|; at 2–8
+  bits the step is picked per token among 22 clipping ranges for the least squared error. A token costs
+  b × ⌈d/8⌉ + 2 bytes (74 B at d = 576 and 1 bit) plus a 16-byte header per chunk; `bits=16` keeps fp16 states.
+- *calibration* (`calibrate`): the centre is the collection's channel mean, and a closed-form ridge
+  least-squares decoder maps [scaled grid values, raw first-plane signs, 1] back to states; fitted on the
+  collection's own states, cached per (model, split, bits, collection). The paper trains its recovery instead.
 - *distilled LoRA* (optional; **Fine-tune** in the Library tab, `python -m ragdemo finetune --method btr`, or
   `train=1` at prepare): a peft LoRA (r=8, q/k/v/o) on layers [split, L) only, trained so that BTR reading
-  decoded bits matches the full model reading the same chunks as text (KL at every question/answer position),
-  on cloze questions about the collection's own chunks among k−1 distractors; 120 steps; stored with the
-  collection, keyed by (model, split, bits, calibration, decoder) and applied automatically (`lora`).
-  This stands in for the paper's passage-recovery + query-aware distillation training.
-- *query time* the prefix and question run layers [0, split) alone at their final positions; passage states
-  are decoded; layers [split, L) run jointly under one causal mask; optional ToMe merging of passage tokens
-  (`r_p`, at `merge_layer`); generated tokens see the query-side cache below the split and everything above.
+  decoded bits matches the full model reading the same chunks as text (KL at every question/answer position,
+  teacher and student in the same layout), on cloze questions about the collection's own chunks among k−1
+  distractors; `lora_steps` steps; stored with the collection, keyed by (model, split, bits, calibration,
+  decoder, layout) and applied automatically (`lora`). It stands in for the paper's two training objectives.
+- *query time, today's layout* (`query_aware=0`, the default): [prefix, passages, question]. The prefix and
+  question run layers [0, split) alone at their final positions; passage states are decoded; layers
+  [split, L) run jointly under one causal mask. Passages come before the question, so **they never attend to it
+  in any layer**; generated tokens see the query-side cache below the split and everything above.
+- *query-aware layout* (`query_aware=1`): the upper layers read [prefix, question, passages, question], a copy
+  of the question (without the assistant turn) right after the instruction prefix. What changes: in layers
+  [split, L) every passage token attends to that copy, as the paper's upper encoder layers read question and
+  passage together. What stays: the stored lower-layer passage states are the same query-agnostic codes (no
+  re-prepare); query-side tokens (prefix and both copies) run layers [0, split) alone, at their final positions.
+  Cost: the question's tokens once more in every layer. The LoRA is trained in this layout (its own adapter).
+- *runtime merging* (`r_p`, from `merge_layer`, −1 = the split): `merge_mode=once` (the default, the old
+  figures) folds r_p of all passage tokens once, into their most cosine-similar later token, possibly across
+  passages, with plain attention. `merge_mode=every` is ToMe: before every layer from `merge_layer` on, r_p of
+  each passage's remaining tokens fold into the most similar later token **of the same passage** (size-weighted
+  mean), never into or from the question; merged keys get log(size) added to their attention logits
+  (proportional attention), in the prefill and for every generated token.
 - *what differs:* a decoder-only LM has no separate encoder, so lower-layer passage states lack attention to
-  the other passages and to the question; upper layers, unlike the paper's decoder, were never pre-trained
-  for that, which is what the LoRA recovers.
+  the other passages (and, in today's layout, to the question in every layer); upper layers, unlike the paper's
+  encoder, were never pre-trained to read stored states, which is what the LoRA recovers.
 
-Knobs: `k` chunks, `split`, `bits` (1/2/4/8, 16 = fp16), `calibrate`, `after_prefix`, `r_o`, `r_p`,
-`merge_layer`, `lora`, `train`, `lora_steps`, `lora_r`, `lora_lr`.
+Knobs: `k` chunks, `split`, `bits` (1/2/4/8, 16 = fp16), `calibrate`, `after_prefix`, `query_aware`, `r_o`,
+`r_p`, `merge_layer`, `merge_mode`, `lora`, `train`, `lora_steps`, `lora_r`, `lora_lr`.
 
-**Measured** — `python -m ragdemo bench --dataset squad --articles 2 --n 100 --seed 0 --methods rag,btr@bits=1@calibrate=0@lora=0,…`
-(100 SQuAD v1.1 dev questions, 2 articles, 117 chunks; k=5 for RAG and BTR; SmolLM2-135M-Instruct bf16; 1 torch
-thread on the 2-core CPU while two other benchmarks ran, 2026-11-22; full table in
-`assets/results/btr_grid_summary.md`). Value kept = Σ(NLL closed − NLL btr) / Σ(NLL closed − NLL rag) over
-the same chunks (closed book 6.83, RAG 4.62; RAG contains 27%). TTFT: RAG 0.616 s. The byte columns are the
-per-chunk codes alone per passage token, from the real blobs (the shared decoder and LoRA are left out here: see
-*Storage, everything counted* below); fp16 KV = 23,040 B, fp16 layer-k state = 1,152 B.
+**Measured** — the tables below are rendered from the bench summaries in `assets/results/` when this card is
+built (nothing is copied by hand). Value kept = Σ(NLL closed − NLL btr) / Σ(NLL closed − NLL rag) over the same
+chunks (median of the per-question ratios in brackets); TTFT against RAG in the same run, so runs under
+different load compare by ratio only. LoRA "on" = the run trained the adapter that row reads (`train=1` in one
+of its variants). The last column is everything stored for the collection at those knobs (codes, decoder, and
+the LoRA when on; the 2026-11-22 runs stored the decoder in fp32, 2.66 MB, half that now).
 
-| split | bits | calibration | LoRA | value kept | contains | TTFT vs RAG | codes B / passage token | codes alone vs fp16 KV | vs fp16 states |
-|---|---|---|---|---|---|---|---|---|---|
-| 6 | 1 | off | – | −2% | 5% | 1.18x faster | 74.2 | 310x | 15.5x |
-| 6 | 1 | on | – | 80% | 13% | 1.11x | 74.2 | 310x | 15.5x |
-| 6 | 1 | on | on | **97%** | 22% | 1.05x | 74.2 | 310x | 15.5x |
-| 6 | 2 | off | – | −3% | 0% | 1.16x | 146.2 | 158x | 7.9x |
-| 6 | 2 | on | – | 90% | 20% | 1.14x | 146.2 | 158x | 7.9x |
-| 6 | 2 | on | on | 104% | 21% | 1.05x | 146.2 | 158x | 7.9x |
-| 6 | 4 | off / on | – | 40% / 92% | 0% / 18% | 1.17x / 1.14x | 290.2 | 79x | 4.0x |
-| 6 | 8 | off / on | – | 94% / 92% | 20% / 17% | 1.17x / 1.12x | 578.2 | 40x | 2.0x |
-| 6 | fp16 | – | – | 92% | 17% | 1.18x | 1152.2 | 20x | 1.0x |
-| 18 | fp16 | – | – | 100% (median 82%) | 12% | 1.89x | 1152.2 | 20x | 1.0x |
-| 18 | 1 | on | – | 90% (median 68%) | 11% | 1.79x | 74.2 | 310x | 15.5x |
-| 18 | 1 | on | on | 96% (median 88%) | 19% | 1.69x | 74.2 | 310x | 15.5x |
-
-Split sweep, second run (same data and load; `--methods rag,btr@split=12@bits=1@train=1,btr@split=18@bits=1@train=1,btr@split=18@bits=1@r_p=0.25,…`,
-`assets/results/btr_split_summary.md`; RAG TTFT 0.420 s there; the split-18 LoRA row repeats at 96%, 1.67x):
-
-| split | bits | calibration | LoRA | value kept | contains | TTFT vs RAG |
-|---|---|---|---|---|---|---|
-| 12 | 1 | on | on | 112% (median 102%) | 20% | 1.29x |
-| 18 | 1 | on | on, + runtime merging r_p=0.25 | 82% (median 75%) | 15% | **2.00x** |
-| 24 | 1 | on | – / on | 23% / 46% | 10% / 10% | 2.60x / 2.50x |
-
-Per collection, in those runs, the calibration decoder added 2.66 MB (fp32; it is stored in fp16 now, half that)
-and the LoRA (fp32) 2.97 MB at split 6. With the LoRA
-the TTFT gain shrinks by 0.03–0.04 s: the adapter is merged into the weights for each answer and removed after,
-so that the other methods always see the base model.
-LoRA training, 120 steps, under the same load (3 single-thread jobs on 2 cores): 338 s at split 6 / 1 bit
-(including the lower-layer states and calibration), 258 s at 2 bits, 177 s at split 18 — within 10 minutes.
-Offline merging r_o=0.5 (1 bit, earlier run, 80 questions, k=3): codes 1.78 MB → 0.75 MB, value kept 81% vs 84%.
+{measured tables}
 
 **Storage, everything counted** (per-chunk codes + calibration decoder + codebook + LoRA when trained, divided by
 the collection's tokens; `python -m ragdemo bench-storage`, 1 bit at the default knobs, no LoRA trained):
 {measured storage}. On a small collection the shared decoder outweighs the codes, so the ratio grows with the
-collection.
+collection. Per chunk alone the 1-bit codes are 310x below an fp16 KV cache and 15.5x below fp16 layer-split
+states (the paper's kind of baseline).
 
-Targets: {storage target}. ≥90% value at the best 1-bit
-setting — **met with the distilled LoRA** (97% at split 6; 80% with the least-squares decoder alone).
-TTFT ≥2x faster than RAG — **met only by giving up value**: 2.00x at split 18 with runtime merging (82% kept);
-at split 6 only 6 of 30 layers are skipped for passages (≤1.25x in theory, 1.05–1.18x measured); the best
-setting with ≥90% value is split 18 + LoRA at 1.67–1.69x. No setting here meets 2x and 90% together.""" \
-        .replace("{measured storage}", storage_sentence(STORAGE_LABEL)).replace("{storage target}", _storage_target())
+Targets: {storage target}. {frontier}.""" \
+        .replace("{measured tables}", measured_tables()).replace("{measured storage}", storage_sentence(STORAGE_LABEL)) \
+        .replace("{storage target}", _storage_target()).replace("{frontier}", frontier_verdict(measured_summaries()))
 
     # ----------------------------------------------------------------------------------------- knobs
     def _check(self, lm, params) -> None:
@@ -266,6 +435,8 @@ setting with ≥90% value is split 18 + LoRA at 1.67–1.69x. No setting here me
             raise UserError("btr: offline merging (r_o > 0) works on 1-bit codes, as in the paper; set bits=1")
         if not 0.0 <= params.r_p <= 0.5:
             raise UserError(f"btr: r_p is a fraction of passage tokens between 0 and 0.5, got {params.r_p}")
+        if params.merge_mode not in (ONCE, EVERY):
+            raise UserError(f"btr: merge_mode is {ONCE!r} or {EVERY!r}, got {params.merge_mode!r}")
 
     def _base_hash(self, lm, params) -> dict:
         return {"v": FORMAT_VERSION, "split": params.split, "bits": params.bits, "calibrate": params.calibrate,
@@ -364,15 +535,17 @@ setting with ≥90% value is split 18 + LoRA at 1.67–1.69x. No setting here me
         rng = random.Random(0)
 
         def loss_of_step(peft_model, student):
-            picked, question_ids, target = cloze_example(lm.tokenizer, chunks, params.k, rng)
+            picked, question, target = cloze_question(lm.tokenizer, chunks, params.k, rng)
+            lead = lead_question_ids(lm.tokenizer, question) if params.query_aware else []
             codes = self._artifacts(corpus, codes_only, picked, loaded, sig).codes
             states = [torch.from_numpy(decoder.decode(codes[chunk_key(c["text"])])) for c in picked]
             return distill_loss(student, peft_model.disable_adapter, prefix, [token_ids[c["chunk_id"]] for c in picked],
-                                states, question_ids + target, params.split)
+                                states, final_question_ids(lm.tokenizer, question) + target, params.split, lead)
 
         training = train_adapter(lm, loss_of_step, params, (lambda f, m: progress(0.1 + 0.9 * f, m)) if progress else None,
                                  layers=list(range(params.split, lm.n_layers)),
-                                 meta={"recipe": RECIPE, "split": params.split, "bits": params.bits})
+                                 meta={"recipe": RECIPE, "split": params.split, "bits": params.bits,
+                                       "query_aware": params.query_aware})
         corpus.store.put_artifact(self.name, lm.model_id, self._adapter_hash(lm, codes_only, decoder_blob),
                                   adapter_key(sig), training.blob, collection_id=corpus.collection_id, basis=sig,
                                   meta={"loss_first": training.losses[0], "seconds": round(training.seconds, 1)})
@@ -380,8 +553,9 @@ setting with ≥90% value is split 18 + LoRA at 1.67–1.69x. No setting here me
                                 f"on {len(chunks)} chunks")
 
     def _adapter_hash(self, lm, params, decoder_blob) -> str:
+        layout = {"query_aware": True} if params.query_aware else {}  # today's adapters keep their keys
         return artifact_hash({"codes": self._chunk_hash(lm, params, decoder_blob), "k": params.k, "r": params.lora_r,
-                              "steps": params.lora_steps, "lr": params.lora_lr, "recipe": RECIPE})
+                              "steps": params.lora_steps, "lr": params.lora_lr, "recipe": RECIPE, **layout})
 
     def _adapter(self, corpus, params, decoder_blob, sig: str) -> bytes | None:
         """The LoRA distilled on the collection's current content for these knobs, when trained and wanted."""
@@ -500,6 +674,8 @@ setting with ≥90% value is split 18 + LoRA at 1.67–1.69x. No setting here me
         corpus.require_documents(self.name)
         hits, retrieve_s = corpus.retrieve_in_order(question, params.k)
         prompt = build_prompt(lm.tokenizer, question, hits)
+        if params.query_aware:  # the question's first copy, right after the instruction prefix
+            prompt.segments.insert(1, Segment("question", lead_question_ids(lm.tokenizer, question)))
         started = time.perf_counter()
         states, read, notes, prepare_s = self._load(corpus, params, hits)
         adapter = self._adapter(corpus, params, read.decoder_blob, read.sig)
@@ -517,26 +693,28 @@ setting with ≥90% value is split 18 + LoRA at 1.67–1.69x. No setting here me
         return _Plan(prompt, states, result, read.chunk_bytes + read.codebook_bytes, len(read.decoder_blob or b""),
                      adapter, read.chunk_bytes)
 
-    def _prefix_question(self, prompt, params, lm):
-        prefix = prompt.segments[0].ids
-        return prefix, prompt.segments[-1].ids
+    @staticmethod
+    def _query_side(prompt) -> tuple[list[int], list[int], list[int]]:
+        """(instruction prefix, question copy before the passages or [], question) of a planned prompt."""
+        lead = prompt.segments[1].ids if prompt.segments[1].kind == "question" else []
+        return prompt.segments[0].ids, lead, prompt.segments[-1].ids
 
     def answer(self, question, corpus, params, stream=None) -> Result:
         t0 = time.perf_counter()
         lm = corpus.lm
         plan = self._plan(question, corpus, params)
         prompt, states, result = plan.prompt, plan.states, plan.result
-        prefix, question_ids = self._prefix_question(prompt, params, lm)
+        prefix, lead, asked = self._query_side(prompt)
         clock = t0 + result.prepare_s  # preparation is not answering: TTFT and total skip it
         switch = time.perf_counter()
         with applied_adapter(lm, plan.adapter):
             result.load_s += time.perf_counter() - switch  # adapter switching is loading, as for every method
             shared = shared_prefix(lm, prefix)  # inside the adapter: a LoRA changes the prefix's upper layers too
             with torch.inference_mode():
-                fwd = btr_forward(lm, prefix, states, question_ids, params.split, 1, params.r_p, params.merge_layer,
-                                  prefix=shared.layers)
+                fwd = btr_forward(lm, prefix, states, asked, params.split, 1, params.r_p, params.merge_layer,
+                                  prefix=shared.layers, lead_ids=lead, merge_mode=params.merge_mode)
             generation = decode_loop(lm, fwd.cache, fwd.logits, fwd.next_pos, params.max_new_tokens, clock, stream,
-                                     step=decode_step(lm))
+                                     step=decode_step(lm, fwd.key_bias))
         passage_tokens = sum(len(s) for s in states)
         prefix_computed = len(prefix) if shared.fresh else 0
         if not shared.fresh:
@@ -546,9 +724,15 @@ setting with ≥90% value is split 18 + LoRA at 1.67–1.69x. No setting here me
             for seg in result.segments:
                 if seg["kind"] == "passage":
                     seg["mark"] = "merged"
-            result.notes.append(f"runtime merging folded {fwd.removed} of {passage_tokens} passage tokens")
-        # passages in the widest attention window: merging at the split folds them for every upper layer
-        attended = passage_tokens - (fwd.removed if fwd.merge_at == params.split else 0)
+            how = (f"{params.r_p:g} of each passage's remaining tokens before every layer from {fwd.merge_at}, "
+                   "with proportional attention" if params.merge_mode == EVERY else f"once, at layer {fwd.merge_at}")
+            result.notes.append(f"runtime merging folded {fwd.removed} of {passage_tokens} passage tokens by the "
+                                f"last layer ({how})")
+        if lead:
+            result.notes.append(f"query-aware: passages attend to a copy of the question in layers "
+                                f"[{params.split}, {lm.n_layers}); their stored lower-layer states stay query-agnostic")
+        # passages in the widest attention window (the first upper layer's): what merging removed before it ran
+        attended = passage_tokens - fwd.removed_at_split
         result.prompt_tokens = len(prompt) - passage_tokens + attended
         result.cached_tokens = attended + len(prefix) - prefix_computed
         result.storage_bytes = plan.chunk_bytes + plan.decoder_bytes + len(plan.adapter or b"")
@@ -576,11 +760,11 @@ setting with ≥90% value is split 18 + LoRA at 1.67–1.69x. No setting here me
         (they run the lower layers without the passages, the upper layers with everything)."""
         lm = corpus.lm
         plan = self._plan(question, corpus, params)
-        prefix, question_ids = self._prefix_question(plan.prompt, params, lm)
+        prefix, lead, asked = self._query_side(plan.prompt)
         target = answer_ids(lm.tokenizer, gold)
         with applied_adapter(lm, plan.adapter), torch.inference_mode():
-            fwd = btr_forward(lm, prefix, plan.states, question_ids + target, params.split, len(target) + 1,
-                              params.r_p, params.merge_layer)
+            fwd = btr_forward(lm, prefix, plan.states, asked + target, params.split, len(target) + 1,
+                              params.r_p, params.merge_layer, lead_ids=lead, merge_mode=params.merge_mode)
         return mean_nll(fwd.logits, target)
 
 

@@ -36,6 +36,19 @@ class MeasuredRun:
         command = self.meta.get("command", "")
         return dict(re.findall(rf"(?<![\w.]){re.escape(method)}\.(\w+)=([^\s,;`]+)", command))
 
+    @property
+    def name(self) -> str:
+        """The file's path under assets/results/, e.g. "btr_grid_summary.md"."""
+        return self.path.relative_to(RESULTS_DIR).as_posix()
+
+    @property
+    def records(self) -> list[dict[str, str]]:
+        """Every row as {column header: cell text}, in the file's order."""
+        return [dict(zip(self.columns, cells)) for cells in self.rows.values()]
+
+    def record(self, method: str) -> dict[str, str] | None:
+        return dict(zip(self.columns, self.rows[method])) if method in self.rows else None
+
     def value(self, method: str, column: str) -> str | None:
         row = self.rows.get(method)
         return row[self.columns.index(column)] if row and column in self.columns else None
