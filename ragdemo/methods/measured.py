@@ -17,7 +17,7 @@ class MeasuredRun:
     path: Path
     meta: dict[str, str]  # the header's "- key: value" lines: data, model, machine, date, command, reference
     columns: list[str]  # the table's header cells
-    rows: dict[str, list[str]]  # method label -> its cells
+    rows: dict[str, list[str]]  # method label (without a "(NLL only)"-style remark) -> its cells
 
     @property
     def relative(self) -> str:
@@ -86,7 +86,7 @@ def measured_run(relative: str) -> MeasuredRun | None:
             if not columns:
                 columns = cells
             else:
-                rows.setdefault(cells[0], cells)
+                rows.setdefault(cells[0].split(" (")[0], cells)  # "retro (indicative: ...)" is retro's row
         elif columns and rows and not line.startswith("|"):
             break  # the first table only (needle grids follow in some runs)
     return MeasuredRun(path, meta, columns, rows) if columns else None
