@@ -186,18 +186,23 @@ def test_nll_teacher_forces_the_gold_after_exactly_the_question_neighbours(corpu
 
 
 # ------------------------------------------------------------------ the card's measured table
-def test_card_table_is_read_from_the_bundled_result_file_with_its_stride():
+def test_card_table_is_read_from_the_bundled_result_file_with_its_stride(monkeypatch):
     from pathlib import Path
 
     summary = (Path(__file__).resolve().parents[1] / "assets" / "results" / "squad_all_summary.md").read_text()
     retro_row = next(line for line in summary.splitlines() if line.startswith("| retro |"))
     cells = [c.strip() for c in retro_row.strip("|").split("|")]
-    card = get_method("retro").card
+    monkeypatch.setattr(retro_module, "MEASURED_RUNS", ("squad_all_summary.md",))  # the older run alone
+    text = retro_module.measured_paragraph()
     # F1, contains, value kept and TTFT of the file's row, in that order, in one table row of the card
-    assert f"| retro | {cells[1]} | {cells[4]} | {cells[5]} | {cells[7]} | {cells[9]} |" in card
-    assert "squad_all_summary.md" in card and "stride=64" in card  # the stride that run had (the default then)
-    assert "No re-retrieval happened in this run" in card and "max new tokens 24" in card
+    assert f"| retro | {cells[1]} | {cells[4]} | {cells[5]} | {cells[7]} | {cells[9]} |" in text
+    assert "squad_all_summary.md" in text and "stride=64" in text  # the stride that run had (the default then)
+    assert "No re-retrieval happened in this run" in text and "max new tokens 24" in text
+    card = get_method("retro").card
     assert "no re-retrieval: the answer ended" in card  # the card explains the note an answer gets
+    first = next(name for name in retro_module.MEASURED_RUNS
+                 if (Path(__file__).resolve().parents[1] / "assets" / "results" / name).exists())
+    assert f"assets/results/{first}" in card  # the card shows the newest bundled run
 
 
 def test_card_prefers_a_fresh_run_and_counts_its_re_retrievals(tmp_path, monkeypatch):
