@@ -5,13 +5,13 @@ float top-k, the gold-paragraph hit rate of both retrievers on the same question
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from .datasets import load_squad
+from .storage import human_bytes, write_rows
 
 MIN_SHARED_CHARS = 20  # a chunk piece this long that lies inside the gold paragraph places the chunk there
 
@@ -81,10 +81,6 @@ def run_retriever_bench(settings, article_counts: list[int | None], n: int = 100
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _kb(n: int) -> str:
-    return f"{n / 1e6:,.2f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} kB"
-
-
 def retrievers_markdown(rows: list[RetrieverRow]) -> str:
     lines = ["| collection | chunks | questions | recall@k binary vs float (rescored) | Hamming only | rescore "
              "| gold paragraph in top-k, float | gold paragraph in top-k, binary | float32 embeddings "
@@ -93,15 +89,10 @@ def retrievers_markdown(rows: list[RetrieverRow]) -> str:
     for r in rows:
         lines.append(f"| {r.collection} | {r.chunks:,} | {r.questions} | {r.recall_at_k:.3f} (k={r.k}) | "
                      f"{r.recall_at_k_hamming_only:.3f} | x{r.rescore} | {r.gold_hit_float:.0%} | {r.gold_hit_binary:.0%} | "
-                     f"{_kb(r.float32_bytes)} | {_kb(r.float_index_bytes)} | {_kb(r.binary_index_bytes)} | "
+                     f"{human_bytes(r.float32_bytes)} | {human_bytes(r.float_index_bytes)} | {human_bytes(r.binary_index_bytes)} | "
                      f"{r.smaller_than_float32:.0f}x |")
     return "\n".join(lines)
 
 
 def write_retrievers(rows: list[RetrieverRow], out: Path, meta: dict) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    data = out / "retrievers.json"
-    data.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
-    table = out / "retrievers_summary.md"
-    table.write_text(retrievers_markdown(rows) + "\n")
-    return [data, table]
+    return write_rows(out, "retrievers", rows, meta, retrievers_markdown(rows))

@@ -83,7 +83,7 @@ def run_storage_bench(settings, specs_text: str = DEFAULT_SPECS, min_tokens: int
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _kb(n: int) -> str:
+def human_bytes(n: int) -> str:
     return f"{n / 1e6:,.2f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} kB"
 
 
@@ -92,17 +92,22 @@ def storage_markdown(rows: list[StorageRow]) -> str:
              "| per-chunk bytes / token | fp16 KV bytes / token | smaller than fp16 KV |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        shared = ", ".join(f"{k} {_kb(v)}" for k, v in r.shared.items()) or "none"
-        lines.append(f"| {r.collection} | {r.method} | {r.tokens:,} | {_kb(r.chunk_bytes)} | {shared} | {_kb(r.total)} | "
+        shared = ", ".join(f"{k} {human_bytes(v)}" for k, v in r.shared.items()) or "none"
+        lines.append(f"| {r.collection} | {r.method} | {r.tokens:,} | {human_bytes(r.chunk_bytes)} | {shared} | {human_bytes(r.total)} | "
                      f"{r.bytes_per_token:,.1f} | {r.chunk_bytes_per_token:,.1f} | {r.fp16_kv_bytes_per_token:,} | "
                      f"{r.smaller_than_kv:,.0f}x |")
     return "\n".join(lines)
 
 
-def write_storage(rows: list[StorageRow], out: Path, meta: dict) -> list[Path]:
+def write_rows(out: Path, stem: str, rows: list, meta: dict, markdown: str) -> list[Path]:
+    """A bench command's result files: `stem`.json (meta + rows) and `stem`_summary.md (its table)."""
     out.mkdir(parents=True, exist_ok=True)
-    data = out / "storage.json"
+    data = out / f"{stem}.json"
     data.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
-    table = out / "storage_summary.md"
-    table.write_text(storage_markdown(rows) + "\n")
+    table = out / f"{stem}_summary.md"
+    table.write_text(markdown + "\n")
     return [data, table]
+
+
+def write_storage(rows: list[StorageRow], out: Path, meta: dict) -> list[Path]:
+    return write_rows(out, "storage", rows, meta, storage_markdown(rows))
