@@ -612,3 +612,30 @@ def test_cancel_pressed_while_the_job_waits_in_the_queue_is_not_lost():
 
     status = library.run_job(jobs, "prepare", Request(), None, library.reported(1)(job))
     assert status.startswith("**Cancelled.**") and ran == []
+
+
+def test_every_handler_gets_its_request_and_progress_from_gradio(tiny_bench):
+    """Gradio injects gr.Request and gr.Progress only into parameters before *args: a keyword-only one is never
+    filled and the handler fails with a TypeError in the real app (the benchmark's Run and Prepare did), which
+    tests calling the handlers directly cannot see."""
+    import inspect
+    import typing
+
+    app = build_app(tiny_bench)
+    fns = app.fns.values() if isinstance(app.fns, dict) else app.fns
+    checked, missed = 0, []
+    for block_fn in fns:
+        fn = block_fn.fn
+        if fn is None:
+            continue
+        try:
+            hints = typing.get_type_hints(fn)
+        except Exception:  # noqa: BLE001 - a lambda or builtin without resolvable hints
+            hints = {}
+        for param in inspect.signature(fn).parameters.values():
+            special = hints.get(param.name) is gr.Request or isinstance(param.default, gr.Progress)
+            if special:
+                checked += 1
+                if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+                    missed.append(f"{fn.__qualname__}({param.name})")
+    assert checked >= 3 and not missed, missed  # bench Run, Prepare, Fine-tune, Compare, upload at least

@@ -145,7 +145,8 @@ def build_bench_tab(workbench, jobs: Jobs) -> None:
             needle = gr.Image(label="Needle heatmap", type="filepath", show_label=False, visible=False)
         files = gr.File(label="results.json, summary.csv, summary.md", file_count="multiple")
 
-        def run(*args, request: gr.Request, progress=gr.Progress()):
+        # Gradio injects the request and the progress tracker only into parameters before *args
+        def run(request: gr.Request, progress=gr.Progress(), *args):
             session = session_of(request)
             flag = jobs.flag(session, "bench")  # registered by the click, so a Cancel during the queue wait counts
             try:

@@ -264,13 +264,12 @@ class LibraryTab:
         Compare from another user waits for one step, not for the whole job."""
         wb, jobs = self.workbench, self.jobs
 
-        def run_prepare(m, c, *v, request: gr.Request, progress=gr.Progress()):
-            return run_job(jobs, "prepare", request, progress,
-                           lambda p: prepare(wb, knobs, m, c, *v, progress=p))
+        # Gradio injects the request and the progress tracker only into parameters before *values
+        def run_prepare(request: gr.Request, progress=gr.Progress(), *values):
+            return run_job(jobs, "prepare", request, progress, lambda p: prepare(wb, knobs, *values, progress=p))
 
-        def run_finetune(m, c, *v, request: gr.Request, progress=gr.Progress()):
-            return run_job(jobs, "prepare", request, progress,
-                           lambda p: finetune(wb, knobs, m, c, *v, progress=p))
+        def run_finetune(request: gr.Request, progress=gr.Progress(), *values):
+            return run_job(jobs, "prepare", request, progress, lambda p: finetune(wb, knobs, *values, progress=p))
 
         def stop(request: gr.Request):
             return cancel_job(jobs, "prepare", request)
