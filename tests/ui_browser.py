@@ -205,7 +205,10 @@ SHOTS = ROOT / "assets" / "screenshots"
 def open_tab(driver, name: str) -> None:
     from selenium.webdriver.common.by import By
 
-    driver.find_element(By.XPATH, f"//button[@role='tab'][contains(., '{name}')]").click()
+    tab = f"//button[@role='tab'][contains(., '{name}')]"
+    # Gradio draws the page after it loads: right after driver.get() the tabs may not exist yet
+    wait_until(lambda: driver.find_elements(By.XPATH, tab), 60, f"the {name} tab")
+    driver.find_element(By.XPATH, tab).click()
     time.sleep(0.5)
 
 
