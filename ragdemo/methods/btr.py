@@ -29,7 +29,7 @@ from ..engine.prompt import question_ids as final_question_ids
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash, chunk_key
-from .measured import measured_run
+from .measured import measured_run, share
 from .base import (Params, Method, Result, StorageAccount, finish, params_from, storage_ratio,
                    storage_sentence)
 
@@ -249,13 +249,6 @@ class _Measured:
     lora: bool
 
 
-def _number(cell: str | None) -> float | None:
-    try:
-        return float(cell.replace("%", "").replace("x", "").replace(",", ""))
-    except (AttributeError, ValueError):
-        return None
-
-
 def _adapter_knobs(params: BtrParams) -> tuple:
     """What decides which adapter a variant reads (as `Btr._adapter_hash`, without the collection)."""
     return (params.split, params.bits, params.calibrate, params.after_prefix, params.k, params.lora_r,
@@ -275,9 +268,9 @@ def measured_rows(summary) -> list[_Measured]:
     trained = {_adapter_knobs(p) for _, p in parsed if p.train and p.lora}
     out = []
     for row, params in parsed:
-        value, ratio = _number(row.get("value kept")), _number(row.get("TTFT vs ref"))
-        out.append(_Measured(row["method"], params, None if value is None else value / 100,
-                             1 / ratio if ratio else None, row, params.lora and _adapter_knobs(params) in trained))
+        value, ratio = share(row.get("value kept")), share(row.get("TTFT vs ref"))
+        out.append(_Measured(row["method"], params, value, 1 / ratio if ratio else None, row,
+                             params.lora and _adapter_knobs(params) in trained))
     return out
 
 
@@ -302,7 +295,7 @@ def btr_table(summary) -> str:
     for m in measured_rows(summary):
         p, r = m.params, m.row
         speed = f"{m.speedup:.2f}x" if m.speedup else "–"
-        stored = _number(r.get("storage B"))
+        stored = share(r.get("storage B"))
         calibration = "–" if p.bits == FLOAT_BITS else ("on" if p.calibrate else "off")  # fp16 states need none
         lines.append(f"| {p.split} | {'fp16' if p.bits == FLOAT_BITS else p.bits} | {calibration} | "
                      f"{'on' if p.query_aware else '–'} | {'on' if m.lora else '–'} | {_merging(p)} | "
