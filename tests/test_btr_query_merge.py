@@ -312,10 +312,10 @@ def test_card_tables_and_verdict_are_rendered_from_the_result_files(tmp_path, mo
     table = btr_module.btr_table(found[0]).splitlines()
     rows = [line for line in table if line.startswith("| 1")]
     assert rows == [
-        "| 18 | 1 | on | on | on | – | 96% (90%) | 21.0% | 2.08x | 4.70 MB |",
-        "| 18 | 1 | on | on | on | 0.1 per layer from the split | 93% (85%) | 20.0% | 3.33x | 4.70 MB |",
-        "| 18 | 1 | on | – | – | 0.1 per layer from the split | 70% (60%) | 12.0% | 3.12x | 3.20 MB |",
-        "| 12 | fp16 | – | – | – | – | 99% (95%) | 19.0% | 1.33x | 8.00 MB |"]
+        "| 18 | 1 | on | on | on | – | 96% (90%) | 21.0% | 2.08x | 4.70 MB | – |",
+        "| 18 | 1 | on | on | on | 0.1 per layer from the split | 93% (85%) | 20.0% | 3.33x | 4.70 MB | – |",
+        "| 18 | 1 | on | – | – | 0.1 per layer from the split | 70% (60%) | 12.0% | 3.12x | 3.20 MB | – |",
+        "| 12 | fp16 | – | – | – | – | 99% (95%) | 19.0% | 1.33x | 8.00 MB | – |"]
     assert "TTFT 0.400 s" in table[0] and "`python -m ragdemo bench --methods rag,...`" in table[1]
     verdict = btr_module.frontier_verdict(found)
     assert "at ≥2x faster TTFT, 1 bit — **met**" in verdict and "≥90% at ≥3x — **met**" in verdict
@@ -336,3 +336,9 @@ def test_the_card_shows_every_btr_row_of_the_shipped_results():
         assert f"{m.row['value kept']} ({m.row['value kept (median)']})" in Btr.card
     assert "residual sign planes" not in Btr.card and "one fp16 step per token" in Btr.card
     assert "query_aware" in Btr.card and "`split` here" in Btr.card
+
+
+def test_card_rows_show_everything_stored_per_collection_token():
+    from ragdemo.methods.btr import _per_token
+
+    assert _per_token({"bytes/tok": "1,254.2"}) == "1,254.2 B" and _per_token({}) == "–"

@@ -56,6 +56,40 @@ def plot_pareto(run, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def short_labels(labels: list[str]) -> list[str]:
+    """Variant labels without the method name when they all share it ('btr@split=18@lora=0' -> 'split=18 lora=0')."""
+    names = {label.split("@", 1)[0] for label in labels}
+    if len(names) != 1:
+        return labels
+    return [label.split("@", 1)[1].replace("@", " ") if "@" in label else label for label in labels]
+
+
+def plot_speedup(run, path: Path) -> Path | None:
+    """Context value kept against 'x faster than the reference' (its TTFT / the method's, same run), one point
+    per variant with its Pareto front: the frontier view of a knob sweep. Needs at least two non-reference rows."""
+    ref = run.meta["reference"]
+    rows = [r for r in run.summary if r["method"] != ref and _finite(r.get("ttft_vs_ref")) and r["ttft_vs_ref"]
+            and _finite(r.get("value_kept"))]
+    if len(rows) < 2:
+        return None
+    points = [(1 / r["ttft_vs_ref"], 100 * r["value_kept"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7.4, 4.6), dpi=110)
+    ax.scatter([p[0] for p in points], [p[1] for p in points], s=36, zorder=3)
+    for label, p in zip(short_labels([r["method"] for r in rows]), points):
+        ax.annotate(label, p, textcoords="offset points", xytext=(4, 3), fontsize=6.5)
+    front = pareto_front([(-x, y) for x, y in points])  # faster and better is the corner to reach
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="tab:red", lw=1,
+            label="Pareto front", zorder=2)
+    ax.axvline(1.0, color="grey", lw=0.8)
+    ax.axhline(100.0, color="grey", lw=0.8)
+    ax.set_xlabel(f"x faster than {ref} (its TTFT / the method's, same run)")
+    ax.set_ylabel(f"context value kept (% of {ref})")
+    ax.set_title(f"{run.meta['dataset']}: value kept vs speed-up over {ref}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_storage(run, path: Path) -> Path | None:
     rows = [r for r in run.summary if _finite(r["storage_bytes"])]
     if not rows:
@@ -108,6 +142,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def make_plots(run, out: Path) -> list[Path]:
-    made = [plot_pareto(run, out / "quality_vs_ttft.png"), plot_storage(run, out / "storage.png"),
+    made = [plot_pareto(run, out / "quality_vs_ttft.png"), plot_speedup(run, out / "value_vs_speedup.png"),
+            plot_storage(run, out / "storage.png"),
             plot_needle(run, out / "needle_heatmap.png")]
     return [p for p in made if p]

@@ -291,7 +291,8 @@ def btr_table(summary) -> str:
             f"{meta.get('machine', '?')}; {meta.get('date', '?')}. RAG over the same chunks: TTFT "
             f"{rag.get('TTFT s', '?')} s, contains {rag.get('contains', '?')}%.  \nCommand: `{meta.get('command', '?').strip('`')}`")
     lines = [head, "", "| split | bits | calibration | query-aware | LoRA | runtime merging | value kept (median) | "
-             "contains | TTFT, x faster than RAG | stored for the collection, everything |", "|---|" * 1 + "---|" * 9]
+             "contains | TTFT, x faster than RAG | stored for the collection, everything | per collection token |",
+             "|---|" * 1 + "---|" * 10]
     for m in measured_rows(summary):
         p, r = m.params, m.row
         speed = f"{m.speedup:.2f}x" if m.speedup else "–"
@@ -300,8 +301,14 @@ def btr_table(summary) -> str:
         lines.append(f"| {p.split} | {'fp16' if p.bits == FLOAT_BITS else p.bits} | {calibration} | "
                      f"{'on' if p.query_aware else '–'} | {'on' if m.lora else '–'} | {_merging(p)} | "
                      f"{r.get('value kept', '?')} ({r.get('value kept (median)', '?')}) | {r.get('contains', '?')}% | "
-                     f"{speed} | {'?' if stored is None else f'{stored / 1e6:.2f} MB'} |")
+                     f"{speed} | {'?' if stored is None else f'{stored / 1e6:.2f} MB'} | {_per_token(r)} |")
     return "\n".join(lines)
+
+
+def _per_token(row: dict) -> str:
+    """The summary's bytes/tok: everything stored for the collection over the collection's tokens."""
+    per_token = share(row.get("bytes/tok"))
+    return "–" if per_token is None else f"{per_token:,.1f} B"
 
 
 def measured_summaries() -> list:
