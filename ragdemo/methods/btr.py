@@ -104,9 +104,8 @@ def btr_forward(lm, prefix_ids: list[int], passages: list[torch.Tensor], questio
     if computed:
         run_layers(lm, embed(lm, torch.tensor([prefix_ids], device=device)), 0, n_layers, positions(0, p, device),
                    CAUSAL, cache)
-    lower = [_lower_query(lm, lead, p, split, cache)] if a else []  # the lead first: the question's cache holds it
-    lower.append(_lower_query(lm, question_ids, p + a + n, split, cache))
-    h = torch.cat(lower[:-1] + [s.to(device, dtype).unsqueeze(0) for s in passages] + lower[-1:], dim=1)
+    lower = _lower_query(lm, [(lead, p), (list(question_ids), p + a + n)], split, cache)
+    h = torch.cat([lower[:, :a]] + [s.to(device, dtype).unsqueeze(0) for s in passages] + [lower[:, a:]], dim=1)
     pos = positions(p, a + n + q, device)
     merge_at = split if merge_layer is None or merge_layer < 0 else max(split, min(merge_layer, n_layers))
     h = run_layers(lm, h, split, merge_at, pos, CAUSAL, cache)
@@ -118,10 +117,13 @@ def btr_forward(lm, prefix_ids: list[int], passages: list[torch.Tensor], questio
                    removed_at_split, upper.key_bias)
 
 
-def _lower_query(lm, ids: list[int], start: int, split: int, cache) -> torch.Tensor:
-    """Query-side tokens through layers [0, split) at their final positions, after what the cache holds."""
-    h = embed(lm, torch.tensor([ids], device=lm.device))
-    return run_layers(lm, h, 0, split, positions(start, len(ids), lm.device), CAUSAL, cache)
+def _lower_query(lm, pieces: list[tuple[list[int], int]], split: int, cache) -> torch.Tensor:
+    """Query-side pieces (ids, first position) through layers [0, split), each at its final positions, causal in
+    order after what the cache holds (the question sees the lead, as if run after it). One call for all pieces:
+    a short prefill costs mostly the reading of each layer's weights, so two calls would read them twice."""
+    ids = [i for piece, _ in pieces for i in piece]
+    pos = torch.cat([positions(start, len(piece), lm.device) for piece, start in pieces], dim=1)
+    return run_layers(lm, embed(lm, torch.tensor([ids], device=lm.device)), 0, split, pos, CAUSAL, cache)
 
 
 @dataclass
