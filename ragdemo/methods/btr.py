@@ -766,8 +766,11 @@ Targets: {storage target}. {frontier}.""" \
         used exactly when that adapter is (lora on and trained); otherwise None."""
         if RECOVERY not in params.objective or not params.lora or not params.calibrate:
             return None
-        return corpus.store.get_artifact(self.name, corpus.lm.model_id, self._adapter_hash(corpus.lm, params, decoder_blob),
-                                         self._decoder_key(sig))
+        lm, store = corpus.lm, corpus.store
+        where = self._adapter_hash(lm, params, decoder_blob)
+        if not store.artifact_keys(self.name, lm.model_id, where, [adapter_key(sig)]):
+            return None  # a fine-tune stopped between the two writes: the decoder alone is never used
+        return store.get_artifact(self.name, lm.model_id, where, self._decoder_key(sig))
 
     def _trained_decoder(self, corpus, params, read: "_Read") -> Decoder | None:
         blob = self._trained_decoder_blob(corpus, params, read.decoder_blob, read.sig)
