@@ -598,7 +598,9 @@ Targets: {storage target}. {frontier}.""" \
         loaded = self._load_decoder(corpus, codes_only, sig)  # once, not per step
         decoder, decoder_blob = loaded
         # recovery: the least-squares decoder becomes trainable and learns with the LoRA; it reads the very codes
-        # answers read (the centre, the only part they depend on, stays fixed), through the STE quantiser
+        # answers read (the centre, the only part they depend on, stays fixed), through the STE quantiser. The
+        # lower layers are frozen (their states are precomputed), so the STE's gradient stops at those states:
+        # the decoder learns from the KL through the upper layers and from the recovery MSE
         trained = TrainableDecoder(decoder) if RECOVERY in params.objective else None
         prefix = prefix_ids(lm.tokenizer)
         rng = random.Random(0)
