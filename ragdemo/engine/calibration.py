@@ -117,12 +117,23 @@ def ste_features(states: torch.Tensor, codes: Codes, centre: np.ndarray) -> torc
 class TrainableDecoder(torch.nn.Module):
     """The least-squares decoder as a trainable map (passage representation recovery): the weight starts at the
     closed-form fit and learns; the centre stays fixed, because the stored codes are sign/grid values of
-    h - centre and so depend on the centre only: keeping it fixed keeps every stored code valid."""
+    h - centre and so depend on the centre only: keeping it fixed keeps every stored code valid.
+
+    The weight is fit + delta x (the fit's RMS per output channel), delta starting at 0: an optimizer step of a
+    given size then changes every channel by the same fraction, whatever the model's state scale (LLM states
+    have channels hundreds of times larger than others), and the untrained decoder is the fit exactly."""
 
     def __init__(self, fitted: Decoder):
         super().__init__()
         self.centre = fitted.centre
-        self.weight = torch.nn.Parameter(torch.from_numpy(fitted.weight.copy()))
+        fit = torch.from_numpy(fitted.weight.copy())
+        self.register_buffer("fit", fit)
+        self.register_buffer("scale", (fit ** 2).mean(dim=0, keepdim=True).sqrt().clamp_min(1e-12))
+        self.delta = torch.nn.Parameter(torch.zeros_like(fit))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.fit + self.delta * self.scale
 
     def forward(self, codes: Codes, states: torch.Tensor | None = None) -> torch.Tensor:
         """Decoded states [n, d]: the same math as `Decoder.decode` (features @ weight, fp32); through the
@@ -133,4 +144,3 @@ class TrainableDecoder(torch.nn.Module):
 
     def frozen(self) -> Decoder:
         return Decoder(self.centre, self.weight.detach().numpy().copy())
-

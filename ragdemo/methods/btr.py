@@ -630,7 +630,7 @@ Targets: {storage target}. {frontier}.""" \
                                  layers=list(range(params.split, lm.n_layers)),
                                  meta={"recipe": RECIPE, "split": params.split, "bits": params.bits,
                                        "query_aware": params.query_aware, "objective": params.objective},
-                                 extra=[trained.weight] if trained is not None else [])
+                                 extra=[trained.delta] if trained is not None else [])
         adapter_hash = self._adapter_hash(lm, codes_only, decoder_blob)
         if trained is not None:  # before the adapter: an adapter stored means its decoder is there too
             corpus.store.put_artifact(self.name, lm.model_id, adapter_hash, self._decoder_key(sig),
