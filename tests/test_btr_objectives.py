@@ -16,7 +16,7 @@ from ragdemo.engine.prompt import lead_question_ids, question_ids
 from ragdemo.engine.scoring import answer_ids, mean_nll
 from ragdemo.errors import UserError
 from ragdemo.methods import get_method
-from ragdemo.methods.btr import (RECIPE, SALIENT_FRACTION, btr_forward, passage_saliency, prefix_ids,
+from ragdemo.methods.btr import (RECIPE, SALIENT_FRACTION, btr_forward, prefix_ids,
                                  salient_distill_loss)
 from ragdemo.store import artifact_hash, chunk_key
 
