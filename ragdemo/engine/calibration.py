@@ -80,3 +80,67 @@ def fit_decoder(states: list[np.ndarray], bits: int, ridge: float = 1e-3, max_to
 def identity_decoder(d: int) -> Decoder:
     """Calibration off: signs of the raw state, decoded as sum of scale * sign."""
     return Decoder(np.zeros(d, np.float32), None)
+
+
+# ------------------------------------------------------------------------------- trained recovery (STE)
+
+class StraightThrough(torch.autograd.Function):
+    """Forward: `quantised` exactly (the stored code's values, not re-derived, so no float round-off can creep
+    in); backward: the gradient passes to the float input unchanged where `keep` is true, else 0 (a clipped
+    identity for the sign, as in binarised networks)."""
+
+    @staticmethod
+    def forward(ctx, x, quantised, keep):
+        ctx.save_for_backward(keep)
+        return quantised.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        keep, = ctx.saved_tensors
+        return grad * keep, None, None
+
+
+def ste_features(states: torch.Tensor, codes: Codes, centre: np.ndarray) -> torch.Tensor:
+    """`features` of the stored codes in the autograd graph of the float states [n, d] they were encoded from:
+    the forward value is bit for bit `features(codes, ...)`; the backward is the identity into the states for
+    the scaled reconstruction, and the identity clipped to |h - centre| <= step for the signs."""
+    plain = codes.reconstruct(centre)
+    exact = torch.from_numpy(features(codes, plain, centre))
+    d = codes.d
+    x = states.float() - torch.from_numpy(centre.astype(np.float32))
+    step = torch.from_numpy(codes.scales.astype(np.float32))[:, None]
+    recon = StraightThrough.apply(x, exact[:, :d], torch.ones_like(x, dtype=torch.bool))
+    signs = StraightThrough.apply(x, exact[:, d:2 * d], x.abs() <= step)
+    return torch.cat([recon, signs, exact[:, 2 * d:]], dim=1)
+
+
+class TrainableDecoder(torch.nn.Module):
+    """The least-squares decoder as a trainable map (passage representation recovery): the weight starts at the
+    closed-form fit and learns; the centre stays fixed, because the stored codes are sign/grid values of
+    h - centre and so depend on the centre only: keeping it fixed keeps every stored code valid.
+
+    The weight is fit + delta x (the fit's RMS per output channel), delta starting at 0: an optimizer step of a
+    given size then changes every channel by the same fraction, whatever the model's state scale (LLM states
+    have channels hundreds of times larger than others), and the untrained decoder is the fit exactly."""
+
+    def __init__(self, fitted: Decoder):
+        super().__init__()
+        self.centre = fitted.centre
+        fit = torch.from_numpy(fitted.weight.copy())
+        self.register_buffer("fit", fit)
+        self.register_buffer("scale", (fit ** 2).mean(dim=0, keepdim=True).sqrt().clamp_min(1e-12))
+        self.delta = torch.nn.Parameter(torch.zeros_like(fit))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.fit + self.delta * self.scale
+
+    def forward(self, codes: Codes, states: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoded states [n, d]: the same math as `Decoder.decode` (features @ weight, fp32); through the
+        straight-through quantiser when the float `states` the codes came from are given."""
+        feats = (ste_features(states, codes, self.centre) if states is not None
+                 else torch.from_numpy(features(codes, codes.reconstruct(self.centre), self.centre)))
+        return feats @ self.weight
+
+    def frozen(self) -> Decoder:
+        return Decoder(self.centre, self.weight.detach().numpy().copy())

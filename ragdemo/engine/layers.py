@@ -126,3 +126,30 @@ def forward_all(lm, ids: torch.Tensor, cache=None, start_pos: int = 0, last_only
     pos = positions(start_pos, q, lm.device)
     hidden = run_layers(lm, h, 0, lm.n_layers, pos, CAUSAL, cache)
     return logits(lm, hidden[:, -1:] if last_only else hidden)
+
+
+def attention_from(lm, hidden_in: torch.Tensor, layer: int, pos: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Layer `layer`'s causal attention probabilities [heads, len(rows), keys] from the query positions `rows`
+    to every key up to the last of them, recomputed from the layer's input states `hidden_in` [1, n, d] (SDPA
+    never returns its weights; this avoids switching the shared model to eager attention). Same projections,
+    q/k norms (Qwen3), RoPE and scaling as the layer itself."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    block = lm.model.model.layers[layer]
+    attn = block.self_attn
+    x = block.input_layernorm(hidden_in)
+    end = rows.stop if rows.stop is not None else x.shape[1]
+    x = x[:, :end]
+
+    def heads(proj, norm, part):
+        out = proj(part).view(1, part.shape[1], -1, attn.head_dim)
+        return (norm(out) if norm is not None else out).transpose(1, 2)
+
+    q = heads(attn.q_proj, getattr(attn, "q_norm", None), x)
+    k = heads(attn.k_proj, getattr(attn, "k_norm", None), x)
+    cos, sin = lm.model.model.rotary_emb(x, position_ids=pos[:, :end])
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = repeat_kv(k, q.shape[1] // k.shape[1])
+    scores = (q[:, :, rows] @ k.transpose(-1, -2)) * attn.scaling
+    allowed = causal_mask(end, end, x.device)[:, :, rows]
+    return torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1)[0]

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import random
 import struct
 import time
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from .layers import forward_all
+from .layers import CAUSAL, embed, logits, positions, run_layers
 from .memo import BoundedCache
 from .prompt import encode, question_ids
 
@@ -95,16 +96,18 @@ def private_lm(lm):
 
 
 def train_adapter(lm, loss_of_step, knobs: LoraKnobs, progress=None, layers: list[int] | None = None,
-                  meta: dict | None = None) -> Training:
+                  meta: dict | None = None, extra: list[torch.nn.Parameter] = ()) -> Training:
     """The one LoRA training loop: AdamW, clipped gradients, seeded. It trains on `private_lm(lm)`:
     `loss_of_step(peft_model, student)` builds one example and returns its loss, running the model through
     `student` (the private LM, adapter in; `peft_model.disable_adapter()` switches it off for a teacher).
-    `progress(fraction, message)` after every step: the shared model is untouched there."""
+    `extra` parameters (e.g. a trainable decoder) learn jointly with the LoRA in the same optimizer; the
+    caller owns and stores them. `progress(fraction, message)` after every step: the shared model is untouched
+    there."""
     torch.manual_seed(0)
     started, losses = time.perf_counter(), []
     student = private_lm(lm)
     with trainable_lora(student, r=knobs.lora_r, alpha=2 * knobs.lora_r, layers=layers) as peft_model:
-        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        trainable = [p for p in peft_model.parameters() if p.requires_grad] + list(extra)
         optimizer = torch.optim.AdamW(trainable, lr=knobs.lora_lr, weight_decay=0.0)
         for step in range(knobs.lora_steps):
             loss = loss_of_step(peft_model, student)
@@ -146,9 +149,37 @@ def teacher_logits(lm, teacher_off, prefix_ids: list[int], passage_ids: list[lis
     """The full model reading the passages as plain text (what RAG sees), at every query-side position;
     `lead_ids` (a question copy before the passages) for layouts that have one. `teacher_off()` is a context in
     which the adapter being trained is switched off."""
+    return teacher_run(lm, teacher_off, prefix_ids, passage_ids, query_ids, lead_ids)[0]
+
+
+def teacher_run(lm, teacher_off, prefix_ids: list[int], passage_ids: list[list[int]], query_ids: list[int],
+                lead_ids: list[int] = (), keep_layers: range = range(0)) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """`teacher_logits`, plus what state-level distillation needs: {layer: that layer's input states} for
+    `keep_layers`, and the last layer's output [1, n, d]; one forward, layer by layer."""
     full = prefix_ids + list(lead_ids) + [i for ids in passage_ids for i in ids] + query_ids
     with torch.no_grad(), teacher_off():
-        return forward_all(lm, torch.tensor([full], device=lm.device))[0, -len(query_ids):].float()
+        h = embed(lm, torch.tensor([full], device=lm.device))
+        pos = positions(0, len(full), lm.device)
+        inputs = {}
+        for layer in range(lm.n_layers):
+            if layer in keep_layers:
+                inputs[layer] = h
+            h = run_layers(lm, h, layer, layer + 1, pos, CAUSAL)
+        return logits(lm, h[:, -len(query_ids):])[0].float(), inputs, h
+
+
+def salient_tokens(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Indices of the ceil(fraction x n) highest `scores` (ties: the earlier token), in token order."""
+    count = min(len(scores), max(1, math.ceil(fraction * len(scores))))
+    return torch.sort(torch.argsort(-scores, stable=True)[:count]).values
+
+
+def relative_mse(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error over the target's variance around its mean token: scale-free, so one weight suits every
+    model and layer, and the few huge near-constant channels of LLM states do not swamp it."""
+    target = target.float()
+    spread = ((target - target.mean(dim=0, keepdim=True)) ** 2).mean().clamp_min(1e-12)
+    return ((predicted.float() - target) ** 2).mean() / spread
 
 
 def distill_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -15,13 +15,13 @@ from transformers import DynamicCache
 
 from ..engine.binary import (FLOAT_BITS, Codes, check_bits, encode, fp16_kv_bytes_per_token,
                              fp16_state_bytes_per_token, from_blob, to_blob)
-from ..engine.calibration import Decoder, fit_decoder, identity_decoder
+from ..engine.calibration import Decoder, TrainableDecoder, fit_decoder, identity_decoder
 from ..engine.generate import decode_loop
 from ..engine.kv import cache_from
 from ..engine.prefix import shared_prefix
-from ..engine.layers import CAUSAL, embed, logits, positions, require_llama_like, run_layers
-from ..engine.lora import (LoraKnobs, adapter_key, applied_adapter, cloze_question, distill_kl, teacher_logits,
-                           train_adapter)
+from ..engine.layers import CAUSAL, attention_from, embed, logits, positions, require_llama_like, run_layers
+from ..engine.lora import (LoraKnobs, adapter_key, applied_adapter, cloze_question, distill_kl, relative_mse,
+                           salient_tokens, teacher_logits, teacher_run, train_adapter)
 from ..engine.memo import lm_memo
 from ..engine.merging import bipartite_merge, merge_by_token, merge_within_groups, sized
 from ..engine.prompt import Segment, build_prompt, encode as encode_text, lead_question_ids, passage_text
@@ -39,6 +39,13 @@ RECIPE = "distill-v1"  # bump when the LoRA distillation recipe changes, so old 
 
 ONCE, EVERY = "once", "every"  # runtime merging: one fold at merge_layer, or a ToMe step before every layer from it
 
+# training objectives of the distilled LoRA (knob `objective`); "kl" is the original recipe
+KL, RECOVERY, SALIENT = "kl", "recovery", "salient"
+OBJECTIVES = (KL, RECOVERY, SALIENT, f"{RECOVERY}+{SALIENT}")
+RECOVERY_WEIGHT = 1.0  # recovery MSE (relative to the states' variance) next to the KL; both are O(0.1-1) at the start
+SALIENT_FRACTION = 0.2  # passage tokens whose upper-layer states are matched: the top fifth by the question's attention
+SALIENT_WEIGHT = 1.0  # that state match (relative MSE after the final norm) next to the KL
+
 
 @dataclass
 class BtrParams(LoraKnobs, Params):
@@ -53,6 +60,7 @@ class BtrParams(LoraKnobs, Params):
     merge_layer: int = -1  # layer where runtime merging starts; -1 = at the split
     merge_mode: str = ONCE  # once: one fold at merge_layer over all passages; every: per passage before each layer
     lora_steps: int = 120  # distillation steps of the optional LoRA on layers [split, L)
+    objective: str = KL  # kl | recovery | salient | recovery+salient: what the LoRA (and decoder) train on
 
 
 @dataclass
@@ -67,6 +75,7 @@ class Forward:
     merge_at: int = 0  # the layer where runtime merging started
     removed_at_split: int = 0  # passage tokens already gone when the first upper layer ran (its window is widest)
     key_bias: dict = dataclasses.field(default_factory=dict)  # {layer: log sizes of its cached keys}, for decoding
+    hidden: torch.Tensor | None = None  # last layer's output over [lead, passages (merged), question], pre-norm
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -114,7 +123,7 @@ def btr_forward(lm, prefix_ids: list[int], passages: list[torch.Tensor], questio
     token_layers = (computed + a + q) * n_layers + n * (merge_at - split) + upper.passage_layers
     removed_at_split = upper.removed_first if merge_at == split else 0
     return Forward(logits(lm, upper.hidden[:, -want:]), cache, p + a + n + q, token_layers, upper.removed, merge_at,
-                   removed_at_split, upper.key_bias)
+                   removed_at_split, upper.key_bias, upper.hidden)
 
 
 def _lower_query(lm, pieces: list[tuple[list[int], int]], split: int, cache) -> torch.Tensor:
@@ -187,6 +196,37 @@ def distill_loss(lm, teacher_off, prefix_ids: list[int], passage_ids: list[list[
     return distill_kl(student.logits[0], teacher)
 
 
+def salient_distill_loss(lm, teacher_off, prefix_ids: list[int], passage_ids: list[list[int]],
+                         states: list[torch.Tensor], query_ids: list[int], split: int, lead_ids: list[int] = (),
+                         asked: int | None = None, fraction: float = SALIENT_FRACTION) -> torch.Tensor:
+    """`distill_loss` + query-aware distillation on the most salient passage tokens (the paper's second
+    objective): the student's last-layer passage states (after the final norm) match the teacher's on the
+    top `fraction` of passage tokens, ranked by the teacher's attention from the first `asked` query tokens
+    (the question, without the answer), averaged over heads, those tokens and the upper layers [split, L)."""
+    teacher, inputs, teacher_out = teacher_run(lm, teacher_off, prefix_ids, passage_ids, query_ids, lead_ids,
+                                               range(split, lm.n_layers))
+    start, n = len(prefix_ids) + len(lead_ids), sum(map(len, passage_ids))
+    picked = salient_tokens(passage_saliency(lm, teacher_off, inputs, start, n, asked or len(query_ids)), fraction)
+    student = btr_forward(lm, prefix_ids, states, query_ids, split, len(query_ids), lead_ids=list(lead_ids))
+    norm = lm.model.model.norm
+    mine = norm(student.hidden[0, len(lead_ids):len(lead_ids) + n][picked])
+    with torch.no_grad():
+        target = norm(teacher_out[0, start:start + n][picked])
+    return distill_kl(student.logits[0], teacher) + SALIENT_WEIGHT * relative_mse(mine, target)
+
+
+def passage_saliency(lm, teacher_off, inputs: dict, start: int, n: int, asked: int) -> torch.Tensor:
+    """[n] mean attention the question's tokens (right after the passages) pay each passage token in the given
+    layers, recomputed from the teacher's layer inputs with the adapter off. Without the query-aware layout the
+    passages' own states never saw the question, but the question still attends to them: the ranking is
+    query-aware, the matched states are not."""
+    rows = slice(start + n, start + n + asked)
+    with torch.no_grad(), teacher_off():
+        per_layer = [attention_from(lm, h, layer, positions(0, h.shape[1], lm.device), rows)[..., start:start + n]
+                     for layer, h in inputs.items()]
+    return torch.stack(per_layer).mean(dim=(0, 1, 2))
+
+
 # -------------------------------------------------------------------------------------------- artifacts
 
 def prefix_ids(tokenizer) -> list[int]:
@@ -254,7 +294,7 @@ class _Measured:
 def _adapter_knobs(params: BtrParams) -> tuple:
     """What decides which adapter a variant reads (as `Btr._adapter_hash`, without the collection)."""
     return (params.split, params.bits, params.calibrate, params.after_prefix, params.k, params.lora_r,
-            params.lora_steps, params.lora_lr, params.query_aware)
+            params.lora_steps, params.lora_lr, params.query_aware, params.objective)
 
 
 def measured_rows(summary) -> list[_Measured]:
@@ -285,6 +325,12 @@ def _merging(params: BtrParams) -> str:
     return f"{params.r_p:g} once at {where}"
 
 
+def _lora_cell(m: "_Measured") -> str:
+    if not m.lora:
+        return "–"
+    return "on" if m.params.objective == KL else f"on ({m.params.objective})"
+
+
 def btr_table(summary) -> str:
     """A card table of one bench summary's BTR rows, every figure read from the file."""
     rag = summary.record("rag") or {}
@@ -301,7 +347,7 @@ def btr_table(summary) -> str:
         stored = share(r.get("storage B"))
         calibration = "–" if p.bits == FLOAT_BITS else ("on" if p.calibrate else "off")  # fp16 states need none
         lines.append(f"| {p.split} | {'fp16' if p.bits == FLOAT_BITS else p.bits} | {calibration} | "
-                     f"{'on' if p.query_aware else '–'} | {'on' if m.lora else '–'} | {_merging(p)} | "
+                     f"{'on' if p.query_aware else '–'} | {_lora_cell(m)} | {_merging(p)} | "
                      f"{r.get('value kept', '?')} ({r.get('value kept (median)', '?')}) | {r.get('contains', '?')}% | "
                      f"{speed} | {'?' if stored is None else f'{stored / 1e6:.2f} MB'} | {_per_token(r)} |")
     return "\n".join(lines)
@@ -382,7 +428,21 @@ against its own baseline of storing the same token representations in floating p
   decoded bits matches the full model reading the same chunks as text (KL at every question/answer position,
   teacher and student in the same layout), on cloze questions about the collection's own chunks among k−1
   distractors; `lora_steps` steps; stored with the collection, keyed by (model, split, bits, calibration,
-  decoder, layout) and applied automatically (`lora`). It stands in for the paper's two training objectives.
+  decoder, layout, objective) and applied automatically (`lora`). With `objective=kl` (the default) it stands in
+  for the paper's two training objectives.
+- *training objectives* (`objective`, measured as options): `recovery` — the paper's passage representation
+  recovery: the least-squares decoder's weight becomes trainable (initialised from the fit) and learns jointly
+  with the LoRA, from the KL through the upper layers plus an MSE between decoded and true float states (relative
+  to their variance, weight 1); the float states pass a straight-through quantiser whose forward is exactly the
+  stored codes. The centre stays fixed, so the stored codes are unchanged; the trained decoder is stored beside
+  the adapter and decodes whenever that adapter is applied. Differs from the paper: its encoder's lower layers
+  and binariser train too; here they are frozen (the codes are precomputed), so the straight-through gradient
+  reaches no parameter and only the decoder and the upper layers learn. `salient` — query-aware distillation:
+  besides the KL, the student's last-layer passage states (after the final norm) match the full model's on the
+  top 20% of passage tokens ranked by the full model's attention from the question (mean over heads, question
+  tokens and layers [split, L)). Best with `query_aware=1`; with 0 the passages never see the question, so the
+  ranking is query-aware but the matched states are not. The paper distils a full-text teacher's token states
+  in its encoder-decoder; here teacher and student share one decoder-only model. `recovery+salient` does both.
 - *query time, today's layout* (`query_aware=0`, the default): [prefix, passages, question]. The prefix and
   question run layers [0, split) alone at their final positions; passage states are decoded; layers
   [split, L) run jointly under one causal mask. Passages come before the question, so **they never attend to it
@@ -404,7 +464,8 @@ against its own baseline of storing the same token representations in floating p
   encoder, were never pre-trained to read stored states, which is what the LoRA recovers.
 
 Knobs: `k` chunks, `split`, `bits` (1/2/4/8, 16 = fp16), `calibrate`, `after_prefix`, `query_aware`, `r_o`,
-`r_p`, `merge_layer`, `merge_mode`, `lora`, `train`, `lora_steps`, `lora_r`, `lora_lr`.
+`r_p`, `merge_layer`, `merge_mode`, `lora`, `train`, `lora_steps`, `lora_r`, `lora_lr`, `objective`
+(kl/recovery/salient/recovery+salient).
 
 **Measured** — the tables below are rendered from the bench summaries in `assets/results/` when this card is
 built (nothing is copied by hand). Value kept = Σ(NLL closed − NLL btr) / Σ(NLL closed − NLL rag) over the same
@@ -439,6 +500,10 @@ Targets: {storage target}. {frontier}.""" \
             raise UserError(f"btr: r_p is a fraction of passage tokens between 0 and 0.5, got {params.r_p}")
         if params.merge_mode not in (ONCE, EVERY):
             raise UserError(f"btr: merge_mode is {ONCE!r} or {EVERY!r}, got {params.merge_mode!r}")
+        if params.objective not in OBJECTIVES:
+            raise UserError(f"btr: objective is one of {', '.join(OBJECTIVES)}, got {params.objective!r}")
+        if RECOVERY in params.objective and (not params.calibrate or params.bits == FLOAT_BITS):
+            raise UserError("btr: objective=recovery trains the calibration decoder: needs calibrate=1 and bits < 16")
 
     def _base_hash(self, lm, params) -> dict:
         return {"v": FORMAT_VERSION, "split": params.split, "bits": params.bits, "calibrate": params.calibrate,
@@ -457,6 +522,10 @@ Targets: {storage target}. {frontier}.""" \
         return (Decoder.from_bytes(blob), blob) if blob is not None else (None, None)
 
     def _chunk_hash(self, lm, params, decoder_blob: bytes | None) -> str:
+        """Codes are keyed by the least-squares decoder they were encoded around, also with objective=recovery:
+        its trained decoder keeps that decoder's centre (the only part codes depend on) and learns the weight
+        alone, so the same codes (and the merged codebook built from them) serve both; the trained decoder is
+        keyed with its adapter (`_adapter_hash`, objective included)."""
         return artifact_hash({**self._base_hash(lm, params), "decoder": artifact_hash(decoder_blob) if decoder_blob else None})
 
     @staticmethod
@@ -473,17 +542,12 @@ Targets: {storage target}. {frontier}.""" \
         say = progress or (lambda f, m: None)
         chunks = corpus.chunks()
         sig = store.content_signature(corpus.collection_id)
-        prefix = prefix_ids(lm.tokenizer) if params.after_prefix else []
         decoder, decoder_blob = self._load_decoder(corpus, params, sig)
         states: dict[int, np.ndarray] = {}
-        cache_key = (lm.model_id, str(lm.dtype), params.split, artifact_hash(prefix))
 
         def state_of(chunk):
             if chunk["chunk_id"] not in states:
-                memo = lm_memo(lm, "btr_lower_states", STATE_MEMORY, lambda value: value.nbytes)
-                key = cache_key + (artifact_hash(chunk["text"].encode()),)  # the chunk's content, never its row id
-                states[chunk["chunk_id"]] = memo.get(key, lambda: lower_states(
-                    lm, prefix, chunk_ids_for(lm.tokenizer, chunk), params.split).cpu().numpy())
+                states[chunk["chunk_id"]] = self._float_states(lm, params, chunk)
             return states[chunk["chunk_id"]]
 
         if decoder is None:  # calibration: every chunk's float states, then the closed-form fit
@@ -516,6 +580,15 @@ Targets: {storage target}. {frontier}.""" \
         if params.train and params.lora and self._adapter(corpus, params, decoder_blob, sig) is None:
             self.finetune(corpus, params, progress)
 
+    @staticmethod
+    def _float_states(lm, params, chunk) -> np.ndarray:
+        """A chunk's float layer-`split` states, kept in the LM's memo between prepares and fine-tunes."""
+        prefix = prefix_ids(lm.tokenizer) if params.after_prefix else []
+        memo = lm_memo(lm, "btr_lower_states", STATE_MEMORY, lambda value: value.nbytes)
+        # the chunk's content, never its row id
+        key = (lm.model_id, str(lm.dtype), params.split, artifact_hash(prefix), artifact_hash(chunk["text"].encode()))
+        return memo.get(key, lambda: lower_states(lm, prefix, chunk_ids_for(lm.tokenizer, chunk), params.split).cpu().numpy())
+
     # -------------------------------------------------------------------------------------- finetune
     def finetune(self, corpus, params, progress=None) -> str:
         """Distil the full model into layers [split, L) with a LoRA: on cloze questions about the collection's own
@@ -533,6 +606,11 @@ Targets: {storage target}. {frontier}.""" \
         sig = corpus.store.content_signature(corpus.collection_id)
         loaded = self._load_decoder(corpus, codes_only, sig)  # once, not per step
         decoder, decoder_blob = loaded
+        # recovery: the least-squares decoder becomes trainable and learns with the LoRA; it reads the very codes
+        # answers read (the centre, the only part they depend on, stays fixed), through the STE quantiser. The
+        # lower layers are frozen (their states are precomputed), so the STE's gradient stops at those states:
+        # the decoder learns from the KL through the upper layers and from the recovery MSE
+        trained = TrainableDecoder(decoder) if RECOVERY in params.objective else None
         prefix = prefix_ids(lm.tokenizer)
         rng = random.Random(0)
 
@@ -540,15 +618,33 @@ Targets: {storage target}. {frontier}.""" \
             picked, question, target = cloze_question(lm.tokenizer, chunks, params.k, rng)
             lead = lead_question_ids(lm.tokenizer, question) if params.query_aware else []
             codes = self._artifacts(corpus, codes_only, picked, loaded, sig).codes
-            states = [torch.from_numpy(decoder.decode(codes[chunk_key(c["text"])])) for c in picked]
-            return distill_loss(student, peft_model.disable_adapter, prefix, [token_ids[c["chunk_id"]] for c in picked],
-                                states, final_question_ids(lm.tokenizer, question) + target, params.split, lead)
+            asked = final_question_ids(lm.tokenizer, question)
+            recovery = 0.0
+            if trained is None:
+                states = [torch.from_numpy(decoder.decode(codes[chunk_key(c["text"])])) for c in picked]
+            else:
+                true = [torch.from_numpy(self._float_states(lm, params, c)) for c in picked]
+                states = [trained(codes[chunk_key(c["text"])], h) for c, h in zip(picked, true)]
+                recovery = RECOVERY_WEIGHT * relative_mse(torch.cat(states), torch.cat(true))
+            passage_ids = [token_ids[c["chunk_id"]] for c in picked]
+            if SALIENT in params.objective:
+                loss = salient_distill_loss(student, peft_model.disable_adapter, prefix, passage_ids, states,
+                                            asked + target, params.split, lead, len(asked))
+            else:
+                loss = distill_loss(student, peft_model.disable_adapter, prefix, passage_ids, states, asked + target,
+                                    params.split, lead)
+            return loss + recovery
 
         training = train_adapter(lm, loss_of_step, params, (lambda f, m: progress(0.1 + 0.9 * f, m)) if progress else None,
                                  layers=list(range(params.split, lm.n_layers)),
                                  meta={"recipe": RECIPE, "split": params.split, "bits": params.bits,
-                                       "query_aware": params.query_aware})
-        corpus.store.put_artifact(self.name, lm.model_id, self._adapter_hash(lm, codes_only, decoder_blob),
+                                       "query_aware": params.query_aware, "objective": params.objective},
+                                 extra=[trained.delta] if trained is not None else [])
+        adapter_hash = self._adapter_hash(lm, codes_only, decoder_blob)
+        if trained is not None:  # before the adapter: an adapter stored means its decoder is there too
+            corpus.store.put_artifact(self.name, lm.model_id, adapter_hash, self._decoder_key(sig),
+                                      trained.frozen().to_bytes(), collection_id=corpus.collection_id, basis=sig)
+        corpus.store.put_artifact(self.name, lm.model_id, adapter_hash,
                                   adapter_key(sig), training.blob, collection_id=corpus.collection_id, basis=sig,
                                   meta={"loss_first": training.losses[0], "seconds": round(training.seconds, 1)})
         return training.summary(f"btr LoRA r={params.lora_r} on layers [{params.split}, {lm.n_layers}) distilled "
@@ -556,6 +652,8 @@ Targets: {storage target}. {frontier}.""" \
 
     def _adapter_hash(self, lm, params, decoder_blob) -> str:
         layout = {"query_aware": True} if params.query_aware else {}  # today's adapters keep their keys
+        if params.objective != KL:  # as do today's objective's; the trained decoder lives under this hash too
+            layout["objective"] = params.objective
         return artifact_hash({"codes": self._chunk_hash(lm, params, decoder_blob), "k": params.k, "r": params.lora_r,
                               "steps": params.lora_steps, "lr": params.lora_lr, "recipe": RECIPE, **layout})
 
@@ -613,6 +711,8 @@ Targets: {storage target}. {frontier}.""" \
                   "codebook": (stored, f"codebook:{sig}")}
         if params.lora:
             shared["adapter"] = (self._adapter_hash(lm, params, decoder_blob), adapter_key(sig))
+            if RECOVERY in params.objective:
+                shared["trained decoder"] = (self._adapter_hash(lm, params, decoder_blob), self._decoder_key(sig))
         chunk_bytes, shared_bytes = store.artifact_account(corpus.collection_id, self.name, lm.model_id, stored, shared)
         return StorageAccount(chunk_bytes, shared_bytes, corpus.n_tokens())
 
@@ -664,10 +764,29 @@ Targets: {storage target}. {frontier}.""" \
             notes.append(f"btr artifacts were missing for these knobs: prepared the collection first "
                          f"({prepare_s:.2f} s, counted as prepare_s, not in load or TTFT)")
             read = self._artifacts(corpus, params, hits)
-        states = [torch.from_numpy(read.decoder.decode(read.codes[chunk_key(hit["text"])])) for hit in hits]
+        decoder = self._trained_decoder(corpus, params, read) or read.decoder
+        if decoder is not read.decoder:
+            notes.append("the decoder trained with the LoRA (objective=recovery) decodes the passages")
+        states = [torch.from_numpy(decoder.decode(read.codes[chunk_key(hit["text"])])) for hit in hits]
         if params.r_o > 0:
             notes.append(f"offline-merged codes (r_o={params.r_o}): the collection's codebook is read whole")
         return states, read, notes, prepare_s
+
+    def _trained_decoder_blob(self, corpus, params, decoder_blob: bytes | None, sig: str) -> bytes | None:
+        """objective=recovery: the decoder trained jointly with the collection's adapter, stored beside it and
+        used exactly when that adapter is (lora on and trained); otherwise None."""
+        if RECOVERY not in params.objective or not params.lora or not params.calibrate:
+            return None
+        lm, store = corpus.lm, corpus.store
+        where = self._adapter_hash(lm, params, decoder_blob)
+        if not store.artifact_keys(self.name, lm.model_id, where, [adapter_key(sig)]):
+            return None  # a fine-tune stopped between the two writes: the decoder alone is never used
+        return store.get_artifact(self.name, lm.model_id, where, self._decoder_key(sig))
+
+    def _trained_decoder(self, corpus, params, read: "_Read") -> Decoder | None:
+        blob = self._trained_decoder_blob(corpus, params, read.decoder_blob, read.sig)
+        read.trained_bytes = len(blob or b"")
+        return Decoder.from_bytes(blob) if blob is not None else None
 
     def _plan(self, question, corpus, params):
         """Retrieve, load and decode; the prompt lists each chunk as its own passage in document order."""
@@ -692,8 +811,8 @@ Targets: {storage target}. {frontier}.""" \
             notes.append("passages were encoded without the instruction prefix")
         result = Result(self.name, retrieve_s=retrieve_s, load_s=time.perf_counter() - started - prepare_s,
                         prepare_s=prepare_s, notes=notes)
-        return _Plan(prompt, states, result, read.chunk_bytes + read.codebook_bytes, len(read.decoder_blob or b""),
-                     adapter, read.chunk_bytes)
+        return _Plan(prompt, states, result, read.chunk_bytes + read.codebook_bytes,
+                     len(read.decoder_blob or b"") + read.trained_bytes, adapter, read.chunk_bytes)
 
     @staticmethod
     def _query_side(prompt) -> tuple[list[int], list[int], list[int]]:
@@ -793,4 +912,5 @@ class _Read:
     chunk_bytes: int
     codebook_bytes: int
     sig: str
+    trained_bytes: int = 0  # the recovery-trained decoder read besides the least-squares one
 
