@@ -135,6 +135,11 @@ def test_word_starts_keep_subword_runs_together():
     words.append("".join(current))
     assert words == ["The", "ĠEiffel", "ĠTower", ",", "Ġbuilt", "Ġin", "Ġ1889", ".", "Ġit", "Ġwas", "Ġcolossal"]
 
+    class Marks(_Pieces):  # 'Ġ' and 'Ċ' are letters to Python: whitespace marks must still split words
+        pieces = ["Tower", "ĊĊ", "The", "ĠĠ", "x", "▁y", "z"]
+
+    assert word_starts(Marks(), list(range(7))) == [True, True, True, True, True, True, False]
+
 
 @pytest.mark.parametrize("count", range(0, 16))
 def test_word_unit_keeps_whole_words_and_exactly_the_budget(count):

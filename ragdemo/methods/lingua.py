@@ -164,12 +164,19 @@ class _Plan:
 UNITS = ("token", "word")
 
 
+SPACE_MARKS = "ĠĊĉ▁"  # how byte-level BPE (space, newline, tab) and SentencePiece (space) spell whitespace in a piece
+
+
 def word_starts(tokenizer, ids: list[int]) -> list[bool]:
     """True where a token starts a word. A token continues the word before it when its piece begins with a letter
-    or digit (no space marker such as BPE's 'Ġ' or SentencePiece's '▁') and the piece before ends with one:
-    "Eif|fel" and "18|89" are one word each, punctuation is a word of its own."""
+    or digit (not a whitespace mark such as BPE's 'Ġ' or SentencePiece's '▁', which are letters to Python) and
+    the piece before ends with one: "Eif|fel" and "18|89" are one word each, punctuation is a word of its own."""
     pieces = [str(p) for p in tokenizer.convert_ids_to_tokens(ids)]
-    return [i == 0 or not (piece[:1].isalnum() and pieces[i - 1][-1:].isalnum()) for i, piece in enumerate(pieces)]
+    return [i == 0 or not (_word_char(piece[:1]) and _word_char(pieces[i - 1][-1:])) for i, piece in enumerate(pieces)]
+
+
+def _word_char(char: str) -> bool:
+    return char.isalnum() and char not in SPACE_MARKS
 
 
 def keep_flags(scores: list[torch.Tensor], count: int, words: list[list[bool]] | None = None) -> list[list[int]]:
