@@ -8,8 +8,8 @@ from transformers import DynamicCache
 
 from ragdemo.engine import kv as kvc
 from ragdemo.engine.blend import kv_deviation, selective_recompute
-from ragdemo.engine.layers import forward_all
-from ragdemo.engine.prefix import instruction_prefix_ids
+from ragdemo.engine.layers import forward_all, logits
+from ragdemo.engine.prefix import instruction_prefix_ids, shared_prefix
 from ragdemo.engine.scoring import nll_of_answer
 from ragdemo.ingest import ingest_files
 from ragdemo.methods import get_method
@@ -30,8 +30,9 @@ def ingest(bench, docs_dir, collection="default"):
 
 
 def question_logits(lm, ctx):
+    """The question ran in the blend's own pass, after the recomputed passage tokens."""
     with torch.inference_mode():
-        return forward_all(lm, torch.tensor([ctx.question_ids]), ctx.cache, ctx.next_pos)
+        return logits(lm, ctx.suffix_hidden)
 
 
 def full_prefill_logits(lm, ctx):
@@ -84,7 +85,7 @@ def test_r0_equals_pure_reuse_of_the_stored_caches(tiny_bench, docs_dir):
     cache = kvc.cache_from(kvc.placed_layers(lm, prefix, passages, starts))
     with torch.inference_mode():
         want = forward_all(lm, torch.tensor([ctx.question_ids]), cache, at)
-    assert at == ctx.next_pos
+    assert at + len(ctx.question_ids) == ctx.next_pos
     torch.testing.assert_close(question_logits(lm, ctx), want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(question_logits(lm, context(corpus, r=0.3)), want, atol=1e-3)
 
@@ -132,6 +133,65 @@ def test_selected_tokens_are_those_whose_reused_kv_deviates_most_at_the_selectio
     assert blend.token_layers == len(ids) * (layer + 1) + keep * (lm.n_layers - layer - 1)
     # the first chunk follows the prefix in capture and prompt alike: its reused KV is already (nearly) exact
     assert float(deviation[:len(chunks[0])].max()) < 1e-6 < float(deviation[len(chunks[0]):].max())
+
+
+class _RowCounter:
+    """Rows each decoder layer's MLP and the vocabulary projection ran over (forward hooks)."""
+
+    def __init__(self, lm):
+        self.mlp = {i: [] for i in range(lm.n_layers)}
+        self.head = []
+        self.handles = [layer.mlp.register_forward_hook(self._hook(self.mlp[i]))
+                        for i, layer in enumerate(lm.model.model.layers)]
+        self.handles.append(lm.model.lm_head.register_forward_hook(self._hook(self.head)))
+
+    @staticmethod
+    def _hook(into):
+        return lambda module, args, out: into.append(int(args[0].shape[1]))
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("r,gradual", [(0.0, False), (0.15, False), (0.3, True), (1.0, False)])
+def test_each_layer_runs_once_over_the_selected_tokens_and_the_question(tiny_bench, docs_dir, r, gradual):
+    """The cost the method claims: below the selection layer every passage token, from it on only the selected
+    ones, the question in the same pass (each layer's weights read once before decoding), and at the selection
+    layer the unselected tokens only get their KV projected (no MLP)."""
+    corpus = ingest(tiny_bench, docs_dir)
+    lm, method = corpus.lm, get_method("cacheblend")
+    method.prepare(corpus, method.Params())
+    shared_prefix(lm, instruction_prefix_ids(lm.tokenizer))  # the prefix memo is warm, as in a served answer
+    counter = _RowCounter(lm)
+    try:
+        ctx = context(corpus, r=r, gradual=gradual, selection_layer=1)
+    finally:
+        counter.close()
+    n = sum(len(s.ids) for s in ctx.prompt.segments if s.kind == "passage")
+    q, keep = len(ctx.question_ids), token_budget(r, n)
+    if keep == 0:
+        want = [q] * lm.n_layers
+    elif keep == n:
+        want = [n + q] * lm.n_layers
+    elif gradual:
+        want = [n + q, 2 * keep + q] + [keep + q] * (lm.n_layers - 2)
+    else:
+        want = [n + q] + [keep + q] * (lm.n_layers - 1)
+    assert [counter.mlp[i] for i in range(lm.n_layers)] == [[w] for w in want]
+    assert counter.head == []  # no logits while building the context
+
+
+def test_answer_projects_only_the_last_position_onto_the_vocabulary(tiny_bench, docs_dir):
+    corpus = ingest(tiny_bench, docs_dir)
+    lm = corpus.lm
+    tiny_bench.ask(QUESTION, ["cacheblend"])  # prepared and warm
+    counter = _RowCounter(lm)
+    try:
+        result, = tiny_bench.ask(QUESTION, ["cacheblend"])
+    finally:
+        counter.close()
+    assert not result.error and counter.head and set(counter.head) == {1}
 
 
 def test_answer_fields_preparation_outside_ttft_and_recomputed_marks(tiny_bench, docs_dir):

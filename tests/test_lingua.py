@@ -112,3 +112,88 @@ def test_nll_reads_the_compressed_prompt(tiny_bench, docs_dir):
     params = params_from(lingua.Params, {"ratio": 0.33})
     assert lingua.nll(QUESTION, "Gustave Eiffel", corpus, params) == pytest.approx(
         nll_of_answer(corpus.lm, plan(corpus, ratio=0.33).kept.ids, "Gustave Eiffel"), abs=1e-5)
+
+
+class _Pieces:
+    """A tokenizer stand-in: ids are indices into these BPE pieces ('Ġ' marks a leading space)."""
+    pieces = ["The", "ĠEif", "fel", "ĠTower", ",", "Ġbuilt", "Ġin", "Ġ18", "89", ".", "Ġit", "Ġwas", "Ġco", "lo", "ssal"]
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.pieces[i] for i in ids]
+
+
+def test_word_starts_keep_subword_runs_together():
+    from ragdemo.methods.lingua import word_starts
+
+    starts = word_starts(_Pieces(), list(range(len(_Pieces.pieces))))
+    words, current = [], []
+    for piece, start in zip(_Pieces.pieces, starts):
+        if start and current:
+            words.append("".join(current))
+            current = []
+        current.append(piece)
+    words.append("".join(current))
+    assert words == ["The", "ĠEiffel", "ĠTower", ",", "Ġbuilt", "Ġin", "Ġ1889", ".", "Ġit", "Ġwas", "Ġcolossal"]
+
+    class Marks(_Pieces):  # 'Ġ' and 'Ċ' are letters to Python: whitespace marks must still split words
+        pieces = ["Tower", "ĊĊ", "The", "ĠĠ", "x", "▁y", "z"]
+
+    assert word_starts(Marks(), list(range(7))) == [True, True, True, True, True, True, False]
+
+
+@pytest.mark.parametrize("count", range(0, 16))
+def test_word_unit_keeps_whole_words_and_exactly_the_budget(count):
+    from ragdemo.methods.lingua import keep_flags, word_starts
+
+    ids = list(range(len(_Pieces.pieces)))
+    starts = word_starts(_Pieces(), ids)
+    scores = torch.tensor([1.0, 9.0, 0.1, 3.0, 0.5, 2.0, 0.2, 8.0, 0.3, 0.4, 0.6, 0.7, 5.0, 0.1, 0.1])
+    # two passages: the word boundary at the split is forced
+    flags = keep_flags([scores[:6], scores[6:]], count, [starts[:6], [True] + starts[7:]])
+    flat = flags[0] + flags[1]
+    assert sum(flat) == count  # exact budget
+    spans, begin = [], 0
+    for i in range(1, len(flat) + 1):
+        if i == len(flat) or i == 6 or starts[i]:
+            spans.append(flat[begin:i])
+            begin = i
+    cut = [s for s in spans if 0 < sum(s) < len(s)]
+    assert len(cut) <= 1  # at most one word is cut, and only to fill the budget exactly
+    assert all(s[:sum(s)] == [1] * sum(s) for s in cut)  # a cut word keeps its first pieces
+    if count == 3:  # "ĠEif fel" (max 9) fits; "Ġ18 89" (8) and "Ġco lo ssal" (5) do not fit the one left; "ĠTower" does
+        assert flat == [0, 1, 1, 1] + [0] * 11
+    # only when no remaining word fits is one cut, keeping its first pieces
+    assert keep_flags([torch.tensor([9.0, 0.1, 0.2])], 2, [[True, False, False]]) == [[1, 1, 0]]
+
+
+@pytest.mark.parametrize("ratio", [0.33, 0.5, 0.7])
+def test_word_unit_plan_keeps_the_budget_in_order_and_never_cuts_more_than_one_word(tiny_bench, docs_dir, ratio):
+    from ragdemo.methods.lingua import word_starts
+
+    corpus = ingest(tiny_bench, docs_dir)
+    p, tokens = plan(corpus, ratio=ratio, unit="word"), plan(corpus, ratio=ratio)
+    shown = [s for s in p.shown.segments if s.kind == "passage"]
+    kept = [s for s in p.kept.segments if s.kind == "passage"]
+    n = sum(len(s.ids) for s in shown)
+    assert sum(len(s.ids) for s in kept) == token_budget(ratio, n)
+    cut = 0
+    for full, short in zip(shown, kept):
+        assert short.ids == [t for t, k in zip(full.ids, full.keep) if k == 1]
+        starts = word_starts(corpus.lm.tokenizer, full.ids) + [True]
+        begin = 0
+        for i in range(1, len(full.ids) + 1):
+            if starts[i]:
+                flags = full.keep[begin:i]
+                cut += 0 < sum(flags) < len(flags)
+                begin = i
+    assert cut <= 1
+    assert [s.keep for s in shown] != [s.keep for s in tokens.shown.segments if s.kind == "passage"]
+
+
+def test_unknown_unit_is_a_one_line_error(tiny_bench, docs_dir):
+    from ragdemo.errors import UserError
+
+    corpus = ingest(tiny_bench, docs_dir)
+    lingua = get_method("lingua")
+    with pytest.raises(UserError):
+        lingua.answer(QUESTION, corpus, params_from(lingua.Params, {"unit": "sentence"}))

@@ -6,11 +6,15 @@ gives ("high-KV-deviation" tokens) and lets them carry the cross-passage attenti
 
 - layers below the selection layer run for every passage token (the first layers are cheap and their inputs,
   the embeddings, are exact, so their KV is exact);
-- at the selection layer every passage token's real KV is compared with the reused KV; the tokens that deviate
-  most go on (with `gradual`, twice as many go on and the next layer narrows them, as the paper's gradual
-  filtering does);
+- at the selection layer only every passage token's keys and values are projected (what the comparison needs,
+  about a sixth of a layer) and compared with the reused KV; the fresh KV of every token is written back, and
+  the tokens that deviate most go on through the rest of that layer (with `gradual`, twice as many go on and
+  the next layer narrows them, as the paper's gradual filtering does);
 - every later layer runs only for the selected tokens: their queries attend to the mixed cache, and their new
   KV replaces the reused entries. Everything that is computed is written back; nothing else changes.
+- the question (`suffix_ids`) runs in the same pass, always selected (CacheBlend blends inside the one prefill
+  that also computes the query), so every layer's weights are read once for both. Prefilling it afterwards
+  instead gives the same result, since no passage token attends to it; it only reads the weights twice.
 """
 from __future__ import annotations
 
@@ -18,34 +22,33 @@ from dataclasses import dataclass
 
 import torch
 
-from .layers import embed, run_layers
+from .layers import embed, project_kv, run_layers
 
 
 @dataclass
 class Blend:
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # the cache after recompute (same tensors, updated in place)
     recomputed: list[int]  # passage-token indices recomputed through the last layer, ascending
-    token_layers: int  # (token, layer) pairs computed: the cost in units of one token through one layer
+    token_layers: int  # (token, layer) pairs whose KV was computed (projection only for unselected tokens at a
+    #                    selection layer, counted as one: an upper bound), the cost in units of one token-layer
+    suffix_hidden: torch.Tensor | None  # [1, s, D] last layer's output for the suffix tokens (before the norm)
 
 
 class _MixedCache:
     """Duck-types the one call a decoder layer makes on its cache (`update`): the layer's fresh KV for the
-    tokens now running overwrites their reused slots, and the whole mixed cache is what attention reads.
-    At a selection layer it first ranks those tokens by how far their reused KV is from the fresh one."""
+    tokens now running overwrites their slots, and the whole mixed cache is what attention reads."""
 
     def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]]):
         self.layers = layers
         self.slots = torch.zeros(0, dtype=torch.long)
-        self.select: int | None = None
-        self.chosen: torch.Tensor | None = None
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.write(layer_idx, self.slots, keys, values)
+
+    def write(self, layer_idx: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
         cached_k, cached_v = self.layers[layer_idx]
-        if self.select is not None:
-            self.chosen = top_deviation(cached_k[0, :, self.slots], cached_v[0, :, self.slots], keys[0], values[0],
-                                        self.select)
-        cached_k[0, :, self.slots] = keys[0].to(cached_k.dtype)
-        cached_v[0, :, self.slots] = values[0].to(cached_v.dtype)
+        cached_k[0, :, slots] = keys[0].to(cached_k.dtype)
+        cached_v[0, :, slots] = values[0].to(cached_v.dtype)
         return cached_k, cached_v
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -66,38 +69,62 @@ def top_deviation(old_k, old_v, new_k, new_v, count: int) -> torch.Tensor:
 
 
 def selective_recompute(lm, layers: list[tuple[torch.Tensor, torch.Tensor]], passage_ids: list[int], start: int,
-                        keep: int, selection_layer: int = 1, gradual: bool = False) -> Blend:
-    """Recompute `keep` passage tokens through the upper layers, chosen by KV deviation at `selection_layer`.
+                        keep: int, selection_layer: int = 1, gradual: bool = False,
+                        suffix_ids: list[int] = ()) -> Blend:
+    """Recompute `keep` passage tokens through the upper layers, chosen by KV deviation at `selection_layer`,
+    and run `suffix_ids` (the question) after them through every layer in the same pass.
 
     `layers` hold per layer (keys, values) [1, H, T, d] with the passage tokens at cache slots (= positions)
-    start .. start + len(passage_ids) - 1 and nothing after them; they are updated in place.
+    start .. start + len(passage_ids) - 1, then room for the suffix; they are updated in place.
     keep = len(passage_ids) recomputes everything: the result is the full prefill's cache."""
-    n, n_layers = len(passage_ids), lm.n_layers
+    n, n_layers, suffix = len(passage_ids), lm.n_layers, list(suffix_ids)
     selection_layer = max(0, min(selection_layer, n_layers - 1))
-    gradual = gradual and selection_layer + 1 < n_layers  # narrowing needs a layer after the selection
     cache = _MixedCache(layers)
     total = cache.get_seq_length()
-    slots = torch.arange(start, start + n, device=lm.device)
-    hidden = embed(lm, torch.tensor([passage_ids], device=lm.device))
-    token_layers = 0
-    for layer in range(n_layers):
-        if keep <= 0 or slots.numel() == 0:
-            break
-        cache.slots, cache.chosen = slots, None
-        cache.select = _selection_size(layer, selection_layer, keep, n, gradual)
-        allowed = slots.unsqueeze(1) >= torch.arange(total, device=lm.device).unsqueeze(0)  # causal by position
-        hidden = run_layers(lm, hidden, layer, layer + 1, slots.unsqueeze(0), allowed[None, None], cache)
-        token_layers += int(slots.numel())
-        if cache.chosen is not None:
-            hidden, slots = hidden[:, cache.chosen], slots[cache.chosen]
-    recomputed = (slots - start).tolist() if keep > 0 else []
-    return Blend(layers, recomputed, token_layers)
+    assert total >= start + n + len(suffix), "the cache has no room for the suffix"
+    keep = max(0, min(keep, n))
+    running = n if keep > 0 else 0  # passage rows in the batch; they come first, the suffix rows after them
+    slots = torch.arange(start + n - running, start + n + len(suffix), device=lm.device)
+    ids = passage_ids[n - running:] + suffix
+    hidden = embed(lm, torch.tensor([ids], device=lm.device)) if ids else None
+    token_layers, layer = 0, 0
+    for at, count in _selections(selection_layer, keep, n, gradual, n_layers) if running else []:
+        hidden = _run(lm, hidden, layer, at, slots, cache, total)
+        token_layers += int(slots.numel()) * (at - layer)
+        chosen = _select(lm, cache, at, hidden[:, :running], slots[:running], count)
+        token_layers += running - count  # the unselected rows had their KV projected at this layer
+        rows = torch.cat([chosen, torch.arange(running, slots.numel(), device=lm.device)])
+        hidden, slots, running, layer = hidden[:, rows], slots[rows], count, at
+    if hidden is not None:
+        hidden = _run(lm, hidden, layer, n_layers, slots, cache, total)
+        token_layers += int(slots.numel()) * (n_layers - layer)
+    recomputed = (slots[:running] - start).tolist()
+    return Blend(layers, recomputed, token_layers, hidden[:, running:] if suffix else None)
 
 
-def _selection_size(layer: int, selection_layer: int, keep: int, n: int, gradual: bool) -> int | None:
-    """How many tokens go on after this layer (None: all that ran)."""
-    if layer == selection_layer:
-        return min(n, 2 * keep) if gradual else min(n, keep)
-    if gradual and layer == selection_layer + 1:
-        return min(n, keep)
-    return None
+def _run(lm, hidden, begin: int, end: int, slots: torch.Tensor, cache: _MixedCache, total: int):
+    """Layers [begin, end) for the rows at `slots`, causal by position over the whole mixed cache."""
+    if begin >= end:
+        return hidden
+    cache.slots = slots
+    allowed = slots.unsqueeze(1) >= torch.arange(total, device=slots.device).unsqueeze(0)
+    return run_layers(lm, hidden, begin, end, slots.unsqueeze(0), allowed[None, None], cache)
+
+
+def _select(lm, cache: _MixedCache, layer: int, hidden, slots: torch.Tensor, count: int) -> torch.Tensor:
+    """Project these passage rows' KV at `layer`, write it back, return the rows (ascending) that deviate most."""
+    rope = lm.model.model.rotary_emb(hidden, position_ids=slots.unsqueeze(0))
+    keys, values = project_kv(lm, layer, hidden, rope)
+    cached_k, cached_v = cache.layers[layer]
+    chosen = top_deviation(cached_k[0, :, slots], cached_v[0, :, slots], keys[0], values[0], count)
+    cache.write(layer, slots, keys, values)
+    return chosen
+
+
+def _selections(selection_layer: int, keep: int, n: int, gradual: bool, n_layers: int) -> list[tuple[int, int]]:
+    """(layer, rows that go on through it) for each narrowing step; none when every token is recomputed."""
+    if keep >= n:
+        return []
+    if gradual and selection_layer + 1 < n_layers:  # narrowing needs a layer after the selection
+        return [(selection_layer, 2 * keep), (selection_layer + 1, keep)] if 2 * keep < n else [(selection_layer + 1, keep)]
+    return [(selection_layer, keep)]

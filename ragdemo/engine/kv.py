@@ -17,7 +17,7 @@ from safetensors.numpy import load as load_numpy
 from safetensors.numpy import save as save_numpy
 from transformers import DynamicCache
 
-from .layers import causal_mask, embed, positions, run_layers
+from .layers import causal_mask, embed, positions, rotate_half, run_layers
 
 SCORERS = ("keynorm", "reconstruct")
 STORAGE_DTYPES = ("fp16", "int8")
@@ -53,16 +53,11 @@ def _rotation(lm, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (cos.float() / scale).reshape(shape), (sin.float() / scale).reshape(shape)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def rotate_keys(lm, keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Rotate keys by RoPE angle `pos` (same leading shape as keys minus head_dim); negative pos un-rotates."""
     cos, sin = _rotation(lm, pos)
     k = keys.float()
-    return (k * cos + _rotate_half(k) * sin).to(keys.dtype)
+    return (k * cos + rotate_half(k) * sin).to(keys.dtype)
 
 
 # --------------------------------------------------------------- capture
@@ -109,7 +104,7 @@ class _QueryTap:
             if getattr(module, "q_norm", None) is not None:  # Qwen3 normalises each head before RoPE
                 q = module.q_norm(q)
             q = q.transpose(1, 2).float()
-            self.queries[index] = q * cos.float().unsqueeze(1) + _rotate_half(q) * sin.float().unsqueeze(1)
+            self.queries[index] = q * cos.float().unsqueeze(1) + rotate_half(q) * sin.float().unsqueeze(1)
         return hook
 
     def close(self) -> None:
@@ -232,12 +227,14 @@ def _metadata(blob: bytes) -> dict:
 
 # -------------------------------------------------------------- assembly
 def placed_layers(lm, prefix: list[tuple[torch.Tensor, torch.Tensor]], passages: list[PassageKV],
-                  starts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer (keys, values): the prefix, then each passage's kept tokens rotated to start + offset."""
+                  starts: list[int], reserve: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (keys, values): the prefix, then each passage's kept tokens rotated to start + offset, then
+    `reserve` zero slots for tokens a caller writes in place later (one concatenation, no copy afterwards)."""
     rotated = [rotate_keys(lm, p.keys, p.offsets + s) for p, s in zip(passages, starts)]
     layers = []
     for i, (pk, pv) in enumerate(prefix):
-        keys = torch.cat([pk] + [r[i].unsqueeze(0).to(pk.dtype) for r in rotated], dim=2)
-        values = torch.cat([pv] + [p.values[i].unsqueeze(0).to(pv.dtype) for p in passages], dim=2)
+        room = [pk.new_zeros(*pk.shape[:2], reserve, pk.shape[3])] if reserve else []
+        keys = torch.cat([pk] + [r[i].unsqueeze(0).to(pk.dtype) for r in rotated] + room, dim=2)
+        values = torch.cat([pv] + [p.values[i].unsqueeze(0).to(pv.dtype) for p in passages] + room, dim=2)
         layers.append((keys, values))
     return layers

@@ -22,6 +22,26 @@ def embed(lm, ids: torch.Tensor) -> torch.Tensor:
     return lm.model.model.embed_tokens(ids.to(lm.device))
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def project_kv(lm, index: int, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+    """The keys (RoPE applied) and values [1, H_kv, q, d] decoder layer `index` would write into its cache for
+    `hidden` [1, q, D], without running its attention or MLP: what a KV comparison needs, ~1/6 of a layer."""
+    layer = lm.model.model.layers[index]
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    keys = attn.k_proj(x).view(shape)
+    if getattr(attn, "k_norm", None) is not None:  # Qwen3 normalises each head before RoPE
+        keys = attn.k_norm(keys)
+    keys, values = keys.transpose(1, 2), attn.v_proj(x).view(shape).transpose(1, 2)
+    cos, sin = (t.unsqueeze(1) for t in rope)
+    return keys * cos + rotate_half(keys) * sin, values
+
+
 def positions(start: int, count: int, device) -> torch.Tensor:
     return torch.arange(start, start + count, device=device).unsqueeze(0)
 

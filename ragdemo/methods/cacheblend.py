@@ -9,7 +9,7 @@ import torch
 from ..engine import kv as kvc
 from ..engine.blend import selective_recompute
 from ..engine.generate import decode_loop
-from ..engine.layers import forward_all, require_llama_like
+from ..engine.layers import logits, require_llama_like
 from ..engine.prefix import instruction_prefix_ids, shared_prefix
 from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text
 from ..engine.scoring import answer_ids, mean_nll
@@ -63,18 +63,23 @@ the next layers ("gradual filtering"); the recompute is pipelined with loading t
   version. That is LLoCO's capture path at c=1.
 - Answer: the top-k chunks (MiniLM, as rag) are read in document order, one passage per chunk, in rag's prompt
   layout; their caches are loaded and keys re-rotated to where each chunk lands behind the cached prefix.
-  Layers below `selection_layer` run for every passage token; at the selection layer every token's fresh KV is
-  compared with the reused one (squared distance of keys and values), the `r` share that deviates most goes on
-  through every later layer, attending to the mixed cache and replacing its own KV (`gradual`: 2r is picked
-  and the next layer narrows it to r). Then the question is prefilled and decoding runs as usual.
+  Layers below `selection_layer` run for every passage token; at the selection layer only their keys and values
+  are projected (what the comparison needs, about a sixth of a layer) and compared with the reused ones (squared
+  distance of keys and values); all fresh KV there is written back and the `r` share that deviates most goes on
+  through the rest of that layer and every later one, attending to the mixed cache and replacing its own KV
+  (`gradual`: 2r is picked and the next layer narrows it to r). The question runs in the same pass, always
+  selected (CacheBlend blends inside the one prefill that also computes the query), so every layer's weights
+  are read once before decoding; only its last position is projected onto the vocabulary. Then decoding runs as usual.
 - Exact: r=1 is a full prefill of the same token sequence (test: same logits as the model reading the prompt;
   rag joins neighbouring chunks into one passage, so the layouts differ only by the blank line between two
   neighbouring chunks). r=0 is pure reuse (test). The first chunk sits right after the prefix in both the
   capture and the prompt, so its reused KV is already exact.
 - Approximated: every token not selected keeps its reused KV in the layers above the selection layer; no
   pipelining with loading (the blobs are read from SQLite first); the deviation is measured at one layer.
-- Cost: `processed_tokens` counts token-layers ÷ layers: all passage tokens through layers ≤ selection layer,
-  the r share through the rest, plus the question. Storage is the full KV: ~23 kB per token for SmolLM2-135M.
+- Cost: `processed_tokens` counts token-layers ÷ layers: all passage tokens through layers ≤ selection layer
+  (the KV projection alone at the selection layer counted as a whole layer: an upper bound), the r share
+  through the rest, plus the question. The fixed cost of r > 0 over pure reuse is the layers below the
+  selection layer for every passage token plus one pass over the upper layers' weights. Storage is the full KV: ~23 kB per token for SmolLM2-135M.
 - Knobs: k, r, selection_layer, gradual.
 
 **Measured** (100 SQuAD v1.1 dev questions, 2 articles, k=5, reference RAG, after warm-up; the plain method
@@ -102,20 +107,19 @@ name is the default; command and machine in `assets/results/issue15_squad/summar
         ctx = self._context(question, corpus, params)
         t0 += ctx.result.prepare_s  # building missing caches is preparation, not part of this answer's clock
         with torch.inference_mode():
-            first = forward_all(lm, torch.tensor([ctx.question_ids], device=lm.device), ctx.cache, ctx.next_pos)
-            generation = decode_loop(lm, ctx.cache, first[:, -1:], ctx.next_pos + len(ctx.question_ids),
-                                     params.max_new_tokens, t0, stream)
-        result = finish(ctx.result, lm, ctx.prompt, generation, t0, processed=ctx.processed + len(ctx.question_ids))
+            first = logits(lm, ctx.suffix_hidden[:, -1:])  # only the last position predicts the first token
+            generation = decode_loop(lm, ctx.cache, first, ctx.next_pos, params.max_new_tokens, t0, stream)
+        result = finish(ctx.result, lm, ctx.prompt, generation, t0, processed=ctx.processed)
         result.bytes_per_token = round(self.storage(corpus, params).bytes_per_token, 1)
         return _mark_recomputed(result, ctx.prompt, ctx.recomputed, lm.tokenizer)
 
     def nll(self, question, gold, corpus, params) -> float:
         lm = self.check(corpus, params)
-        ctx = self._context(question, corpus, params)
         target = answer_ids(lm.tokenizer, gold)
+        ctx = self._context(question, corpus, params, target)
         with torch.inference_mode():
-            logits = forward_all(lm, torch.tensor([ctx.question_ids + target], device=lm.device), ctx.cache, ctx.next_pos)
-        return mean_nll(logits[:, len(ctx.question_ids) - 1:], target)
+            scores = logits(lm, ctx.suffix_hidden[:, len(ctx.question_ids) - 1:])
+        return mean_nll(scores, target)
 
     # ------------------------------------------------------------ helpers
     def check(self, corpus, params):
@@ -129,7 +133,8 @@ name is the default; command and machine in `assets/results/issue15_squad/summar
             raise UserError("cacheblend: k must be at least 1")
         return lm
 
-    def _context(self, question, corpus, params) -> "_Context":
+    def _context(self, question, corpus, params, after: list[int] = ()) -> "_Context":
+        """The blended cache with the question (then `after`, e.g. a gold answer to score) run in the same pass."""
         lm = corpus.lm
         corpus.require_documents(self.name)
         hits, retrieve_s = corpus.retrieve_in_order(question, params.k)
@@ -142,11 +147,13 @@ name is the default; command and machine in `assets/results/issue15_squad/summar
         assert [p.n_tokens for p in kvs] == [len(s.ids) for s in passages], "stored cache does not match its chunk"
         starts = [len(prefix) + sum(len(s.ids) for s in passages[:i]) for i in range(len(passages))]
         with torch.inference_mode():
-            layers = kvc.placed_layers(lm, prefix.layers, kvs, starts)
+            suffix = text_prompt.segments[-1].ids + list(after)
+            layers = kvc.placed_layers(lm, prefix.layers, kvs, starts, reserve=len(suffix))
             result.load_s = time.perf_counter() - load_start - result.prepare_s
             ids = [t for s in passages for t in s.ids]
             keep = token_budget(params.r, len(ids))
-            blend = selective_recompute(lm, layers, ids, len(prefix), keep, params.selection_layer, params.gradual)
+            blend = selective_recompute(lm, layers, ids, len(prefix), keep, params.selection_layer, params.gradual,
+                                        suffix)
         n = len(ids)
         result.chunk_bytes_per_token = round(result.storage_bytes / max(1, n), 1)
         result.cached_tokens = (0 if prefix.fresh else len(prefix)) + n - len(blend.recomputed)
@@ -155,15 +162,17 @@ name is the default; command and machine in `assets/results/issue15_squad/summar
         marked += [Segment("passage", s.ids, "cached", s.source) for s in passages]
         marked.append(text_prompt.segments[-1])
         processed = (len(prefix) if prefix.fresh else 0) + blend.token_layers / lm.n_layers
-        return _Context(kvc.cache_from(blend.layers), len(prefix) + n, text_prompt.segments[-1].ids, Prompt(marked),
-                        result, processed, _split(blend.recomputed, [len(s.ids) for s in passages]))
+        return _Context(kvc.cache_from(blend.layers), len(prefix) + n + len(suffix), text_prompt.segments[-1].ids,
+                        blend.suffix_hidden, Prompt(marked), result, processed,
+                        _split(blend.recomputed, [len(s.ids) for s in passages]))
 
 
 @dataclass
 class _Context:
-    cache: object
-    next_pos: int
+    cache: object  # prefix, blended passages, question (and `after`)
+    next_pos: int  # the position after everything in the cache
     question_ids: list[int]
+    suffix_hidden: torch.Tensor  # last layer's output over the question (and `after`)
     prompt: Prompt
     result: Result
     processed: float

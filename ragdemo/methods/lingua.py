@@ -37,6 +37,7 @@ class LinguaParams(Params):
     k: int = 5  # chunks retrieved, as rag
     ratio: float = 0.5  # share of passage tokens kept
     question_aware: bool = False  # LongLLMLingua's contrastive score: costs a forward of the passages at answer time
+    unit: str = "token"  # token = single tokens dropped (LLMLingua) | word = whole words kept or dropped
 
 
 class Lingua(PerChunkArtifacts):
@@ -64,9 +65,13 @@ with a *contrastive* score: how much less surprising a token becomes once the qu
 - "What the model sees" shows every passage token, the dropped ones with keep = 0.
 - Exact: ratio=1 reads exactly the same tokens as rag over the same chunks (one passage per chunk).
 - Approximated: the scoring LM is the answering LM (135M) rather than a separate small LM for a large target;
-  no coarse passage-level ranking, budget controller or iterative re-scoring after dropping (LLMLingua re-scores
-  segment by segment); scores of each chunk are computed with the chunk alone, not after the other passages.
-- Knobs: k, ratio, question_aware.
+  no coarse passage- or sentence-level ranking, budget controller (LLMLingua gives instruction, demonstrations
+  and question different ratios and drops whole sentences first) or iterative re-scoring after dropping
+  (LLMLingua re-scores segment by segment, conditioned on what it kept); scores of each chunk are computed with the chunk alone, not after the other passages.
+- `unit`: "token" drops single tokens, as LLMLingua does; "word" keeps or drops whole words (a run of subword
+  pieces, as Selective Context's lexical units), ranked by their most surprising piece and packed greedily
+  into the same exact token budget, so the 135M reader never sees a word cut in half ("Eif" without "fel").
+- Knobs: k, ratio, question_aware, unit.
 
 **Measured** (100 SQuAD v1.1 dev questions, 2 articles, k=5, reference RAG, after warm-up; the plain method
 name is the default; command and machine in `assets/results/issue15_squad/summary.md`):
@@ -111,6 +116,8 @@ name is the default; command and machine in `assets/results/issue15_squad/summar
             raise UserError("lingua: ratio (share of passage tokens kept) must be in (0, 1]")
         if params.k < 1:
             raise UserError("lingua: k must be at least 1")
+        if params.unit not in UNITS:
+            raise UserError(f"lingua: unit must be one of {', '.join(UNITS)}")
         return lm
 
     def _plan(self, question, corpus, params) -> "_Plan":
@@ -130,10 +137,11 @@ name is the default; command and machine in `assets/results/issue15_squad/summar
         if params.question_aware:
             given, scoring_tokens = _surprisal_given_question(lm, question, passages)
             scores = [alone - with_q for alone, with_q in zip(scores, given)]
-        flags = keep_flags(scores, token_budget(params.ratio, n))
+        words = [word_starts(lm.tokenizer, p.ids) for p in passages] if params.unit == "word" else None
+        flags = keep_flags(scores, token_budget(params.ratio, n), words)
         result.chunk_bytes_per_token = round(result.storage_bytes / max(1, n), 2)
         kept_n = sum(sum(f) for f in flags)
-        result.notes.append(f"{kept_n} of {n} passage tokens kept (ratio {params.ratio:g}, "
+        result.notes.append(f"{kept_n} of {n} passage tokens kept (ratio {params.ratio:g}, {params.unit}s, "
                             f"{'contrastive score given the question' if params.question_aware else 'self-information'})")
         if scoring_tokens:
             result.notes.append(f"question-aware scoring ran {scoring_tokens} tokens (question prefix + every retrieved "
@@ -153,13 +161,61 @@ class _Plan:
     scoring_tokens: int  # tokens run through the model at answer time only to score (question_aware)
 
 
-def keep_flags(scores: list[torch.Tensor], count: int) -> list[list[int]]:
-    """1 for the `count` highest-scored tokens over all passages (ties: the earlier token), 0 for the rest."""
+UNITS = ("token", "word")
+
+
+SPACE_MARKS = "ĠĊĉ▁"  # how byte-level BPE (space, newline, tab) and SentencePiece (space) spell whitespace in a piece
+
+
+def word_starts(tokenizer, ids: list[int]) -> list[bool]:
+    """True where a token starts a word. A token continues the word before it when its piece begins with a letter
+    or digit (not a whitespace mark such as BPE's 'Ġ' or SentencePiece's '▁', which are letters to Python) and
+    the piece before ends with one: "Eif|fel" and "18|89" are one word each, punctuation is a word of its own."""
+    pieces = [str(p) for p in tokenizer.convert_ids_to_tokens(ids)]
+    return [i == 0 or not (_word_char(piece[:1]) and _word_char(pieces[i - 1][-1:])) for i, piece in enumerate(pieces)]
+
+
+def _word_char(char: str) -> bool:
+    return char.isalnum() and char not in SPACE_MARKS
+
+
+def keep_flags(scores: list[torch.Tensor], count: int, words: list[list[bool]] | None = None) -> list[list[int]]:
+    """1 for exactly `count` tokens over all passages, 0 for the rest.
+
+    Without `words`: the `count` highest-scored tokens (ties: the earlier token). With `words` (word_starts per
+    passage): whole words ranked by their most surprising token (a word is as informative as its least
+    predictable piece; later pieces of a word are predictable once its start is read, so a sum or mean would
+    only reward or punish length), kept greedily while they fit the budget; when no remaining word fits what
+    is left, the best remaining word's first pieces fill it, so the count stays exact."""
     flat = torch.cat([s.float() for s in scores]).tolist() if scores else []
-    order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))[:count]
     chosen = torch.zeros(len(flat), dtype=torch.long)
-    chosen[order] = 1
+    if words is None:
+        order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))[:count]
+        chosen[order] = 1
+    else:
+        for start, end in _fill(_spans([w for row in words for w in row]), flat, count):
+            chosen[start:end] = 1
     return [row.tolist() for row in chosen.split([s.numel() for s in scores])]
+
+
+def _spans(starts: list[bool]) -> list[tuple[int, int]]:
+    """[start, end) of each word from per-token start flags (every passage's first token starts a word)."""
+    bounds = [i for i, s in enumerate(starts) if s or i == 0] + [len(starts)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if a < b]
+
+
+def _fill(spans: list[tuple[int, int]], flat: list[float], count: int) -> list[tuple[int, int]]:
+    ranked = sorted(spans, key=lambda s: (-max(flat[s[0]:s[1]]), s[0]))
+    kept, left, rest = [], count, []
+    for start, end in ranked:
+        if end - start <= left:
+            kept.append((start, end))
+            left -= end - start
+        else:
+            rest.append((start, end))
+    if left > 0 and rest:  # every remaining word is longer than what is left: cut the best one
+        kept.append((rest[0][0], rest[0][0] + left))
+    return kept
 
 
 def _surprisal_given_question(lm, question: str, passages: list[Segment]) -> tuple[list[torch.Tensor], int]:
