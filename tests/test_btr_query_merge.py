@@ -66,12 +66,12 @@ def test_the_query_side_reads_each_lower_layer_once(tiny_lm):
     layer's weights, so a second call per layer was measured as tens of ms on the real model."""
     prefix, passages, lead, question = _parts(tiny_lm)
     states = [lower_states(tiny_lm, prefix, p, 2) for p in passages]
+    cached = compute_prefix(tiny_lm, prefix).layers
     calls = []
     handle = tiny_lm.model.model.layers[0].register_forward_hook(lambda m, args, out: calls.append(1))
     try:
         with torch.inference_mode():
-            btr_forward(tiny_lm, prefix, states, question, split=2, prefix=compute_prefix(tiny_lm, prefix).layers,
-                        lead_ids=lead)
+            btr_forward(tiny_lm, prefix, states, question, split=2, prefix=cached, lead_ids=lead)
     finally:
         handle.remove()
     assert len(calls) == 1
