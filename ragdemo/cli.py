@@ -273,6 +273,25 @@ def cmd_bench_retrievers(bench, args) -> int:
     return 0
 
 
+def cmd_bench_frontier(bench, args) -> int:
+    from .bench.plots import plot_runs_speedup
+    from .bench.runner import load_run_or_summary
+
+    files = [Path(f) / "results.json" if Path(f).is_dir() else Path(f) for f in args.runs]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise UserError(f"no bench results at {', '.join(missing)}")
+    try:
+        runs = [load_run_or_summary(f) for f in files]
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    path = plot_runs_speedup(runs, args.method, Path(args.out))
+    if path is None:
+        raise UserError(f"fewer than two measured '{args.method}' rows with value kept and TTFT in those runs")
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_bench(bench, args) -> int:
     from .bench.command import cmd_bench as run
 
@@ -284,7 +303,8 @@ COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "prepare": cmd_prepare, "list"
             "bench": cmd_bench,
             "finetune": cmd_finetune,
             "bench-speed": cmd_bench_speed, "bench-order": cmd_bench_order,
-            "bench-storage": cmd_bench_storage, "bench-retrievers": cmd_bench_retrievers}
+            "bench-storage": cmd_bench_storage, "bench-retrievers": cmd_bench_retrievers,
+            "bench-frontier": cmd_bench_frontier}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -354,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rescore", type=int, default=None, help="candidates = k x rescore (default: the collection's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="assets/results/retrievers")
+    p = sub.add_parser("bench-frontier", parents=[common],
+                       help="plot value kept against speed-up for one method's variants over bench runs")
+    p.add_argument("runs", nargs="+", help="bench output folders, their results.json, or summary.md files")
+    p.add_argument("--method", default="btr")
+    p.add_argument("--out", required=True, help="the .png to write")
     from .bench.command import add_bench_parser
 
     add_bench_parser(sub, common)

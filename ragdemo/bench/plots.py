@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 
@@ -88,6 +89,14 @@ def plot_speedup(run, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_runs_speedup(runs: list[dict], method: str, path: Path) -> Path | None:
+    """One frontier over several bench runs (their results.json): every row of `method` and its variants, each
+    speed-up taken against its own run's reference, so runs made at different times still compare."""
+    rows = [r for run in runs for r in run["summary"] if r["method"].split("@", 1)[0] == method]
+    meta = {key: "/".join(sorted({str(run["meta"][key]) for run in runs})) for key in ("reference", "dataset")}
+    return plot_speedup(SimpleNamespace(meta=meta, summary=rows), path)
 
 
 def plot_storage(run, path: Path) -> Path | None:

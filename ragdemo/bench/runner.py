@@ -488,6 +488,23 @@ def load_run(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def load_run_or_summary(path: str | Path) -> dict:
+    """A bench run as `load_run` gives it, from its folder, its results.json, or, where only the table was kept,
+    its summary.md (then each row has just its method, value kept and TTFT against the reference)."""
+    from ..methods.measured import measured_run, share
+
+    path = Path(path)
+    if path.suffix != ".md":
+        return load_run(path / "results.json" if path.is_dir() else path)
+    run = measured_run(str(path.resolve()))
+    if run is None:
+        raise ValueError(f"{path} holds no bench table")
+    reference = run.meta.get("reference for context value kept and TTFT ratio", "").strip("* ")
+    rows = [{"method": r["method"].split(" (")[0], "value_kept": share(r.get("value kept")),
+             "ttft_vs_ref": share(r.get("TTFT vs ref"))} for r in run.records]
+    return {"meta": {"reference": reference, "dataset": run.meta.get("data", "?").split(" (")[0]}, "summary": rows}
+
+
 def available_methods() -> list[str]:
     return list(registry())
 
