@@ -94,3 +94,29 @@ def test_peft_layer_path_for_weights_that_cannot_be_merged(tiny_lm):
         expected = x @ (base.weight + 2.0 * b @ a).T
         torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
     assert layer.base_layer is base
+
+
+def test_a_stored_adapter_is_read_once_and_a_rewrite_is_loaded_again(tiny_lm, tmp_path):
+    """Answers pass the store's reference: an adapter already loaded is neither read nor hashed again, and a
+    retrained adapter under the same key (a new write) is a new entry."""
+    from ragdemo.store import Store
+
+    store = Store(tmp_path)
+    store.put_artifact("m", "model", "h", "lora:x", random_adapter(tiny_lm, 0))
+    tiny_lm.adapters = AdapterCache()  # the LM is shared between tests: count this test's adapters only
+    reads = []
+    ref = store.artifact_ref("m", "model", "h", "lora:x")
+    counted = type(ref)(ref.identity, ref.nbytes, lambda: reads.append(1) or ref.read())
+    for _ in range(3):
+        with applied_adapter(tiny_lm, counted):
+            pass
+    assert len(reads) == 1 and len(counted) == len(random_adapter(tiny_lm, 0))
+    store.put_artifact("m", "model", "h", "lora:x", random_adapter(tiny_lm, 1))  # retrained: same key
+    again = store.artifact_ref("m", "model", "h", "lora:x")
+    assert again.identity != ref.identity
+    with applied_adapter(tiny_lm, again):
+        weights = {n: p.clone() for n, p in tiny_lm.model.named_parameters()}
+    with applied_adapter(tiny_lm, random_adapter(tiny_lm, 1)):  # the same content given as bytes
+        assert all(torch.equal(p, weights[n]) for n, p in tiny_lm.model.named_parameters())
+    assert len(adapter_cache(tiny_lm).items) == 3  # seed 0 by reference; seed 1 by reference and by bytes
+    assert store.artifact_ref("m", "model", "h", "nope") is None

@@ -193,3 +193,31 @@ def test_a_schema_1_store_is_migrated(tmp_path):
     assert store.artifact_bytes_by_document(1) == {(1, "lloco"): 3}
     store.close()
     assert Store(home).artifact_bytes(1) == {"lloco": 3}  # reopening does not migrate again
+
+
+def test_signature_and_storage_account_are_remembered_until_something_changes(tiny_bench, docs_dir, monkeypatch):
+    """Answers read both; each is one scan per state of the collection and its artifacts, and every change moves
+    that state: a document added or deleted, an artifact written, a cascade, another process on the same file."""
+    from ragdemo.store import chunk_key
+
+    store = tiny_bench.store
+    tiny_bench.ingest([("e.txt", (docs_dir / "eiffel.txt").read_bytes())])
+    cid = tiny_bench.corpus().collection_id
+    scans = []
+    real = store._artifact_usage
+    monkeypatch.setattr(store, "_artifact_usage", lambda *a: scans.append(a) or real(*a))
+    chunk = tiny_bench.corpus().chunks()[0]
+    assert store.artifact_bytes(cid) == {} and store.artifact_bytes(cid) == {}
+    assert len(scans) == 1  # the second read was remembered
+    store.put_artifact("m", "model", "h", chunk_key(chunk["text"]), b"1234", chunk_id=chunk["chunk_id"])
+    assert store.artifact_bytes(cid) == {"m": 4} and len(scans) == 2
+    other = Store(store.home)  # another process writes: the counter is in the file, so this one sees it move
+    other.put_artifact("m", "model", "h2", chunk_key(chunk["text"]), b"12", chunk_id=chunk["chunk_id"])
+    other.close()
+    assert store.artifact_bytes(cid) == {"m": 6}
+    sig = store.content_signature(cid)
+    tiny_bench.ingest([("b.md", (docs_dir / "bananas.md").read_bytes())])
+    assert store.content_signature(cid) != sig
+    tiny_bench.delete("e.txt")  # the chunk's artifacts go by cascade
+    assert store.artifact_bytes(cid) == {}
+    assert store.content_signature(cid) != sig

@@ -274,12 +274,17 @@ class AdapterCache:
         self.active: str | None = None
         self.model_ref: int | None = None
 
-    def get(self, lm, blob: bytes) -> tuple[str, LoadedAdapter]:
+    def get(self, lm, adapter) -> tuple[str, LoadedAdapter]:
+        """(its key in this cache, the loaded adapter) for a blob (keyed by its hash) or a stored reference
+        (keyed by the artifact's identity, read only when not loaded yet)."""
         if self.model_ref != id(lm.model):  # another model object: nothing loaded for the old one applies
             self.items.clear()
             self.model_ref = id(lm.model)
-        digest = hashlib.sha256(blob).hexdigest()
-        return digest, self.items.get(digest, lambda: LoadedAdapter(lm, blob))
+        if isinstance(adapter, (bytes, bytearray)):
+            digest, read = hashlib.sha256(adapter).hexdigest(), lambda: adapter
+        else:
+            digest, read = hashlib.sha256(repr(adapter.identity).encode()).hexdigest(), adapter.read
+        return digest, self.items.get(digest, lambda: LoadedAdapter(lm, read()))
 
 
 def adapter_cache(lm) -> AdapterCache:
@@ -290,15 +295,17 @@ def adapter_cache(lm) -> AdapterCache:
 
 
 @contextmanager
-def applied_adapter(lm, blob: bytes | None):
-    """The collection's adapter switched on for the duration (loaded once per content), then off again."""
-    if not blob:
+def applied_adapter(lm, adapter):
+    """The collection's adapter switched on for the duration (loaded once), then off again. `adapter` is its
+    blob, or a stored reference (`identity`, `read()`: the store's StoredArtifact), which answers use so that
+    an adapter already loaded is neither read from the store nor hashed again."""
+    if not adapter:
         yield
         return
     cache = adapter_cache(lm)
     if cache.active is not None:
         raise RuntimeError("an adapter is already switched on for this model")  # callers hold lm.lock; never nest
-    digest, adapter = cache.get(lm, blob)
+    digest, adapter = cache.get(lm, adapter)
     adapter.switch(True)
     cache.active = digest
     try:

@@ -657,11 +657,12 @@ Targets: {storage target}. {frontier}.""" \
         return artifact_hash({"codes": self._chunk_hash(lm, params, decoder_blob), "k": params.k, "r": params.lora_r,
                               "steps": params.lora_steps, "lr": params.lora_lr, "recipe": RECIPE, **layout})
 
-    def _adapter(self, corpus, params, decoder_blob, sig: str) -> bytes | None:
-        """The LoRA distilled on the collection's current content for these knobs, when trained and wanted."""
+    def _adapter(self, corpus, params, decoder_blob, sig: str):
+        """The LoRA distilled on the collection's current content for these knobs, when trained and wanted, as a
+        stored reference (read only the first time it is switched on)."""
         if not params.lora:
             return None
-        return corpus.store.get_artifact(self.name, corpus.lm.model_id, self._adapter_hash(corpus.lm, params, decoder_blob),
+        return corpus.store.artifact_ref(self.name, corpus.lm.model_id, self._adapter_hash(corpus.lm, params, decoder_blob),
                                          adapter_key(sig))
 
     @staticmethod
@@ -898,7 +899,7 @@ class _Plan:
     result: Result
     chunk_bytes: int  # per-chunk artifacts read, plus the codebook when codes are merged
     decoder_bytes: int
-    adapter: bytes | None
+    adapter: object  # the stored LoRA (StoredArtifact) or None
     per_chunk_bytes: int = 0  # per-chunk artifacts alone
 
 

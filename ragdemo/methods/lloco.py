@@ -123,8 +123,9 @@ LoRA, 102% with it); 83% on the 200-question run without LoRA.""".replace(
         digest, key = self._adapter_where(corpus, lm, params)
         return bool(corpus.store.artifact_keys(self.name, lm.model_id, digest, [key]))
 
-    def _adapter(self, corpus, lm, params) -> bytes | None:
-        return corpus.store.get_artifact(self.name, lm.model_id, *self._adapter_where(corpus, lm, params)) if params.lora else None
+    def _adapter(self, corpus, lm, params):
+        """The collection's LoRA as a stored reference (read only the first time it is switched on), or None."""
+        return corpus.store.artifact_ref(self.name, lm.model_id, *self._adapter_where(corpus, lm, params)) if params.lora else None
 
     def storage(self, corpus, params) -> StorageAccount:
         """Everything LLoCO keeps for the collection at these knobs: each chunk's compressed cache and the
@@ -318,7 +319,7 @@ class _Context:
     question_ids: list[int]
     prompt: Prompt
     result: Result
-    adapter: bytes | None
+    adapter: object  # the stored LoRA (StoredArtifact) or None
     processed: float  # prompt tokens computed now, besides the question (the prefix when not cached)
     load_start: float
     cached: int  # tokens whose states came from storage

@@ -1,5 +1,5 @@
 from .corpus import Corpus, RetrieverComparison, group_passages
-from .db import RETRIEVERS, Store, artifact_hash, check_collection_name, chunk_key, sha256
+from .db import RETRIEVERS, Store, StoredArtifact, artifact_hash, check_collection_name, chunk_key, sha256
 from .index import BinaryChunkIndex, ChunkIndex, IndexCache
 
 __all__ = ["Corpus", "Store", "IndexCache", "ChunkIndex", "BinaryChunkIndex", "RetrieverComparison", "RETRIEVERS",

@@ -8,7 +8,9 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import sqlite_utils
@@ -47,6 +49,19 @@ def check_collection_name(name: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class StoredArtifact:
+    """An artifact named without reading its blob: its key, when it was written and its size (a rewrite under
+    the same key, such as a retrained adapter, is a new `identity`), and how to read it when first needed."""
+
+    identity: tuple  # (method, model, params_hash, key, created, nbytes)
+    nbytes: int
+    read: Callable[[], bytes | None] = field(compare=False, repr=False)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+
 class Store:
     """One SQLite file under the data directory. All writes are transactions, so a killed process never
     leaves half a document or half an artifact behind."""
@@ -61,6 +76,9 @@ class Store:
         self.db.execute("PRAGMA foreign_keys = ON")
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.lock = threading.RLock()
+        # answers read the content signature and the storage account; both are remembered until the collection's
+        # version or the artifact counter moves (one primary-key read), instead of a scan of the collection each
+        self._remembered: dict[tuple, tuple[tuple, object]] = {}
         self._create_schema()
 
     # ---------------------------------------------------------------- schema
@@ -139,6 +157,7 @@ class Store:
         self.db.execute("CREATE INDEX IF NOT EXISTS chunks_sha256 ON chunks(sha256)")
         self.db.execute("CREATE INDEX IF NOT EXISTS artifacts_key ON artifacts(key)")
         self._create_artifact_triggers()
+        self._create_artifact_counter()
 
     def _create_artifact_triggers(self) -> None:
         """Artifacts follow the content they were built from, on every path that changes it (add, delete,
@@ -155,6 +174,35 @@ class Store:
         for event, row in (("INSERT", "NEW"), ("DELETE", "OLD")):
             self.db.execute(f"""CREATE TRIGGER IF NOT EXISTS documents_{event.lower()}_drop_superseded AFTER {event} ON documents
                 BEGIN DELETE FROM artifacts WHERE basis IS NOT NULL AND collection_id = {row}.collection_id; END""")
+
+    def _create_artifact_counter(self) -> None:
+        """`changes.artifacts` moves with every artifact row written, replaced or deleted, also by a cascade, a
+        trigger or another process on the same file: what a remembered storage account is checked against."""
+        self.db.execute("""CREATE TABLE IF NOT EXISTS changes (
+            id INTEGER PRIMARY KEY CHECK (id = 0), artifacts INTEGER NOT NULL)""")
+        self.db.execute("INSERT OR IGNORE INTO changes (id, artifacts) VALUES (0, 0)")
+        for event in ("INSERT", "UPDATE", "DELETE"):
+            self.db.execute(f"""CREATE TRIGGER IF NOT EXISTS artifacts_{event.lower()}_counted AFTER {event} ON artifacts
+                                BEGIN UPDATE changes SET artifacts = artifacts + 1 WHERE id = 0; END""")
+
+    def _remembered_value(self, key: tuple, collection_id: int, with_artifacts: bool, compute):
+        """`compute()` once per state of the collection (its uid and version, and with `with_artifacts` the
+        artifact counter). Inside a transaction, where this connection may see its own half-written rows, it is
+        computed afresh and not kept."""
+        with self.lock:
+            if self.db.conn.in_transaction:
+                return compute()
+            found = self.db.execute("""SELECT c.uid, c.version, (SELECT artifacts FROM changes WHERE id = 0)
+                                       FROM collections c WHERE c.id = ?""", (collection_id,)).fetchone()
+            if found is None:
+                return compute()
+            stamp = tuple(found) if with_artifacts else tuple(found[:2])
+            kept = self._remembered.get(key)
+            if kept is not None and kept[0] == stamp:
+                return kept[1]
+            value = compute()
+            self._remembered[key] = (stamp, value)
+            return value
 
     @contextmanager
     def transaction(self):
@@ -267,10 +315,14 @@ class Store:
 
     def content_signature(self, collection_id: int) -> str:
         """Names the collection's content: a hash of its chunks' text hashes, sorted (so neither row ids nor the
-        order documents arrived in matter). Collection-level artifacts are keyed by it."""
-        rows = self.db.execute("""SELECT c.sha256 FROM chunks c JOIN documents d ON d.id = c.doc_id
-                                  WHERE d.collection_id = ? ORDER BY c.sha256""", (collection_id,)).fetchall()
-        return artifact_hash("|".join(r[0] for r in rows).encode())
+        order documents arrived in matter). Collection-level artifacts are keyed by it. It scans the collection's
+        chunks, so it is computed once per collection version."""
+        def compute() -> str:
+            rows = self.db.execute("""SELECT c.sha256 FROM chunks c JOIN documents d ON d.id = c.doc_id
+                                      WHERE d.collection_id = ? ORDER BY c.sha256""", (collection_id,)).fetchall()
+            return artifact_hash("|".join(r[0] for r in rows).encode())
+
+        return self._remembered_value(("signature", collection_id), collection_id, False, compute)
 
     def document_texts(self, collection_id: int) -> list[dict]:
         return self.rows("SELECT id, name, text FROM documents WHERE collection_id = ? ORDER BY id", (collection_id,))
@@ -370,6 +422,16 @@ class Store:
     def get_artifact(self, method: str, model: str, params_hash: str, key: str) -> bytes | None:
         return self.get_artifacts(method, model, params_hash, [key]).get(key)
 
+    def artifact_ref(self, method: str, model: str, params_hash: str, key: str) -> StoredArtifact | None:
+        """The artifact as a `StoredArtifact` (one primary-key read, no blob), or None when it is not stored."""
+        found = self.rows("""SELECT created, nbytes FROM artifacts WHERE method = ? AND model = ? AND params_hash = ?
+                             AND key = ?""", (method, model, params_hash, key))
+        if not found:
+            return None
+        where = (method, model, params_hash, key)
+        return StoredArtifact((*where, found[0]["created"], found[0]["nbytes"]), int(found[0]["nbytes"]),
+                              lambda: self.get_artifact(*where))
+
     def artifact_keys(self, method: str, model: str, params_hash: str, keys: list[str]) -> set[str]:
         """Which of `keys` are stored, without reading the blobs."""
         return {r["key"] for r in self._artifact_rows("key", method, model, params_hash, keys)}
@@ -391,7 +453,15 @@ class Store:
           a text that occurs twice is counted once, under the first document that holds it (a chunk artifact
           not keyed by chunk_key breaks the content-key rule, but is still counted, under its owner's document);
         - collection-level artifacts built from exactly this content (`basis` = its content signature, whichever
-          collection of that content built them) or owned by the collection, one row each (`doc_id` None)."""
+          collection of that content built them) or owned by the collection, one row each (`doc_id` None).
+
+        It joins the collection's chunks with the artifacts, so it is remembered until the collection's version
+        or the artifact counter moves (answers read it for their storage figures)."""
+        rows = self._remembered_value(("usage", collection_id, method, model), collection_id, True,
+                                      lambda: self._artifact_usage(collection_id, method, model))
+        return [dict(row) for row in rows]  # callers may change their copy
+
+    def _artifact_usage(self, collection_id: int, method: str | None, model: str | None) -> list[dict]:
         filters, params = "", []
         for column, wanted in (("method", method), ("model", model)):
             if wanted is not None:
