@@ -197,3 +197,37 @@ def test_unknown_unit_is_a_one_line_error(tiny_bench, docs_dir):
     lingua = get_method("lingua")
     with pytest.raises(UserError):
         lingua.answer(QUESTION, corpus, params_from(lingua.Params, {"unit": "sentence"}))
+
+
+def test_rank_budgets_follow_the_retrieval_rank_and_sum_to_the_budget():
+    import random
+
+    from ragdemo.methods.lingua import rank_budgets
+
+    # ratio 0.5, spread 0.5, five equal chunks: the best kept whole, the worst dropped (scores in prompt order)
+    assert rank_budgets([64] * 5, [0.3, 0.9, 0.5, 0.1, 0.7], 160, 0.5) == [16, 64, 32, 0, 48]
+    assert rank_budgets([64] * 5, [0.3, 0.9, 0.5, 0.1, 0.7], 160, 0.0) == [32] * 5  # no spread: the mean ratio
+    assert rank_budgets([10], [0.2], 7, 0.5) == [7]
+    rng = random.Random(0)
+    for _ in range(200):  # clipping at 0 or 1 never breaks the exact total or the room in each passage
+        lengths = [rng.randint(1, 80) for _ in range(rng.randint(1, 7))]
+        scores = [rng.random() for _ in lengths]
+        count = rng.randint(0, sum(lengths))
+        budgets = rank_budgets(lengths, scores, count, rng.choice([0.1, 0.3, 0.5, 1.0]))
+        assert sum(budgets) == count and all(0 <= b <= n for b, n in zip(budgets, lengths))
+
+
+@pytest.mark.parametrize("unit", ["token", "word"])
+def test_spread_gives_each_passage_its_rank_budget(tiny_bench, docs_dir, unit):
+    from ragdemo.methods.lingua import rank_budgets
+
+    corpus = ingest(tiny_bench, docs_dir)
+    p = plan(corpus, ratio=0.5, spread=0.5, unit=unit)
+    shown = [s for s in p.shown.segments if s.kind == "passage"]
+    kept = [s for s in p.kept.segments if s.kind == "passage"]
+    lengths = [len(s.ids) for s in shown]
+    want = rank_budgets(lengths, [s.source["score"] for s in shown], token_budget(0.5, sum(lengths)), 0.5)
+    assert [len(s.ids) for s in kept] == want != [round(0.5 * n) for n in lengths]
+    for full, short in zip(shown, kept):
+        assert short.ids == [t for t, k in zip(full.ids, full.keep) if k == 1]
+    assert any("by retrieval rank" in n for n in p.result.notes)

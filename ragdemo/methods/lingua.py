@@ -38,6 +38,7 @@ class LinguaParams(Params):
     ratio: float = 0.5  # share of passage tokens kept
     question_aware: bool = False  # LongLLMLingua's contrastive score: costs a forward of the passages at answer time
     unit: str = "token"  # token = single tokens dropped (LLMLingua) | word = whole words kept or dropped
+    spread: float = 0.0  # 0 = one budget pooled over the passages; > 0 = LongLLMLingua's dynamic ratio by rank
 
 
 class Lingua(PerChunkArtifacts):
@@ -65,13 +66,18 @@ with a *contrastive* score: how much less surprising a token becomes once the qu
 - "What the model sees" shows every passage token, the dropped ones with keep = 0.
 - Exact: ratio=1 reads exactly the same tokens as rag over the same chunks (one passage per chunk).
 - Approximated: the scoring LM is the answering LM (135M) rather than a separate small LM for a large target;
-  no coarse passage- or sentence-level ranking, budget controller (LLMLingua gives instruction, demonstrations
-  and question different ratios and drops whole sentences first) or iterative re-scoring after dropping
+  no sentence-level ranking or budget controller (LLMLingua gives instruction, demonstrations and question
+  different ratios and drops whole sentences first; passages are ranked only with `spread`, below) or iterative re-scoring after dropping
   (LLMLingua re-scores segment by segment, conditioned on what it kept); scores of each chunk are computed with the chunk alone, not after the other passages.
 - `unit`: "token" drops single tokens, as LLMLingua does; "word" keeps or drops whole words (a run of subword
   pieces, as Selective Context's lexical units), ranked by their most surprising piece and packed greedily
   into the same exact token budget, so the 135M reader never sees a word cut in half ("Eif" without "fel").
-- Knobs: k, ratio, question_aware, unit.
+- `spread` (LongLLMLingua's *dynamic compression ratio*): 0 pools one budget over all passages; above 0 each
+  passage gets its own, by retrieval rank: the i-th of K keeps ratio + spread·(1 − 2i/(K−1)) of its tokens
+  (clipped to [0, 1], rounded to the same exact total), so at ratio 0.5 and spread 0.5 the best-ranked chunk is
+  kept whole and the worst-ranked dropped. LongLLMLingua ranks documents by the question's perplexity given
+  each; here the MiniLM retrieval score ranks them (already computed, so free at answer time).
+- Knobs: k, ratio, question_aware, unit, spread.
 
 **Measured** (100 SQuAD v1.1 dev questions, 2 articles, k=5, reference RAG, after warm-up; the plain method
 name is the default; command and machine in `assets/results/issue15_squad/summary.md`):
@@ -116,6 +122,8 @@ name is the default; command and machine in `assets/results/issue15_squad/summar
             raise UserError("lingua: ratio (share of passage tokens kept) must be in (0, 1]")
         if params.k < 1:
             raise UserError("lingua: k must be at least 1")
+        if not 0.0 <= params.spread <= 1.0:
+            raise UserError("lingua: spread (how much more the top-ranked passage keeps than the mean) must be in [0, 1]")
         if params.unit not in UNITS:
             raise UserError(f"lingua: unit must be one of {', '.join(UNITS)}")
         return lm
@@ -138,10 +146,19 @@ name is the default; command and machine in `assets/results/issue15_squad/summar
             given, scoring_tokens = _surprisal_given_question(lm, question, passages)
             scores = [alone - with_q for alone, with_q in zip(scores, given)]
         words = [word_starts(lm.tokenizer, p.ids) for p in passages] if params.unit == "word" else None
-        flags = keep_flags(scores, token_budget(params.ratio, n), words)
+        count = token_budget(params.ratio, n)
+        if params.spread > 0:  # each passage its own budget, larger for the ones the retriever ranks higher
+            budgets = rank_budgets([len(p.ids) for p in passages], [p.source["score"] for p in passages], count,
+                                   params.spread)
+            flags = [keep_flags([s], b, [w] if words else None)[0]
+                     for s, b, w in zip(scores, budgets, words or [None] * len(scores))]
+        else:
+            flags = keep_flags(scores, count, words)
         result.chunk_bytes_per_token = round(result.storage_bytes / max(1, n), 2)
         kept_n = sum(sum(f) for f in flags)
-        result.notes.append(f"{kept_n} of {n} passage tokens kept (ratio {params.ratio:g}, {params.unit}s, "
+        budget = (f"per passage by retrieval rank, spread {params.spread:g}: "
+                  + "/".join(str(sum(f)) for f in flags) if params.spread > 0 else "pooled over the passages")
+        result.notes.append(f"{kept_n} of {n} passage tokens kept (ratio {params.ratio:g}, {budget}, {params.unit}s, "
                             f"{'contrastive score given the question' if params.question_aware else 'self-information'})")
         if scoring_tokens:
             result.notes.append(f"question-aware scoring ran {scoring_tokens} tokens (question prefix + every retrieved "
@@ -196,6 +213,28 @@ def keep_flags(scores: list[torch.Tensor], count: int, words: list[list[bool]] |
         for start, end in _fill(_spans([w for row in words for w in row]), flat, count):
             chosen[start:end] = 1
     return [row.tolist() for row in chosen.split([s.numel() for s in scores])]
+
+
+def rank_budgets(lengths: list[int], scores: list[float], count: int, spread: float) -> list[int]:
+    """LongLLMLingua's dynamic compression ratio: with mean ratio τ = count / Σ lengths, the passage ranked i-th of
+    K (by retrieval score, best first) keeps τ + spread·(1 − 2i/(K−1)) of its tokens, clipped to [0, 1]; rounded
+    so the budgets sum to exactly `count` (the remainder goes to the best-ranked passages with room, an excess is
+    taken from the worst-ranked)."""
+    total = sum(lengths)
+    if not lengths or total == 0:
+        return [0] * len(lengths)
+    order = sorted(range(len(lengths)), key=lambda j: (-scores[j], j))
+    ratio, last = count / total, max(len(lengths) - 1, 1)
+    budgets = [0] * len(lengths)
+    for rank, j in enumerate(order):
+        share = ratio + spread * (1 - 2 * rank / last) if len(lengths) > 1 else ratio
+        budgets[j] = int(min(max(share, 0.0), 1.0) * lengths[j])
+    left = count - sum(budgets)
+    for j in (order if left > 0 else order[::-1]):
+        step = min(left, lengths[j] - budgets[j]) if left > 0 else max(left, -budgets[j])
+        budgets[j] += step
+        left -= step
+    return budgets
 
 
 def _spans(starts: list[bool]) -> list[tuple[int, int]]:
