@@ -639,3 +639,23 @@ def test_every_handler_gets_its_request_and_progress_from_gradio(tiny_bench):
                 if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
                     missed.append(f"{fn.__qualname__}({param.name})")
     assert checked >= 3 and not missed, missed  # bench Run, Prepare, Fine-tune, Compare, upload at least
+
+
+def test_method_cards_show_their_bundled_figures(tmp_path, monkeypatch):
+    """A card's plots (e.g. BTR's frontier) are drawn under its text when their files are bundled; a figure not
+    produced yet is left out rather than shown broken."""
+    import gradio as gr
+
+    import ragdemo.ui.methods_tab as methods_tab
+    from ragdemo.methods.btr import FIGURES, Btr
+
+    assert methods_tab.card_figures(type("NoPlots", (), {"figures": ()})) == []
+    (tmp_path / FIGURES[0]).parent.mkdir(parents=True)
+    import matplotlib.pyplot as plt
+    plt.figure(figsize=(1, 1)).savefig(tmp_path / FIGURES[0])
+    monkeypatch.setattr(methods_tab, "RESULTS_DIR", tmp_path)
+    assert methods_tab.card_figures(Btr) == [tmp_path / FIGURES[0]]
+    with gr.Blocks() as demo:
+        methods_tab.build_methods_tab()
+    images = [c for c in demo.config["components"] if c.get("type") == "image"]
+    assert [c["props"]["label"] for c in images] == [f"assets/results/{FIGURES[0]}"]

@@ -202,6 +202,7 @@ class Method:
     has_prepare: ClassVar[bool] = False
     has_finetune: ClassVar[bool] = False  # offers a per-collection training step (e.g. LLoCO's LoRA)
     order: ClassVar[int] = 50  # position in lists and UI
+    figures: ClassVar[tuple[str, ...]] = ()  # plots under assets/results/ shown with the card (bench outputs)
 
     def prepare(self, corpus, params, progress: Progress | None = None) -> None:
         """Offline work, cached in the store and idempotent. Most methods have none."""

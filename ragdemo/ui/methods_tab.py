@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..methods import registry
-from ..methods.measured import measured_run
+from ..methods.measured import RESULTS_DIR, measured_run
 from .knobs import SHARED, knob_defaults, knob_help, knob_label
 from .render import one_liner
 
@@ -63,3 +63,11 @@ def build_methods_tab() -> None:
             gr.Markdown(method_summary(name, cls), elem_classes=["rd-method-summary"])
             with gr.Accordion(f"{cls.label or name}: details and knobs", open=False):
                 gr.Markdown(method_markdown(name, cls))
+                for path in card_figures(cls):
+                    gr.Image(str(path), label=f"assets/results/{path.relative_to(RESULTS_DIR).as_posix()}",
+                             show_label=True, interactive=False, buttons=["fullscreen"])
+
+
+def card_figures(cls: type) -> list:
+    """The method's bundled plots that exist in this checkout (a figure not produced yet is simply not shown)."""
+    return [RESULTS_DIR / name for name in cls.figures if (RESULTS_DIR / name).is_file()]
