@@ -321,10 +321,11 @@ def test_card_tables_and_verdict_are_rendered_from_the_result_files(tmp_path, mo
     import ragdemo.methods.measured as measured
     from ragdemo.methods import btr as btr_module
 
-    (tmp_path / "btr_frontier_summary.md").write_text(SUMMARY)
+    (tmp_path / "btr_frontier").mkdir()
+    (tmp_path / "btr_frontier" / "summary.md").write_text(SUMMARY)
     monkeypatch.setattr(measured, "RESULTS_DIR", tmp_path)
     found = btr_module.measured_summaries()
-    assert [s.name for s in found] == ["btr_frontier_summary.md"]
+    assert [s.name for s in found] == ["btr_frontier/summary.md"]
     table = btr_module.btr_table(found[0]).splitlines()
     rows = [line for line in table if line.startswith("| 1")]
     assert rows == [
@@ -334,10 +335,11 @@ def test_card_tables_and_verdict_are_rendered_from_the_result_files(tmp_path, mo
         "| 12 | fp16 | – | – | – | – | 99% (95%) | 19.0% | 1.33x | 8.00 MB | – |"]
     assert "TTFT 0.400 s" in table[0] and "`python -m ragdemo bench --methods rag,...`" in table[1]
     verdict = btr_module.frontier_verdict(found)
+    assert verdict.startswith("in `btr_frontier/summary.md` (float32): ")  # judged per run, its dtype named
     assert "at ≥2x faster TTFT, 1 bit — **met**" in verdict and "≥90% at ≥3x — **met**" in verdict
     assert "with ≥95%: `btr@split=18@query_aware=1@train=1` (96% value kept, 2.08x" in verdict
     assert "Not measured in this checkout: `assets/results/btr_grid_summary.md`" in btr_module.measured_tables()
-    assert "`assets/results/btr_frontier_lora_summary.md`." in btr_module.measured_tables()
+    assert "`assets/results/btr_frontier_fp32_summary.md`." in btr_module.measured_tables()
     monkeypatch.setattr(measured, "RESULTS_DIR", tmp_path / "none")
     assert btr_module.frontier_verdict(btr_module.measured_summaries()) == "no 1-bit row measured yet"
 
