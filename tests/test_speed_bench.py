@@ -19,9 +19,12 @@ def test_speed_bench_quick_measures_every_method_honestly(tiny_bench, capsys, mo
     text = capsys.readouterr().out
 
     assert len(out["prefill"]) == 2 and all(r["seconds"] > 0 and r["peak"] > 0 for r in out["prefill"])
-    shares = [int(m) for m in re.findall(r"(\d+)% of this run's matmul peak", text)]
-    assert len(shares) + text.count("no share shown") == 2
+    prefill_lines = [line for line in text.splitlines() if line.startswith("prefill")]
+    shares = [int(m) for m in re.findall(r"(\d+)% of this run's matmul peak", "\n".join(prefill_lines))]
+    assert len(prefill_lines) == 2 and len(shares) + "".join(prefill_lines).count("no share shown") == 2
     assert all(0 < share <= 100 for share in shares)
+    shaped = [line for line in text.splitlines() if "the model's own projections" in line]
+    assert len(shaped) == 2 and all(r["layer_peak"] > 0 for r in out["prefill"])  # the model-shaped probe too
 
     rows = out["methods"]
     assert [r.method for r in rows] == ["rag", "btr", "btr", "btr", "btr", "lloco", "lloco"]
