@@ -150,6 +150,28 @@ def test_prefix_cache_is_keyed_by_prefix_adapter_and_model(tiny_lm, monkeypatch)
     assert not tiny_lm.prefix_cache.has(tiny_lm, retrieval) and not tiny_lm.prefix_cache.items
 
 
+def test_prefix_cache_keeps_a_prefix_per_adapter_for_many_adapters(tiny_lm, monkeypatch):
+    """A bench compares a dozen LoRA variants question by question: each one's prefix must still be cached when
+    its turn comes round again, or its TTFT would include recomputing the prefix (and depend on the order)."""
+    from ragdemo.engine.lora import applied_adapter
+    from ragdemo.engine.prefix import PrefixCache, shared_prefix
+    from ragdemo.engine.prompt import shared_prefixes
+    from tests.test_lora import random_adapter
+
+    monkeypatch.setattr(tiny_lm, "prefix_cache", PrefixCache())
+    retrieval = shared_prefixes(tiny_lm.tokenizer)[0]
+    adapters = [random_adapter(tiny_lm, seed) for seed in range(12)]
+    for round_ in range(2):
+        for adapter in adapters:
+            with applied_adapter(tiny_lm, adapter):
+                assert shared_prefix(tiny_lm, retrieval).fresh == (round_ == 0)
+    assert len(tiny_lm.prefix_cache.items) == 12
+    tiny_lm.prefix_cache.items.max_size = 3 * shared_prefix(tiny_lm, retrieval).nbytes  # the bound is in bytes
+    with applied_adapter(tiny_lm, random_adapter(tiny_lm, 99)):
+        shared_prefix(tiny_lm, retrieval)
+    assert len(tiny_lm.prefix_cache.items) == 3
+
+
 def test_btr_forward_after_a_cached_prefix_equals_computing_it(tiny_lm):
     from ragdemo.engine.prefix import compute_prefix
     from ragdemo.methods.btr import btr_forward, lower_states

@@ -37,6 +37,10 @@ class PrefixState:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def nbytes(self) -> int:
+        return self.last_logits.nbytes + sum(k.nbytes + v.nbytes for k, v in self.layers)
+
 
 def compute_prefix(lm, ids: list[int]) -> PrefixState:
     cache = DynamicCache()
@@ -47,10 +51,13 @@ def compute_prefix(lm, ids: list[int]) -> PrefixState:
 
 
 class PrefixCache:
-    """Per-layer (keys, values) of instruction prefixes, least recently used first out."""
+    """Per-layer (keys, values) of instruction prefixes, least recently used first out, bounded in bytes: one
+    entry per (prefix, adapter), so a count bound would evict every LoRA's prefix as soon as a comparison runs
+    more adapters than it (each answer would then recompute its prefix, and its TTFT would depend on the order
+    the methods ran in)."""
 
-    def __init__(self, max_entries: int = 8):
-        self.items = BoundedCache(max_entries)
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.items = BoundedCache(max_bytes, lambda state: state.nbytes)
         self.model_ref: int | None = None
         self.prefixes: tuple[int, list[list[int]]] | None = None  # (tokenizer id, shared prefixes longest first)
 

@@ -234,15 +234,20 @@ class PromptMethod(Method):
         lm = corpus.lm
         prompt, result = self.build(question, corpus, params)
         generation = generate(lm, prompt.ids, params.max_new_tokens, t0, stream)
-        if generation.cached_tokens:  # the shared instruction prefix was read from the LM's prefix cache
-            if generation.cached_tokens == len(prompt.segments[0].ids):
-                prompt.segments[0].mark = "cached"
-            result.cached_tokens += generation.cached_tokens
+        count_cached_prefix(result, prompt, generation)
         return finish(result, lm, prompt, generation, t0, processed=len(prompt) - generation.cached_tokens)
 
     def nll(self, question: str, gold: str, corpus, params) -> float:
         prompt, _ = self.build(question, corpus, params)
         return nll_of_answer(corpus.lm, prompt.ids, gold)
+
+
+def count_cached_prefix(result: Result, prompt: Prompt, generation: Generation) -> None:
+    """The shared instruction prefix `generate` read from the LM's prefix cache counts as cached, not processed."""
+    if generation.cached_tokens:
+        if generation.cached_tokens == len(prompt.segments[0].ids):
+            prompt.segments[0].mark = "cached"
+        result.cached_tokens += generation.cached_tokens
 
 
 def finish(result: Result, lm, prompt: Prompt, generation: Generation, t0: float, processed: float) -> Result:

@@ -15,7 +15,7 @@ from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text
 from ..engine.scoring import nll_of_answer
 from ..engine.surprisal import surprisal
 from ..errors import NotSupported, UserError
-from .base import Params, Result, finish
+from .base import Params, Result, count_cached_prefix, finish
 from .measured import measured_run, measured_table, share
 from .chunk_artifacts import PerChunkArtifacts, token_budget
 
@@ -101,7 +101,9 @@ name is the default; command and machine in `assets/results/issue15_squad/summar
         plan = self._plan(question, corpus, params)
         t0 += plan.result.prepare_s  # scoring chunks that were not prepared is preparation, not this answer
         generation = generate(lm, plan.kept.ids, params.max_new_tokens, t0, stream)
-        result = finish(plan.result, lm, plan.shown, generation, t0, processed=len(plan.kept) + plan.scoring_tokens)
+        count_cached_prefix(plan.result, plan.shown, generation)
+        processed = len(plan.kept) - generation.cached_tokens + plan.scoring_tokens
+        result = finish(plan.result, lm, plan.shown, generation, t0, processed=processed)
         result.prompt_tokens = len(plan.kept)  # the view shows every passage token; the model reads the kept ones
         result.bytes_per_token = round(self.storage(corpus, params).bytes_per_token, 2)
         passages = [v for v in result.segments if v["kind"] == "passage"]
