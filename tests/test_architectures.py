@@ -7,8 +7,9 @@ import torch
 
 from ragdemo.engine import kv as kvc
 from ragdemo.engine.layers import embed, forward_all
+from ragdemo.engine.generate import decode_loop, generate
 from ragdemo.errors import NotSupported
-from ragdemo.methods.btr import btr_forward, prefix_ids
+from ragdemo.methods.btr import btr_forward, decode_step, prefix_ids
 from ragdemo.models import load_lm
 
 from .conftest import make_settings
@@ -77,6 +78,11 @@ def test_btr_split_zero_with_float_states_equals_the_full_forward(arch_lm):
         full = arch_lm.model(input_ids=torch.tensor([ids])).logits
         fwd = btr_forward(arch_lm, prefix, states, question, split=0, want=len(question))
     torch.testing.assert_close(fwd.logits, full[:, -len(question):], atol=1e-4, rtol=1e-4)
+    assert fwd.token_layers == len(ids) * arch_lm.n_layers
+    # and generation through BTR's per-layer cache matches plain generation token for token
+    plain = generate(arch_lm, ids, 6, 0.0)
+    btr = decode_loop(arch_lm, fwd.cache, fwd.logits[:, -1:], fwd.next_pos, 6, 0.0, step=decode_step(arch_lm))
+    assert btr.ids == plain.ids
 
 
 def test_lloco_ratio_one_gives_the_full_forward_logits(arch_lm):
@@ -95,6 +101,7 @@ def test_lloco_ratio_one_gives_the_full_forward_logits(arch_lm):
 
 
 def test_lloco_rerotated_keys_equal_keys_computed_at_the_new_position(arch_lm):
+    """RoPE is relative: a whole sequence shifted by s has every key rotated by s and identical values."""
     ids = _ids(arch_lm, "Gustave Eiffel's company built the tower in Paris.")
     at_0, at_37 = kvc.cache_from([]), kvc.cache_from([])
     with torch.inference_mode():
@@ -102,7 +109,7 @@ def test_lloco_rerotated_keys_equal_keys_computed_at_the_new_position(arch_lm):
         kvc.prefill(arch_lm, ids, at_37, 37)
     shift = torch.full((1, at_0.layers[0].keys.shape[1], len(ids)), 37)
     for a, b in zip(at_0.layers, at_37.layers):
-        assert not torch.allclose(a.keys, b.keys, atol=1e-3)
+        assert not torch.allclose(a.keys, b.keys, atol=1e-3)  # the shift really changes the keys
         torch.testing.assert_close(kvc.rotate_keys(arch_lm, a.keys, shift), b.keys, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(a.values, b.values, atol=1e-4, rtol=1e-4)
 

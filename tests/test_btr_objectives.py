@@ -12,13 +12,12 @@ from ragdemo.engine import binary
 from ragdemo.engine.calibration import Decoder, TrainableDecoder, fit_decoder, ste_features
 from ragdemo.engine.layers import attention_from, embed, positions, run_layers
 from ragdemo.engine.lora import applied_adapter, salient_tokens
-from ragdemo.engine.prompt import lead_question_ids, question_ids
 from ragdemo.engine.scoring import answer_ids, mean_nll
 from ragdemo.errors import UserError
 from ragdemo.methods import get_method
-from ragdemo.methods.btr import (RECIPE, SALIENT_FRACTION, btr_forward, prefix_ids,
-                                 salient_distill_loss)
+from ragdemo.methods.btr import RECIPE, SALIENT_FRACTION, btr_forward, salient_distill_loss
 from ragdemo.store import artifact_hash, chunk_key
+from tests.test_btr_query_merge import btr_parts
 
 
 # ------------------------------------------------------------------------------------------ STE decoder
@@ -91,19 +90,11 @@ def test_attention_from_matches_eager_attention(tiny_lm, tiny_model_dir):
             h = run_layers(tiny_lm, h, layer, layer + 1, pos, "causal")
 
 
-def _parts(lm):
-    tok = lm.tokenizer
-    passages = [tok("The Eiffel Tower was completed in 1889 in Paris.\n\n", add_special_tokens=False)["input_ids"],
-                tok("Bananas are yellow and grow in warm places.\n\n", add_special_tokens=False)["input_ids"]]
-    return prefix_ids(tok), passages, lead_question_ids(tok, "When was it completed?"), \
-        question_ids(tok, "When was it completed?")
-
-
 @pytest.mark.parametrize("query_aware", [False, True])
 def test_salient_loss_matches_the_top_fraction_by_the_teachers_attention(tiny_lm, monkeypatch, query_aware):
     import ragdemo.methods.btr as btr_module
 
-    prefix, passages, lead, question = _parts(tiny_lm)
+    prefix, passages, lead, question = btr_parts(tiny_lm)
     lead = lead if query_aware else []
     split, n = 2, sum(map(len, passages))
     answer = tiny_lm.tokenizer(" in 1889", add_special_tokens=False)["input_ids"]
@@ -129,7 +120,7 @@ def test_salient_loss_matches_the_top_fraction_by_the_teachers_attention(tiny_lm
 
 
 def test_salient_state_term_is_zero_when_the_student_is_the_teacher(tiny_lm):
-    prefix, passages, lead, question = _parts(tiny_lm)
+    prefix, passages, lead, question = btr_parts(tiny_lm)
     states = [embed(tiny_lm, torch.tensor([p]))[0].float() for p in passages]
     with torch.no_grad():
         loss = salient_distill_loss(tiny_lm, nullcontext, prefix, passages, states, question, 0, lead, len(question))

@@ -17,7 +17,8 @@ from ragdemo.methods import get_method
 from ragdemo.methods.btr import btr_forward, decode_step, distill_loss, lower_states, prefix_ids
 
 
-def _parts(lm):
+def btr_parts(lm):
+    """(instruction prefix, two passages, lead question copy, final question) in ids: the query-aware layout's parts."""
     tok = lm.tokenizer
     passages = [tok("The Eiffel Tower was completed in 1889 in Paris.\n\n", add_special_tokens=False)["input_ids"],
                 tok("Bananas are yellow and grow in warm places.\n\n", add_special_tokens=False)["input_ids"]]
@@ -29,7 +30,7 @@ def _parts(lm):
 
 @pytest.mark.parametrize("cached_prefix", [False, True])
 def test_query_aware_split_zero_equals_the_full_forward_of_the_same_tokens(tiny_lm, cached_prefix):
-    prefix, passages, lead, question = _parts(tiny_lm)
+    prefix, passages, lead, question = btr_parts(tiny_lm)
     ids = prefix + lead + passages[0] + passages[1] + question
     states = [embed(tiny_lm, torch.tensor([p]))[0].float() for p in passages]
     prefix_layers = compute_prefix(tiny_lm, prefix).layers if cached_prefix else None
@@ -48,7 +49,7 @@ def test_query_aware_split_zero_equals_the_full_forward_of_the_same_tokens(tiny_
 def test_query_side_runs_the_lower_layers_alone_at_its_final_positions(tiny_lm):
     """Below the split the cache holds [prefix, lead, question] only, computed as if the passages were absent but
     at the positions they have in the whole prompt; above it, every token."""
-    prefix, passages, lead, question = _parts(tiny_lm)
+    prefix, passages, lead, question = btr_parts(tiny_lm)
     split, n = 2, sum(map(len, passages))
     states = [lower_states(tiny_lm, prefix, p, split) for p in passages]
     with torch.inference_mode():
@@ -64,7 +65,7 @@ def test_query_side_runs_the_lower_layers_alone_at_its_final_positions(tiny_lm):
 def test_the_query_side_reads_each_lower_layer_once(tiny_lm):
     """Lead and question go through layers [0, split) in one call: a short prefill costs mostly reading the
     layer's weights, so a second call per layer was measured as tens of ms on the real model."""
-    prefix, passages, lead, question = _parts(tiny_lm)
+    prefix, passages, lead, question = btr_parts(tiny_lm)
     states = [lower_states(tiny_lm, prefix, p, 2) for p in passages]
     cached = compute_prefix(tiny_lm, prefix).layers
     calls = []
@@ -81,7 +82,7 @@ def test_passages_attend_to_the_question_only_in_the_upper_layers_and_only_when_
     """Two questions that differ in one token. Query-aware: the passages' keys entering the first upper layer are
     the same (their stored states are query-agnostic), one layer later they differ (they read the question).
     Today's layout: passages never see the question, so their keys are the same in every layer."""
-    prefix, passages, lead, question = _parts(tiny_lm)
+    prefix, passages, lead, question = btr_parts(tiny_lm)
     other_lead = lead[:2] + [lead[2] + 1] + lead[3:]
     other_question = question[:2] + [question[2] + 1] + question[3:]
     states = [lower_states(tiny_lm, prefix, p, 2) for p in passages]
@@ -105,7 +106,7 @@ def test_passages_attend_to_the_question_only_in_the_upper_layers_and_only_when_
 
 def test_distillation_teacher_and_student_share_the_query_aware_layout(tiny_lm):
     """At split 0 with float states the student is the teacher, so the KL is 0, but only if both read the lead."""
-    prefix, passages, lead, question = _parts(tiny_lm)
+    prefix, passages, lead, question = btr_parts(tiny_lm)
     states = [embed(tiny_lm, torch.tensor([p]))[0].float() for p in passages]
     with torch.no_grad():
         same = distill_loss(tiny_lm, nullcontext, prefix, passages, states, question, 0, lead).item()
@@ -261,7 +262,7 @@ def test_zero_key_bias_changes_nothing(tiny_lm):
 
 
 def test_every_layer_merging_in_the_forward(tiny_lm):
-    prefix, passages, lead, question = _parts(tiny_lm)
+    prefix, passages, lead, question = btr_parts(tiny_lm)
     states = [lower_states(tiny_lm, prefix, p, 1) for p in passages]
     n, L = sum(map(len, passages)), tiny_lm.n_layers
     with torch.inference_mode():

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from transformers import DynamicCache
 
 from .layers import forward_all
 from .prefix import prefix_cache

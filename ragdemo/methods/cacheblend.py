@@ -11,7 +11,7 @@ from ..engine.blend import selective_recompute
 from ..engine.generate import decode_loop
 from ..engine.layers import logits, require_llama_like
 from ..engine.prefix import instruction_prefix_ids, shared_prefix
-from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text
+from ..engine.prompt import Prompt, Segment, encode, passage_text
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash
@@ -136,14 +136,11 @@ name is the default; command and machine in `assets/results/issue15_squad/summar
     def _context(self, question, corpus, params, after: list[int] = ()) -> "_Context":
         """The blended cache with the question (then `after`, e.g. a gold answer to score) run in the same pass."""
         lm = corpus.lm
-        corpus.require_documents(self.name)
-        hits, retrieve_s = corpus.retrieve_in_order(question, params.k)
-        result = Result(self.name, retrieve_s=retrieve_s)
-        text_prompt = build_prompt(lm.tokenizer, question, hits)
-        passages = text_prompt.segments[1:-1]
+        got = self.retrieved(question, corpus, params.k)
+        text_prompt, passages, result = got.prompt, got.passages, got.result
         load_start = time.perf_counter()
         prefix = shared_prefix(lm, text_prompt.segments[0].ids)
-        kvs = [kvc.from_bytes(b, lm.model.dtype, lm.device) for b in self.fetch(corpus, lm, hits, result)]
+        kvs = [kvc.from_bytes(b, lm.model.dtype, lm.device) for b in self.fetch(corpus, lm, got.hits, result)]
         assert [p.n_tokens for p in kvs] == [len(s.ids) for s in passages], "stored cache does not match its chunk"
         starts = [len(prefix) + sum(len(s.ids) for s in passages[:i]) for i in range(len(passages))]
         with torch.inference_mode():

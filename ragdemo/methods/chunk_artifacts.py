@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import ClassVar
 
 from ..engine.prefix import instruction_prefix_ids
+from ..engine.prompt import Prompt, build_prompt
 from ..store import artifact_hash, chunk_key
 from .base import Method, Result, StorageAccount
 
@@ -14,6 +16,17 @@ from .base import Method, Result, StorageAccount
 def content_key(chunk: dict) -> str:
     """The store's one per-chunk key (its text, never its row id); identical chunks share one artifact."""
     return chunk_key(chunk["text"])
+
+
+@dataclass
+class Retrieved:
+    hits: list[dict]
+    prompt: Prompt  # [prefix] [passage]... [question]
+    result: Result
+
+    @property
+    def passages(self) -> list:
+        return self.prompt.segments[1:-1]
 
 
 class PerChunkArtifacts(Method):
@@ -59,6 +72,13 @@ class PerChunkArtifacts(Method):
     def check(self, corpus, params):
         """Validate knobs and model; returns the LM."""
         return corpus.lm
+
+    def retrieved(self, question: str, corpus, k: int) -> "Retrieved":
+        """The top-k chunks in document order, RAG's prompt over them, and a Result holding the retrieval time."""
+        corpus.require_documents(self.name)
+        hits, retrieve_s = corpus.retrieve_in_order(question, k)
+        return Retrieved(hits, build_prompt(corpus.lm.tokenizer, question, hits), Result(self.name, retrieve_s=retrieve_s))
+
 
     def fetch(self, corpus, lm, hits: list[dict], result: Result) -> list[bytes]:
         """The artifact of each hit. Missing ones are built now and stored; that time is `result.prepare_s`

@@ -132,14 +132,11 @@ name is the default; command and machine in `assets/results/issue15_squad/summar
 
     def _plan(self, question, corpus, params) -> "_Plan":
         lm = corpus.lm
-        corpus.require_documents(self.name)
-        hits, retrieve_s = corpus.retrieve_in_order(question, params.k)
-        result = Result(self.name, retrieve_s=retrieve_s)
-        full = build_prompt(lm.tokenizer, question, hits)
-        passages = full.segments[1:-1]
+        got = self.retrieved(question, corpus, params.k)
+        full, passages, result = got.prompt, got.passages, got.result
         load_start = time.perf_counter()
         scores = [torch.from_numpy(load_numpy(b)["surprisal"].astype(np.float32))
-                  for b in self.fetch(corpus, lm, hits, result)]
+                  for b in self.fetch(corpus, lm, got.hits, result)]
         result.load_s = time.perf_counter() - load_start - result.prepare_s
         assert [len(s) for s in scores] == [len(p.ids) for p in passages], "stored scores do not match their chunk"
         n = sum(len(p.ids) for p in passages)

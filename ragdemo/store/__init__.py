@@ -3,4 +3,4 @@ from .db import RETRIEVERS, Store, StoredArtifact, artifact_hash, check_collecti
 from .index import BinaryChunkIndex, ChunkIndex, IndexCache
 
 __all__ = ["Corpus", "Store", "IndexCache", "ChunkIndex", "BinaryChunkIndex", "RetrieverComparison", "RETRIEVERS",
-           "group_passages", "check_collection_name", "sha256", "artifact_hash", "chunk_key"]
+           "group_passages", "check_collection_name", "sha256", "artifact_hash", "chunk_key", "StoredArtifact"]
