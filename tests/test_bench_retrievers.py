@@ -2,6 +2,9 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from ragdemo.bench.datasets import load_squad
 from ragdemo.bench.retrievers import gold_hit_rate, in_paragraph
@@ -47,18 +50,28 @@ def test_bench_retrievers_writes_recall_hits_and_bytes(tmp_path, tiny_model_dir)
     assert "| squad-1-articles |" in (out / "retrievers_summary.md").read_text()
 
 
-def test_readme_and_cards_quote_the_measured_beyond_the_papers_tables():
-    """The README's cacheblend / lingua / binary-retriever tables are the result files' rows, rendered by the
-    same function the cards use (no hand-copied figures)."""
-    from pathlib import Path
+# every measured table a card renders from a result file, and the README quotes: (module, file attr, rows attr)
+QUOTED_TABLES = [("cacheblend", "RESULTS", "MEASURED_ROWS"), ("lingua", "RESULTS", "MEASURED_ROWS"),
+                 ("lingua", "HELDOUT", "HELDOUT_ROWS"), ("lloco", "RESULTS", "MEASURED_ROWS")]
 
-    from ragdemo.methods import cacheblend, lingua
+
+@pytest.mark.parametrize("module_name, results, rows", QUOTED_TABLES)
+def test_readme_and_cards_quote_the_measured_tables(module_name, results, rows):
+    """The README's tables are the result files' rows, rendered by the same function the cards use (no
+    hand-copied figures), and the committed result file has every row the card asks for."""
+    import importlib
+
+    from ragdemo.methods import get_method
     from ragdemo.methods.measured import measured_table
 
+    module = importlib.import_module(f"ragdemo.methods.{module_name}")
+    names = getattr(module, rows)
+    table = measured_table(getattr(module, results), names)
+    assert table.startswith("| method") and table.count("\n| ") == len(names), table
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert table in readme and table in type(get_method(module_name)).card
+
+
+def test_readme_quotes_the_retriever_comparison():
     root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
-    for module, method in ((cacheblend, cacheblend.CacheBlend), (lingua, lingua.Lingua)):
-        table = measured_table(module.RESULTS, module.MEASURED_ROWS)
-        assert table.startswith("| method"), table  # the result file is committed with every row
-        assert table in readme and table in method.card
-    assert (root / "assets/results/retrievers/retrievers_summary.md").read_text().strip() in readme
+    assert (root / "assets/results/retrievers/retrievers_summary.md").read_text().strip() in (root / "README.md").read_text()

@@ -234,16 +234,3 @@ def test_spread_gives_each_passage_its_rank_budget(tiny_bench, docs_dir, unit):
     for full, short in zip(shown, kept):
         assert short.ids == [t for t, k in zip(full.ids, full.keep) if k == 1]
     assert any("by retrieval rank" in n for n in p.result.notes)
-
-
-def test_readme_and_card_quote_the_held_out_unit_spread_run():
-    """The held-out ablation is rendered from its result file in both places, never copied by hand."""
-    from pathlib import Path
-
-    from ragdemo.methods import lingua
-    from ragdemo.methods.measured import measured_table
-
-    table = measured_table(lingua.HELDOUT, lingua.HELDOUT_ROWS)
-    assert table.count("\n| lingua@") == len(lingua.HELDOUT_ROWS) - 1  # the result file has every row
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert table in readme and table in lingua.Lingua.card

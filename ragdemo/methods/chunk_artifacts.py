@@ -20,6 +20,8 @@ def content_key(chunk: dict) -> str:
 
 @dataclass
 class Retrieved:
+    """What a per-chunk method starts an answer from: the retrieved chunks and RAG's prompt over them."""
+
     hits: list[dict]
     prompt: Prompt  # [prefix] [passage]... [question]
     result: Result
@@ -78,7 +80,6 @@ class PerChunkArtifacts(Method):
         corpus.require_documents(self.name)
         hits, retrieve_s = corpus.retrieve_in_order(question, k)
         return Retrieved(hits, build_prompt(corpus.lm.tokenizer, question, hits), Result(self.name, retrieve_s=retrieve_s))
-
 
     def fetch(self, corpus, lm, hits: list[dict], result: Result) -> list[bytes]:
         """The artifact of each hit. Missing ones are built now and stored; that time is `result.prepare_s`
