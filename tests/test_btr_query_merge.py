@@ -357,6 +357,24 @@ def test_the_card_shows_every_btr_row_of_the_shipped_results():
     assert "query_aware" in Btr.card and "`split` here" in Btr.card
 
 
+def test_readme_and_card_quote_every_bundled_btr_run_and_the_verdict():
+    """The README's BTR tables are the bundled result files rendered by the card's own code (not copied by
+    hand), and every result file the card names is bundled."""
+    from pathlib import Path
+
+    from ragdemo.methods.btr import FIGURES, FRONTIERS, RESULT_FILES, Btr, btr_table, frontier_verdict, measured_summaries
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    runs = measured_summaries()
+    assert [s.name for s in runs] == list(RESULT_FILES)
+    for run in runs:
+        assert btr_table(run) in readme and btr_table(run) in Btr.card
+    verdict = frontier_verdict([s for s in runs if s.name in FRONTIERS])
+    assert verdict.count("in `") == len(FRONTIERS) and verdict in readme and verdict in Btr.card
+    assert all((root / "assets/results" / f).is_file() and f"assets/results/{f}" in readme for f in FIGURES)
+
+
 def test_card_rows_show_everything_stored_per_collection_token():
     from ragdemo.methods.btr import _per_token
 
