@@ -12,6 +12,7 @@ from ragdemo.methods.chunk_artifacts import token_budget
 from tests.test_cacheblend import ingest
 
 QUESTION = "Who designed the tower?"
+TOKENS = {"unit": "token", "spread": 0.0}  # LLMLingua's plain selection: single tokens, one pooled budget
 
 
 def plan(corpus, **knobs):
@@ -36,7 +37,7 @@ def test_batched_surprisal_equals_the_plain_forward(tiny_lm):
 @pytest.mark.parametrize("ratio", [0.33, 0.5, 0.7])
 def test_keeps_exactly_the_budgeted_tokens_in_order(tiny_bench, docs_dir, ratio):
     corpus = ingest(tiny_bench, docs_dir)
-    p = plan(corpus, ratio=ratio)
+    p = plan(corpus, ratio=ratio, **TOKENS)
     shown = [s for s in p.shown.segments if s.kind == "passage"]
     kept = [s for s in p.kept.segments if s.kind == "passage"]
     n = sum(len(s.ids) for s in shown)
@@ -66,7 +67,7 @@ def test_ratio_1_reads_what_rag_reads_over_the_same_chunks(tiny_bench, docs_dir)
 
 def test_question_aware_changes_the_selection_and_is_paid_for(tiny_bench, docs_dir):
     corpus = ingest(tiny_bench, docs_dir)
-    plain, aware = plan(corpus), plan(corpus, question_aware=True)
+    plain, aware = plan(corpus, **TOKENS), plan(corpus, question_aware=True, **TOKENS)
     flags = lambda p: [k for s in p.shown.segments if s.kind == "passage" for k in s.keep]  # noqa: E731
     assert len(flags(plain)) == len(flags(aware)) and sum(flags(plain)) == sum(flags(aware))
     assert flags(plain) != flags(aware)
@@ -174,7 +175,7 @@ def test_word_unit_plan_keeps_the_budget_in_order_and_never_cuts_more_than_one_w
     from ragdemo.methods.lingua import word_starts
 
     corpus = ingest(tiny_bench, docs_dir)
-    p, tokens = plan(corpus, ratio=ratio, unit="word"), plan(corpus, ratio=ratio)
+    p, tokens = plan(corpus, ratio=ratio, unit="word", spread=0.0), plan(corpus, ratio=ratio, **TOKENS)
     shown = [s for s in p.shown.segments if s.kind == "passage"]
     kept = [s for s in p.kept.segments if s.kind == "passage"]
     n = sum(len(s.ids) for s in shown)
