@@ -340,7 +340,7 @@ def test_card_tables_and_verdict_are_rendered_from_the_result_files(tmp_path, mo
     assert "at ≥2x faster TTFT, 1 bit — **met**" in verdict and "≥90% at ≥3x — **met**" in verdict
     assert "with ≥95%: `btr@split=18@query_aware=1@train=1` (96% value kept, 2.08x" in verdict
     assert "Not measured in this checkout: `assets/results/btr_grid_summary.md`" in btr_module.measured_tables()
-    assert "`assets/results/btr_frontier_fp32_summary.md`." in btr_module.measured_tables()
+    assert "`assets/results/btr_frontier_fp32_summary.md`, " in btr_module.measured_tables()
     monkeypatch.setattr(measured, "RESULTS_DIR", tmp_path / "none")
     assert btr_module.frontier_verdict(btr_module.measured_summaries()) == "no 1-bit row measured yet"
 

@@ -276,8 +276,9 @@ def _storage_target() -> str:
 
 # in assets/results: the bits/calibration grid, the split sweep, and the frontier (split x query-aware x LoRA x
 # every-layer merging x objective), each a bench summary.md copied unchanged; the frontier was run twice, in fp32
-# on a CPU without native bf16 and in bf16 on one with AVX512-BF16 (its results.json and plot bundled beside it)
-FRONTIERS = ("btr_frontier_fp32_summary.md", "btr_frontier/summary.md")
+# on a CPU without native bf16 and in bf16 on one with AVX512-BF16 (its results.json and plot bundled beside it),
+# then followed up in bf16 with rows between its best points (merging rate, split 20, objective, offline merging)
+FRONTIERS = ("btr_frontier_fp32_summary.md", "btr_frontier/summary.md", "btr_frontier_followup/summary.md")
 RESULT_FILES = ("btr_grid_summary.md", "btr_split_summary.md", *FRONTIERS)
 FIGURES = ("btr_frontier/frontier.png",)  # value kept against speed-up, drawn by bench-frontier from results.json
 
