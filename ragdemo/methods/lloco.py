@@ -22,7 +22,7 @@ from ..store import artifact_hash, chunk_key
 from .base import Params, Method, Result, StorageAccount, finish, storage_sentence
 from .measured import measured_run, measured_table, share
 
-RESULTS = "lloco_grid_summary.md"  # the ratio x scorer x LoRA run the card and the README quote
+RESULTS = "lloco_grid/summary.md"  # the ratio x scorer x LoRA run the card and the README quote
 RECONSTRUCT, KEYNORM = "@scorer=reconstruct", "@scorer=keynorm"
 MEASURED_ROWS = ["rag", *(f"lloco@c={c}{scorer}@{lora}" for c in (1, 2, 4, 8) for scorer in (RECONSTRUCT, KEYNORM)
                           for lora in ("lora=0", "train=1"))]
@@ -119,9 +119,9 @@ answer time the summaries of the retrieved documents are loaded and the matching
 
 **Measured** (100 SQuAD v1.1 dev questions, 2 articles, k=5 for RAG and LLoCO, reference RAG over the same
 chunks, after warm-up; the scorer is `reconstruct` unless named; `train=1` rows read the LoRA distilled for that
-variant during prepare, `lora=0` rows none; command, machine and date in the file named under the table). This
-run predates the hot-path work: the LoRA was then merged into the weights for every answer (~35 ms), which is why
-its `train=1` rows are slower (now it is swapped in by reference, ~1 ms); `python -m ragdemo bench-speed` times LLoCO with the LoRA on and off:
+variant during prepare, `lora=0` rows none; command, machine and date in the file named under the table). Measured
+on the hot-path code: the LoRA is swapped in by reference (~1 ms), not merged into the weights for every answer
+(~35 ms) as in the earlier run of 2026-11-22; `python -m ragdemo bench-speed` times LLoCO with the LoRA on and off:
 
 {measured}
 
