@@ -9,7 +9,8 @@ from ragdemo.engine import kv as kvc
 from ragdemo.engine.layers import embed, forward_all
 from ragdemo.engine.generate import decode_loop, generate
 from ragdemo.errors import NotSupported
-from ragdemo.methods.btr import btr_forward, decode_step, prefix_ids
+from ragdemo.engine.prefix import instruction_ids
+from ragdemo.methods.btr import btr_forward, decode_step
 from ragdemo.models import load_lm
 
 from .conftest import make_settings
@@ -67,7 +68,7 @@ def _ids(lm, text: str) -> list[int]:
 
 def _parts(lm):
     passages = [_ids(lm, "The Eiffel Tower was completed in 1889.\n\n"), _ids(lm, "Bananas are yellow.\n\n")]
-    return prefix_ids(lm.tokenizer), passages, _ids(lm, "Question: When was it completed?\nAnswer:")
+    return instruction_ids(lm), passages, _ids(lm, "Question: When was it completed?\nAnswer:")
 
 
 def test_btr_split_zero_with_float_states_equals_the_full_forward(arch_lm):

@@ -10,7 +10,8 @@ from ragdemo.engine.merging import bipartite_merge, merge_by_token
 from ragdemo.engine.scoring import nll_of_answer
 from ragdemo.errors import NotSupported
 from ragdemo.methods import get_method
-from ragdemo.methods.btr import btr_forward, lower_states, prefix_ids
+from ragdemo.engine.prefix import instruction_ids
+from ragdemo.methods.btr import btr_forward, lower_states
 
 
 # ------------------------------------------------------------------------------------------------ bits
@@ -92,7 +93,7 @@ def test_offline_merge_collapses_stopwords_and_pairs_the_rest():
 
 def _prompt_parts(lm):
     tok = lm.tokenizer
-    prefix = prefix_ids(tok)
+    prefix = instruction_ids(lm)
     passages = [tok("The Eiffel Tower was completed in 1889.\n\n", add_special_tokens=False)["input_ids"],
                 tok("Bananas are yellow.\n\n", add_special_tokens=False)["input_ids"]]
     question = tok("Question: When was it completed?\nAnswer:", add_special_tokens=False)["input_ids"]
@@ -219,7 +220,7 @@ def _kl_to_full_model(corpus, method, params, adapter, rng_seed=1):
     picked, question, target = cloze_example(lm.tokenizer, corpus.chunks(), params.k, random.Random(rng_seed))
     query = question + target
     states = method._load(corpus, params, picked)[0]
-    prefix = prefix_ids(lm.tokenizer)
+    prefix = instruction_ids(lm)
     teacher = teacher_logits(lm, nullcontext, prefix, [chunk_ids_for(lm.tokenizer, c) for c in picked], query)
     with applied_adapter(lm, adapter), torch.inference_mode():
         student = btr_forward(lm, prefix, states, query, params.split, len(query)).logits[0]

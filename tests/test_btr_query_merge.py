@@ -14,7 +14,8 @@ from ragdemo.engine.prefix import compute_prefix
 from ragdemo.engine.prompt import lead_question_ids, question_ids
 from ragdemo.engine.scoring import nll_of_answer
 from ragdemo.methods import get_method
-from ragdemo.methods.btr import btr_forward, decode_step, distill_loss, lower_states, prefix_ids
+from ragdemo.engine.prefix import instruction_ids
+from ragdemo.methods.btr import btr_forward, decode_step, distill_loss, lower_states
 
 
 def btr_parts(lm):
@@ -22,7 +23,7 @@ def btr_parts(lm):
     tok = lm.tokenizer
     passages = [tok("The Eiffel Tower was completed in 1889 in Paris.\n\n", add_special_tokens=False)["input_ids"],
                 tok("Bananas are yellow and grow in warm places.\n\n", add_special_tokens=False)["input_ids"]]
-    return prefix_ids(tok), passages, lead_question_ids(tok, "When was it completed?"), \
+    return instruction_ids(lm), passages, lead_question_ids(tok, "When was it completed?"), \
         question_ids(tok, "When was it completed?")
 
 

@@ -16,7 +16,8 @@ from ragdemo.engine import kv as kvc
 from ragdemo.engine.layers import embed, forward_all
 from ragdemo.errors import NotSupported
 from ragdemo.methods import registry
-from ragdemo.methods.btr import btr_forward, prefix_ids
+from ragdemo.engine.prefix import instruction_ids
+from ragdemo.methods.btr import btr_forward
 
 from .conftest import EIFFEL, FILLER
 
@@ -79,7 +80,7 @@ def _tensor(lm, ids):
 
 def _parts(lm):
     passages = [_ids(lm, "The Eiffel Tower was completed in 1889.\n\n"), _ids(lm, "Bananas are yellow.\n\n")]
-    return prefix_ids(lm.tokenizer), passages, _ids(lm, "Question: When was it completed?\nAnswer:")
+    return instruction_ids(lm), passages, _ids(lm, "Question: When was it completed?\nAnswer:")
 
 
 # ------------------------------------------------------------------------------------------- exactness

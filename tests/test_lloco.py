@@ -4,7 +4,6 @@ import time
 
 import pytest
 import torch
-from torch import nn
 
 from ragdemo.engine import kv as kvc
 from ragdemo.engine.layers import forward_all
@@ -13,6 +12,7 @@ from ragdemo.engine.prompt import build_prompt
 from ragdemo.errors import NotSupported
 from ragdemo.methods import get_method
 from ragdemo.methods.base import params_from
+from ragdemo.models.packed import is_linear
 
 QUESTION = "When was the tower completed?"
 
@@ -195,8 +195,8 @@ def test_lora_trains_applies_and_unloads_cleanly(tiny_bench, docs_dir):
     summary = tiny_bench.finetune("lloco", knobs={"lloco": {"lora_steps": 6, "lora_lr": 1e-2}},
                                   progress=lambda f, m: seen.append(f))
     assert "6 steps" in summary and seen[-1] == pytest.approx(1.0)
-    # training left nothing behind: plain Linear layers, same weights, same requires_grad flags
-    assert all(type(l.self_attn.q_proj) is nn.Linear for l in lm.model.model.layers)
+    # training left nothing behind: plain (or packed) Linear layers, no LoRA layer, same weights, same requires_grad flags
+    assert all(is_linear(l.self_attn.q_proj) for l in lm.model.model.layers)
     assert all(torch.equal(p, weights[n]) for n, p in lm.model.named_parameters())
     assert {n: p.requires_grad for n, p in lm.model.named_parameters()} == grads
     lloco = get_method("lloco")

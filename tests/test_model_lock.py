@@ -5,10 +5,10 @@ import time
 
 import pytest
 import torch
-from torch import nn
 
 from ragdemo.engine.lora import private_lm, trainable_lora
 from ragdemo.models.lock import ModelLock
+from ragdemo.models.packed import is_linear
 
 STEP_S = 0.3
 
@@ -111,7 +111,7 @@ def test_finetune_trains_on_a_private_copy_and_hands_the_model_over(tiny_bench, 
     with lm.lock:  # what a Compare sees between two training steps: the base model, bit for bit
         waited = time.perf_counter() - started
         still_training = worker.is_alive()
-        plain = all(type(layer.self_attn.q_proj) is nn.Linear for layer in lm.model.model.layers)
+        plain = all(is_linear(layer.self_attn.q_proj) for layer in lm.model.model.layers)
         training_mode = lm.model.training
         with torch.inference_mode():
             between = lm.model(input_ids=ids).logits
@@ -130,6 +130,6 @@ def test_private_copy_shares_weights_and_keeps_adapters_out_of_the_shared_model(
     assert student.model.lm_head.weight is student.model.model.embed_tokens.weight  # tying kept
     with trainable_lora(student, r=4, alpha=8) as peft_model:
         assert any(p.requires_grad for p in peft_model.parameters())
-        assert all(type(layer.self_attn.q_proj) is nn.Linear for layer in tiny_lm.model.model.layers)
+        assert all(is_linear(layer.self_attn.q_proj) for layer in tiny_lm.model.model.layers)
         assert {n: p.requires_grad for n, p in tiny_lm.model.named_parameters()} == grads
         assert not tiny_lm.model.training

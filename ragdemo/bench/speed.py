@@ -109,39 +109,67 @@ def flops_per_token(model, context: int) -> tuple[float, float]:
     return 2 * params, attention
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 3) -> float:
-    """GFLOP/s of one n x n x n product through F.linear, the kernel the model's projections use (a bare `a @ b`
-    can take another, slower bf16 path on CPUs without native bf16), best of `reps`; the first call pays for
-    kernel selection."""
-    x, weight = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def projection(model, dtype: torch.dtype):
+    """`project(x, weight)` through the kernel the model's own projections use: oneDNN with a pre-packed weight
+    when models/packed.py packed them at load, else F.linear (in fp32 that is MKL, several times slower on AMD
+    CPUs), so the peak and the prefill it is compared with run the same kernel."""
+    from ..models.packed import PackedLinear, packed_weight
+
+    if not any(isinstance(m, PackedLinear) for m in model.modules()):
+        return lambda x, weight: torch.nn.functional.linear(x, weight)
+    return lambda x, weight: torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), None, "none", [], "")
+
+
+def matmul_peak(model, dtype: torch.dtype, n: int = 1024, reps: int = 3) -> float:
+    """GFLOP/s of one n x n x n product through the model's projection kernel (`projection`), best of `reps`;
+    the first call pays for kernel selection (and packing)."""
+    project = projection(model, dtype)
+    x, weight = torch.randn(n, n, dtype=dtype), torch.nn.Parameter(torch.randn(n, n, dtype=dtype), requires_grad=False)
     with torch.inference_mode():
-        torch.nn.functional.linear(x, weight)
+        project(x, weight)
         best = float("inf")
         for _ in range(reps):
             started = time.perf_counter()
-            torch.nn.functional.linear(x, weight)
+            project(x, weight)
             best = min(best, time.perf_counter() - started)
     return 2 * n ** 3 / best / 1e9
 
 
 def layer_matmul_peak(model, n: int, dtype: torch.dtype, reps: int = 3) -> float:
     """GFLOP/s of one decoder layer's own projections (every nn.Linear of layer 0, in order) on n tokens through
-    F.linear, best of `reps`: what the model's matmuls can reach at this length, whose shapes (K and N of 192 to
-    1536 here) sit further from the kernels' best than the square probe's."""
+    the model's projection kernel, best of `reps`: what the model's matmuls can reach at this length, whose
+    shapes (K and N of 192 to 1536 here) sit further from the kernels' best than the square probe's."""
+    project = projection(model, dtype)
     shapes = [(m.in_features, m.out_features) for m in model.model.layers[0].modules()
               if isinstance(m, torch.nn.Linear)]
-    pairs = [(torch.randn(n, i, dtype=dtype), torch.randn(o, i, dtype=dtype)) for i, o in shapes]
+    pairs = [(torch.randn(n, i, dtype=dtype), torch.nn.Parameter(torch.randn(o, i, dtype=dtype), requires_grad=False))
+             for i, o in shapes]
     flops = sum(2 * n * i * o for i, o in shapes)
     best = float("inf")
     with torch.inference_mode():
-        for x, weight in pairs:  # first calls pay for kernel selection
-            torch.nn.functional.linear(x, weight)
+        for x, weight in pairs:  # first calls pay for kernel selection (and packing)
+            project(x, weight)
         for _ in range(reps):
             started = time.perf_counter()
             for x, weight in pairs:
-                torch.nn.functional.linear(x, weight)
+                project(x, weight)
             best = min(best, time.perf_counter() - started)
     return flops / best / 1e9
+
+
+def attention_kernel_seconds(model, n: int, dtype: torch.dtype) -> float:
+    """One layer's attention alone: SDPA's causal kernel on n tokens at the model's head shape (query heads,
+    KV heads, head size), the call its layers make when no cached keys precede the queries."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    q = torch.randn(1, config.num_attention_heads, n, head_dim, dtype=dtype)
+    k, v = (torch.randn(1, kv_heads, n, head_dim, dtype=dtype) for _ in range(2))
+    gqa = {"enable_gqa": True} if kv_heads != config.num_attention_heads else {}
+    with torch.inference_mode():
+        started = time.perf_counter()
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+    return time.perf_counter() - started
 
 
 def share_of_peak(achieved: float, peak: float) -> str:
@@ -162,30 +190,38 @@ def bench_prefill(settings: Settings, lengths: list[int], rounds: int = 3) -> li
     for dtype in (torch.float32, torch.bfloat16):
         lm = _load(model_id, torch.device("cpu"), dtype, {}, source_dir)
         peak, best = 0.0, {n: float("inf") for n in lengths}
-        shaped = {n: 0.0 for n in lengths}
+        shaped, kernel = {n: 0.0 for n in lengths}, {n: float("inf") for n in lengths}
         with torch.inference_mode():
             lm.model(input_ids=torch.randint(100, 1000, (1, 64)))
             for _ in range(rounds):
-                peak = max(peak, matmul_peak(dtype))
+                peak = max(peak, matmul_peak(lm.model, dtype))
                 for n in lengths:
                     shaped[n] = max(shaped[n], layer_matmul_peak(lm.model, n, dtype, reps=1))
+                    kernel[n] = min(kernel[n], attention_kernel_seconds(lm.model, n, dtype))
                     ids = torch.randint(100, 1000, (1, n))
                     started = time.perf_counter()
                     lm.model(input_ids=ids, logits_to_keep=1)
                     best[n] = min(best[n], time.perf_counter() - started)
         name = str(dtype).replace("torch.", "")
+        _say(f"prefill {name:>8}: {lm.packing}")
         attention_paths(lm, name, lengths, rounds=rounds)
         for n in lengths:
             matmul, attention = flops_per_token(lm.model, n)
             achieved = (matmul + attention) * n / best[n] / 1e9
+            attention_time = kernel[n] * lm.n_layers / best[n]
             rows.append({"dtype": name, "tokens": n, "seconds": best[n], "gflops": achieved, "peak": peak,
-                         "layer_peak": shaped[n], "attention_share": attention / (matmul + attention)})
+                         "layer_peak": shaped[n], "attention_share": attention / (matmul + attention),
+                         "attention_gflops": attention * n / lm.n_layers / kernel[n] / 1e9,
+                         "attention_time_share": attention_time})
             _say(f"prefill {name:>8} {n:>5} tokens: {n / best[n]:6.0f} tok/s, {achieved:5.1f} GFLOP/s = "
                  f"{share_of_peak(achieved, peak)}; attention is {attention / (matmul + attention):.0%} of the FLOPs "
                  f"(best of {rounds})")
             _say(f"  the model's own projections at {n} tokens (one layer's Linear shapes, no attention): "
                  f"{shaped[n]:.1f} GFLOP/s = {shaped[n] / peak:.0%} of the square probe; the prefill is "
                  f"{share_of_peak(achieved, shaped[n]).replace('this run', 'this shape')}")
+            _say(f"  attention alone (SDPA's causal kernel, one layer, best of {rounds}): "
+                 f"{rows[-1]['attention_gflops']:.1f} GFLOP/s, so {lm.n_layers} layers of it take "
+                 f"{attention_time:.0%} of this prefill's time for {rows[-1]['attention_share']:.0%} of its FLOPs")
     return rows
 
 
@@ -402,6 +438,7 @@ def run_speed_bench(bench, quick: bool = False) -> dict:
     _say(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, {sys.platform}, load average "
          f"{os.getloadavg()[0]:.1f}; model dtype {str(lm.dtype).replace('torch.', '')}"
          + (f" ({lm.dtype_reason})" if getattr(lm, "dtype_reason", "") else ""))
+    _say(f"projections: model {lm.packing or 'not packed'}; embedder {bench.models.embedder.packing or 'not packed'}")
     folder, temp = _scratch_workbench(bench)
     try:
         bench_ingest(temp, 3 if quick else 10)

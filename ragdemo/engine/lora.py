@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from ..models.packed import PackedLinear, is_linear, packed_weight, share_pack
 from .layers import CAUSAL, embed, logits, positions, run_layers
 from .memo import BoundedCache
 from .prompt import encode, question_ids
@@ -87,8 +88,11 @@ def private_lm(lm):
     for weight in lm.model.parameters():
         # a fresh Parameter over the same storage, so peft's requires_grad changes stay private too; other
         # parameter types (bitsandbytes' quantized weights) carry quantisation state and are shared as they are
-        memo[id(weight)] = (torch.nn.Parameter(weight.detach(), requires_grad=False)
-                            if type(weight) is torch.nn.Parameter else weight)
+        if type(weight) is torch.nn.Parameter:
+            memo[id(weight)] = torch.nn.Parameter(weight.detach(), requires_grad=False)
+            share_pack(weight, memo[id(weight)])  # same storage, same values: its no-grad teacher runs reuse the pack
+        else:
+            memo[id(weight)] = weight
     for buffer in lm.model.buffers():
         memo[id(buffer)] = buffer
     # no prefix or adapter cache: nothing computed by the model in training may be served to an answer
@@ -232,12 +236,16 @@ class LoadedAdapter:
 
     def _swap(self, lm, modules, name, a, b, r, alpha):
         module = modules[name]
-        if type(module) is torch.nn.Linear and module.weight.dtype.is_floating_point:
+        if is_linear(module) and module.weight.dtype.is_floating_point:
             with torch.no_grad():
                 weight = module.weight
                 merged = (weight.float() + ((b @ a) * (alpha / r)).to(weight.device)).to(weight.dtype)
+            merged = torch.nn.Parameter(merged, requires_grad=False)
             self.nbytes += merged.nbytes
-            return module, "weight", torch.nn.Parameter(merged, requires_grad=False), weight
+            if isinstance(module, PackedLinear):  # packed now, with the adapter's load, not in an answer
+                packed_weight(merged)
+                self.nbytes += merged.nbytes
+            return module, "weight", merged, weight
         owner_name, _, attribute = name.rpartition(".")
         layer = _peft_layer(lm, module, a, b, r, alpha)
         self.nbytes += a.nbytes + b.nbytes

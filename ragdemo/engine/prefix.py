@@ -60,11 +60,12 @@ class PrefixCache:
         self.items = BoundedCache(max_bytes, lambda state: state.nbytes)
         self.model_ref: int | None = None
         self.prefixes: tuple[int, list[list[int]]] | None = None  # (tokenizer id, shared prefixes longest first)
+        self.instruction: tuple[int, list[int]] | None = None  # (tokenizer id, the retrieval prompts' prefix ids)
 
     def _key(self, lm, ids: list[int]) -> tuple:
         if self.model_ref != id(lm.model):
             self.items.clear()
-            self.prefixes = None
+            self.prefixes = self.instruction = None
             self.model_ref = id(lm.model)
         adapters = getattr(lm, "adapters", None)
         return tuple(ids), getattr(adapters, "active", None)
@@ -92,6 +93,13 @@ class PrefixCache:
                 return prefix
         return []
 
+    def instruction_ids(self, lm) -> list[int]:
+        """`instruction_prefix_ids` of the LM's tokenizer, tokenized once (answers ask for it several times)."""
+        self._key(lm, [])
+        if self.instruction is None or self.instruction[0] != id(lm.tokenizer):
+            self.instruction = (id(lm.tokenizer), instruction_prefix_ids(lm.tokenizer))
+        return list(self.instruction[1])
+
     def start(self, lm, ids: list[int]) -> tuple[DynamicCache, int, bool]:
         """A fresh cache already holding the shared prefix of `ids`, how many tokens it holds, and whether they
         were read from the cache (False: computed now, so they count as processed)."""
@@ -115,6 +123,11 @@ def instruction_prefix_ids(tokenizer) -> list[int]:
     from .prompt import build_prompt
 
     return build_prompt(tokenizer, "?", [{"text": "."}]).segments[0].ids
+
+
+def instruction_ids(lm) -> list[int]:
+    """The retrieval prompts' instruction prefix for this LM, from its prefix cache's memo."""
+    return prefix_cache(lm).instruction_ids(lm)
 
 
 def shared_prefix(lm, ids: list[int]) -> PrefixState:

@@ -18,7 +18,7 @@ from ..engine.binary import (FLOAT_BITS, Codes, check_bits, encode, fp16_kv_byte
 from ..engine.calibration import Decoder, TrainableDecoder, fit_decoder, identity_decoder
 from ..engine.generate import decode_loop
 from ..engine.kv import cache_from
-from ..engine.prefix import shared_prefix
+from ..engine.prefix import instruction_ids, shared_prefix
 from ..engine.layers import CAUSAL, attention_from, embed, logits, positions, require_llama_like, run_layers
 from ..engine.lora import (LoraKnobs, adapter_key, applied_adapter, cloze_question, distill_kl, relative_mse,
                            salient_tokens, teacher_logits, teacher_run, train_adapter)
@@ -228,11 +228,6 @@ def passage_saliency(lm, teacher_off, inputs: dict, start: int, n: int, asked: i
 
 
 # -------------------------------------------------------------------------------------------- artifacts
-
-def prefix_ids(tokenizer) -> list[int]:
-    """The shared instruction prefix every prompt starts with (system turn + 'Context:')."""
-    return build_prompt(tokenizer, "?", [{"text": "."}]).segments[0].ids
-
 
 def chunk_ids_for(tokenizer, chunk: dict) -> list[int]:
     return encode_text(tokenizer, passage_text(chunk["text"]))
@@ -517,7 +512,7 @@ Targets: {storage target}. {frontier}.""" \
 
     def _base_hash(self, lm, params) -> dict:
         return {"v": FORMAT_VERSION, "split": params.split, "bits": params.bits, "calibrate": params.calibrate,
-                "after_prefix": params.after_prefix, "prefix": artifact_hash(prefix_ids(lm.tokenizer)),
+                "after_prefix": params.after_prefix, "prefix": artifact_hash(instruction_ids(lm)),
                 "dtype": str(lm.dtype)}
 
     def _decoder_key(self, sig: str) -> str:
@@ -593,7 +588,7 @@ Targets: {storage target}. {frontier}.""" \
     @staticmethod
     def _float_states(lm, params, chunk) -> np.ndarray:
         """A chunk's float layer-`split` states, kept in the LM's memo between prepares and fine-tunes."""
-        prefix = prefix_ids(lm.tokenizer) if params.after_prefix else []
+        prefix = instruction_ids(lm) if params.after_prefix else []
         memo = lm_memo(lm, "btr_lower_states", STATE_MEMORY, lambda value: value.nbytes)
         # the chunk's content, never its row id
         key = (lm.model_id, str(lm.dtype), params.split, artifact_hash(prefix), artifact_hash(chunk["text"].encode()))
@@ -621,7 +616,7 @@ Targets: {storage target}. {frontier}.""" \
         # lower layers are frozen (their states are precomputed), so the STE's gradient stops at those states:
         # the decoder learns from the KL through the upper layers and from the recovery MSE
         trained = TrainableDecoder(decoder) if RECOVERY in params.objective else None
-        prefix = prefix_ids(lm.tokenizer)
+        prefix = instruction_ids(lm)
         rng = random.Random(0)
 
         def loss_of_step(peft_model, student):

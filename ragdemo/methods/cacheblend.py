@@ -10,7 +10,7 @@ from ..engine import kv as kvc
 from ..engine.blend import selective_recompute
 from ..engine.generate import decode_loop
 from ..engine.layers import logits, require_llama_like
-from ..engine.prefix import instruction_prefix_ids, shared_prefix
+from ..engine.prefix import instruction_ids, shared_prefix
 from ..engine.prompt import Prompt, Segment, encode, passage_text
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
@@ -93,7 +93,7 @@ name is the default; command and machine in `assets/results/issue15_squad/summar
     # ------------------------------------------------------------ offline
     def build(self, corpus, lm, chunks) -> list[bytes]:
         """Each chunk prefilled alone behind the instruction prefix; its full KV, keys made position-free."""
-        prefix = shared_prefix(lm, instruction_prefix_ids(lm.tokenizer))
+        prefix = shared_prefix(lm, instruction_ids(lm))
         return [kvc.to_bytes(kvc.capture(lm, prefix.layers, encode(lm.tokenizer, passage_text(c["text"])))[0], STORAGE)
                 for c in chunks]
 

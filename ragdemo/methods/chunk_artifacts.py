@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..engine.prefix import instruction_prefix_ids
+from ..engine.prefix import instruction_ids
 from ..engine.prompt import Prompt, build_prompt
 from ..store import artifact_hash, chunk_key
 from .base import Method, Result, StorageAccount
@@ -46,7 +46,7 @@ class PerChunkArtifacts(Method):
         """What shapes every artifact besides the chunk text: format version, model dtype, the prefix it sits behind
         (the model id is a column of its own)."""
         return artifact_hash({"format": self.artifact_format, "dtype": str(lm.dtype),
-                              "prefix": instruction_prefix_ids(lm.tokenizer)})
+                              "prefix": instruction_ids(lm)})
 
     def stored_sizes(self, corpus, lm) -> dict[str, int]:
         rows = corpus.store.rows("SELECT key, nbytes FROM artifacts WHERE method = ? AND model = ? AND params_hash = ?",

@@ -10,7 +10,7 @@ from safetensors.numpy import load as load_numpy
 from safetensors.numpy import save as save_numpy
 
 from ..engine.generate import generate, supports_kv_cache
-from ..engine.prefix import compute_prefix, instruction_prefix_ids, shared_prefix
+from ..engine.prefix import compute_prefix, instruction_ids, shared_prefix
 from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text
 from ..engine.scoring import nll_of_answer
 from ..engine.surprisal import surprisal
@@ -109,7 +109,7 @@ questions the knobs were chosen on; this one is the out-of-sample check:
     def build(self, corpus, lm, chunks) -> list[bytes]:
         """Each chunk's per-token surprisal, read alone behind the instruction prefix, as fp16."""
         sequences = [encode(lm.tokenizer, passage_text(c["text"])) for c in chunks]
-        scores = surprisal(lm, shared_prefix(lm, instruction_prefix_ids(lm.tokenizer)), sequences)
+        scores = surprisal(lm, shared_prefix(lm, instruction_ids(lm)), sequences)
         return [save_numpy({"surprisal": nats.numpy().astype(np.float16)}) for nats in scores]
 
     # ------------------------------------------------------------- answer

@@ -12,7 +12,7 @@ from ..engine import kv as kvc
 from ..engine.generate import decode_loop
 from ..engine.memo import lm_memo
 from ..engine.layers import forward_all, require_llama_like
-from ..engine.prefix import prefix_cache, shared_prefix
+from ..engine.prefix import instruction_ids, prefix_cache, shared_prefix
 from ..engine.lora import (LoraKnobs, adapter_key, applied_adapter, cloze_example, distill_kl, teacher_logits,
                            train_adapter)
 from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text
@@ -259,7 +259,7 @@ collection's tokens; `python -m ragdemo bench-storage`, c=4 at the default knobs
 
     @staticmethod
     def _prefix(lm, compute: bool = True):
-        prefix_ids = build_prompt(lm.tokenizer, "?", [{"text": "."}]).segments[0].ids
+        prefix_ids = instruction_ids(lm)
         if not compute:
             return prefix_ids, None
         return prefix_ids, shared_prefix(lm, prefix_ids).layers  # the LM's prefix cache, shared by every method
@@ -305,7 +305,7 @@ collection's tokens; `python -m ragdemo bench-storage`, c=4 at the default knobs
         corpus.require_documents(self.name)
         hits, retrieve_s = corpus.retrieve_in_order(question, params.k)
         load_start = time.perf_counter()
-        had_prefix = prefix_cache(lm).has(lm, self._prefix(lm, compute=False)[0])
+        had_prefix = prefix_cache(lm).has(lm, instruction_ids(lm))
         prefix_ids, prefix = self._prefix(lm)
         digest = self._artifact_hash(lm, params)
         passages, sizes, prepare_s = self._load_passages(corpus, lm, params, digest, hits)

@@ -11,6 +11,7 @@ import torch
 
 from ..config import DEFAULT_EMBEDDER
 from ..errors import ModelUnavailable
+from .packed import pack_model
 
 DEFAULT_EMBEDDER_NAME = "all-MiniLM-L6-v2"
 
@@ -28,6 +29,7 @@ class Embedder:
     model: object
     lock: threading.Lock
     direct: "_MeanPooled | None" = field(default=None)  # the single-query fast path, when the model allows it
+    packing: str = ""  # whether its projections are pre-packed for oneDNN and why (models/packed.py)
 
     @property
     def dim(self) -> int:
@@ -106,4 +108,6 @@ def _load(embedder_id: str) -> Embedder:
             f"could not load embedder '{embedder_id}': {type(exc).__name__} "
             "(the model hub may be unreachable; the embedded default still works)"
         ) from exc
-    return Embedder(DEFAULT_EMBEDDER_NAME if is_default else embedder_id, model, threading.Lock(), _MeanPooled.of(model))
+    dtype = next(model.parameters()).dtype
+    return Embedder(DEFAULT_EMBEDDER_NAME if is_default else embedder_id, model, threading.Lock(),
+                    _MeanPooled.of(model), pack_model(model, dtype).reason)

@@ -16,6 +16,7 @@ import torch
 from ..config import DEFAULT_MODEL, Settings
 from ..errors import ModelUnavailable
 from .lock import ModelLock
+from .packed import onednn_available, pack_model, packed_weight
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class LM:
     load_s: float = 0.0
     quantize: str | None = None  # "4bit" | "8bit" (bitsandbytes) | None
     dtype_reason: str = ""  # why this dtype: shown in Settings and by bench-speed
+    packing: str = ""  # whether the projections are pre-packed for oneDNN and why (models/packed.py): shown there too
     lock: ModelLock = field(default_factory=ModelLock, repr=False)  # every use of the model holds it
     # reuse state the engine keeps for this model, made on first use (engine.prefix.PrefixCache,
     # engine.lora.AdapterCache): it lives and dies with this LM object
@@ -102,21 +104,31 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def _matmul_gflops(dtype: torch.dtype, n: int = 512, reps: int = 8) -> float:
-    """Through F.linear, the kernel the model's projections use (a bare `a @ b` can take another bf16 path)."""
+    """The faster of the two kernels the model's projections can run on (models/packed.py): F.linear (a bare
+    `a @ b` can take another bf16 path), and oneDNN with a pre-packed weight. Through F.linear alone fp32 would
+    be MKL's, several times slower on AMD CPUs than what a packed model runs."""
     x = torch.randn(n, n, dtype=dtype)
-    weight = torch.randn(n, n, dtype=dtype)
-    torch.nn.functional.linear(x, weight)  # warm-up: first call pays for kernel selection
-    start = time.perf_counter()
-    for _ in range(reps):
-        torch.nn.functional.linear(x, weight)
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+    weight = torch.nn.Parameter(torch.randn(n, n, dtype=dtype), requires_grad=False)
+    kernels = [lambda: torch.nn.functional.linear(x, weight)]
+    if onednn_available():
+        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), None, "none", [], ""))
+    best = 0.0
+    with torch.no_grad():
+        for kernel in kernels:
+            kernel()  # warm-up: the first call pays for kernel selection (and packing)
+            start = time.perf_counter()
+            for _ in range(reps):
+                kernel()
+            best = max(best, 2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 # CPU flags that mean bf16 matmuls run natively (x86 AVX512-BF16 / AMX, Arm's BF16 extension); without
 # them torch emulates bf16 and it is several times slower than fp32.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 BF16_MARGIN = 1.3  # bf16 must beat fp32 by this much to be worth its rounding
-CPU_DTYPE_FILE = "cpu_dtype_v2.json"  # v1 files could hold a choice made under load: never read
+# v1 files could hold a choice made under load, v2 ones compared the dtypes through F.linear only: never read
+CPU_DTYPE_FILE = "cpu_dtype_v3.json"
 
 
 @dataclass(frozen=True)
@@ -448,5 +460,7 @@ def _load(model_id: str, device: torch.device, dtype: torch.dtype, quant_kwargs:
         tokenizer.pad_token = tokenizer.eos_token
     if quantize:  # 4-bit weights give other states: artifacts of the full-precision model must not be reused
         label = f"{label} [{quantize}]"
+    packing = (pack_model(model, dtype).reason if device.type == "cpu" and not quant_kwargs
+               else "weights not packed: packing is for full-precision models on the CPU")
     return LM(model, tokenizer, label, device, dtype, load_s=time.perf_counter() - start,
-              quantize=quantize, dtype_reason=dtype_reason)
+              quantize=quantize, dtype_reason=dtype_reason, packing=packing)

@@ -50,6 +50,8 @@ def model_status(workbench: Workbench) -> str:
                      f"{lm.n_layers} layers, window {lm.window} tokens (loaded in {lm.load_s:.1f} s).")
         if lm.dtype_reason:
             lines.append(f"Number format: {esc(lm.dtype_reason)}")
+        if lm.packing:
+            lines.append(f"Projections: {esc(lm.packing)}")
     except Exception as exc:  # status display only; apply() reports load failures properly
         lines.append(f"Not loaded: {esc(exc)}")
     status = default_model_status()
