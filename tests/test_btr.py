@@ -169,6 +169,27 @@ def test_artifacts_are_keyed_by_split_bits_and_model(ingested, monkeypatch):
     assert any("prepared the collection first" in n for n in result.notes)
 
 
+def test_the_decoder_is_parsed_once_per_stored_version(ingested, monkeypatch, docs_dir):
+    from ragdemo.engine import calibration
+
+    parsed = []
+    real = calibration.Decoder.from_bytes.__func__
+    monkeypatch.setattr(calibration.Decoder, "from_bytes",
+                        classmethod(lambda cls, blob: parsed.append(len(blob)) or real(cls, blob)))
+    corpus, method = ingested.corpus(), get_method("btr")
+    params = method.Params(split=2, bits=1, k=2, max_new_tokens=2)
+    method.prepare(corpus, params)
+    first = method.answer("Where is the tower?", corpus, params)
+    count = len(parsed)
+    second = method.answer("Where is the tower?", corpus, params)
+    assert len(parsed) == count and second.answer == first.answer  # the second answer parsed nothing
+    (docs_dir / "more.txt").write_text("The tower is repainted every seven years. " * 6)
+    ingested.ingest([("more.txt", docs_dir / "more.txt")])  # new content: a new decoder is fitted and read
+    method.prepare(corpus, params)
+    method.answer("Where is the tower?", corpus, params)
+    assert len(parsed) > count
+
+
 def test_nll_at_split_zero_float_equals_plain_prompt(ingested):
     corpus = ingested.corpus()
     method = get_method("btr")

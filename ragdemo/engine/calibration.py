@@ -9,6 +9,7 @@ Saved as safetensors bytes (no pickle).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from ..models.packed import linear
 from .binary import FLOAT_BITS, Codes, encode
 
 
@@ -28,8 +30,15 @@ class Decoder:
         plain = codes.reconstruct(self.centre)
         if self.weight is None or codes.bits == FLOAT_BITS:
             return plain
-        # torch, not numpy: numpy's BLAS ignores the thread budget torch was given and stalls on a busy CPU
-        return (torch.from_numpy(features(codes, plain, self.centre)) @ torch.from_numpy(self.weight)).numpy()
+        # torch, not numpy: numpy's BLAS ignores the thread budget torch was given and stalls on a busy CPU;
+        # through the packed oneDNN kernel, 2-4x faster than MKL's fp32 on AMD CPUs (models/packed.py)
+        with torch.no_grad():
+            return linear(torch.from_numpy(features(codes, plain, self.centre)), self.projection).numpy()
+
+    @functools.cached_property
+    def projection(self) -> torch.Tensor:
+        """The weight as a [d, 2d + 1] torch tensor that lives with the decoder (it carries its oneDNN pack)."""
+        return torch.from_numpy(np.ascontiguousarray(self.weight.T))
 
     def to_bytes(self) -> bytes:
         """fp16: the decoder is stored once per collection and counted in its storage; half of fp32 (1.33 MB

@@ -45,12 +45,20 @@ def _rotation(lm, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     The model's own rotary module is used, so scaled RoPE variants (Llama 3, NTK) rotate the way the model does;
     its attention_scaling factor is divided out because a re-rotation must not rescale keys twice."""
     rotary = lm.model.model.rotary_emb
-    flat = pos.reshape(1, -1).to(lm.device)
+    flat = pos.reshape(-1).to(lm.device)
+    if flat.numel() == 0:
+        low = 0
+        span = flat.unsqueeze(0)
+    else:  # a cache repeats each position in every layer and head: rotate the distinct span once, then gather
+        low = int(flat.min())
+        span = torch.arange(low, int(flat.max()) + 1, device=lm.device).unsqueeze(0)
     dummy = torch.zeros(1, dtype=torch.float32, device=lm.device)
-    cos, sin = rotary(dummy, position_ids=flat)
+    cos, sin = rotary(dummy, position_ids=span)
     scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    index = flat - low
     shape = (*pos.shape, cos.shape[-1])
-    return (cos.float() / scale).reshape(shape), (sin.float() / scale).reshape(shape)
+    return ((cos[0].float() / scale).index_select(0, index).reshape(shape),
+            (sin[0].float() / scale).index_select(0, index).reshape(shape))
 
 
 def rotate_keys(lm, keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

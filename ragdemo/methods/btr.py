@@ -248,6 +248,20 @@ def stopword_ids(tokenizer, token_ids: np.ndarray) -> set[int]:
     return found
 
 
+def _parsed_decoder(blob: bytes) -> tuple[Decoder, bytes]:
+    return Decoder.from_bytes(blob), blob
+
+
+def _blob_digest(lm, blob: bytes | None) -> str | None:
+    """artifact_hash of a decoder blob, remembered: several keys per answer name it. The memo is keyed by the
+    bytes themselves, and Python keeps a bytes object's hash, so the decoder memo's own blob is looked up
+    without hashing 1.3 MB again."""
+    if not blob:
+        return None
+    return lm_memo(lm, "btr_decoder_digests", 8).get(blob, lambda: artifact_hash(blob))
+
+
+DECODER_MEMORY = 64 << 20  # bytes of parsed decoders kept between answers (a few collections' worth)
 STATE_MEMORY = 1_500_000_000  # bytes of float lower-layer states kept between prepares (a bits/calibration sweep
 # then reruns no lower layer)
 
@@ -519,19 +533,25 @@ Targets: {storage target}. {frontier}.""" \
         return f"decoder:{sig}"
 
     def _load_decoder(self, corpus, params, sig: str) -> tuple[Decoder | None, bytes | None]:
-        """The decoder fitted on the collection's current content (`sig`); (None, None) when not fitted yet."""
+        """The decoder fitted on the collection's current content (`sig`); (None, None) when not fitted yet.
+        Read and parsed once per stored version (the LM's memo, keyed by the artifact's identity, so a refit
+        under the same key is read again): every answer needs it, and it is 1.3 MB at d=576."""
         lm = corpus.lm
         if not params.calibrate:
             return identity_decoder(lm.model.config.hidden_size), None
-        blob = corpus.store.get_artifact(self.name, lm.model_id, artifact_hash(self._base_hash(lm, params)), self._decoder_key(sig))
-        return (Decoder.from_bytes(blob), blob) if blob is not None else (None, None)
+        ref = corpus.store.artifact_ref(self.name, lm.model_id, artifact_hash(self._base_hash(lm, params)),
+                                        self._decoder_key(sig))
+        if ref is None:
+            return None, None
+        memo = lm_memo(lm, "btr_decoders", DECODER_MEMORY, lambda loaded: 3 * len(loaded[1]))
+        return memo.get(ref.identity, lambda: _parsed_decoder(ref.read()))
 
     def _chunk_hash(self, lm, params, decoder_blob: bytes | None) -> str:
         """Codes are keyed by the least-squares decoder they were encoded around, also with objective=recovery:
         its trained decoder keeps that decoder's centre (the only part codes depend on) and learns the weight
         alone, so the same codes (and the merged codebook built from them) serve both; the trained decoder is
         keyed with its adapter (`_adapter_hash`, objective included)."""
-        return artifact_hash({**self._base_hash(lm, params), "decoder": artifact_hash(decoder_blob) if decoder_blob else None})
+        return artifact_hash({**self._base_hash(lm, params), "decoder": _blob_digest(lm, decoder_blob)})
 
     @staticmethod
     def _codes_basis(params, sig: str) -> str | None:

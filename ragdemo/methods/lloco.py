@@ -15,7 +15,7 @@ from ..engine.layers import forward_all, require_llama_like
 from ..engine.prefix import instruction_ids, prefix_cache, shared_prefix
 from ..engine.lora import (LoraKnobs, adapter_key, applied_adapter, cloze_example, distill_kl, teacher_logits,
                            train_adapter)
-from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text
+from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text, question_ids
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash, chunk_key
@@ -188,7 +188,8 @@ collection's tokens; `python -m ragdemo bench-storage`, c=4 at the default knobs
                                     last_only=True)
                 generation = decode_loop(lm, ctx.cache, first, ctx.next_pos + len(ctx.question_ids),
                                          params.max_new_tokens, clock, stream)
-        result = finish(ctx.result, lm, ctx.prompt, generation, clock, processed=ctx.processed + len(ctx.question_ids))
+        result = finish(ctx.result, lm, self._marked_prompt(lm, ctx.view), generation, clock,
+                        processed=ctx.processed + len(ctx.question_ids))
         return self._account(result, ctx, self.storage(corpus, params))
 
     def nll(self, question, gold, corpus, params) -> float:
@@ -312,14 +313,6 @@ collection's tokens; `python -m ragdemo bench-storage`, c=4 at the default knobs
         keep = [kvc.kept_share(p) for p in passages]  # before placing: compact positions renumber the offsets
         layers, next_pos = self._place(lm, prefix, passages, params)
         adapter = self._adapter(corpus, lm, params)
-        prompt = build_prompt(lm.tokenizer, question, hits)  # same token ids as the cached passages
-        # the prefix counts as cached only when its states were read from the LM's prefix cache
-        marked = [Segment("prefix", prefix_ids, "cached" if had_prefix else "text")]
-        for seg, hit, kept in zip(prompt.segments[1:-1], hits, keep):
-            marked.append(Segment("passage", seg.ids, "compressed" if params.c > 1 else "cached",
-                                  {"doc": hit["doc"], "chunk_id": hit["chunk_id"], "score": hit["score"]},
-                                  keep=kept.tolist()))
-        marked.append(prompt.segments[-1])
         passage_tokens = sum(p.n_tokens for p in passages)
         result = Result(self.name, retrieve_s=retrieve_s, prepare_s=prepare_s,
                         storage_bytes=sum(sizes) + len(adapter or b""),
@@ -333,9 +326,25 @@ collection's tokens; `python -m ragdemo bench-storage`, c=4 at the default knobs
         result.notes.append(f"{kept} of {passage_tokens} passage tokens kept per layer/head "
                             f"(c={params.c}, {params.scorer}, {params.storage}); dimmed tokens were dropped")
         prefix_cached = len(prefix_ids) if had_prefix else 0
-        return _Context(kvc.cache_from(layers), next_pos, prompt.segments[-1].ids, Prompt(marked), result,
+        view = _View(question, hits, keep, had_prefix, params.c)
+        return _Context(kvc.cache_from(layers), next_pos, question_ids(lm.tokenizer, question), view, result,
                         adapter, len(prefix_ids) - prefix_cached, load_start, prefix_cached + kept,
                         len(prefix_ids) + kept, [p.kept for p in passages])
+
+    @staticmethod
+    def _marked_prompt(lm, view: "_View") -> Prompt:
+        """What the model saw, for the prompt view and the token counts. Only the question's ids are needed to
+        answer (the passages arrive as caches), so this tokenizes the passage text after the answer, not before
+        its first token."""
+        prompt = build_prompt(lm.tokenizer, view.question, view.hits)  # same token ids as the cached passages
+        # the prefix counts as cached only when its states were read from the LM's prefix cache
+        marked = [Segment("prefix", prompt.segments[0].ids, "cached" if view.had_prefix else "text")]
+        for seg, hit, kept in zip(prompt.segments[1:-1], view.hits, view.keep):
+            marked.append(Segment("passage", seg.ids, "compressed" if view.c > 1 else "cached",
+                                  {"doc": hit["doc"], "chunk_id": hit["chunk_id"], "score": hit["score"]},
+                                  keep=kept.tolist()))
+        marked.append(prompt.segments[-1])
+        return Prompt(marked)
 
     @staticmethod
     def _account(result: Result, ctx: "_Context", account: StorageAccount) -> Result:
@@ -351,11 +360,22 @@ collection's tokens; `python -m ragdemo bench-storage`, c=4 at the default knobs
 
 
 @dataclass
+class _View:
+    """What the prompt view of an answer needs besides the model: built after the answer (`_marked_prompt`)."""
+
+    question: str
+    hits: list[dict]
+    keep: list  # per passage, each token's kept share (torch tensors)
+    had_prefix: bool
+    c: int
+
+
+@dataclass
 class _Context:
     cache: object
     next_pos: int
     question_ids: list[int]
-    prompt: Prompt
+    view: _View
     result: Result
     adapter: object  # the stored LoRA (StoredArtifact) or None
     processed: float  # prompt tokens computed now, besides the question (the prefix when not cached)

@@ -12,6 +12,7 @@ Anything that records autograd (LoRA training) takes plain `F.linear`: packed we
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ MIN_SPEEDUP = 1.1  # the probe's few-row matmul must be this much faster packed,
 MAX_RAM_SHARE = 0.25  # the packed copies may take at most this share of the machine's memory
 
 
+@functools.cache
 def onednn_available() -> bool:
+    """A fact of this torch build, looked up once (it is asked on every projection)."""
     try:
         return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     except (AttributeError, RuntimeError):
@@ -55,15 +58,20 @@ def share_pack(source: torch.Tensor, target: torch.Tensor) -> None:
         target.__dict__[PACK_ATTRIBUTE] = source.__dict__[PACK_ATTRIBUTE]
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear through the packed weight where it can be (a CPU tensor of the weight's dtype, nothing to
+    record for autograd, a torch with oneDNN); `weight` must be a long-lived tensor, since its pack lives on it."""
+    if (x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != weight.dtype or x.dim() < 2
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or not onednn_available()):
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
+
+
 class PackedLinear(torch.nn.Linear):
     """nn.Linear whose inference forward uses the packed weight; same parameters, same state dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if (x.device.type != "cpu" or x.dtype != weight.dtype or x.dim() < 2
-                or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-            return F.linear(x, weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), self.bias, "none", [], "")
+        return linear(x, self.weight, self.bias)
 
 
 def plain_linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
