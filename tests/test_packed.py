@@ -109,3 +109,12 @@ def test_the_loaded_lm_and_embedder_say_whether_they_are_packed(tiny_lm):
 
     assert tiny_lm.packing.startswith(("weights pre-packed", "weights not packed"))
     assert load_embedder().packing.startswith(("weights pre-packed", "weights not packed"))
+
+
+def test_the_allocator_setting_says_what_it_did():
+    import sys
+
+    said = packed.keep_freed_memory()
+    assert said.startswith("allocator:")
+    if sys.platform.startswith("linux"):
+        assert "glibc keeps freed memory" in said

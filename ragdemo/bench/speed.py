@@ -15,6 +15,7 @@ import torch
 
 from ..config import Settings
 from ..models.lm import _load, converted_default_dir, quiet_transformers
+from ..models.packed import keep_freed_memory
 from ..store import Corpus, Store
 
 SHARED_ESSAYS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "paul_graham_essays"
@@ -439,6 +440,7 @@ def run_speed_bench(bench, quick: bool = False) -> dict:
          f"{os.getloadavg()[0]:.1f}; model dtype {str(lm.dtype).replace('torch.', '')}"
          + (f" ({lm.dtype_reason})" if getattr(lm, "dtype_reason", "") else ""))
     _say(f"projections: model {lm.packing or 'not packed'}; embedder {bench.models.embedder.packing or 'not packed'}")
+    _say(keep_freed_memory())
     folder, temp = _scratch_workbench(bench)
     try:
         bench_ingest(temp, 3 if quick else 10)

@@ -11,7 +11,7 @@ import torch
 
 from ..config import DEFAULT_EMBEDDER
 from ..errors import ModelUnavailable
-from .packed import pack_model
+from .packed import keep_freed_memory, pack_model
 
 DEFAULT_EMBEDDER_NAME = "all-MiniLM-L6-v2"
 
@@ -109,5 +109,6 @@ def _load(embedder_id: str) -> Embedder:
             "(the model hub may be unreachable; the embedded default still works)"
         ) from exc
     dtype = next(model.parameters()).dtype
+    keep_freed_memory()
     return Embedder(DEFAULT_EMBEDDER_NAME if is_default else embedder_id, model, threading.Lock(),
                     _MeanPooled.of(model), pack_model(model, dtype).reason)

@@ -16,7 +16,7 @@ import torch
 from ..config import DEFAULT_MODEL, Settings
 from ..errors import ModelUnavailable
 from .lock import ModelLock
-from .packed import onednn_available, pack_model, packed_weight
+from .packed import keep_freed_memory, onednn_available, pack_model, packed_weight
 
 log = logging.getLogger(__name__)
 
@@ -460,6 +460,8 @@ def _load(model_id: str, device: torch.device, dtype: torch.dtype, quant_kwargs:
         tokenizer.pad_token = tokenizer.eos_token
     if quantize:  # 4-bit weights give other states: artifacts of the full-precision model must not be reused
         label = f"{label} [{quantize}]"
+    if device.type == "cpu":
+        keep_freed_memory()
     packing = (pack_model(model, dtype).reason if device.type == "cpu" and not quant_kwargs
                else "weights not packed: packing is for full-precision models on the CPU")
     return LM(model, tokenizer, label, device, dtype, load_s=time.perf_counter() - start,
