@@ -114,11 +114,11 @@ def projection(model, dtype: torch.dtype):
     """`project(x, weight)` through the kernel the model's own projections use: oneDNN with a pre-packed weight
     when models/packed.py packed them at load, else F.linear (in fp32 that is MKL, several times slower on AMD
     CPUs), so the peak and the prefill it is compared with run the same kernel."""
-    from ..models.packed import PackedLinear, packed_weight
+    from ..models.packed import PackedLinear, packed_linear
 
     if not any(isinstance(m, PackedLinear) for m in model.modules()):
         return lambda x, weight: torch.nn.functional.linear(x, weight)
-    return lambda x, weight: torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), None, "none", [], "")
+    return packed_linear
 
 
 def matmul_peak(model, dtype: torch.dtype, n: int = 1024, reps: int = 3) -> float:

@@ -16,7 +16,7 @@ import torch
 from ..config import DEFAULT_MODEL, Settings
 from ..errors import ModelUnavailable
 from .lock import ModelLock
-from .packed import keep_freed_memory, onednn_available, pack_model, packed_weight
+from .packed import keep_freed_memory, onednn_available, pack_model, packed_linear
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def _matmul_gflops(dtype: torch.dtype, n: int = 512, reps: int = 8) -> float:
     weight = torch.nn.Parameter(torch.randn(n, n, dtype=dtype), requires_grad=False)
     kernels = [lambda: torch.nn.functional.linear(x, weight)]
     if onednn_available():
-        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), None, "none", [], ""))
+        kernels.append(lambda: packed_linear(x, weight))
     best = 0.0
     with torch.no_grad():
         for kernel in kernels:

@@ -58,13 +58,18 @@ def share_pack(source: torch.Tensor, target: torch.Tensor) -> None:
         target.__dict__[PACK_ATTRIBUTE] = source.__dict__[PACK_ATTRIBUTE]
 
 
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear through oneDNN with the weight's pack, unconditionally (the probes time exactly this)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear through the packed weight where it can be (a CPU tensor of the weight's dtype, nothing to
     record for autograd, a torch with oneDNN); `weight` must be a long-lived tensor, since its pack lives on it."""
     if (x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != weight.dtype or x.dim() < 2
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or not onednn_available()):
         return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
+    return packed_linear(x, weight, bias)
 
 
 class PackedLinear(torch.nn.Linear):
@@ -97,7 +102,7 @@ def _few_row_seconds(weight: torch.Tensor, x: torch.Tensor, packed: bool, reps: 
     started = time.perf_counter()
     for _ in range(reps):
         if packed:
-            torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), None, "none", [], "")
+            packed_linear(x, weight)
         else:
             F.linear(x, weight)
     return time.perf_counter() - started
