@@ -114,7 +114,9 @@ def test_the_loaded_lm_and_embedder_say_whether_they_are_packed(tiny_lm):
 def test_the_allocator_setting_says_what_it_did():
     import sys
 
-    said = packed.keep_freed_memory()
+    from ragdemo.models.allocator import keep_freed_memory
+
+    said = keep_freed_memory()
     assert said.startswith("allocator:")
     if sys.platform.startswith("linux"):
         assert "glibc keeps freed memory" in said

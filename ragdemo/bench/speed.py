@@ -15,7 +15,7 @@ import torch
 
 from ..config import Settings
 from ..models.lm import _load, converted_default_dir, quiet_transformers
-from ..models.packed import keep_freed_memory
+from ..models.allocator import keep_freed_memory
 from ..store import Corpus, Store
 
 SHARED_ESSAYS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "paul_graham_essays"
@@ -110,7 +110,7 @@ def flops_per_token(model, context: int) -> tuple[float, float]:
     return 2 * params, attention
 
 
-def projection(model, dtype: torch.dtype):
+def projection(model):
     """`project(x, weight)` through the kernel the model's own projections use: oneDNN with a pre-packed weight
     when models/packed.py packed them at load, else F.linear (in fp32 that is MKL, several times slower on AMD
     CPUs), so the peak and the prefill it is compared with run the same kernel."""
@@ -124,7 +124,7 @@ def projection(model, dtype: torch.dtype):
 def matmul_peak(model, dtype: torch.dtype, n: int = 1024, reps: int = 3) -> float:
     """GFLOP/s of one n x n x n product through the model's projection kernel (`projection`), best of `reps`;
     the first call pays for kernel selection (and packing)."""
-    project = projection(model, dtype)
+    project = projection(model)
     x, weight = torch.randn(n, n, dtype=dtype), torch.nn.Parameter(torch.randn(n, n, dtype=dtype), requires_grad=False)
     with torch.inference_mode():
         project(x, weight)
@@ -140,7 +140,7 @@ def layer_matmul_peak(model, n: int, dtype: torch.dtype, reps: int = 3) -> float
     """GFLOP/s of one decoder layer's own projections (every nn.Linear of layer 0, in order) on n tokens through
     the model's projection kernel, best of `reps`: what the model's matmuls can reach at this length, whose
     shapes (K and N of 192 to 1536 here) sit further from the kernels' best than the square probe's."""
-    project = projection(model, dtype)
+    project = projection(model)
     shapes = [(m.in_features, m.out_features) for m in model.model.layers[0].modules()
               if isinstance(m, torch.nn.Linear)]
     pairs = [(torch.randn(n, i, dtype=dtype), torch.nn.Parameter(torch.randn(o, i, dtype=dtype), requires_grad=False))

@@ -11,7 +11,8 @@ import torch
 
 from ..config import DEFAULT_EMBEDDER
 from ..errors import ModelUnavailable
-from .packed import keep_freed_memory, pack_model
+from .allocator import keep_freed_memory
+from .packed import pack_model
 
 DEFAULT_EMBEDDER_NAME = "all-MiniLM-L6-v2"
 

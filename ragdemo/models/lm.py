@@ -16,7 +16,8 @@ import torch
 from ..config import DEFAULT_MODEL, Settings
 from ..errors import ModelUnavailable
 from .lock import ModelLock
-from .packed import keep_freed_memory, onednn_available, pack_model, packed_linear
+from .allocator import keep_freed_memory
+from .packed import onednn_available, pack_model, packed_linear
 
 log = logging.getLogger(__name__)
 
