@@ -16,6 +16,7 @@ import torch
 from ..config import Settings
 from ..models.lm import _load, converted_default_dir, quiet_transformers
 from ..models.allocator import keep_freed_memory
+from ..models.probe import best_seconds
 from ..store import Corpus, Store
 
 SHARED_ESSAYS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "paul_graham_essays"
@@ -158,19 +159,23 @@ def layer_matmul_peak(model, n: int, dtype: torch.dtype, reps: int = 3) -> float
     return flops / best / 1e9
 
 
-def attention_kernel_seconds(model, n: int, dtype: torch.dtype) -> float:
-    """One layer's attention alone: SDPA's causal kernel on n tokens at the model's head shape (query heads,
-    KV heads, head size), the call its layers make when no cached keys precede the queries."""
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    q = torch.randn(1, config.num_attention_heads, n, head_dim, dtype=dtype)
-    k, v = (torch.randn(1, kv_heads, n, head_dim, dtype=dtype) for _ in range(2))
-    gqa = {"enable_gqa": True} if kv_heads != config.num_attention_heads else {}
+def attention_kernel_seconds(lm, n: int) -> dict:
+    """One layer's attention alone on n causal tokens at the model's head shape, per kernel it could run
+    (SDPA's, and the blocked one of models/attention.py in bf16), one interleaved round."""
+    from ..models.attention import causal_inputs, causal_kernels, head_shape
+
+    shape = head_shape(lm.model.config)
+    kernels = causal_kernels(*shape, n)
+    if lm.dtype != torch.bfloat16:
+        kernels.pop("blocked")
     with torch.inference_mode():
-        started = time.perf_counter()
-        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
-    return time.perf_counter() - started
+        return best_seconds(kernels, causal_inputs(*shape, n, lm.dtype), rounds=1, reps=1)
+
+
+def model_attention_kernel(lm) -> str:
+    from ..models.attention import NAME
+
+    return "blocked" if lm.model.config._attn_implementation == NAME else "SDPA"
 
 
 def share_of_peak(achieved: float, peak: float) -> str:
@@ -191,28 +196,32 @@ def bench_prefill(settings: Settings, lengths: list[int], rounds: int = 3) -> li
     for dtype in (torch.float32, torch.bfloat16):
         lm = _load(model_id, torch.device("cpu"), dtype, {}, source_dir)
         peak, best = 0.0, {n: float("inf") for n in lengths}
-        shaped, kernel = {n: 0.0 for n in lengths}, {n: float("inf") for n in lengths}
+        shaped, kernel = {n: 0.0 for n in lengths}, {n: {} for n in lengths}
         with torch.inference_mode():
             lm.model(input_ids=torch.randint(100, 1000, (1, 64)))
             for _ in range(rounds):
                 peak = max(peak, matmul_peak(lm.model, dtype))
                 for n in lengths:
                     shaped[n] = max(shaped[n], layer_matmul_peak(lm.model, n, dtype, reps=1))
-                    kernel[n] = min(kernel[n], attention_kernel_seconds(lm.model, n, dtype))
+                    for name, seconds in attention_kernel_seconds(lm, n).items():
+                        kernel[n][name] = min(kernel[n].get(name, float("inf")), seconds)
                     ids = torch.randint(100, 1000, (1, n))
                     started = time.perf_counter()
                     lm.model(input_ids=ids, logits_to_keep=1)
                     best[n] = min(best[n], time.perf_counter() - started)
         name = str(dtype).replace("torch.", "")
-        _say(f"prefill {name:>8}: {lm.packing}")
+        _say(f"prefill {name:>8}: {lm.packing}; attention: {lm.attention}")
+        used = model_attention_kernel(lm)
         attention_paths(lm, name, lengths, rounds=rounds)
         for n in lengths:
             matmul, attention = flops_per_token(lm.model, n)
             achieved = (matmul + attention) * n / best[n] / 1e9
-            attention_time = kernel[n] * lm.n_layers / best[n]
+            attention_time = kernel[n][used] * lm.n_layers / best[n]
             rows.append({"dtype": name, "tokens": n, "seconds": best[n], "gflops": achieved, "peak": peak,
                          "layer_peak": shaped[n], "attention_share": attention / (matmul + attention),
-                         "attention_gflops": attention * n / lm.n_layers / kernel[n] / 1e9,
+                         "attention_kernel": used,
+                         "attention_gflops": attention * n / lm.n_layers / kernel[n][used] / 1e9,
+                         "sdpa_attention_gflops": attention * n / lm.n_layers / kernel[n]["SDPA"] / 1e9,
                          "attention_time_share": attention_time})
             _say(f"prefill {name:>8} {n:>5} tokens: {n / best[n]:6.0f} tok/s, {achieved:5.1f} GFLOP/s = "
                  f"{share_of_peak(achieved, peak)}; attention is {attention / (matmul + attention):.0%} of the FLOPs "
@@ -220,38 +229,52 @@ def bench_prefill(settings: Settings, lengths: list[int], rounds: int = 3) -> li
             _say(f"  the model's own projections at {n} tokens (one layer's Linear shapes, no attention): "
                  f"{shaped[n]:.1f} GFLOP/s = {shaped[n] / peak:.0%} of the square probe; the prefill is "
                  f"{share_of_peak(achieved, shaped[n]).replace('this run', 'this shape')}")
-            _say(f"  attention alone (SDPA's causal kernel, one layer, best of {rounds}): "
-                 f"{rows[-1]['attention_gflops']:.1f} GFLOP/s, so {lm.n_layers} layers of it take "
+            other = "" if used == "SDPA" else f" (SDPA's causal kernel: {rows[-1]['sdpa_attention_gflops']:.1f})"
+            _say(f"  attention alone (the model's {used} kernel, causal, one layer, best of {rounds}): "
+                 f"{rows[-1]['attention_gflops']:.1f} GFLOP/s{other}, so {lm.n_layers} layers of it take "
                  f"{attention_time:.0%} of this prefill's time for {rows[-1]['attention_share']:.0%} of its FLOPs")
     return rows
 
 
 def attention_paths(lm, dtype_name: str, lengths: list[int], layers: int = 4, rounds: int = 3) -> list[dict]:
     """The engine's `run_layers` over its first `layers` layers with an explicit [1,1,n,n] causal mask against
-    no mask (SDPA's own causal kernel), best of `rounds` interleaved runs: `resolve_mask` takes the kernel path
-    whenever no cached keys precede the queries, so this prints whether that is the faster one, and by how much
-    the two outputs differ."""
+    no mask (the kernel's own causal path), and, where the model runs the blocked kernel, against SDPA's with
+    no mask; best of `rounds` interleaved runs. `resolve_mask` takes the no-mask path whenever no cached keys
+    precede the queries, so this prints whether that is the faster one, and how far the outputs differ."""
     from ..engine.layers import causal_mask, embed, positions, run_layers
 
+    used = lm.model.config._attn_implementation
     rows = []
     with torch.inference_mode():
         for n in lengths:
             hidden = embed(lm, torch.randint(100, 1000, (1, n)))
             pos = positions(0, n, lm.device)
-            paths = {"explicit mask": causal_mask(n, n, lm.device), "causal kernel": None}
+            paths = {"explicit mask": (used, causal_mask(n, n, lm.device)), "causal kernel": (used, None)}
+            if used != "sdpa":
+                paths["SDPA"] = ("sdpa", None)
             best, out = {name: float("inf") for name in paths}, {}
-            for _ in range(rounds):
-                for name, mask in paths.items():
-                    started = time.perf_counter()
-                    out[name] = run_layers(lm, hidden, 0, layers, pos, mask)
-                    best[name] = min(best[name], time.perf_counter() - started)
+            try:
+                for _ in range(rounds):
+                    for name, (implementation, mask) in paths.items():
+                        lm.model.set_attn_implementation(implementation)
+                        started = time.perf_counter()
+                        out[name] = run_layers(lm, hidden, 0, layers, pos, mask)
+                        best[name] = min(best[name], time.perf_counter() - started)
+            finally:
+                lm.model.set_attn_implementation(used)
             diff = float((out["explicit mask"].float() - out["causal kernel"].float()).abs().max())
             speedup = best["explicit mask"] / best["causal kernel"]
             rows.append({"dtype": dtype_name, "tokens": n, "layers": layers, "mask_s": best["explicit mask"],
                          "kernel_s": best["causal kernel"], "max_abs_diff": diff})
-            _say(f"attention {dtype_name:>8} {n:>5} tokens, {layers} layers: explicit mask "
-                 f"{1000 * best['explicit mask']:7.1f} ms, causal kernel {1000 * best['causal kernel']:7.1f} ms "
-                 f"({speedup:.2f}x; the engine uses the causal kernel); max |difference| {diff:.1e}")
+            line = (f"attention {dtype_name:>8} {n:>5} tokens, {layers} layers: explicit mask "
+                    f"{1000 * best['explicit mask']:7.1f} ms, causal kernel {1000 * best['causal kernel']:7.1f} ms "
+                    f"({speedup:.2f}x; the engine uses the causal kernel); max |difference| {diff:.1e}")
+            if "SDPA" in paths:
+                sdpa_diff = float((out["SDPA"].float() - out["causal kernel"].float()).abs().max())
+                rows[-1].update(sdpa_s=best["SDPA"], sdpa_max_abs_diff=sdpa_diff)
+                line += (f"; SDPA's kernel {1000 * best['SDPA']:7.1f} ms, {best['SDPA'] / best['causal kernel']:.2f}x "
+                         f"the blocked one's time, max |difference| {sdpa_diff:.1e}")
+            _say(line)
     return rows
 
 
@@ -440,6 +463,7 @@ def run_speed_bench(bench, quick: bool = False) -> dict:
          f"{os.getloadavg()[0]:.1f}; model dtype {str(lm.dtype).replace('torch.', '')}"
          + (f" ({lm.dtype_reason})" if getattr(lm, "dtype_reason", "") else ""))
     _say(f"projections: model {lm.packing or 'not packed'}; embedder {bench.models.embedder.packing or 'not packed'}")
+    _say(f"attention: {lm.attention or 'SDPA'}")
     _say(keep_freed_memory())
     folder, temp = _scratch_workbench(bench)
     try:

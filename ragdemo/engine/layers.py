@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import NotSupported
+from ..models.attention import NAME as BLOCKED_ATTENTION
 
 
 def require_llama_like(lm, method: str) -> None:
@@ -57,14 +58,14 @@ CAUSAL = "causal"  # run_layers mask: causal over what the cache holds plus the 
 
 
 def resolve_mask(lm, mask, q_len: int, past: int):
-    """CAUSAL becomes no mask where SDPA's own causal kernel applies (no cached keys before the queries, so its
-    top-left alignment is right): measured faster than an explicit mask on this CPU, and exact. Otherwise the
-    explicit [1,1,q,kv] mask."""
+    """CAUSAL becomes no mask where SDPA's own causal kernel (or models/attention.py's blocked one) applies: no
+    cached keys before the queries, so its top-left alignment is right. Measured faster than an explicit mask
+    on this CPU, and exact. Otherwise the explicit [1,1,q,kv] mask."""
     if not isinstance(mask, str):
         return mask
     if q_len == 1:
         return None
-    if past == 0 and lm.model.config._attn_implementation == "sdpa":
+    if past == 0 and lm.model.config._attn_implementation in ("sdpa", BLOCKED_ATTENTION):
         return None
     return causal_mask(q_len, past + q_len, lm.device)
 

@@ -17,6 +17,7 @@ from ..config import DEFAULT_MODEL, Settings
 from ..errors import ModelUnavailable
 from .lock import ModelLock
 from .allocator import keep_freed_memory
+from .attention import choose_attention
 from .packed import onednn_available, pack_model, packed_linear
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class LM:
     quantize: str | None = None  # "4bit" | "8bit" (bitsandbytes) | None
     dtype_reason: str = ""  # why this dtype: shown in Settings and by bench-speed
     packing: str = ""  # whether the projections are pre-packed for oneDNN and why (models/packed.py): shown there too
+    attention: str = ""  # which attention kernel runs and why (models/attention.py): shown there too
     lock: ModelLock = field(default_factory=ModelLock, repr=False)  # every use of the model holds it
     # reuse state the engine keeps for this model, made on first use (engine.prefix.PrefixCache,
     # engine.lora.AdapterCache): it lives and dies with this LM object
@@ -463,7 +465,10 @@ def _load(model_id: str, device: torch.device, dtype: torch.dtype, quant_kwargs:
         label = f"{label} [{quantize}]"
     if device.type == "cpu":
         keep_freed_memory()
-    packing = (pack_model(model, dtype).reason if device.type == "cpu" and not quant_kwargs
+    full_precision_cpu = device.type == "cpu" and not quant_kwargs
+    packing = (pack_model(model, dtype).reason if full_precision_cpu
                else "weights not packed: packing is for full-precision models on the CPU")
+    attention = (choose_attention(model, dtype).reason if full_precision_cpu
+                 else f"{model.config._attn_implementation} (the blocked kernel is for full-precision CPU models)")
     return LM(model, tokenizer, label, device, dtype, load_s=time.perf_counter() - start,
-              quantize=quantize, dtype_reason=dtype_reason, packing=packing)
+              quantize=quantize, dtype_reason=dtype_reason, packing=packing, attention=attention)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .probe import best_seconds
 
 PACK_ATTRIBUTE = "_ragdemo_onednn"  # on the weight Parameter: (its version when packed, the packed tensor)
 MIN_SPEEDUP = 1.1  # the probe's few-row matmul must be this much faster packed, or nothing is packed
@@ -36,7 +37,7 @@ def onednn_available() -> bool:
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     """The weight in oneDNN's layout, made once per Parameter and again only after an in-place write."""
-    version = _version(weight)
+    version = tensor_version(weight)
     cached = weight.__dict__.get(PACK_ATTRIBUTE)
     if cached is not None and cached[0] == version:
         return cached[1]
@@ -46,10 +47,11 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def _version(weight: torch.Tensor) -> int:
-    """Its in-place write counter. A weight made under inference mode (a LoRA merged during an answer) has
-    none; nothing in ragdemo writes into one, so its pack is kept for its lifetime."""
-    return -1 if weight.is_inference() else weight._version
+def tensor_version(tensor: torch.Tensor) -> int:
+    """Its in-place write counter, what keys anything cached on a tensor. One made under inference mode (a LoRA
+    merged during an answer, a mask built in one) has none; nothing in ragdemo writes into one, so what is
+    cached on it is kept for its lifetime."""
+    return -1 if tensor.is_inference() else tensor._version
 
 
 def share_pack(source: torch.Tensor, target: torch.Tensor) -> None:
@@ -98,26 +100,13 @@ class Packing:
     extra_bytes: int = 0
 
 
-def _few_row_seconds(weight: torch.Tensor, x: torch.Tensor, packed: bool, reps: int = 20) -> float:
-    started = time.perf_counter()
-    for _ in range(reps):
-        if packed:
-            packed_linear(x, weight)
-        else:
-            F.linear(x, weight)
-    return time.perf_counter() - started
-
-
 def probe_speedup(dtype: torch.dtype, rows: int = 16, shape: tuple[int, int] = (1536, 576), rounds: int = 5) -> float:
-    """Plain over packed time of a few-row matmul at a small LM's MLP shape: best of interleaved rounds, so a
-    busy moment slows both sides alike instead of flipping the choice."""
+    """Plain over packed time of a few-row matmul at a small LM's MLP shape."""
     weight = torch.nn.Parameter(torch.randn(*shape).to(dtype), requires_grad=False)
     x = torch.randn(rows, shape[1]).to(dtype)
-    with torch.no_grad():
-        _few_row_seconds(weight, x, True, 2), _few_row_seconds(weight, x, False, 2)  # warm-up: kernel choice
-        plain = min(_few_row_seconds(weight, x, False) for _ in range(rounds))
-        packed = min(_few_row_seconds(weight, x, True) for _ in range(rounds))
-    return plain / packed
+    best = best_seconds({"plain": lambda: F.linear(x, weight), "packed": lambda: packed_linear(x, weight)}, (),
+                        rounds, reps=20)
+    return best["plain"] / best["packed"]
 
 
 def physical_memory() -> int:

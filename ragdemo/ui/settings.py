@@ -52,6 +52,8 @@ def model_status(workbench: Workbench) -> str:
             lines.append(f"Number format: {esc(lm.dtype_reason)}")
         if lm.packing:
             lines.append(f"Projections: {esc(lm.packing)}")
+        if lm.attention:
+            lines.append(f"Attention: {esc(lm.attention)}")
     except Exception as exc:  # status display only; apply() reports load failures properly
         lines.append(f"Not loaded: {esc(exc)}")
     status = default_model_status()

@@ -1,0 +1,205 @@
+"""Attention in query blocks, for bf16 models on CPUs where SDPA's bf16 kernel is slow.
+
+On the AMD EPYC these benches ran on (AVX512-BF16, no AMX), torch's fused CPU attention runs bf16 at the
+speed of fp32, ~95 GFLOP/s, while a bf16 matmul reaches ~850: at 1k tokens attention took half of a prefill's
+time for a seventh of its FLOPs. This kernel splits the queries into blocks of `BLOCK` rows and, per block,
+multiplies against only the keys some row of the block can see (so a causal prefill does a little over half
+the work of a full one), masks, takes the softmax and multiplies by the values, all as plain bf16 matmuls.
+
+Numerics are those of transformers' eager attention in bf16: scores rounded to bf16 before a softmax that
+accumulates in fp32. A probe at load keeps SDPA wherever this is not clearly faster (fp32, CPUs with AMX,
+GPUs), and every case the kernel does not cover (one query row, batches, autograd, biases or sinks, a row with
+no visible key) is handed to SDPA unchanged.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .packed import tensor_version
+from .probe import best_seconds
+
+NAME = "ragdemo_blocked"  # the name it is registered under in transformers' AttentionInterface
+BLOCK = 128  # query rows per block: 64-256 measured within 10% of each other at 1k-4k tokens, 128 best
+MIN_ROWS = 64  # fewer query rows (decode steps, a short question) stay on SDPA
+MIN_SPEEDUP = 1.2  # the probe must find the blocked kernel this much faster, or the model keeps SDPA
+PROBE_TOKENS = 512
+UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks", "cache")
+SPANS_ATTRIBUTE = "_ragdemo_spans"  # on a mask tensor: (its version, its spans), since every layer gets the same mask
+
+
+@dataclass(frozen=True)
+class Span:
+    """What one query block [start, stop) computes: keys [0, end), masked from column `masked_from` on."""
+
+    start: int
+    stop: int
+    end: int
+    masked_from: int
+
+
+def causal_spans(q_len: int, block: int) -> list[Span]:
+    """Top-left causal (no cache before the queries): row i sees keys 0..i."""
+    return [Span(a, min(q_len, a + block), min(q_len, a + block), a) for a in range(0, q_len, block)]
+
+
+def mask_spans(visible: torch.Tensor, block: int) -> list[Span] | None:
+    """Spans for an explicit mask ([q, kv] bool, True = attend); None if some row sees no key at all (SDPA's
+    answer for such a row is its own)."""
+    if not bool(visible.any(-1).all()):
+        return None
+    spans = []
+    for a in range(0, visible.shape[0], block):
+        rows = visible[a:a + block]
+        end = int(rows.any(0).nonzero()[-1]) + 1
+        partial = (~rows[:, :end].all(0)).nonzero()
+        spans.append(Span(a, a + rows.shape[0], end, int(partial[0]) if len(partial) else end))
+    return spans
+
+
+def visible_keys(mask: torch.Tensor) -> torch.Tensor:
+    """[q, kv] bool from a [1,1,q,kv] bool mask or additive float mask (its smallest value, or -inf, forbids)."""
+    rows = mask[0, 0]
+    if rows.dtype == torch.bool:
+        return rows
+    return rows > torch.finfo(rows.dtype).min
+
+
+def blocked_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                   spans: list[Span], scale: float) -> torch.Tensor:
+    """query [1,H,q,d], key/value [1,Hkv,kv,d] (grouped-query heads share a key head, as in repeat_kv);
+    returns [1,q,H,d], the layout the attention's output projection reads."""
+    heads, q_len, dim = query.shape[1:]
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    queries = (query[0] * scale).reshape(kv_heads, groups, q_len, dim)
+    keys_t, values = key[0].transpose(-1, -2), value[0]
+    out = query.new_empty(1, q_len, heads, dim)
+    for span in spans:
+        rows = span.stop - span.start
+        scores = torch.matmul(queries[:, :, span.start:span.stop].reshape(kv_heads, groups * rows, dim),
+                              keys_t[:, :, :span.end]).view(kv_heads, groups, rows, span.end)
+        _mask_block(scores, mask, span)
+        probs = torch.softmax(scores, dim=-1).view(kv_heads, groups * rows, span.end)
+        block_out = torch.matmul(probs, values[:, :span.end]).view(kv_heads, groups, rows, dim)
+        out[0, span.start:span.stop].view(rows, kv_heads, groups, dim).copy_(block_out.permute(2, 0, 1, 3))
+    return out
+
+
+def _mask_block(scores: torch.Tensor, mask: torch.Tensor | None, span: Span) -> None:
+    if span.masked_from >= span.end:
+        return
+    tail = scores[..., span.masked_from:span.end]
+    if mask is None:  # causal: the block's own diagonal square
+        rows = span.stop - span.start
+        tail.masked_fill_(torch.ones(rows, rows, dtype=torch.bool, device=scores.device).triu_(1), float("-inf"))
+    elif mask.dtype == torch.bool:
+        tail.masked_fill_(~mask[0, 0, span.start:span.stop, span.masked_from:span.end], float("-inf"))
+    else:  # additive: a bias such as ToMe's log(size) can sit on any column, so the whole block gets it
+        scores.add_(mask[0, 0, span.start:span.stop, :span.end].to(scores.dtype))
+
+
+def _spans(query, key, mask, causal: bool) -> list[Span] | None:
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if mask is None:
+        if not causal:
+            return [Span(a, min(q_len, a + BLOCK), kv_len, kv_len) for a in range(0, q_len, BLOCK)]
+        return causal_spans(q_len, BLOCK) if kv_len >= q_len else None
+    if mask.dim() != 4 or mask.shape[0] != 1 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (q_len, kv_len):
+        return None
+    cached = mask.__dict__.get(SPANS_ATTRIBUTE)
+    if cached is not None and cached[0] == tensor_version(mask):
+        return cached[1]
+    spans = mask_spans(visible_keys(mask), BLOCK)
+    if spans is not None and mask.dtype != torch.bool:  # a float mask is added over each block's keys
+        spans = [Span(s.start, s.stop, s.end, 0) for s in spans]
+    mask.__dict__[SPANS_ATTRIBUTE] = (tensor_version(mask), spans)
+    return spans
+
+
+def _covered(query, key, dropout: float, kwargs: dict) -> bool:
+    return (query.device.type == "cpu" and query.dtype == torch.bfloat16 and query.shape[0] == 1
+            and query.shape[2] >= MIN_ROWS and query.shape[1] % key.shape[1] == 0 and not dropout
+            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad))
+            and all(kwargs.get(name) is None for name in UNSUPPORTED_KWARGS))
+
+
+def blocked_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, **kwargs):
+    """transformers' attention-function signature; anything not covered goes to its SDPA function as is."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    spans = _spans(query, key, attention_mask, causal) if _covered(query, key, dropout, kwargs) else None
+    if spans is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return blocked_attend(query, key, value, attention_mask, spans, scale), None
+
+
+@functools.cache
+def register() -> str:
+    """Make NAME a transformers attention implementation, with SDPA's mask builder (it takes the same masks)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, blocked_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
+
+
+# ---------------------------------------------------------------- the choice at load
+@dataclass(frozen=True)
+class AttentionChoice:
+    """Which attention the model runs and why: shown in Settings and by bench-speed."""
+
+    blocked: bool
+    reason: str
+
+
+def causal_inputs(heads: int, kv_heads: int, dim: int, tokens: int, dtype: torch.dtype = torch.bfloat16):
+    """Random (q, k, v) of a causal prefill of `tokens` at a model's head shape."""
+    q = torch.randn(1, heads, tokens, dim, dtype=dtype)
+    return (q, *(torch.randn(1, kv_heads, tokens, dim, dtype=dtype) for _ in range(2)))
+
+
+def causal_kernels(heads: int, kv_heads: int, dim: int, tokens: int) -> dict:
+    """The kernels a causal prefill of `tokens` can run at this head shape, name -> f(q, k, v)."""
+    gqa = {"enable_gqa": True} if kv_heads != heads else {}
+    spans = causal_spans(tokens, BLOCK)
+    return {"SDPA": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa),
+            "blocked": lambda q, k, v: blocked_attend(q, k, v, None, spans, dim ** -0.5)}
+
+
+def probe_speedup(heads: int, kv_heads: int, dim: int, tokens: int = PROBE_TOKENS, rounds: int = 5) -> float:
+    """SDPA's causal time over the blocked kernel's at the model's head shape, in bf16."""
+    best = best_seconds(causal_kernels(heads, kv_heads, dim, tokens), causal_inputs(heads, kv_heads, dim, tokens),
+                        rounds)
+    return best["SDPA"] / best["blocked"]
+
+
+def head_shape(config) -> tuple[int, int, int]:
+    heads = config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, getattr(config, "num_key_value_heads", None) or heads, dim
+
+
+def choose_attention(model: torch.nn.Module, dtype: torch.dtype) -> AttentionChoice:
+    """Switch a CPU model from SDPA to the blocked kernel when the probe says it pays; returns why or why not."""
+    config = model.config
+    if dtype != torch.bfloat16:
+        return AttentionChoice(False, f"SDPA (the blocked kernel is for bf16; this model runs {dtype})")
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(config, "num_attention_heads"):
+        return AttentionChoice(False, f"{getattr(config, '_attn_implementation', 'its own')} (the model's; only "
+                                      "SDPA is replaced)")
+    speedup = probe_speedup(*head_shape(config))
+    if speedup < MIN_SPEEDUP:
+        return AttentionChoice(False, f"SDPA: the blocked bf16 kernel is only {speedup:.2f}x as fast on this CPU "
+                                      f"(probe at {PROBE_TOKENS} tokens; {MIN_SPEEDUP}x needed)")
+    model.set_attn_implementation(register())
+    return AttentionChoice(True, f"blocked bf16 matmuls, {speedup:.1f}x faster than SDPA's kernel at {PROBE_TOKENS} "
+                                 f"causal tokens (probe); SDPA below {MIN_ROWS} query rows")
