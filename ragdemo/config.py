@@ -60,6 +60,7 @@ class Settings:
     embedder_id: str = field(default_factory=lambda: _env("RAGDEMO_EMBEDDER", DEFAULT_EMBEDDER))
     device: str = field(default_factory=lambda: _env("RAGDEMO_DEVICE", "auto"))
     dtype: str = field(default_factory=lambda: _env("RAGDEMO_DTYPE", "auto"))
+    attention: str = field(default_factory=lambda: _env("RAGDEMO_ATTENTION", "auto"))  # "auto" (probe) or "sdpa"
     quantize: str | None = field(default_factory=lambda: os.environ.get("RAGDEMO_QUANTIZE") or None)
     chunk_tokens: int = field(default_factory=lambda: int(_env("RAGDEMO_CHUNK_TOKENS", "64")))
     max_new_tokens: int = field(default_factory=lambda: int(_env("RAGDEMO_MAX_NEW_TOKENS", str(DEFAULT_MAX_NEW_TOKENS))))

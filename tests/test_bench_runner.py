@@ -116,6 +116,7 @@ def test_run_on_tiny_model_writes_every_output(tiny_bench, tmp_path):
     assert [r["method"] for r in rows] == labels
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "reference for context value kept and TTFT ratio: **rag**" in md and "ratio of summed gaps" in md
+    assert f"- attention: {tiny_bench.models.lm.attention}\n" in md  # which kernel the numbers ran on
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["meta"]["reference"] == "rag" and len(saved["questions"]) == 3
     # the collection is dropped afterwards; the user's store keeps no benchmark data

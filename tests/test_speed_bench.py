@@ -57,3 +57,22 @@ def test_attention_paths_times_both_paths_and_they_agree(tiny_lm, capsys):
     for row in rows:
         assert row["mask_s"] > 0 and row["kernel_s"] > 0
         assert row["max_abs_diff"] < 1e-4
+
+
+def test_attention_paths_compare_the_blocked_kernel_with_sdpa_and_restore_it(tiny_model_dir, tiny_lm, capsys):
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ragdemo.bench.speed import attention_paths
+    from ragdemo.models.attention import MIN_ROWS, NAME, register
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    model.set_attn_implementation(register())
+    lm = dataclasses.replace(tiny_lm, model=model, dtype=torch.bfloat16)
+    rows = attention_paths(lm, "bfloat16", [MIN_ROWS], layers=2, rounds=1)
+    assert "SDPA's kernel" in capsys.readouterr().out
+    assert rows[0]["sdpa_s"] > 0 and rows[0]["max_abs_diff"] == 0.0  # explicit mask and no mask: the same sums
+    assert 0 < rows[0]["sdpa_rel_diff"] < 0.02
+    assert model.config._attn_implementation == NAME

@@ -78,7 +78,7 @@ def _part(progress, start: float, share: float):
 
 def _ask_fresh(settings, home: Path, question: str, methods: list[str]) -> list[dict]:
     env = {**os.environ, "RAGDEMO_HOME": str(home), "RAGDEMO_MODEL": settings.model_id,
-           "RAGDEMO_DTYPE": settings.dtype, "RAGDEMO_DEVICE": settings.device,
+           "RAGDEMO_DTYPE": settings.dtype, "RAGDEMO_DEVICE": settings.device, "RAGDEMO_ATTENTION": settings.attention,
            "RAGDEMO_MAX_NEW_TOKENS": str(settings.max_new_tokens)}
     command = [sys.executable, "-m", "ragdemo", "ask", question, "--collection", "order", "--methods",
                ",".join(methods), "--json"]

@@ -170,7 +170,7 @@ def run_bench(workbench, dataset: Dataset, specs: list[MethodSpec], reference: s
                 _drop_collection(workbench, collection)
     meta = {"dataset": dataset.name, "description": dataset.description, "reference": reference,
             "closed_book": "closed_book", "model": lm.model_id, "dtype": str(lm.dtype).replace("torch.", ""),
-            "device": str(lm.device), "max_new_tokens": max_new_tokens,
+            "device": str(lm.device), "max_new_tokens": max_new_tokens, "attention": getattr(lm, "attention", ""),
             "methods": [{"label": s.label, "method": s.name, "knobs": s.knobs, "limit": s.limit,
                          "answers": s.answers} for s in specs],
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "seconds": round(time.time() - started, 1),
@@ -389,6 +389,8 @@ def summary_markdown(run: BenchRun) -> str:
              f"- machine: {machine['cores']} cores, {machine['memory']}, torch {machine['torch']} "
              f"({machine['torch_threads']} threads), {machine['platform']}",
              f"- date: {m['date']}, wall time {m['seconds']:.0f} s"]
+    if m.get("attention"):
+        lines.insert(4, f"- attention: {m['attention']}")
     if m.get("command"):
         lines.append(f"- command: `{m['command']}`")
     lines += [f"- reference for context value kept and TTFT ratio: **{m['reference']}**"]

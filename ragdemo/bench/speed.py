@@ -16,6 +16,7 @@ import torch
 from ..config import Settings
 from ..models.lm import _load, converted_default_dir, quiet_transformers
 from ..models.allocator import keep_freed_memory
+from ..models.attention import head_shape
 from ..models.probe import best_seconds
 from ..store import Corpus, Store
 
@@ -106,8 +107,8 @@ def flops_per_token(model, context: int) -> tuple[float, float]:
     lookup is free), plus causal attention scores and values over on average context/2 keys."""
     config = model.config
     params = sum(p.numel() for p in model.parameters()) - config.vocab_size * config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention = 2 * 2 * config.num_hidden_layers * config.num_attention_heads * head_dim * context / 2
+    heads, _, head_dim = head_shape(config)
+    attention = 2 * 2 * config.num_hidden_layers * heads * head_dim * context / 2
     return 2 * params, attention
 
 
@@ -162,7 +163,7 @@ def layer_matmul_peak(model, n: int, dtype: torch.dtype, reps: int = 3) -> float
 def attention_kernel_seconds(lm, n: int) -> dict:
     """One layer's attention alone on n causal tokens at the model's head shape, per kernel it could run
     (SDPA's, and the blocked one of models/attention.py in bf16), one interleaved round."""
-    from ..models.attention import causal_inputs, causal_kernels, head_shape
+    from ..models.attention import causal_inputs, causal_kernels
 
     shape = head_shape(lm.model.config)
     kernels = causal_kernels(*shape, n)
@@ -194,7 +195,7 @@ def bench_prefill(settings: Settings, lengths: list[int], rounds: int = 3) -> li
         converted_default_dir(source_dir)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        lm = _load(model_id, torch.device("cpu"), dtype, {}, source_dir)
+        lm = _load(model_id, torch.device("cpu"), dtype, {}, source_dir, attention=settings.attention or "auto")
         peak, best = 0.0, {n: float("inf") for n in lengths}
         shaped, kernel = {n: 0.0 for n in lengths}, {n: {} for n in lengths}
         with torch.inference_mode():
@@ -270,10 +271,13 @@ def attention_paths(lm, dtype_name: str, lengths: list[int], layers: int = 4, ro
                     f"{1000 * best['explicit mask']:7.1f} ms, causal kernel {1000 * best['causal kernel']:7.1f} ms "
                     f"({speedup:.2f}x; the engine uses the causal kernel); max |difference| {diff:.1e}")
             if "SDPA" in paths:
-                sdpa_diff = float((out["SDPA"].float() - out["causal kernel"].float()).abs().max())
-                rows[-1].update(sdpa_s=best["SDPA"], sdpa_max_abs_diff=sdpa_diff)
+                sdpa = out["SDPA"].float()
+                sdpa_diff = float((sdpa - out["causal kernel"].float()).abs().max())
+                relative = sdpa_diff / float(sdpa.abs().max())  # the residual stream holds values in the hundreds
+                rows[-1].update(sdpa_s=best["SDPA"], sdpa_max_abs_diff=sdpa_diff, sdpa_rel_diff=relative)
                 line += (f"; SDPA's kernel {1000 * best['SDPA']:7.1f} ms, {best['SDPA'] / best['causal kernel']:.2f}x "
-                         f"the blocked one's time, max |difference| {sdpa_diff:.1e}")
+                         f"the blocked one's time, max |difference| {sdpa_diff:.1e} = {relative:.1e} of the largest "
+                         f"|state|")
             _say(line)
     return rows
 

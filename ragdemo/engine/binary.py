@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..models.attention import head_shape
+
 MAGIC = b"BTR1"
 FLOAT_BITS = 16
 SUPPORTED_BITS = (1, 2, 4, 8, FLOAT_BITS)
@@ -138,9 +140,7 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def fp16_kv_bytes_per_token(config) -> int:
     """What one token costs in an fp16 KV cache of every layer: the baseline BTR's storage is compared to."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    _, kv_heads, head_dim = head_shape(config)
     return config.num_hidden_layers * 2 * kv_heads * head_dim * 2
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from ..models.attention import sdpa_for_training
 from ..models.packed import PackedLinear, is_linear, packed_weight, share_pack
 from .layers import CAUSAL, embed, logits, positions, run_layers
 from .memo import BoundedCache
@@ -110,6 +111,7 @@ def train_adapter(lm, loss_of_step, knobs: LoraKnobs, progress=None, layers: lis
     torch.manual_seed(0)
     started, losses = time.perf_counter(), []
     student = private_lm(lm)
+    sdpa_for_training(student.model)
     with trainable_lora(student, r=knobs.lora_r, alpha=2 * knobs.lora_r, layers=layers) as peft_model:
         trainable = [p for p in peft_model.parameters() if p.requires_grad] + list(extra)
         optimizer = torch.optim.AdamW(trainable, lr=knobs.lora_lr, weight_decay=0.0)

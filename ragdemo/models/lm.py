@@ -17,7 +17,7 @@ from ..config import DEFAULT_MODEL, Settings
 from ..errors import ModelUnavailable
 from .lock import ModelLock
 from .allocator import keep_freed_memory
-from .attention import choose_attention
+from .attention import ATTENTION_CHOICES, choose_attention
 from .packed import onednn_available, pack_model, packed_linear
 
 log = logging.getLogger(__name__)
@@ -412,7 +412,9 @@ def load_lm(settings: Settings | None = None, model_id: str | None = None) -> LM
     model_id = model_id or settings.model_id
     device = pick_device(settings.device)
     quant_kwargs = _quantization_kwargs(settings.quantize, device)
-    key = (model_id, str(device), settings.dtype or "auto", settings.quantize)
+    if (settings.attention or "auto") not in ATTENTION_CHOICES:
+        raise ModelUnavailable(f"unknown attention '{settings.attention}': use {' or '.join(ATTENTION_CHOICES)}")
+    key = (model_id, str(device), settings.dtype or "auto", settings.quantize, settings.attention or "auto")
     with _LOAD_LOCK:
         if key not in _LOADED:
             reason = ""
@@ -424,7 +426,8 @@ def load_lm(settings: Settings | None = None, model_id: str | None = None) -> LM
                 reason = f"{str(dtype).replace('torch.', '')}: " + (
                     "asked for" if settings.dtype not in (None, "", "auto") else f"the default on {device.type}")
             _LOADED[key] = _load(model_id, device, dtype, quant_kwargs, settings.cache_dir,
-                                 quantize=settings.quantize, dtype_reason=reason)
+                                 quantize=settings.quantize, dtype_reason=reason,
+                                 attention=settings.attention or "auto")
         return _LOADED[key]
 
 
@@ -437,7 +440,7 @@ def quiet_transformers() -> None:
 
 
 def _load(model_id: str, device: torch.device, dtype: torch.dtype, quant_kwargs: dict, cache_dir: Path,
-          quantize: str | None = None, dtype_reason: str = "") -> LM:
+          quantize: str | None = None, dtype_reason: str = "", attention: str = "auto") -> LM:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
@@ -468,7 +471,7 @@ def _load(model_id: str, device: torch.device, dtype: torch.dtype, quant_kwargs:
     full_precision_cpu = device.type == "cpu" and not quant_kwargs
     packing = (pack_model(model, dtype).reason if full_precision_cpu
                else "weights not packed: packing is for full-precision models on the CPU")
-    attention = (choose_attention(model, dtype).reason if full_precision_cpu
+    attention = (choose_attention(model, dtype, attention).reason if full_precision_cpu
                  else f"{model.config._attn_implementation} (the blocked kernel is for full-precision CPU models)")
     return LM(model, tokenizer, label, device, dtype, load_s=time.perf_counter() - start,
               quantize=quantize, dtype_reason=dtype_reason, packing=packing, attention=attention)

@@ -65,6 +65,14 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
 
 
+def activation_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T where `weight` is an activation (attention's keys), so nothing is packed: oneDNN's kernel
+    where this torch has it (fp32 through F.linear is MKL's, several times slower on AMD CPUs)."""
+    if not onednn_available() or x.device.type != "cpu":
+        return F.linear(x, weight)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear through the packed weight where it can be (a CPU tensor of the weight's dtype, nothing to
     record for autograd, a torch with oneDNN); `weight` must be a long-lived tensor, since its pack lives on it."""
