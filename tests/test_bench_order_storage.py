@@ -58,5 +58,5 @@ def test_readme_quotes_the_measured_storage_and_order_tables_from_their_result_f
     readme = (root / "README.md").read_text()
     for table in ("assets/results/storage/storage_summary.md", "assets/results/order/order_summary.md",
                   "assets/results/speed/speed.txt", "assets/results/speed_amd/speed.txt",
-                  "assets/results/speed_amd_packed/speed.txt"):
+                  "assets/results/speed_amd_packed/speed.txt", "assets/results/speed_amd_attention/speed.txt"):
         assert (root / table).read_text().strip() in readme, table

@@ -173,10 +173,11 @@ def attention_kernel_seconds(lm, n: int) -> dict:
         return best_seconds(kernels, causal_inputs(*shape, n, lm.dtype), rounds=1, reps=1)
 
 
-def model_attention_kernel(lm) -> str:
-    from ..models.attention import NAME
+def model_attention_kernel(lm, rows: int) -> str:
+    """The kernel the model's causal prefill of `rows` tokens runs: the blocked one hands short ones to SDPA."""
+    from ..models.attention import MIN_ROWS, NAME
 
-    return "blocked" if lm.model.config._attn_implementation == NAME else "SDPA"
+    return "blocked" if lm.model.config._attn_implementation == NAME and rows >= MIN_ROWS else "SDPA"
 
 
 def share_of_peak(achieved: float, peak: float) -> str:
@@ -212,11 +213,11 @@ def bench_prefill(settings: Settings, lengths: list[int], rounds: int = 3) -> li
                     best[n] = min(best[n], time.perf_counter() - started)
         name = str(dtype).replace("torch.", "")
         _say(f"prefill {name:>8}: {lm.packing}; attention: {lm.attention}")
-        used = model_attention_kernel(lm)
         attention_paths(lm, name, lengths, rounds=rounds)
         for n in lengths:
             matmul, attention = flops_per_token(lm.model, n)
             achieved = (matmul + attention) * n / best[n] / 1e9
+            used = model_attention_kernel(lm, n)
             attention_time = kernel[n][used] * lm.n_layers / best[n]
             rows.append({"dtype": name, "tokens": n, "seconds": best[n], "gflops": achieved, "peak": peak,
                          "layer_peak": shaped[n], "attention_share": attention / (matmul + attention),
@@ -251,7 +252,7 @@ def attention_paths(lm, dtype_name: str, lengths: list[int], layers: int = 4, ro
             hidden = embed(lm, torch.randint(100, 1000, (1, n)))
             pos = positions(0, n, lm.device)
             paths = {"explicit mask": (used, causal_mask(n, n, lm.device)), "causal kernel": (used, None)}
-            if used != "sdpa":
+            if model_attention_kernel(lm, n) != "SDPA":
                 paths["SDPA"] = ("sdpa", None)
             best, out = {name: float("inf") for name in paths}, {}
             try:

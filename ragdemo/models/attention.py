@@ -27,7 +27,8 @@ from .probe import best_seconds
 NAME = "ragdemo_blocked"  # the name it is registered under in transformers' AttentionInterface
 BLOCK = 128  # query rows per block: 64-256 measured within 10% of each other at 1k-4k tokens, 128 best
 MIN_ROWS = 384  # fewer query rows stay on SDPA: below ~300 the per-block, per-head calls cost more than they save
-MIN_SPEEDUP = 1.2  # the probe must find the blocked kernel this much faster, or the model keeps SDPA
+MIN_SPEEDUP = 1.1  # the probe must find the blocked kernel this much faster, or the model keeps SDPA (it read
+# 1.19-1.3x at 1k tokens here across loads: a 1.2 bar flipped between loads of the same model)
 PROBE_TOKENS = 1024
 ATTENTION_CHOICES = ("auto", "sdpa")  # RAGDEMO_ATTENTION: probe at load, or keep SDPA
 UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks", "cache")
