@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .packed import activation_linear, tensor_version
+from .packed import activation_linear, cached_on
 from .probe import best_seconds
 
 NAME = "ragdemo_blocked"  # the name it is registered under in transformers' AttentionInterface
@@ -132,13 +132,13 @@ def _spans(query, key, mask, causal: bool) -> list[Span] | None:
         return causal_spans(q_len, BLOCK) if kv_len >= q_len else None
     if mask.dim() != 4 or mask.shape[0] != 1 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (q_len, kv_len):
         return None
-    cached = mask.__dict__.get(SPANS_ATTRIBUTE)
-    if cached is not None and cached[0] == tensor_version(mask):
-        return cached[1]
+    return cached_on(mask, SPANS_ATTRIBUTE, lambda: _mask_spans(mask))
+
+
+def _mask_spans(mask: torch.Tensor) -> list[Span] | None:
     spans = mask_spans(visible_keys(mask), BLOCK)
     if spans is not None and mask.dtype != torch.bool:  # a float mask is added over each block's keys
         spans = [Span(s.start, s.stop, s.end, 0) for s in spans]
-    mask.__dict__[SPANS_ATTRIBUTE] = (tensor_version(mask), spans)
     return spans
 
 

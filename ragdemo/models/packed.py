@@ -37,14 +37,23 @@ def onednn_available() -> bool:
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     """The weight in oneDNN's layout, made once per Parameter and again only after an in-place write."""
-    version = tensor_version(weight)
-    cached = weight.__dict__.get(PACK_ATTRIBUTE)
+    def pack():
+        with torch.no_grad():
+            return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+    return cached_on(weight, PACK_ATTRIBUTE, pack)
+
+
+def cached_on(tensor: torch.Tensor, attribute: str, make):
+    """`make()`, kept on `tensor` itself under `attribute` with the tensor's version: it lives and dies with the
+    tensor, and an in-place write to the tensor makes it again instead of serving a stale value."""
+    version = tensor_version(tensor)
+    cached = tensor.__dict__.get(attribute)
     if cached is not None and cached[0] == version:
         return cached[1]
-    with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-    weight.__dict__[PACK_ATTRIBUTE] = (version, packed)
-    return packed
+    value = make()
+    tensor.__dict__[attribute] = (version, value)
+    return value
 
 
 def tensor_version(tensor: torch.Tensor) -> int:
