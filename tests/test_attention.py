@@ -167,19 +167,14 @@ def test_a_model_switched_to_it_gives_sdpa_logits_with_and_without_a_cache(tiny_
         assert float((got.argmax(-1) == expected.argmax(-1)).float().mean()) > 0.95
 
 
-def test_the_choice_follows_the_probe_and_the_dtype(tiny_model_dir, monkeypatch):
+def test_the_choice_follows_the_cpu_flags_and_the_dtype(tiny_model_dir):
     model = bf16_model(tiny_model_dir)
-    monkeypatch.setattr(attention, "probe_speedup", lambda *shape: 1.05)
-    choice = choose_attention(model, torch.bfloat16)
-    assert not choice.blocked and "1.05x" in choice.reason and model.config._attn_implementation == "sdpa"
-    assert not choose_attention(model, torch.float32).blocked
-    monkeypatch.setattr(attention, "probe_speedup", lambda *shape: 2.4)
-    choice = choose_attention(model, torch.bfloat16)
-    assert choice.blocked and "2.4x" in choice.reason and model.config._attn_implementation == NAME
-
-
-def test_the_probe_measures_both_kernels():
-    assert attention.probe_speedup(4, 2, 16, tokens=MIN_ROWS, rounds=1) > 0
+    for flags, reason in [(("avx512_bf16", "amx_bf16"), "AMX"), ((), "no native bf16"), (("bf16",), "bf16")]:
+        choice = choose_attention(model, torch.bfloat16, "auto", flags)
+        assert not choice.blocked and reason in choice.reason and model.config._attn_implementation == "sdpa"
+    assert not choose_attention(model, torch.float32, "auto", ("avx512_bf16",)).blocked
+    choice = choose_attention(model, torch.bfloat16, "auto", ("avx512_bf16",))
+    assert choice.blocked and "no AMX" in choice.reason and model.config._attn_implementation == NAME
 
 
 def test_the_engine_takes_the_no_mask_path_for_it_as_for_sdpa(tiny_lm):
@@ -201,14 +196,15 @@ def test_the_loaded_lm_says_which_attention_runs_and_settings_shows_it(tiny_benc
     assert f"Attention: {lm.attention}" in model_status(tiny_bench)
 
 
-def test_sdpa_can_be_asked_for_and_a_wrong_value_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+def test_either_kernel_can_be_asked_for_and_a_wrong_value_is_refused(tiny_model_dir, tmp_path):
     from tests.conftest import make_settings
     from ragdemo.models.lm import ModelUnavailable, load_lm
 
     model = bf16_model(tiny_model_dir)
-    monkeypatch.setattr(attention, "probe_speedup", lambda *shape: 2.4)
-    choice = choose_attention(model, torch.bfloat16, "sdpa")
+    choice = choose_attention(model, torch.bfloat16, "sdpa", ("avx512_bf16",))
     assert not choice.blocked and "asked for" in choice.reason and model.config._attn_implementation == "sdpa"
+    choice = choose_attention(model, torch.bfloat16, "blocked", ("avx512_bf16", "amx_bf16"))
+    assert choice.blocked and "asked for" in choice.reason and model.config._attn_implementation == NAME
     with pytest.raises(ModelUnavailable, match="unknown attention"):
         load_lm(make_settings(tmp_path, tiny_model_dir, attention="flash"))
 

@@ -9,8 +9,8 @@ over half the work of a full one), masks, takes the softmax and multiplies by th
 Scores stay in fp32 and only the probabilities are rounded to bf16, as in SDPA's kernel, so the result is as
 close to exact attention as SDPA's. Rounding the scores to bf16 too (transformers' eager numerics) was 1.5x
 faster again but doubled the error in the deep layers and cost LLoCO's distilled LoRA 2 points of value kept
-on 100 SQuAD questions; see blocked_attend. A probe at load keeps SDPA wherever this is not clearly faster
-(fp32, CPUs with AMX, GPUs), and every case the kernel does not cover (few query rows, batches, autograd,
+on 100 SQuAD questions; see blocked_attend. The CPU's flags decide at load (choose_attention): SDPA stays for
+fp32, CPUs with AMX and GPUs, and every case the kernel does not cover (few query rows, batches, autograd,
 biases or sinks, a row with no visible key) is handed to SDPA unchanged.
 """
 from __future__ import annotations
@@ -22,15 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from .packed import activation_linear, cached_on
-from .probe import best_seconds
 
 NAME = "ragdemo_blocked"  # the name it is registered under in transformers' AttentionInterface
 BLOCK = 128  # query rows per block: 64-256 measured within 10% of each other at 1k-4k tokens, 128 best
 MIN_ROWS = 384  # fewer query rows stay on SDPA: below ~300 the per-block, per-head calls cost more than they save
-MIN_SPEEDUP = 1.1  # the probe must find the blocked kernel this much faster, or the model keeps SDPA (it read
-# 1.19-1.3x at 1k tokens here across loads: a 1.2 bar flipped between loads of the same model)
-PROBE_TOKENS = 1024
-ATTENTION_CHOICES = ("auto", "sdpa")  # RAGDEMO_ATTENTION: probe at load, or keep SDPA
+ATTENTION_CHOICES = ("auto", "sdpa", "blocked")  # RAGDEMO_ATTENTION: the CPU's flags decide, or as asked
 UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks", "cache")
 SPANS_ATTRIBUTE = "_ragdemo_spans"  # on a mask tensor: (its version, its spans), since every layer gets the same mask
 
@@ -208,13 +204,6 @@ def causal_kernels(heads: int, kv_heads: int, dim: int, tokens: int) -> dict:
             "blocked": lambda q, k, v: blocked_attend(q, k, v, None, spans, dim ** -0.5)}
 
 
-def probe_speedup(heads: int, kv_heads: int, dim: int, tokens: int = PROBE_TOKENS, rounds: int = 5) -> float:
-    """SDPA's causal time over the blocked kernel's at the model's head shape, in bf16."""
-    best = best_seconds(causal_kernels(heads, kv_heads, dim, tokens), causal_inputs(heads, kv_heads, dim, tokens),
-                        rounds)
-    return best["SDPA"] / best["blocked"]
-
-
 def head_shape(config) -> tuple[int, int, int]:
     """(query heads, key/value heads, head size) of a transformers decoder config."""
     heads = config.num_attention_heads
@@ -222,12 +211,15 @@ def head_shape(config) -> tuple[int, int, int]:
     return heads, getattr(config, "num_key_value_heads", None) or heads, dim
 
 
-def choose_attention(model: torch.nn.Module, dtype: torch.dtype, requested: str = "auto") -> AttentionChoice:
-    """Switch a CPU model from SDPA to the blocked kernel when the probe says it pays; returns why or why not.
-    `requested` "sdpa" (RAGDEMO_ATTENTION) keeps SDPA without probing: to compare the two on the same run."""
+def choose_attention(model: torch.nn.Module, dtype: torch.dtype, requested: str = "auto",
+                     bf16_flags: tuple[str, ...] = ()) -> AttentionChoice:
+    """Which kernel a CPU model runs, from what the CPU supports (its native-bf16 flags), never from a timing
+    at load: a probe at 1k tokens read 1.00x to 1.7x across loads of the same model on the same idle machine
+    (app start-up runs beside it), so it would flip the choice. `bench-speed` measures both kernels every run.
+    `requested` (RAGDEMO_ATTENTION) "sdpa" or "blocked" overrides the rule."""
     config = model.config
     if requested not in ATTENTION_CHOICES:
-        raise ValueError(f"RAGDEMO_ATTENTION must be 'auto' or 'sdpa', not {requested!r}")
+        raise ValueError(f"RAGDEMO_ATTENTION must be one of {ATTENTION_CHOICES}, not {requested!r}")
     if requested == "sdpa":
         return AttentionChoice(False, "SDPA: asked for (RAGDEMO_ATTENTION=sdpa)")
     if dtype != torch.bfloat16:
@@ -235,10 +227,12 @@ def choose_attention(model: torch.nn.Module, dtype: torch.dtype, requested: str 
     if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(config, "num_attention_heads"):
         return AttentionChoice(False, f"{getattr(config, '_attn_implementation', 'its own')} (the model's; only "
                                       "SDPA is replaced)")
-    speedup = probe_speedup(*head_shape(config))
-    if speedup < MIN_SPEEDUP:
-        return AttentionChoice(False, f"SDPA: the blocked bf16 kernel is only {speedup:.2f}x as fast on this CPU "
-                                      f"(probe at {PROBE_TOKENS} tokens; {MIN_SPEEDUP}x needed)")
+    if requested == "auto" and "amx_bf16" in bf16_flags:
+        return AttentionChoice(False, "SDPA: this CPU has AMX, where SDPA's fused kernel runs bf16 natively")
+    if requested == "auto" and "avx512_bf16" not in bf16_flags:
+        return AttentionChoice(False, "SDPA: the blocked kernel was measured on x86 AVX512-BF16 without AMX only "
+                                      f"(this CPU reports {', '.join(bf16_flags) or 'no native bf16'})")
     model.set_attn_implementation(register())
-    return AttentionChoice(True, f"blocked (fp32 scores, bf16 values), {speedup:.1f}x faster than SDPA's kernel at {PROBE_TOKENS} "
-                                 f"causal tokens (probe); SDPA below {MIN_ROWS} query rows")
+    why = "asked for (RAGDEMO_ATTENTION=blocked)" if requested == "blocked" else (
+        "this CPU has AVX512-BF16 but no AMX, where SDPA's kernel runs bf16 at fp32 speed")
+    return AttentionChoice(True, f"blocked (fp32 scores, bf16 values) from {MIN_ROWS} query rows, SDPA below: {why}")

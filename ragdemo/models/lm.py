@@ -471,7 +471,7 @@ def _load(model_id: str, device: torch.device, dtype: torch.dtype, quant_kwargs:
     full_precision_cpu = device.type == "cpu" and not quant_kwargs
     packing = (pack_model(model, dtype).reason if full_precision_cpu
                else "weights not packed: packing is for full-precision models on the CPU")
-    attention = (choose_attention(model, dtype, attention).reason if full_precision_cpu
+    attention = (choose_attention(model, dtype, attention, cpu_bf16_flags()).reason if full_precision_cpu
                  else f"{model.config._attn_implementation} (the blocked kernel is for full-precision CPU models)")
     return LM(model, tokenizer, label, device, dtype, load_s=time.perf_counter() - start,
               quantize=quantize, dtype_reason=dtype_reason, packing=packing, attention=attention)
