@@ -19,12 +19,15 @@ def test_speed_bench_quick_measures_every_method_honestly(tiny_bench, capsys, mo
     text = capsys.readouterr().out
 
     assert len(out["prefill"]) == 2 and all(r["seconds"] > 0 and r["peak"] > 0 for r in out["prefill"])
-    prefill_lines = [line for line in text.splitlines() if line.startswith("prefill")]
+    prefill_lines = [line for line in text.splitlines() if re.match(r"prefill +\w+ +\d+ tokens", line)]
     shares = [int(m) for m in re.findall(r"(\d+)% of this run's matmul peak", "\n".join(prefill_lines))]
     assert len(prefill_lines) == 2 and len(shares) + "".join(prefill_lines).count("no share shown") == 2
     assert all(0 < share <= 100 for share in shares)
     shaped = [line for line in text.splitlines() if "the model's own projections" in line]
     assert len(shaped) == 2 and all(r["layer_peak"] > 0 for r in out["prefill"])  # the model-shaped probe too
+    assert all(r["peak"] >= r["layer_peak"] for r in out["prefill"])  # the peak is the best of every probe
+    assert all(int(m) <= 100 for m in re.findall(r"(\d+)% of the peak", "\n".join(shaped)))
+    assert sum("matmul peak" in line and "the best of the square" in line for line in text.splitlines()) == 2
 
     rows = out["methods"]
     assert [r.method for r in rows] == ["rag", "btr", "btr", "btr", "btr", "lloco", "lloco"]
