@@ -79,3 +79,13 @@ def test_attention_paths_compare_the_blocked_kernel_with_sdpa_and_restore_it(tin
     assert rows[0]["sdpa_s"] > 0 and rows[0]["max_abs_diff"] == 0.0  # explicit mask and no mask: the same sums
     assert 0 < rows[0]["sdpa_rel_diff"] < 0.02
     assert model.config._attn_implementation == NAME
+
+
+def test_every_configuration_answers_first_in_turn():
+    """bench-speed rotates the order per question, so no configuration always pays for a cold first retrieval."""
+    from ragdemo.bench.speed import rotated
+
+    rows = ["rag", "btr", "lloco"]
+    orders = [rotated(rows, i) for i in range(6)]
+    assert [order[0] for order in orders] == ["rag", "btr", "lloco", "rag", "btr", "lloco"]
+    assert all(sorted(order) == sorted(rows) for order in orders)
