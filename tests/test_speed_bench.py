@@ -89,3 +89,12 @@ def test_every_configuration_answers_first_in_turn():
     orders = [rotated(rows, i) for i in range(6)]
     assert [order[0] for order in orders] == ["rag", "btr", "lloco", "rag", "btr", "lloco"]
     assert all(sorted(order) == sorted(rows) for order in orders)
+
+
+def test_no_share_above_100_percent_is_printed():
+    from ragdemo.bench.speed import share_of_peak, share_of_time
+
+    assert share_of_time(0.25) == "25% of this prefill's time"
+    assert "%" not in share_of_time(1.2) and "no share" in share_of_time(1.2)
+    assert share_of_peak(50.0, 100.0).strip().startswith("50%")
+    assert "%" not in share_of_peak(120.0, 100.0)

@@ -190,6 +190,14 @@ def share_of_peak(achieved: float, peak: float) -> str:
     return f"{achieved / peak:4.0%} of this run's matmul peak {peak:.1f} GFLOP/s"
 
 
+def share_of_time(share: float) -> str:
+    """Attention's share of a prefill's time, from two timings taken apart; above 1 they disagree (load came
+    and went between them), so no share is shown rather than one above 100%."""
+    if share > 1:
+        return "longer than this whole prefill (the two timings disagree: noise), so no share"
+    return f"{share:.0%} of this prefill's time"
+
+
 def bench_prefill(settings: Settings, lengths: list[int], rounds: int = 3) -> list[dict]:
     """Prefill throughput of the model in fp32 and bf16 against the matmul peak measured in between: the peak and
     each prefill are the best of `rounds` interleaved probes, so load that comes and goes hits both alike. The
@@ -244,7 +252,7 @@ def bench_prefill(settings: Settings, lengths: list[int], rounds: int = 3) -> li
             other = "" if used == "SDPA" else f" (SDPA's causal kernel: {rows[-1]['sdpa_attention_gflops']:.1f})"
             _say(f"  attention alone (the model's {used} kernel, causal, one layer, best of {rounds}): "
                  f"{rows[-1]['attention_gflops']:.1f} GFLOP/s{other}, so {lm.n_layers} layers of it take "
-                 f"{attention_time:.0%} of this prefill's time for {rows[-1]['attention_share']:.0%} of its FLOPs")
+                 f"{share_of_time(attention_time)} for {rows[-1]['attention_share']:.0%} of its FLOPs")
     return rows
 
 
