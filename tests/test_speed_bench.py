@@ -98,3 +98,19 @@ def test_no_share_above_100_percent_is_printed():
     assert "%" not in share_of_time(1.2) and "no share" in share_of_time(1.2)
     assert share_of_peak(50.0, 100.0).strip().startswith("50%")
     assert "%" not in share_of_peak(120.0, 100.0)
+
+
+def test_lloco_ceiling_is_the_timed_question_floor_and_btr_the_token_layers():
+    """LLoCO's ceiling is RAG's prefill over the question's prefill alone (timed), not its token count; BTR's is
+    RAG's token-layers over its own."""
+    from types import SimpleNamespace
+
+    from ragdemo.bench.speed import Row, ceiling
+
+    def row(method, prefill_s, processed):
+        return Row(method, method, {}, results=[(SimpleNamespace(processed_tokens=processed), prefill_s, 0.0)])
+
+    rag, btr, lloco = row("rag", 0.150, 350), row("btr", 0.090, 175), row("lloco", 0.045, 23)
+    assert ceiling(lloco, rag, question_floor_s=0.037) == pytest.approx(0.150 / 0.037)
+    assert ceiling(btr, rag, question_floor_s=0.037) == pytest.approx(2.0)
+    assert ceiling(rag, rag, question_floor_s=0.037) == pytest.approx(1.0)
