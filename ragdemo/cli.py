@@ -139,15 +139,17 @@ def cmd_list(bench, args) -> int:
     name = args.collection or bench.settings.default_collection
     if name not in {c["name"] for c in bench.store.collections()}:
         raise UserError(f"no collection named {name!r} (see 'python -m ragdemo collections')")
-    docs = bench.documents(name)
+    docs, shared = bench.documents(name), bench.shared_storage(name)
     if args.json:
-        print(json.dumps(docs, indent=1))
+        print(json.dumps({"documents": docs, "shared_storage": shared}, indent=1))
         return 0
     if not docs:
         print(f"collection {args.collection or bench.settings.default_collection!r} is empty")
     for d in docs:
         storage = ", ".join(f"{m} {b} B" for m, b in d["storage"].items()) or "no method artifacts"
         print(f"{d['id']:>5}  {d['name']}  {d['n_tokens']} tokens  {d['n_chunks']} chunks  {d['size']} bytes  [{storage}]")
+    if shared:
+        print(f"{'':>5}  shared by every document: " + ", ".join(f"{m} {b} B" for m, b in shared.items()))
     return 0
 
 

@@ -136,6 +136,12 @@ class Workbench:
             doc["storage"] = {m: b for (d, m), b in per_method.items() if d == doc["id"]}
         return docs
 
+    def shared_storage(self, collection: str | None = None) -> dict[str, int]:
+        """Bytes each method keeps for the whole collection rather than per document (BTR's decoder, a LoRA
+        adapter, an offline-merged codebook): the documents table's last row."""
+        corpus = self._existing_corpus(collection)
+        return self.store.artifact_bytes_shared(corpus.collection_id) if corpus is not None else {}
+
     def delete(self, ref: str, collection: str | None = None) -> dict:
         corpus = self.corpus(collection, create=False)
         doc = self.store.delete_document(corpus.collection_id, ref)

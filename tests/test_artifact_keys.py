@@ -100,6 +100,7 @@ def test_btr_storage_counts_one_decoder_and_deleting_reclaims(tiny_bench):
     assert store.artifact_bytes(corpus.collection_id)["btr"] == both.total  # nothing superseded left behind
     per_doc = store.artifact_bytes_by_document(corpus.collection_id)
     assert sum(b for (_, m), b in per_doc.items() if m == "btr") == both.chunk_bytes
+    assert tiny_bench.shared_storage()["btr"] == sum(both.shared.values())  # the Library's last row: the decoder
     assert both.chunk_bytes > alone.chunk_bytes and both.total < 2 * alone.total + both.chunk_bytes
     store.delete_document(corpus.collection_id, "t.txt")
     assert store.artifact_bytes(corpus.collection_id).get("btr", 0) < both.total
@@ -180,6 +181,7 @@ def test_lloco_library_bytes_agree_with_the_account(tiny_bench):
     assert store.artifact_bytes(corpus.collection_id)["lloco"] == account.total
     per_doc = store.artifact_bytes_by_document(corpus.collection_id)
     assert sum(b for (_, m), b in per_doc.items() if m == "lloco") == account.chunk_bytes
+    assert tiny_bench.shared_storage()["lloco"] == account.shared["adapter"]  # the Library's last row
     result = lloco.answer(QUESTION, corpus, params)
     assert result.bytes_per_token == pytest.approx(account.bytes_per_token, rel=1e-3)
     store.delete_document(corpus.collection_id, "t.txt")  # the adapter was trained on it: dropped

@@ -22,6 +22,9 @@ def test_cli_contract(tmp_path, tiny_model_dir, docs_dir):
     assert out.stdout.count("added:") == 2
     listing = run(["list", "--collection", "demo"], home, tiny_model_dir).stdout
     assert "eiffel.txt" in listing and "bananas.md" in listing
+    listed = json.loads(run(["list", "--collection", "demo", "--json"], home, tiny_model_dir).stdout)
+    assert sorted(d["name"] for d in listed["documents"]) == ["bananas.md", "eiffel.txt"]
+    assert listed["shared_storage"] == {}  # BTR skips the tiny model at its default split and no adapter is trained
     asked = run(["ask", "When was the tower completed?", "--collection", "demo", "--methods",
                  "closed_book,full_context,rag", "--json"], home, tiny_model_dir)
     results = json.loads(asked.stdout)  # stdout is the JSON array and nothing else

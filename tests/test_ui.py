@@ -13,7 +13,7 @@ from ragdemo.ui import build_app
 from ragdemo.ui import ask, library, settings
 from ragdemo.ui.common import Jobs
 from ragdemo.ui.knobs import KnobSet, knob_defaults
-from ragdemo.ui.render import (Card, comparison_figure, document_table, esc, fmt_bytes, gold_verdict, highlight_match,
+from ragdemo.ui.render import (SHARED_ROW, Card, comparison_figure, document_table, esc, fmt_bytes, gold_verdict, highlight_match,
                                method_colour, one_liner, render_cards,
                                render_model_sees, render_sources)
 
@@ -124,6 +124,11 @@ def test_chart_and_tables():
     headers, rows = document_table([{"id": 1, "name": "a.txt", "n_tokens": 10, "n_chunks": 1, "size": 1, "storage": {}}],
                                    ["lloco"])
     assert headers[-1] == "lloco storage" and rows[0][-1] == "0 B"  # preparable methods always get a column
+    doc = {"id": 1, "name": "a.txt", "n_tokens": 10, "n_chunks": 1, "size": 1, "storage": {"btr": 4000}}
+    headers, rows = document_table([doc], ["btr", "lloco"], shared={"btr": 1_300_000, "lloco": 0, "cacheblend": 0})
+    assert headers[5:] == ["btr storage", "lloco storage"] and len(rows) == 2  # no column for nothing kept
+    assert rows[1][1] == SHARED_ROW and rows[1][5:] == ["1.3 MB", "0 B"]  # the collection's decoder, its own row
+    assert len(document_table([doc], ["btr"], shared={})[1]) == 1 and document_table([], ["btr"], {"btr": 5})[1] == []
     assert fmt_bytes(0) == "0 B" and fmt_bytes(2_500_000) == "2.5 MB"
 
 

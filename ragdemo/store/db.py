@@ -500,17 +500,23 @@ class Store:
 
     def artifact_bytes(self, collection_id: int) -> dict[str, int]:
         """Everything each method keeps for the collection (per-chunk and collection-level), whatever the knobs."""
-        total: dict[str, int] = {}
-        for row in self.artifact_usage(collection_id):
-            total[row["method"]] = total.get(row["method"], 0) + int(row["nbytes"])
-        return total
+        return self._summed_usage(collection_id, lambda row: row["method"])
 
     def artifact_bytes_by_document(self, collection_id: int) -> dict[tuple[int, str], int]:
         """Per-chunk artifact bytes per (document, method); collection-level parts belong to no document."""
-        total: dict[tuple[int, str], int] = {}
+        return self._summed_usage(collection_id, lambda row: (row["doc_id"], row["method"]) if row["doc_id"] is not None
+                                  else None)
+
+    def artifact_bytes_shared(self, collection_id: int) -> dict[str, int]:
+        """Collection-level artifact bytes per method (decoders, codebooks, adapters): what every document shares."""
+        return self._summed_usage(collection_id, lambda row: row["method"] if row["doc_id"] is None else None)
+
+    def _summed_usage(self, collection_id: int, key_of) -> dict:
+        """artifact_usage's bytes summed by `key_of(row)`; rows it maps to None are left out."""
+        total: dict = {}
         for row in self.artifact_usage(collection_id):
-            if row["doc_id"] is not None:
-                key = (row["doc_id"], row["method"])
+            key = key_of(row)
+            if key is not None:
                 total[key] = total.get(key, 0) + int(row["nbytes"])
         return total
 

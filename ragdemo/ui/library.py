@@ -75,7 +75,7 @@ def _with_status(status: str, n_outputs: int):
 
 def documents_frame(workbench: Workbench, collection: str) -> pd.DataFrame:
     preparable = [name for name, cls in registry().items() if cls.has_prepare]
-    headers, rows = document_table(workbench.documents(collection), preparable)
+    headers, rows = document_table(workbench.documents(collection), preparable, workbench.shared_storage(collection))
     return pd.DataFrame(rows, columns=headers)
 
 

@@ -497,11 +497,19 @@ def _knob_text(params) -> str:
 HISTORY_HEADERS = ["time", "question", "method", "knobs", "model", "answer", "prompt tokens", "TTFT", "total", "storage read"]
 
 
-def document_table(docs: list[dict], methods: list[str] = ()) -> tuple[list[str], list[list]]:
+SHARED_ROW = "shared by every document (decoders, codebooks, adapters)"
+
+
+def document_table(docs: list[dict], methods: list[str] = (), shared: dict[str, int] | None = None
+                   ) -> tuple[list[str], list[list]]:
     """Headers and rows: one storage column per method in `methods` (those with offline artifacts) and per
-    method that has cached artifacts for any document."""
-    methods = list(methods) + sorted({m for d in docs for m in d.get("storage", {})} - set(methods))
+    method that has cached artifacts for any document or the collection. A last row holds the collection-level
+    bytes (`shared`) when there are any, so every method's column adds up to all it keeps."""
+    shared = {m: b for m, b in (shared or {}).items() if b}
+    methods = list(methods) + sorted(({m for d in docs for m in d.get("storage", {})} | set(shared)) - set(methods))
     headers = ["id", "name", "tokens", "chunks", "size"] + [f"{m} storage" for m in methods]
     rows = [[d["id"], d["name"], d["n_tokens"], d["n_chunks"], fmt_bytes(d["size"])]
             + [fmt_bytes(d.get("storage", {}).get(m, 0)) for m in methods] for d in docs]
+    if docs and shared:
+        rows.append(["", SHARED_ROW, "", "", ""] + [fmt_bytes(shared.get(m, 0)) for m in methods])
     return headers, rows
