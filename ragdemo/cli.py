@@ -188,6 +188,8 @@ def cmd_collections(bench, args) -> int:
 def cmd_delete(bench, args) -> int:
     doc = bench.delete(args.doc, args.collection)
     print(f"deleted {doc['name']} (id {doc['id']})")
+    for line in doc["dropped"]:
+        print(f"dropped: {line}")
     return 0
 
 

@@ -103,9 +103,12 @@ class Workbench:
         corpus = self.corpus(collection)
         share = 0.4 if prepare else 1.0
         ingest_progress = (lambda f, m: progress(share * f, m)) if progress else None
+        before = self.store.artifact_bytes(corpus.collection_id)
         reports = ingest_files(self.store, corpus.collection_id, files, self.models.lm.tokenizer,
                                self.models.embedder, self.settings.chunk_tokens, int(self.settings.max_file_mb * 1e6),
                                ingest_progress)
+        if not prepare:  # preparing rebuilds them at once, and says so
+            reports += [IngestReport(m, "dropped", line) for m, line in self._dropped(corpus, before).items()]
         if prepare and any(r.status == "added" for r in reports):
             rest = (lambda f, m: progress(share + (1 - share) * f, m)) if progress else None
             reports += self._prepare_defaults(corpus, rest)
@@ -143,10 +146,29 @@ class Workbench:
         return self.store.artifact_bytes_shared(corpus.collection_id) if corpus is not None else {}
 
     def delete(self, ref: str, collection: str | None = None) -> dict:
+        """Delete one document; the returned row's `dropped` lists what other artifacts went with it."""
         corpus = self.corpus(collection, create=False)
+        doc = self.store.resolve_document(corpus.collection_id, ref)
+        before = self.store.artifact_bytes(corpus.collection_id)
+        own = {m: b for (d, m), b in self.store.artifact_bytes_by_document(corpus.collection_id).items()
+               if d == doc["id"]}
         doc = self.store.delete_document(corpus.collection_id, ref)
+        doc["dropped"] = list(self._dropped(corpus, before, own).values())
         self._warm_collection(corpus)  # the index is rebuilt now, not inside the next answer
         return doc
+
+    def _dropped(self, corpus: Corpus, before: dict[str, int], own: dict[str, int] | None = None) -> dict[str, str]:
+        """Per method, a line for the bytes a change of the collection's content took beyond the document's own
+        (`own`): artifacts fit on every document (BTR's decoder and the codes it made, an adapter trained on
+        the collection) no longer match it, so the store drops them rather than serve them stale."""
+        after = self.store.artifact_bytes(corpus.collection_id)
+        lines = {}
+        for method, size in before.items():
+            gone = size - after.get(method, 0) - (own or {}).get(method, 0)
+            if gone > 0:
+                lines[method] = (f"{method}: {gone:,} bytes built for the collection's previous content were dropped "
+                                 "(they depend on every document); Prepare rebuilds them, or its next answer does")
+        return lines
 
     # ------------------------------------------------------------- methods
     def prepare(self, methods: list[str], collection: str | None = None, knobs: dict | None = None,

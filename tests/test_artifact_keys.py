@@ -188,3 +188,21 @@ def test_lloco_library_bytes_agree_with_the_account(tiny_bench):
     after = lloco.storage(corpus, params)
     assert "adapter" not in after.shared and 0 < after.chunk_bytes < account.chunk_bytes
     assert store.artifact_bytes(corpus.collection_id)["lloco"] == after.total
+
+
+def test_ingest_and_delete_report_what_the_collection_change_dropped(tiny_bench):
+    """BTR's decoder is fit on every document, so adding or deleting one drops its artifacts: the upload (when it
+    does not prepare) and the delete say so, with the bytes; per-chunk artifacts (LLoCO's) are kept, unreported."""
+    btr, lloco, params = get_method("btr"), get_method("lloco"), btr_params()
+    corpus = add(tiny_bench, "m.txt", MOUNTAINS)
+    btr.prepare(corpus, params)
+    alone = btr.storage(corpus, params)
+    reports = tiny_bench.ingest([("t.txt", TOWER.encode())], prepare=False)
+    assert [r.status for r in reports] == ["added", "dropped"] and reports[1].name == "btr"
+    assert f"{alone.total:,} bytes" in reports[1].message and "Prepare rebuilds them" in reports[1].message
+    assert "btr" not in tiny_bench.store.artifact_bytes(corpus.collection_id)
+    btr.prepare(corpus, params)
+    lloco.prepare(corpus, lloco.Params(k=2))
+    doc = tiny_bench.delete("t.txt")
+    assert len(doc["dropped"]) == 1 and doc["dropped"][0].startswith("btr: ")
+    assert tiny_bench.store.artifact_bytes(corpus.collection_id)["lloco"] > 0  # m.txt's chunk caches stay

@@ -207,10 +207,11 @@ def test_signature_and_storage_account_are_remembered_until_something_changes(ti
     real = store._artifact_usage
     monkeypatch.setattr(store, "_artifact_usage", lambda *a: scans.append(a) or real(*a))
     chunk = tiny_bench.corpus().chunks()[0]
-    assert store.artifact_bytes(cid) == {} and store.artifact_bytes(cid) == {}
-    assert len(scans) == 1  # the second read was remembered
+    assert store.artifact_bytes(cid) == {}
+    first = len(scans)  # 0 when ingest's own read (what it dropped) is still remembered, else 1
+    assert first <= 1 and store.artifact_bytes(cid) == {} and len(scans) == first  # the second read was remembered
     store.put_artifact("m", "model", "h", chunk_key(chunk["text"]), b"1234", chunk_id=chunk["chunk_id"])
-    assert store.artifact_bytes(cid) == {"m": 4} and len(scans) == 2
+    assert store.artifact_bytes(cid) == {"m": 4} and len(scans) == first + 1
     other = Store(store.home)  # another process writes: the counter is in the file, so this one sees it move
     other.put_artifact("m", "model", "h2", chunk_key(chunk["text"]), b"12", chunk_id=chunk["chunk_id"])
     other.close()

@@ -258,6 +258,7 @@ def test_upload_lists_documents_and_delete_asks_first(tiny_bench, docs_dir):
     assert library.cancel_delete()[0] == "Nothing deleted."
     status, confirm, _ = library.delete(tiny_bench, eiffel, "demo")
     assert "eiffel.txt" in status and not confirm["visible"]
+    assert "dropped" not in status  # only per-chunk artifacts were prepared: they go with their document, unreported
     assert [d["name"] for d in tiny_bench.documents("demo")] == ["bananas.md"]
 
 

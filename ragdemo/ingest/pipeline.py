@@ -16,7 +16,7 @@ Progress = Callable[[float, str], None]
 @dataclass
 class IngestReport:
     name: str
-    status: str  # added | duplicate | error
+    status: str  # added | duplicate | error; the workbench adds prepared | skipped | dropped
     message: str = ""
     doc_id: int | None = None
     n_tokens: int = 0

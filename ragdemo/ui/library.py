@@ -193,7 +193,8 @@ def delete(workbench: Workbench, doc_id: str | None, collection: str):
         raise UserError("pick a document to delete")
     name = existing_collection(workbench, collection)
     doc = workbench.delete(str(doc_id), name)
-    return (f"Deleted **{esc(doc['name'])}** and its chunks, vectors and cached artifacts.",
+    dropped = "".join(f"\n- **dropped** {esc(line)}" for line in doc["dropped"])
+    return (f"Deleted **{esc(doc['name'])}** and its chunks, vectors and cached artifacts.{dropped}",
             gr.update(visible=False), gr.update(visible=False))
 
 
