@@ -107,8 +107,8 @@ class Workbench:
         reports = ingest_files(self.store, corpus.collection_id, files, self.models.lm.tokenizer,
                                self.models.embedder, self.settings.chunk_tokens, int(self.settings.max_file_mb * 1e6),
                                ingest_progress)
-        if not prepare:  # preparing rebuilds them at once, and says so
-            reports += [IngestReport(m, "dropped", line) for m, line in self._dropped(corpus, before).items()]
+        # before preparing: it rebuilds the default knobs' artifacts, not those prepared at other knobs
+        reports += [IngestReport(m, "dropped", line) for m, line in self._dropped(corpus, before).items()]
         if prepare and any(r.status == "added" for r in reports):
             rest = (lambda f, m: progress(share + (1 - share) * f, m)) if progress else None
             reports += self._prepare_defaults(corpus, rest)
@@ -167,7 +167,8 @@ class Workbench:
             gone = size - after.get(method, 0) - (own or {}).get(method, 0)
             if gone > 0:
                 lines[method] = (f"{method}: {gone:,} bytes built for the collection's previous content were dropped "
-                                 "(they depend on every document); Prepare rebuilds them, or its next answer does")
+                                 "(they depend on every document); Prepare rebuilds them at the knobs it runs, or the "
+                                 "method's next answer does")
         return lines
 
     # ------------------------------------------------------------- methods

@@ -191,8 +191,8 @@ def test_lloco_library_bytes_agree_with_the_account(tiny_bench):
 
 
 def test_ingest_and_delete_report_what_the_collection_change_dropped(tiny_bench):
-    """BTR's decoder is fit on every document, so adding or deleting one drops its artifacts: the upload (when it
-    does not prepare) and the delete say so, with the bytes; per-chunk artifacts (LLoCO's) are kept, unreported."""
+    """BTR's decoder is fit on every document, so adding or deleting one drops its artifacts: the upload and the
+    delete say so, with the bytes; per-chunk artifacts (LLoCO's) are kept, unreported."""
     btr, lloco, params = get_method("btr"), get_method("lloco"), btr_params()
     corpus = add(tiny_bench, "m.txt", MOUNTAINS)
     btr.prepare(corpus, params)
@@ -206,3 +206,7 @@ def test_ingest_and_delete_report_what_the_collection_change_dropped(tiny_bench)
     doc = tiny_bench.delete("t.txt")
     assert len(doc["dropped"]) == 1 and doc["dropped"][0].startswith("btr: ")
     assert tiny_bench.store.artifact_bytes(corpus.collection_id)["lloco"] > 0  # m.txt's chunk caches stay
+    btr.prepare(corpus, params)
+    reports = tiny_bench.ingest([("r.txt", RIVERS.encode())], prepare=True)
+    dropped = [r for r in reports if r.status == "dropped"]
+    assert [r.name for r in dropped] == ["btr"]  # preparing at the default knobs does not rebuild these knobs' codes
