@@ -497,7 +497,7 @@ def _knob_text(params) -> str:
 HISTORY_HEADERS = ["time", "question", "method", "knobs", "model", "answer", "prompt tokens", "TTFT", "total", "storage read"]
 
 
-SHARED_ROW = "shared by every document (decoders, codebooks, adapters)"
+SHARED_ROW = "(shared by all documents)"  # the collection-level row: decoders, codebooks, adapters
 
 
 def document_table(docs: list[dict], methods: list[str] = (), shared: dict[str, int] | None = None
