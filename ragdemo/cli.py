@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import Settings
 from .errors import UserError
+from .units import fmt_bytes
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -109,7 +110,7 @@ def cmd_ask(bench, args) -> int:
         print(r.error or r.answer)
         print(f"   prompt {r.prompt_tokens} tok, processed {r.processed_tokens}, cached {r.cached_tokens} | "
               f"retrieve {r.retrieve_s:.3f}s load {r.load_s:.3f}s ttft {r.ttft_s:.3f}s decode {r.decode_s:.3f}s "
-              f"total {r.total_s:.3f}s ({r.decode_tok_s:.1f} tok/s) | storage {r.storage_bytes} B"
+              f"total {r.total_s:.3f}s ({r.decode_tok_s:.1f} tok/s) | storage read {fmt_bytes(r.storage_bytes)}"
               + (f" | prepared on first use {r.prepare_s:.1f}s" if r.prepare_s else ""))
         for note in r.notes:
             print(f"   note: {note}")
@@ -146,10 +147,10 @@ def cmd_list(bench, args) -> int:
     if not docs:
         print(f"collection {args.collection or bench.settings.default_collection!r} is empty")
     for d in docs:
-        storage = ", ".join(f"{m} {b} B" for m, b in d["storage"].items()) or "no method artifacts"
-        print(f"{d['id']:>5}  {d['name']}  {d['n_tokens']} tokens  {d['n_chunks']} chunks  {d['size']} bytes  [{storage}]")
+        storage = ", ".join(f"{m} {fmt_bytes(b)}" for m, b in d["storage"].items()) or "no method artifacts"
+        print(f"{d['id']:>5}  {d['name']}  {d['n_tokens']} tokens  {d['n_chunks']} chunks  {fmt_bytes(d['size'])}  [{storage}]")
     if shared:
-        print(f"{'':>5}  shared by every document: " + ", ".join(f"{m} {b} B" for m, b in shared.items()))
+        print(f"{'':>5}  shared by every document: " + ", ".join(f"{m} {fmt_bytes(b)}" for m, b in shared.items()))
     return 0
 
 

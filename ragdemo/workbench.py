@@ -15,6 +15,7 @@ from .methods import get_method, registry
 from .methods.base import Progress, Result, params_from
 from .models import Models
 from .store import Corpus, IndexCache, Store
+from .units import fmt_bytes
 
 # Methods that answer in seconds on a CPU; full context (minutes on a long collection) is opt-in.
 DEFAULT_METHODS = ["closed_book", "rag", "retro", "btr", "lloco"]
@@ -166,7 +167,7 @@ class Workbench:
         for method, size in before.items():
             gone = size - after.get(method, 0) - (own or {}).get(method, 0)
             if gone > 0:
-                lines[method] = (f"{method}: {gone:,} bytes built for the collection's previous content were dropped "
+                lines[method] = (f"{method}: {fmt_bytes(gone)} built for the collection's previous content were dropped "
                                  "(they depend on every document); Prepare rebuilds them at the knobs it runs, or the "
                                  "method's next answer does")
         return lines
@@ -186,7 +187,7 @@ class Workbench:
             # held per step, not for the whole method: a Compare from another user waits for one chunk
             with corpus.lm.lock.per_step(_scaled(progress, i, len(methods), name)) as step:
                 method.prepare(corpus, params, step)
-            done.append(f"{name}: prepared ({method.storage(corpus, params).total:,} bytes stored)")
+            done.append(f"{name}: prepared ({fmt_bytes(method.storage(corpus, params).total)} stored)")
         return done
 
     def finetune(self, method_name: str, collection: str | None = None, knobs: dict | None = None,

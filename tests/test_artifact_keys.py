@@ -8,6 +8,7 @@ from safetensors.numpy import load as st_load
 
 from ragdemo.ingest import ingest_files
 from ragdemo.methods import get_method
+from ragdemo.units import fmt_bytes
 
 MOUNTAINS = "Mountains are tall and cold places with snow on top. " * 14
 RIVERS = "Rivers carry fresh water from the hills down to the sea. " * 14
@@ -199,7 +200,7 @@ def test_ingest_and_delete_report_what_the_collection_change_dropped(tiny_bench)
     alone = btr.storage(corpus, params)
     reports = tiny_bench.ingest([("t.txt", TOWER.encode())], prepare=False)
     assert [r.status for r in reports] == ["added", "dropped"] and reports[1].name == "btr"
-    assert f"{alone.total:,} bytes" in reports[1].message and "Prepare rebuilds them" in reports[1].message
+    assert f"btr: {fmt_bytes(alone.total)} built" in reports[1].message and "Prepare rebuilds them" in reports[1].message
     assert "btr" not in tiny_bench.store.artifact_bytes(corpus.collection_id)
     btr.prepare(corpus, params)
     lloco.prepare(corpus, lloco.Params(k=2))

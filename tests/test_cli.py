@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from ragdemo.units import fmt_bytes
+
 
 def run(args, home, model=None, check=True):
     env = {**os.environ, "RAGDEMO_HOME": str(home), "RAGDEMO_DTYPE": "fp32", "RAGDEMO_MAX_NEW_TOKENS": "6"}
@@ -25,11 +27,15 @@ def test_cli_contract(tmp_path, tiny_model_dir, docs_dir):
     listed = json.loads(run(["list", "--collection", "demo", "--json"], home, tiny_model_dir).stdout)
     assert sorted(d["name"] for d in listed["documents"]) == ["bananas.md", "eiffel.txt"]
     assert listed["shared_storage"] == {}  # BTR skips the tiny model at its default split and no adapter is trained
+    assert all(f"{d['n_chunks']} chunks  {fmt_bytes(d['size'])}  [" in listing for d in listed["documents"])
     asked = run(["ask", "When was the tower completed?", "--collection", "demo", "--methods",
                  "closed_book,full_context,rag", "--json"], home, tiny_model_dir)
     results = json.loads(asked.stdout)  # stdout is the JSON array and nothing else
     assert [r["method"] for r in results] == ["closed_book", "full_context", "rag"]
     assert all(r["prompt_tokens"] > 0 and r["total_s"] > 0 for r in results)
+    text = run(["ask", "When was the tower completed?", "--collection", "demo", "--methods", "rag"], home,
+               tiny_model_dir).stdout
+    assert "| storage read 0 B" in text  # what this answer read, in the same units as every other screen
     prepared = run(["prepare", "--methods", "rag", "--collection", "demo"], home, tiny_model_dir)
     assert "nothing to prepare" in prepared.stdout
     deleted = run(["delete", "eiffel.txt", "--collection", "demo"], home, tiny_model_dir)

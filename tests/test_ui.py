@@ -12,8 +12,9 @@ from ragdemo.methods.base import GLOSSARY, Result
 from ragdemo.ui import build_app
 from ragdemo.ui import ask, library, settings
 from ragdemo.ui.common import Jobs
+from ragdemo.units import fmt_bytes
 from ragdemo.ui.knobs import KnobSet, knob_defaults
-from ragdemo.ui.render import (SHARED_ROW, Card, comparison_figure, document_table, esc, fmt_bytes, gold_verdict, highlight_match,
+from ragdemo.ui.render import (SHARED_ROW, Card, comparison_figure, document_table, esc, gold_verdict, highlight_match,
                                method_colour, one_liner, render_cards,
                                render_model_sees, render_sources)
 
@@ -38,7 +39,7 @@ def test_card_shows_answer_and_every_number():
     for field in ("prompt_tokens", "processed_tokens", "cached_tokens", "retrieve_s", "load_s", "ttft_s", "decode_s",
                   "total_s", "decode_tok_s", "storage_bytes"):
         assert f"data-metric='{field}'" in html
-    assert "80.5" in html and "2.0 kB" in html and "200 ms" in html
+    assert "80.5" in html and "2.05 kB" in html and "200 ms" in html
 
 
 def test_card_shows_error_and_notes():
@@ -120,16 +121,15 @@ def test_chart_and_tables():
     assert comparison_figure([Result("x", error="boom")]) is None
     headers, rows = document_table([{"id": 1, "name": "a.txt", "n_tokens": 10, "n_chunks": 1, "size": 1500,
                                      "storage": {"btr": 4000}}])
-    assert headers[-1] == "btr storage" and rows[0][-1] == "4.0 kB"
+    assert headers[-1] == "btr storage" and rows[0][-1] == "4.00 kB"
     headers, rows = document_table([{"id": 1, "name": "a.txt", "n_tokens": 10, "n_chunks": 1, "size": 1, "storage": {}}],
                                    ["lloco"])
     assert headers[-1] == "lloco storage" and rows[0][-1] == "0 B"  # preparable methods always get a column
     doc = {"id": 1, "name": "a.txt", "n_tokens": 10, "n_chunks": 1, "size": 1, "storage": {"btr": 4000}}
     headers, rows = document_table([doc], ["btr", "lloco"], shared={"btr": 1_300_000, "lloco": 0, "cacheblend": 0})
     assert headers[5:] == ["btr storage", "lloco storage"] and len(rows) == 2  # no column for nothing kept
-    assert rows[1][1] == SHARED_ROW and rows[1][5:] == ["1.3 MB", "0 B"]  # the collection's decoder, its own row
+    assert rows[1][1] == SHARED_ROW and rows[1][5:] == ["1.30 MB", "0 B"]  # the collection's decoder, its own row
     assert len(document_table([doc], ["btr"], shared={})[1]) == 1 and document_table([], ["btr"], {"btr": 5})[1] == []
-    assert fmt_bytes(0) == "0 B" and fmt_bytes(2_500_000) == "2.5 MB"
 
 
 def test_storage_panel_splits_per_chunk_and_shared_parts():
@@ -137,7 +137,7 @@ def test_storage_panel_splits_per_chunk_and_shared_parts():
     stored = figure.axes[2]
     bars = [(round(b.get_x()), round(b.get_width())) for b in stored.patches]
     assert (0, 1000) in bars and (1000, 5000) in bars  # shared part stacked after the per-chunk part
-    assert "kB" in " ".join(t.get_text() for t in stored.get_xticklabels()) or stored.xaxis.get_major_formatter()(5000, 0) == "5.0 kB"
+    assert "kB" in " ".join(t.get_text() for t in stored.get_xticklabels()) or stored.xaxis.get_major_formatter()(5000, 0) == "5.00 kB"
 
 
 def test_card_marks_gold_cut_prepared_and_explains_each_number():
@@ -391,7 +391,7 @@ def test_prepare_shows_progress_and_storage_per_method(tiny_bench, docs_dir, mon
                              progress=lambda fraction, message: seen.append((fraction, message)))
     table, _, _ = library.refresh(tiny_bench, "demo")
     n_chunks = int(table["chunks"][0])
-    assert "fake_cache: prepared" in status and f"{10 * n_chunks} bytes" in status
+    assert f"fake_cache: prepared ({fmt_bytes(10 * n_chunks)} stored)" in status
     assert table["fake_cache storage"][0] == fmt_bytes(10 * n_chunks)
     assert seen and seen[-1][0] == 1.0 and "fake_cache" in seen[-1][1]
 

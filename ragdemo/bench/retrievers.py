@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .datasets import load_squad
-from .storage import human_bytes, write_rows
+from ..units import fmt_bytes
+from .storage import write_rows
 
 MIN_SHARED_CHARS = 20  # a chunk piece this long that lies inside the gold paragraph places the chunk there
 
@@ -89,7 +90,7 @@ def retrievers_markdown(rows: list[RetrieverRow]) -> str:
     for r in rows:
         lines.append(f"| {r.collection} | {r.chunks:,} | {r.questions} | {r.recall_at_k:.3f} (k={r.k}) | "
                      f"{r.recall_at_k_hamming_only:.3f} | x{r.rescore} | {r.gold_hit_float:.0%} | {r.gold_hit_binary:.0%} | "
-                     f"{human_bytes(r.float32_bytes)} | {human_bytes(r.float_index_bytes)} | {human_bytes(r.binary_index_bytes)} | "
+                     f"{fmt_bytes(r.float32_bytes)} | {fmt_bytes(r.float_index_bytes)} | {fmt_bytes(r.binary_index_bytes)} | "
                      f"{r.smaller_than_float32:.0f}x |")
     return "\n".join(lines)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..engine.binary import fp16_kv_bytes_per_token
 from ..errors import UserError
+from ..units import fmt_bytes
 from .datasets import ESSAYS, load_squad
 
 DEFAULT_SPECS = "btr@bits=1,lloco@c=4"
@@ -83,17 +84,13 @@ def run_storage_bench(settings, specs_text: str = DEFAULT_SPECS, min_tokens: int
         shutil.rmtree(home, ignore_errors=True)
 
 
-def human_bytes(n: int) -> str:
-    return f"{n / 1e6:,.2f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} kB"
-
-
 def storage_markdown(rows: list[StorageRow]) -> str:
     lines = ["| collection | method | tokens | per-chunk artifacts | shared parts | total | bytes / token, everything "
              "| per-chunk bytes / token | fp16 KV bytes / token | smaller than fp16 KV |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        shared = ", ".join(f"{k} {human_bytes(v)}" for k, v in r.shared.items()) or "none"
-        lines.append(f"| {r.collection} | {r.method} | {r.tokens:,} | {human_bytes(r.chunk_bytes)} | {shared} | {human_bytes(r.total)} | "
+        shared = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in r.shared.items()) or "none"
+        lines.append(f"| {r.collection} | {r.method} | {r.tokens:,} | {fmt_bytes(r.chunk_bytes)} | {shared} | {fmt_bytes(r.total)} | "
                      f"{r.bytes_per_token:,.1f} | {r.chunk_bytes_per_token:,.1f} | {r.fp16_kv_bytes_per_token:,} | "
                      f"{r.smaller_than_kv:,.0f}x |")
     return "\n".join(lines)

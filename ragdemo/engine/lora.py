@@ -28,6 +28,7 @@ from safetensors.torch import save as save_tensors
 
 from ..models.attention import sdpa_for_training
 from ..models.packed import PackedLinear, is_linear, packed_weight, share_pack
+from ..units import fmt_bytes
 from .layers import CAUSAL, embed, logits, positions, run_layers
 from .memo import BoundedCache
 from .prompt import encode, question_ids
@@ -56,7 +57,7 @@ class Training:
         first = sum(self.losses[:20]) / len(self.losses[:20])
         last = sum(self.losses[-20:]) / len(self.losses[-20:])
         return (f"{what}, {len(self.losses)} steps in {self.seconds:.0f}s: loss {first:.3f} -> {last:.3f}; "
-                f"{len(self.blob)} bytes stored")
+                f"{fmt_bytes(len(self.blob))} stored")
 
 
 @contextmanager

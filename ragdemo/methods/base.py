@@ -16,6 +16,7 @@ from ..config import DEFAULT_MAX_NEW_TOKENS
 from ..engine.generate import Generation, Stream, generate
 from ..engine.prompt import Prompt
 from ..engine.scoring import nll_of_answer
+from ..units import fmt_bytes
 
 Progress = Callable[[float, str], None]  # (fraction 0..1, message)
 
@@ -176,11 +177,8 @@ def storage_sentence(label: str) -> str:
         return ("not measured in this checkout yet: `python -m ragdemo bench-storage` writes "
                 "`assets/results/storage/storage.json`, and this card then shows the figures")
 
-    def size(n: int) -> str:
-        return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
-
     def line(r: dict) -> str:
-        parts = [f"per-chunk {size(r['chunk_bytes'])}"] + [f"{k} {size(v)}" for k, v in r["shared"].items()]
+        parts = [f"per-chunk {fmt_bytes(r['chunk_bytes'])}"] + [f"{k} {fmt_bytes(v)}" for k, v in r["shared"].items()]
         return (f"{r['collection']} ({r['tokens']:,} tokens): **{r['bytes_per_token']:,.1f} B per token, "
                 f"{r['fp16_kv_bytes_per_token'] / r['bytes_per_token']:,.0f}x smaller than an fp16 KV cache** "
                 f"({', '.join(parts)})")

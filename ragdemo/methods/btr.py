@@ -29,6 +29,7 @@ from ..engine.prompt import question_ids as final_question_ids
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash, chunk_key
+from ..units import fmt_bytes
 from .measured import measured_run, share
 from .base import (Params, Method, Result, StorageAccount, finish, params_from, storage_ratio,
                    storage_sentence)
@@ -362,7 +363,7 @@ def btr_table(summary) -> str:
         lines.append(f"| {p.split} | {'fp16' if p.bits == FLOAT_BITS else p.bits} | {calibration} | "
                      f"{'on' if p.query_aware else '–'} | {_lora_cell(m)} | {_merging(p)} | "
                      f"{r.get('value kept', '?')} ({r.get('value kept (median)', '?')}) | {r.get('contains', '?')}% | "
-                     f"{speed} | {'?' if stored is None else f'{stored / 1e6:.2f} MB'} | {_per_token(r)} |")
+                     f"{speed} | {'?' if stored is None else fmt_bytes(stored)} | {_per_token(r)} |")
     return "\n".join(lines)
 
 
@@ -892,9 +893,9 @@ Targets: {storage target}. {frontier}.""" \
         """The headline ratio uses the amortised figure, everything counted; the per-chunk one is labelled."""
         result.bytes_per_token = round(account.bytes_per_token, 2)
         kv, state = fp16_kv_bytes_per_token(config), fp16_state_bytes_per_token(config)
-        parts = ", ".join(f"{name} {size:,} B" for name, size in account.shared.items())
+        parts = ", ".join(f"{name} {fmt_bytes(size)}" for name, size in account.shared.items())
         result.notes.append(
-            f"{account.bytes_per_token:.1f} B per collection token, everything counted (codes {account.chunk_bytes:,} B"
+            f"{account.bytes_per_token:.1f} B per collection token, everything counted (codes {fmt_bytes(account.chunk_bytes)}"
             f"{', ' + parts if parts else ''}; {account.tokens:,} tokens): {kv / max(account.bytes_per_token, 1e-9):.0f}x "
             f"smaller than an fp16 KV cache ({kv:,} B per token)")
         result.notes.append(

@@ -9,6 +9,7 @@ import numpy as np
 from ..config import Settings
 from ..errors import UserError
 from ..models import Models
+from ..units import fmt_bytes
 from .db import RETRIEVERS, Store
 from .index import IndexCache
 
@@ -166,9 +167,9 @@ class RetrieverComparison:
     def summary(self) -> str:
         return (f"binary retriever on {len(self.float_ids)} queries over {self.chunks} chunks: recall@{self.k} "
                 f"{self.recall_at_k:.3f} against float with rescore {self.rescore} ({self.recall_at_k_hamming_only:.3f} "
-                f"Hamming only); sign codes {self.binary_index_bytes:,} B, {self.size_ratio:.0f}x smaller than float32 "
-                f"embeddings ({self.float32_bytes:,} B) and {self.float_index_ratio:.0f}x smaller than the float16 float "
-                f"index ({self.float_index_bytes:,} B); each index also maps chunk ids ({self.id_bytes:,} B)")
+                f"Hamming only); sign codes {fmt_bytes(self.binary_index_bytes)}, {self.size_ratio:.0f}x smaller than float32 "
+                f"embeddings ({fmt_bytes(self.float32_bytes)}) and {self.float_index_ratio:.0f}x smaller than the float16 float "
+                f"index ({fmt_bytes(self.float_index_bytes)}); each index also maps chunk ids ({fmt_bytes(self.id_bytes)})")
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:

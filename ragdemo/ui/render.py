@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from ..bench.metrics import best_over_golds, contains
 from ..methods import registry
 from ..methods.base import GLOSSARY, Result
+from ..units import fmt_bytes
 
 # mark -> (colour, what it means for the model). Unknown marks get a stable colour and their own name.
 MARKS = {
@@ -84,15 +85,6 @@ def one_liner(method: str) -> str:
     card = re.sub(r"^#+.*\n", "", (cls.card if cls else "") or "").strip()
     first = re.split(r"(?<=[.!?])\s", re.sub(r"[*`]", "", card), maxsplit=1)[0]
     return _short(first, 140)
-
-
-def fmt_bytes(n: float) -> str:
-    n = float(n or 0)
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def fmt_s(seconds: float) -> str:
