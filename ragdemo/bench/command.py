@@ -104,4 +104,30 @@ def cmd_bench(bench, args, parse_knobs, progress_bar) -> int:
 def _command_meta() -> dict:
     """The command line, when this process is `python -m ragdemo bench ...` (not a test calling main())."""
     argv = sys.argv[1:]
-    return {"command": "python -m ragdemo " + " ".join(map(shlex.quote, argv))} if argv[:1] == ["bench"] else {}
+    return {"command": as_command(argv)} if argv[:1] == ["bench"] else {}
+
+
+def as_command(argv: list[str]) -> str:
+    return "python -m ragdemo " + " ".join(map(shlex.quote, argv))
+
+
+def equivalent_command(dataset: str, methods: list[str], out: str, n: int | None = None, seed: int = 0,
+                       lengths: list | None = None, depths: list | None = None, reference: str = "rag",
+                       max_new_tokens: int | None = None) -> str:
+    """The `python -m ragdemo bench` line that runs what the Benchmark tab was asked: a run started in the
+    browser can be repeated, or scripted, from a terminal (the same runner does both)."""
+    argv = ["bench", "--dataset", dataset]
+    if dataset != "needle":  # needle's questions are its lengths x depths: n and seed do not apply
+        argv += ["--n", str(n)] if n else []
+        argv += ["--seed", str(seed)] if seed else []
+    argv += ["--methods", ",".join(methods)]
+    if dataset == "needle":
+        argv += ["--lengths", _joined(lengths)] if lengths else []
+        argv += ["--depths", _joined(depths)] if depths else []
+    argv += ["--reference", reference] if reference and reference != "rag" else []
+    argv += ["--max-new-tokens", str(max_new_tokens)] if max_new_tokens else []
+    return as_command(argv + ["--out", out])
+
+
+def _joined(numbers: list) -> str:
+    return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in numbers)

@@ -16,7 +16,7 @@ from ..workbench import DEFAULT_METHODS, DEMO_COLLECTION, Workbench
 from .common import MODEL_QUEUE, method_choices, method_labels, progress_bridge, user_errors, warn
 from .knobs import KnobSet
 from .library import collection_name, existing_collection
-from .render import (HISTORY_HEADERS, MUTED, Card, comparison_figure, esc, fmt_s, history_rows, render_cards,
+from .render import (HISTORY_HEADERS, MUTED, Card, comparison_figure, esc, fmt_duration, history_rows, render_cards,
                      render_model_sees, render_sources, source_chunk_ids)
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def full_context_estimate(workbench: Workbench, collection: str, results: list[R
     if rate is None:
         return f"reads about {tokens:,} tokens; expect the longest wait (no timing measured here yet)"
     # attention grows faster than linearly with length: this is a lower bound
-    return f"reads about {tokens:,} tokens: at least {fmt_s(tokens / rate)} here ({rate:,.0f} tokens/s measured)"
+    return f"reads about {tokens:,} tokens: at least {fmt_duration(tokens / rate)} here ({rate:,.0f} tokens/s measured)"
 
 
 # ---------------------------------------------------------------- comparison

@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from ..bench.command import run_benchmark
+from ..bench.command import equivalent_command, run_benchmark
 from ..bench.runner import MD_HEADERS, _fmt, summary_columns
 from ..errors import UserError
 from ..methods import registry
 from .common import Cancelled, Jobs, cancellable, progress_bridge, session_of, warn
-from .render import esc, fmt_s
+from .render import esc, fmt_duration
 
 log = logging.getLogger(__name__)
 DATASETS = [("SQuAD v1.1 dev sample (6 whole articles)", "squad"), ("Needle in a haystack (Paul Graham essays)", "needle"),
@@ -24,8 +25,8 @@ HELP = """Runs the chosen methods on real QA data, on fresh collections that are
 untouched). **EM / F1 / contains** score the generated answers; **value kept** compares teacher-forced NLLs of the gold
 answer: 0% = closed book, 100% = the reference. On a 2-core CPU a SQuAD question takes a few seconds per method, and
 full context (up to 8k tokens) far longer: start with n = 10 (the estimate below uses answers timed on this
-machine). Cancel stops after the current question and removes the benchmark's collections. The same run on the command line:
-`python -m ragdemo bench --dataset squad --n 10 --methods closed_book,rag --out bench_out`."""
+machine). Cancel stops after the current question and removes the benchmark's collections. Below the estimate: the
+same run on the command line."""
 
 
 def _numbers(text: str, what: str) -> list[float] | None:
@@ -63,7 +64,7 @@ def estimate(workbench, dataset: str, n, checked, variants) -> str:
         return "**Estimated duration:** unknown (none of these methods has answered on this machine yet)."
     total = questions * sum(known) * NLL_FACTOR
     unknown = f"; plus {', '.join(missing)} (never timed here)" if missing else ""
-    return f"**Estimated duration:** about {fmt_s(total)} for {questions} questions{esc(unknown)}, preparation not included."
+    return f"**Estimated duration:** about {fmt_duration(total)} for {questions} questions{esc(unknown)}, preparation not included."
 
 
 def summary_frame(run) -> pd.DataFrame:
@@ -89,18 +90,56 @@ def run_from_ui(workbench, dataset, jsonl_file, n, seed, checked, variants, refe
     return (f"**Not run:** {esc(message)}", *empty)
 
 
-def _run(workbench, dataset: str, jsonl_file, n, seed, checked, variants, reference, lengths, depths,
-         max_new_tokens, progress=None):
+@dataclass
+class BenchRequest:
+    """What the tab's inputs ask for, checked once: the run and its command-line twin are built from it."""
+
+    dataset: str
+    methods: list[str]
+    n: int | None
+    seed: int
+    lengths: list | None
+    depths: list | None
+    reference: str
+    max_new_tokens: int | None
+
+    def command(self, out: str | Path) -> str:
+        dataset = Path(self.dataset).name if self.dataset not in ("squad", "needle") else self.dataset
+        return equivalent_command(dataset, self.methods, str(out), self.n, self.seed, self.lengths, self.depths,
+                                  self.reference, self.max_new_tokens)
+
+
+def bench_request(dataset: str, jsonl_file, n, seed, checked, variants, reference, lengths, depths,
+                  max_new_tokens) -> BenchRequest:
     if dataset == "jsonl":
         if not jsonl_file:
             raise UserError("upload a .jsonl file of {question, answers, context?, doc?} first")
         dataset = str(jsonl_file)
+    return BenchRequest(dataset, methods_from(checked, variants), int(n) if n else None, int(seed or 0),
+                        _numbers(lengths, "lengths"), _numbers(depths, "depths"), reference or "rag",
+                        int(max_new_tokens) if max_new_tokens else None)
+
+
+def command_line(*inputs) -> str:
+    """The run's twin on the command line, shown under the estimate (the tab's inputs, in run_from_ui's order)."""
+    try:
+        request = bench_request(*inputs)
+    except UserError:
+        return ""
+    # <code> rather than backticks: a file name or variant with a backtick must not end the span, and the
+    # escaped entities decode in HTML (in a Markdown code span they would show as written)
+    return f"**The same run on the command line:** <code>{esc(request.command('bench_out'))}</code>"
+
+
+def _run(workbench, dataset: str, jsonl_file, n, seed, checked, variants, reference, lengths, depths,
+         max_new_tokens, progress=None):
+    request = bench_request(dataset, jsonl_file, n, seed, checked, variants, reference, lengths, depths,
+                            max_new_tokens)
     out = Path(workbench.settings.home) / "bench" / time.strftime("%Y%m%d-%H%M%S")
     run, written = run_benchmark(
-        workbench, dataset, out, methods_from(checked, variants), n=int(n) if n else None, seed=int(seed or 0),
-        lengths=_numbers(lengths, "lengths"), depths=_numbers(depths, "depths"), reference=reference,
-        max_new_tokens=int(max_new_tokens) if max_new_tokens else None, progress=progress,
-        extra_meta={"command": "Benchmark tab"})
+        workbench, request.dataset, out, request.methods, n=request.n, seed=request.seed, lengths=request.lengths,
+        depths=request.depths, reference=request.reference, max_new_tokens=request.max_new_tokens,
+        progress=progress, extra_meta={"command": f"{request.command(out)} (the Benchmark tab's run)"})
     images = {p.name: str(p) for p in written if p.suffix == ".png"}
     header = (f"**{esc(run.meta['description'])}** · model {esc(run.meta['model'])} · reference "
               f"**{esc(run.meta['reference'])}** · {run.meta['seconds']:.0f} s · saved in `{esc(out)}`")
@@ -132,6 +171,7 @@ def build_bench_tab(workbench, jobs: Jobs) -> None:
             lengths = gr.Textbox("1024,2048,4096", label="context lengths (tokens)")
             depths = gr.Textbox("0,25,50,75,100", label="needle depths (%)")
         estimate_md = gr.Markdown(elem_id="bench-estimate")
+        command_md = gr.Markdown(elem_id="bench-command")
         with gr.Row(equal_height=True):
             run_button = gr.Button("Run benchmark", variant="primary", elem_id="bench-run", scale=0, min_width=200)
             cancel_button = gr.Button("Cancel", elem_id="bench-cancel", scale=0, min_width=120)
@@ -173,3 +213,5 @@ def build_bench_tab(workbench, jobs: Jobs) -> None:
               show_progress="hidden")
         tab.select(lambda d, k, m, v: estimate(workbench, d, k, m, v), [dataset, n, methods, variants], [estimate_md],
                    show_progress="hidden")
+        inputs = [dataset, jsonl_file, n, seed, methods, variants, reference, lengths, depths, max_new]
+        gr.on([tab.select] + [box.change for box in inputs], command_line, inputs, [command_md], show_progress="hidden")

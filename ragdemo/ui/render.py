@@ -92,6 +92,19 @@ def fmt_s(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def fmt_duration(seconds: float) -> str:
+    """An estimate, rounded as one: 33 s, 4.5 min, 12 min, 1.2 h (fmt_s's 32.76 s claims a precision it lacks)."""
+    seconds = float(seconds or 0)
+    if seconds < 1:
+        return fmt_s(seconds)
+    if seconds < 59.5:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    if minutes < 59.5:
+        return f"{minutes:.1f} min" if minutes < 9.95 else f"{minutes:.0f} min"
+    return f"{minutes / 60:.1f} h"
+
+
 def fmt_num(value: float) -> str:
     value = float(value or 0)
     return f"{value:.0f}" if value == int(value) else f"{value:.1f}"
