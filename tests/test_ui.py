@@ -14,7 +14,7 @@ from ragdemo.ui import ask, library, settings
 from ragdemo.ui.common import Jobs
 from ragdemo.units import fmt_bytes
 from ragdemo.ui.knobs import KnobSet, knob_defaults
-from ragdemo.ui.render import (SHARED_ROW, Card, comparison_figure, document_table, esc, gold_verdict, highlight_match,
+from ragdemo.ui.render import (SHARED_ROW, Card, comparison_figure, document_table, esc, fmt_duration, gold_verdict, highlight_match,
                                method_colour, one_liner, render_cards,
                                render_model_sees, render_sources)
 
@@ -40,6 +40,10 @@ def test_card_shows_answer_and_every_number():
                   "total_s", "decode_tok_s", "storage_bytes"):
         assert f"data-metric='{field}'" in html
     assert "80.5" in html and "2.05 kB" in html and "200 ms" in html
+
+
+def test_estimates_are_rounded_as_estimates():
+    assert [fmt_duration(s) for s in (0.2, 32.76, 270, 598, 3571)] == ["200 ms", "33 s", "4.5 min", "10 min", "1.0 h"]
 
 
 def test_card_shows_error_and_notes():
@@ -601,6 +605,26 @@ def test_methods_tab_summaries_have_paper_mechanism_and_measured_headline():
     has_cacheblend = any(r is not None and "cacheblend" in r.rows for r in map(measured_run, HEADLINE_RUNS))
     assert has_cacheblend or "not in the bundled SQuAD runs" in method_summary("cacheblend", registry()["cacheblend"])
     assert "reconstruct (KVzip-style) / keynorm" in knob_table(LlocoParams)  # the note column is no longer empty
+
+
+def test_methods_tab_headlines_say_speed_as_every_other_screen_and_carry_rags_figure():
+    """Headlines come from more than one run: each names its run, gives RAG's contains from that same run, and
+    says speed as 'x faster / slower than RAG' (bench-speed's and the README's way), never '0.24x RAG'."""
+    from ragdemo.methods.measured import measured_run, share
+    from ragdemo.ui.methods_tab import HEADLINE_RUNS, measured_line, speed_against_rag
+
+    assert speed_against_rag("0.24x") == "4.2x faster than RAG" and speed_against_rag("2.09x") == "2.1x slower than RAG"
+    assert speed_against_rag("1.00x") == "as fast as RAG" and "not measured" in speed_against_rag("–")
+    for name in registry():
+        line = measured_line(name)
+        assert "–" not in line and "x RAG)" not in line, line  # no empty cells, no bare ratio
+        run = next((r for r in map(measured_run, HEADLINE_RUNS) if r is not None and r.relative in line), None)
+        if run is None:
+            continue
+        if name != "rag" and "NLL only" not in line:
+            ratio = share(run.value(name, "TTFT vs ref"))
+            assert f"(RAG {run.value('rag', 'contains')}%)" in line
+            assert ("faster" in line) == (ratio < 1) and f"{max(ratio, 1 / ratio):.1f}x" in line
 
 
 def test_cancel_pressed_while_the_job_waits_in_the_queue_is_not_lost():
