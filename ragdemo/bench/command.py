@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import shlex
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from .scratch import scratch_workbench
 
 
 def add_bench_parser(sub, common) -> None:
@@ -75,16 +74,10 @@ def run_benchmark(workbench, dataset: str, out: str | Path, methods=None, knobs:
 
 
 def cmd_bench(bench, args, parse_knobs, progress_bar) -> int:
-    from ..workbench import Workbench
-
     knobs = parse_knobs(args.set)
     out = Path(args.out)
     # a store of its own: the user's library is untouched and every run starts from fresh collections
-    home = out / "store" if args.keep else Path(tempfile.mkdtemp(prefix="ragdemo-bench-"))
-    if args.keep and home.exists():
-        shutil.rmtree(home)
-    scratch = Workbench(bench.settings.with_(home=home))
-    try:
+    with scratch_workbench(bench.settings, "bench", out / "store" if args.keep else None) as scratch:
         bar, update = progress_bar("bench")
         with bar, contextlib.redirect_stdout(sys.stderr):
             run, written = run_benchmark(
@@ -92,10 +85,6 @@ def cmd_bench(bench, args, parse_knobs, progress_bar) -> int:
                 args.articles, _ints(args.lengths, "--lengths"), _ints(args.depths, "--depths"), args.reference,
                 args.max_new_tokens, update, cleanup=not args.keep, plots=not args.no_plots,
                 extra_meta=_command_meta(), time_budget_min=args.time_budget)
-    finally:
-        scratch.store.close()
-        if not args.keep:
-            shutil.rmtree(home, ignore_errors=True)
     print((out / "summary.md").read_text())
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from .scratch import scratch_workbench
 
 TARGET = 1.3
 
@@ -45,15 +44,12 @@ def run_order_bench(settings, methods: list[str], questions: list[str], document
                     progress=None) -> list[OrderRow]:
     """Ingest `documents` (artifacts prepared at ingest) into a throwaway store, then ask each question in a
     fresh process, methods in order and in reverse. Leaves nothing behind."""
-    from ..workbench import Workbench
-
-    home = Path(tempfile.mkdtemp(prefix="ragdemo-order-"))
-    try:
-        bench = Workbench(settings.with_(home=home))
+    with scratch_workbench(settings, "order") as bench:
+        home = bench.settings.home
         reports = bench.ingest([(n, t.encode()) for n, t in documents], "order", _part(progress, 0, 0.3), prepare=True)
         if any(r.status == "error" for r in reports):
             raise UserError(f"could not ingest the documents: {[r.message for r in reports if r.status == 'error'][0]}")
-        bench.store.close()
+        bench.store.close()  # the fresh processes below open it themselves
         runs = {}
         for k, order in enumerate((list(methods), list(reversed(methods)))):
             ttfts = {m: [] for m in methods}
@@ -66,8 +62,6 @@ def run_order_bench(settings, methods: list[str], questions: list[str], document
                         raise UserError(f"{result['method']} failed: {result['error']}")
                     ttfts[result["method"]].append(result["ttft_s"])
             runs[k] = {m: statistics.median(v) for m, v in ttfts.items()}
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
     n = len(methods)
     return [OrderRow(m, i, n - 1 - i, runs[0][m], runs[1][m]) for i, m in enumerate(methods)]
 

@@ -5,13 +5,12 @@ float top-k, the gold-paragraph hit rate of both retrievers on the same question
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .datasets import load_squad
 from ..units import fmt_bytes
+from .scratch import scratch_workbench
 from .storage import write_rows
 
 MIN_SHARED_CHARS = 20  # a chunk piece this long that lies inside the gold paragraph places the chunk there
@@ -53,11 +52,7 @@ def gold_hit_rate(ids_per_question: list[list[int]], paragraphs: list[str], chun
 def run_retriever_bench(settings, article_counts: list[int | None], n: int = 100, k: int = 5,
                         rescore: int | None = None, seed: int = 0, progress=None) -> list[RetrieverRow]:
     """One throwaway collection per article count (None = every bundled article); n questions sampled over it."""
-    from ..workbench import Workbench
-
-    home = Path(tempfile.mkdtemp(prefix="ragdemo-retrievers-"))
-    try:
-        bench = Workbench(settings.with_(home=home))
+    with scratch_workbench(settings, "retrievers") as bench:
         rows = []
         for step, articles in enumerate(article_counts):
             data = load_squad(n=n, seed=seed, articles=articles)
@@ -76,10 +71,7 @@ def run_retriever_bench(settings, article_counts: list[int | None], n: int = 100
                 round(gold_hit_rate(comparison.float_ids, paragraphs, chunk_text), 4),
                 round(gold_hit_rate(comparison.binary_ids, paragraphs, chunk_text), 4),
                 comparison.float32_bytes, comparison.float_index_bytes, comparison.binary_index_bytes))
-        bench.store.close()
         return rows
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def retrievers_markdown(rows: list[RetrieverRow]) -> str:

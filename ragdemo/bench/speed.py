@@ -2,7 +2,6 @@
 the same run (these machines are noisy, so absolute seconds alone mean little)."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from ..models.allocator import keep_freed_memory
 from ..models.attention import head_shape
 from ..models.probe import best_seconds
 from ..store import Corpus, Store
+from .scratch import scratch_workbench
 
 SHARED_ESSAYS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "paul_graham_essays"
 ASSET_ESSAYS = Path(__file__).resolve().parents[2] / "assets" / "paul_graham_essays"
@@ -491,14 +491,6 @@ def report_methods(rows: list[Row], question_floor_s: float) -> None:
              f"{ceiling(row, rag, question_floor_s):6.2f}x")
 
 
-def _scratch_workbench(bench):
-    """A workbench over a temporary home that shares the already loaded models."""
-    from ..workbench import Workbench
-
-    folder = tempfile.TemporaryDirectory(prefix="ragdemo-speed-")
-    return folder, Workbench(dataclasses.replace(bench.settings, home=Path(folder.name)))
-
-
 def run_speed_bench(bench, quick: bool = False) -> dict:
     """Every section in a temporary store that is removed afterwards; returns the prefill and method rows."""
     lm = bench.models.lm
@@ -508,14 +500,11 @@ def run_speed_bench(bench, quick: bool = False) -> dict:
     _say(f"projections: model {lm.packing or 'not packed'}; embedder {bench.models.embedder.packing or 'not packed'}")
     _say(f"attention: {lm.attention or 'SDPA'}")
     _say(keep_freed_memory())
-    folder, temp = _scratch_workbench(bench)
-    try:
+    with scratch_workbench(bench.settings, "speed") as temp:
         bench_ingest(temp, 3 if quick else 10)
         bench_retrieval(bench, 10_000 if quick else 100_000, 10 if quick else 50)
         bench_load(bench.settings)
         prefill = bench_prefill(bench.settings, [256] if quick else [256, 1024, 4096], rounds=2 if quick else 3)
         methods = bench_methods(temp, quick)
-    finally:
-        folder.cleanup()
     _say(f"load average at the end {os.getloadavg()[0]:.1f}")
     return {"prefill": prefill, "methods": methods}

@@ -6,8 +6,6 @@ the given knobs, and reports its `StorageAccount` against an fp16 KV cache of th
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from ..engine.binary import fp16_kv_bytes_per_token
 from ..errors import UserError
 from ..units import fmt_bytes
 from .datasets import ESSAYS, load_squad
+from .scratch import scratch_workbench
 
 DEFAULT_SPECS = "btr@bits=1,lloco@c=4"
 
@@ -52,13 +51,10 @@ def essay_documents(min_tokens: int, tokenizer) -> list[tuple[str, str]]:
 
 def run_storage_bench(settings, specs_text: str = DEFAULT_SPECS, min_tokens: int = 50_000,
                       progress=None) -> list[StorageRow]:
-    from ..workbench import Workbench
     from .runner import parse_method_specs
 
     specs = parse_method_specs(specs_text)
-    home = Path(tempfile.mkdtemp(prefix="ragdemo-storage-"))
-    try:
-        bench = Workbench(settings.with_(home=home))
+    with scratch_workbench(settings, "storage") as bench:
         lm = bench.models.lm
         collections = {"squad-2-articles": load_squad(articles=2).haystacks[0].documents,
                        f"essays-{min_tokens // 1000}k": essay_documents(min_tokens, lm.tokenizer)}
@@ -78,10 +74,7 @@ def run_storage_bench(settings, specs_text: str = DEFAULT_SPECS, min_tokens: int
                 rows.append(StorageRow(name, spec.label, account.tokens, account.chunk_bytes, dict(account.shared),
                                        account.total, round(account.bytes_per_token, 1),
                                        round(account.chunk_bytes_per_token, 1), kv))
-        bench.store.close()
         return rows
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def storage_markdown(rows: list[StorageRow]) -> str:
