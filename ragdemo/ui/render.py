@@ -60,8 +60,7 @@ def esc(text) -> str:
 def mark_colour(mark: str) -> str:
     if mark in MARKS:
         return MARKS[mark][0]
-    digest = int(hashlib.sha1(mark.encode()).hexdigest(), 16)
-    return _SPARE_COLOURS[digest % len(_SPARE_COLOURS)]
+    return stable_pick(mark, _SPARE_COLOURS)
 
 
 def mark_meaning(mark: str) -> str:
@@ -74,7 +73,12 @@ def method_colour(method: str) -> str:
     base = method.split("@")[0]
     if base in names:
         return METHOD_PALETTE[names.index(base) % len(METHOD_PALETTE)]
-    return METHOD_PALETTE[int(hashlib.sha1(base.encode()).hexdigest(), 16) % len(METHOD_PALETTE)]
+    return stable_pick(base, METHOD_PALETTE)
+
+
+def stable_pick(name: str, choices):
+    """The same choice for a name in every process and session (Python's own hash() is salted per process)."""
+    return choices[int(hashlib.sha1(name.encode()).hexdigest(), 16) % len(choices)]
 
 
 def one_liner(method: str) -> str:
