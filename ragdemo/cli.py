@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import Settings
 from .errors import UserError
-from .units import fmt_bytes
+from .units import fmt_bytes, fmt_s
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -109,8 +109,9 @@ def cmd_ask(bench, args) -> int:
         print(f"== {r.method} ({r.model})")
         print(r.error or r.answer)
         print(f"   prompt {r.prompt_tokens} tok, processed {r.processed_tokens}, cached {r.cached_tokens} | "
-              f"retrieve {r.retrieve_s:.3f}s load {r.load_s:.3f}s ttft {r.ttft_s:.3f}s decode {r.decode_s:.3f}s "
-              f"total {r.total_s:.3f}s ({r.decode_tok_s:.1f} tok/s) | storage read {fmt_bytes(r.storage_bytes)}"
+              f"retrieve {fmt_s(r.retrieve_s)}, load {fmt_s(r.load_s)}, TTFT {fmt_s(r.ttft_s)}, decode "
+              f"{fmt_s(r.decode_s)}, total {fmt_s(r.total_s)} ({r.decode_tok_s:.1f} tok/s) | storage read "
+              f"{fmt_bytes(r.storage_bytes)}"
               + (f" | prepared on first use {r.prepare_s:.1f}s" if r.prepare_s else ""))
         for note in r.notes:
             print(f"   note: {note}")

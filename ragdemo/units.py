@@ -1,5 +1,5 @@
-"""How a byte count reads on every screen (cards, Library, CLI, status lines, bench tables): one formatter, so
-the same artifact shows the same figure wherever a user meets it."""
+"""How a byte count and a time read on every screen (cards, Library, CLI, status lines, bench tables): one
+formatter each, so the same artifact or answer shows the same figure wherever a user meets it."""
 from __future__ import annotations
 
 UNITS = ("kB", "MB", "GB", "TB")
@@ -25,3 +25,22 @@ def fmt_bytes(n: float) -> str:
         if text is not None:
             return f"{text} {unit}"
     return f"{n:.0f} {UNITS[-1]}"
+
+
+def fmt_s(seconds: float) -> str:
+    """A measured time: 8 ms, 150 ms, 2.55 s."""
+    seconds = float(seconds or 0)
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def fmt_duration(seconds: float) -> str:
+    """An estimate, rounded as one: 33 s, 4.5 min, 12 min, 1.2 h (fmt_s's 32.76 s claims a precision it lacks)."""
+    seconds = float(seconds or 0)
+    if seconds < 1:
+        return fmt_s(seconds)
+    if seconds < 59.5:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    if minutes < 59.5:
+        return f"{minutes:.1f} min" if minutes < 9.95 else f"{minutes:.0f} min"
+    return f"{minutes / 60:.1f} h"

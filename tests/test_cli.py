@@ -1,4 +1,5 @@
 import json
+import re
 import os
 import subprocess
 import sys
@@ -36,6 +37,7 @@ def test_cli_contract(tmp_path, tiny_model_dir, docs_dir):
     text = run(["ask", "When was the tower completed?", "--collection", "demo", "--methods", "rag"], home,
                tiny_model_dir).stdout
     assert "| storage read 0 B" in text  # what this answer read, in the same units as every other screen
+    assert re.search(r"TTFT \d+ ms|TTFT \d+\.\d\d s", text), text  # times as the cards show them
     prepared = run(["prepare", "--methods", "rag", "--collection", "demo"], home, tiny_model_dir)
     assert "nothing to prepare" in prepared.stdout
     deleted = run(["delete", "eiffel.txt", "--collection", "demo"], home, tiny_model_dir)

@@ -2,7 +2,7 @@
 status line."""
 import pytest
 
-from ragdemo.units import fmt_bytes
+from ragdemo.units import fmt_bytes, fmt_duration, fmt_s
 
 
 @pytest.mark.parametrize("n, text", [
@@ -19,3 +19,8 @@ def test_parts_read_as_their_total_would():
     """BTR's codes and decoder, as the Library shows them, against the 'prepared' line that sums them."""
     codes, decoder = 248_140, 1_329_560
     assert (fmt_bytes(codes), fmt_bytes(decoder), fmt_bytes(codes + decoder)) == ("248 kB", "1.33 MB", "1.58 MB")
+
+
+def test_times_read_as_measured_and_estimates_as_estimates():
+    assert [fmt_s(s) for s in (0.0084, 0.15, 2.554)] == ["8 ms", "150 ms", "2.55 s"]
+    assert [fmt_duration(s) for s in (0.2, 32.76, 270, 598, 3571)] == ["200 ms", "33 s", "4.5 min", "10 min", "1.0 h"]

@@ -13,10 +13,11 @@ from ..errors import UserError
 from ..methods import get_method, registry
 from ..methods.base import Result, params_from
 from ..workbench import DEFAULT_METHODS, DEMO_COLLECTION, Workbench
+from ..units import fmt_duration
 from .common import MODEL_QUEUE, method_choices, method_labels, progress_bridge, user_errors, warn
 from .knobs import KnobSet
 from .library import collection_name, existing_collection
-from .render import (HISTORY_HEADERS, MUTED, Card, comparison_figure, esc, fmt_duration, history_rows, render_cards,
+from .render import (HISTORY_HEADERS, MUTED, Card, comparison_figure, esc, history_rows, render_cards,
                      render_model_sees, render_sources, source_chunk_ids)
 
 log = logging.getLogger(__name__)

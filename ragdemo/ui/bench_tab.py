@@ -14,7 +14,8 @@ from ..bench.runner import MD_HEADERS, _fmt, summary_columns
 from ..errors import UserError
 from ..methods import registry
 from .common import Cancelled, Jobs, cancellable, progress_bridge, session_of, warn
-from .render import esc, fmt_duration
+from ..units import fmt_duration
+from .render import esc
 
 log = logging.getLogger(__name__)
 DATASETS = [("SQuAD v1.1 dev sample (6 whole articles)", "squad"), ("Needle in a haystack (Paul Graham essays)", "needle"),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from ..bench.metrics import best_over_golds, contains
 from ..methods import registry
 from ..methods.base import GLOSSARY, Result
-from ..units import fmt_bytes
+from ..units import fmt_bytes, fmt_s
 
 # mark -> (colour, what it means for the model). Unknown marks get a stable colour and their own name.
 MARKS = {
@@ -89,24 +89,6 @@ def one_liner(method: str) -> str:
     card = re.sub(r"^#+.*\n", "", (cls.card if cls else "") or "").strip()
     first = re.split(r"(?<=[.!?])\s", re.sub(r"[*`]", "", card), maxsplit=1)[0]
     return _short(first, 140)
-
-
-def fmt_s(seconds: float) -> str:
-    seconds = float(seconds or 0)
-    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
-
-
-def fmt_duration(seconds: float) -> str:
-    """An estimate, rounded as one: 33 s, 4.5 min, 12 min, 1.2 h (fmt_s's 32.76 s claims a precision it lacks)."""
-    seconds = float(seconds or 0)
-    if seconds < 1:
-        return fmt_s(seconds)
-    if seconds < 59.5:
-        return f"{seconds:.0f} s"
-    minutes = seconds / 60
-    if minutes < 59.5:
-        return f"{minutes:.1f} min" if minutes < 9.95 else f"{minutes:.0f} min"
-    return f"{minutes / 60:.1f} h"
 
 
 def fmt_num(value: float) -> str:
