@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and inside the Gradio worker
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from ..units import fmt_bytes  # noqa: E402
 
 
 def _finite(x) -> bool:
@@ -108,7 +109,7 @@ def plot_storage(run, path: Path) -> Path | None:
     ax.barh([r["method"] for r in rows], values, color="tab:blue")
     for i, (r, v) in enumerate(zip(rows, values)):
         bpt = r.get("bytes_per_token")
-        text = f"{v:.2f} MB" + (f" · {bpt:,.0f} B/tok" if _finite(bpt) and bpt else "")
+        text = fmt_bytes(r["storage_bytes"]) + (f" · {bpt:,.0f} B/tok" if _finite(bpt) and bpt else "")
         ax.text(v, i, " " + text, va="center", fontsize=8)
     ax.set_xlabel("cached artifacts per collection (MB)")
     ax.set_title(f"{run.meta['dataset']}: storage per method", fontsize=10)

@@ -715,7 +715,7 @@ Targets: {storage target}. {frontier}.""" \
                               packed.shape[1] * 8)
         before = sum(len(b) for b in blobs.values())
         after = len(book.codes) * (book.codes.shape[1] + 2) + 4 * len(token_ids)
-        say(0.97, f"offline merging: {len(token_ids)} codes -> {len(book.codes)} unique, ~{before} B -> ~{after} B")
+        say(0.97, f"offline merging: {len(token_ids)} codes -> {len(book.codes)} unique, ~{fmt_bytes(before)} -> ~{fmt_bytes(after)}")
         start = 0
         for chunk, codes in zip(chunks, all_codes):
             index = book.index[start:start + codes.n].astype("<u4")
@@ -828,7 +828,7 @@ Targets: {storage target}. {frontier}.""" \
         states, read, notes, prepare_s = self._load(corpus, params, hits)
         adapter = self._adapter(corpus, params, read.decoder_blob, read.sig)
         if adapter:
-            notes.append(f"distilled LoRA on layers [{params.split}, {lm.n_layers}) applied ({len(adapter)} B)")
+            notes.append(f"distilled LoRA on layers [{params.split}, {lm.n_layers}) applied ({fmt_bytes(len(adapter))})")
         passages = [s for s in prompt.segments if s.kind == "passage"]
         for seg, state in zip(passages, states):
             if len(seg.ids) != len(state):

@@ -19,6 +19,7 @@ from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text,
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash, chunk_key
+from ..units import fmt_bytes
 from .base import Params, Method, Result, StorageAccount, finish, storage_sentence
 from .measured import measured_run, measured_table, share
 
@@ -321,7 +322,7 @@ collection's tokens; `python -m ragdemo bench-storage`, c=4 at the default knobs
             result.notes.append(f"chunk caches missing for these knobs were compressed now and stored "
                                 f"({prepare_s:.2f} s, counted as prepare_s, not in load or TTFT)")
         if adapter:
-            result.notes.append(f"collection LoRA applied ({len(adapter)} bytes)")
+            result.notes.append(f"collection LoRA applied ({fmt_bytes(len(adapter))})")
         kept = sum(p.kept for p in passages)
         result.notes.append(f"{kept} of {passage_tokens} passage tokens kept per layer/head "
                             f"(c={params.c}, {params.scorer}, {params.storage}); dimmed tokens were dropped")
