@@ -44,3 +44,19 @@ def fmt_duration(seconds: float) -> str:
     if minutes < 59.5:
         return f"{minutes:.1f} min" if minutes < 9.95 else f"{minutes:.0f} min"
     return f"{minutes / 60:.1f} h"
+
+
+def fmt_speed(faster: float | None, reference: str = "RAG") -> str:
+    """A speed ratio said one way on every screen: the reference's time over this one's, as '5.0x faster than
+    RAG' or '1.3x slower than RAG' (never a bare ratio below 1); '–' when not measured."""
+    try:
+        faster = float(faster)
+    except (TypeError, ValueError):
+        return "–"
+    if not faster > 0 or faster == float("inf"):
+        return "–"
+    if round(faster, 1) == 1.0 and round(1 / faster, 1) == 1.0:
+        return f"as fast as {reference}"
+    if faster > 1:
+        return f"{faster:.1f}x faster than {reference}"
+    return f"{1 / faster:.1f}x slower than {reference}"

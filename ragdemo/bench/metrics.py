@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -101,3 +102,79 @@ def median_value_kept(triples: list[tuple[float, float, float]]) -> tuple[float,
     """(median per-question value kept, how many questions it is taken over)."""
     ratios = [r for r in (per_question_value_kept(*t) for t in triples) if np.isfinite(r)]
     return (float(np.median(ratios)) if ratios else float("nan")), len(ratios)
+
+
+# ------------------------------------------------------------------ intervals (GLOSSARY "interval")
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0  # fixed, so a table regenerated from the same answers gives the same intervals
+
+
+@dataclass
+class Interval:
+    """A ratio (1.0 = the reference's) and its 95% paired bootstrap interval; NaN where it cannot be computed."""
+
+    value: float
+    low: float
+    high: float
+
+    def known(self) -> bool:
+        return bool(np.isfinite([self.value, self.low, self.high]).all())
+
+    def overlaps(self, other: "Interval") -> bool:
+        return self.low <= other.high and other.low <= self.high
+
+    def text(self) -> str:
+        """'89% [84, 95]', or '–' when unknown."""
+        if not np.isfinite(self.value):
+            return "–"
+        if not self.known():
+            return f"{100 * self.value:.0f}%"
+        return f"{100 * self.value:.0f}% [{100 * self.low:.0f}, {100 * self.high:.0f}]"
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "low": self.low, "high": self.high}
+
+
+def paired_bootstrap(statistic, columns: list[np.ndarray], samples: int = BOOTSTRAP_SAMPLES,
+                     seed: int = BOOTSTRAP_SEED) -> Interval:
+    """`statistic(*columns)` with a 95% percentile interval: questions are resampled with replacement, every
+    column (method and reference) by the same indices, so the pairing that makes the comparison fair is kept."""
+    columns = [np.asarray(c, dtype=float) for c in columns]
+    n = len(columns[0]) if columns else 0
+    value = float(statistic(*columns)) if n else float("nan")
+    if n < 2:
+        return Interval(value, float("nan"), float("nan"))
+    picks = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    with np.errstate(all="ignore"):
+        draws = np.array([statistic(*(c[p] for c in columns)) for p in picks], dtype=float)
+    draws = draws[np.isfinite(draws)]
+    if len(draws) < samples // 2:  # the statistic is undefined on most resamples: no honest interval
+        return Interval(value, float("nan"), float("nan"))
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return Interval(value, float(low), float(high))
+
+
+def value_kept_interval(closed, method, reference) -> Interval:
+    """Context value kept (ratio of summed gaps, `context_value_kept`) with its paired interval."""
+    return paired_bootstrap(context_value_kept, [closed, method, reference])
+
+
+def _ratio_of_means(mine: np.ndarray, ref: np.ndarray) -> float:
+    ref_mean = float(np.mean(ref))
+    return float(np.mean(mine)) / ref_mean if ref_mean > 0 else float("nan")
+
+
+def relative_interval(mine, reference) -> Interval:
+    """A score's mean over the reference's on the same questions (contains vs ref, F1 vs ref), with its interval."""
+    return paired_bootstrap(_ratio_of_means, [mine, reference])
+
+
+def disagreement(value_kept: Interval, answers: Interval, reference: str = "RAG") -> str:
+    """A plain sentence when the two quality signals disagree beyond their intervals, else ''."""
+    if not (value_kept.known() and answers.known()) or value_kept.overlaps(answers):
+        return ""
+    more, less = (("the gold answer's likelihood", "its answers") if value_kept.low > answers.high
+                  else ("its answers", "the gold answer's likelihood"))
+    return (f"the two quality signals disagree: value kept is {value_kept.text()} of {reference}'s, while answers "
+            f"containing the gold answer are {answers.text()} of {reference}'s; {more} credits this method with "
+            f"more of {reference}'s quality than {less} do")

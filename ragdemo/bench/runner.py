@@ -25,10 +25,12 @@ from ..errors import NotSupported, UserError
 from ..methods import get_method, registry
 from ..methods.base import Progress, Result, params_from
 from .datasets import Dataset, Haystack, Question
-from .metrics import INDICATIVE_BELOW, MIN_MEAN_GAP, MIN_QUESTION_GAP, answer_scores, context_value_kept, median_value_kept
+from ..units import fmt_bytes, fmt_s, fmt_speed
+from .metrics import (BOOTSTRAP_SAMPLES, INDICATIVE_BELOW, MIN_MEAN_GAP, MIN_QUESTION_GAP, Interval, answer_scores,
+                      disagreement, median_value_kept, relative_interval, value_kept_interval)
 
 REFERENCES = ("rag", "full_context")
-RESULT_FIELDS = ["prompt_tokens", "processed_tokens", "cached_tokens", "new_tokens", "retrieve_s", "load_s", "prepare_s",
+RESULT_FIELDS = ["prompt_tokens", "processed_tokens", "cached_tokens", "overhead_tokens", "new_tokens", "retrieve_s", "load_s", "prepare_s",
                  "ttft_s", "decode_s", "total_s", "decode_tok_s", "storage_bytes", "bytes_per_token", "chunk_bytes_per_token"]
 
 
@@ -158,7 +160,7 @@ def run_bench(workbench, dataset: Dataset, specs: list[MethodSpec], reference: s
                 record = {"id": question.id, "question": question.question, "answers": question.answers,
                           "keywords": question.keywords, "meta": question.meta, "haystack": haystack.key,
                           "results": {}}
-                for spec in specs:
+                for spec in rotated(specs, len(records)):
                     tick.step(f"{spec.label}: {question.question[:40]}")
                     if spec.limit is not None and asked[spec.label] >= spec.limit and spec.label not in {reference, "closed_book"}:
                         continue
@@ -179,6 +181,13 @@ def run_bench(workbench, dataset: Dataset, specs: list[MethodSpec], reference: s
     run.summary = summarize(run)
     tick.done()
     return run
+
+
+def rotated(specs: list[MethodSpec], index: int) -> list[MethodSpec]:
+    """The methods in a different order for each question (as bench-speed does), so no method always runs first
+    after a question change and pays the colder retrieval."""
+    shift = index % len(specs) if specs else 0
+    return specs[shift:] + specs[:shift]
 
 
 def _over(started: float, budget: float | None) -> bool:
@@ -274,8 +283,8 @@ def _nll(method, question: Question, corpus, params, out: dict) -> float:
 
 # ------------------------------------------------------------------ summary
 SUMMARY_COLUMNS = ["method", "n", "errors", "em", "f1", "contains", "keywords", "nll", "value_kept",
-                   "value_kept_median", "value_kept_n", "ttft_s", "ttft_vs_ref", "total_s", "prompt_tokens", "processed_tokens",
-                   "cached_tokens", "bytes_per_token", "storage_bytes", "prepare_s"]
+                   "contains_vs_ref", "f1_vs_ref", "value_kept_median", "value_kept_n", "ttft_s", "speedup", "total_s",
+                   "prompt_tokens", "processed_tokens", "cached_tokens", "bytes_per_token", "storage_bytes", "prepare_s"]
 
 
 def _mean(values) -> float:
@@ -285,29 +294,57 @@ def _mean(values) -> float:
 
 def summarize(run: BenchRun) -> list[dict]:
     ref = run.meta["reference"]
-    rows = []
-    for spec in run.specs:
-        mine = [r for r in run.records if spec.label in r["results"]]
-        answered = [r["results"][spec.label] for r in mine if r["results"][spec.label].get("answered")]
-        triples = [(r["results"]["closed_book"]["nll"], r["results"][spec.label]["nll"], r["results"][ref]["nll"])
-                   for r in mine if "closed_book" in r["results"] and ref in r["results"]]
-        closed, method, reference = (list(x) for x in zip(*triples)) if triples else ([], [], [])
-        median, median_n = median_value_kept(triples)
-        row = {"method": spec.label, "n": len(mine),
-               "errors": sum(1 for r in mine if r["results"][spec.label].get("error")) if spec.answers else 0,
-               "nll": _mean(r["results"][spec.label]["nll"] for r in mine),
-               "value_kept": context_value_kept(closed, method, reference),
-               "value_kept_median": median, "value_kept_n": median_n,
-               "indicative": len(triples) < INDICATIVE_BELOW,
-               "storage_bytes": _mean(run.storage.get(spec.label, [])),
-               "prepare_s": run.prepare_s.get(spec.label, 0.0)}
-        for key in ("em", "f1", "contains", "keywords"):
-            row[key] = 100 * _mean(a.get(key) for a in answered) if spec.answers else float("nan")
-        for key in ("ttft_s", "total_s", "prompt_tokens", "processed_tokens", "cached_tokens", "bytes_per_token"):
-            row[key] = _mean(a.get(key) for a in answered) if spec.answers else float("nan")
-        row["ttft_vs_ref"] = _ttft_ratio(run.records, spec.label, ref) if spec.answers else float("nan")
-        rows.append(row)
-    return rows
+    return [_summary_row(run, spec, ref) for spec in run.specs]
+
+
+def _summary_row(run: BenchRun, spec: MethodSpec, ref: str) -> dict:
+    mine = [r for r in run.records if spec.label in r["results"]]
+    answered = [r["results"][spec.label] for r in mine if r["results"][spec.label].get("answered")]
+    triples = [(r["results"]["closed_book"]["nll"], r["results"][spec.label]["nll"], r["results"][ref]["nll"])
+               for r in mine if "closed_book" in r["results"] and ref in r["results"]]
+    median, median_n = median_value_kept(triples)
+    value = value_kept_interval(*(list(x) for x in zip(*triples))) if triples else Interval(*[float("nan")] * 3)
+    row = {"method": spec.label, "n": len(mine),
+           "errors": sum(1 for r in mine if r["results"][spec.label].get("error")) if spec.answers else 0,
+           "nll": _mean(r["results"][spec.label]["nll"] for r in mine),
+           "value_kept": value.value, "value_kept_interval": value.to_dict(),
+           "value_kept_median": median, "value_kept_n": median_n,
+           "indicative": len(triples) < INDICATIVE_BELOW,
+           "storage_bytes": _mean(run.storage.get(spec.label, [])),
+           "prepare_s": run.prepare_s.get(spec.label, 0.0)}
+    for key in ("em", "f1", "contains", "keywords"):
+        row[key] = 100 * _mean(a.get(key) for a in answered) if spec.answers else float("nan")
+    for key in ("ttft_s", "total_s", "prompt_tokens", "processed_tokens", "cached_tokens", "overhead_tokens",
+                "bytes_per_token"):
+        row[key] = _mean(a.get(key) for a in answered) if spec.answers else float("nan")
+    ratio = _ttft_ratio(run.records, spec.label, ref) if spec.answers else float("nan")
+    row["ttft_vs_ref"] = ratio  # this TTFT / the reference's (JSON); screens say it as `speedup` in words
+    row["speedup"] = 1 / ratio if ratio and np.isfinite(ratio) else float("nan")
+    answers = _relative(run.records, spec, ref, "contains") if spec.answers else Interval(*[float("nan")] * 3)
+    row["contains_vs_ref"], row["contains_vs_ref_interval"] = answers.value, answers.to_dict()
+    f1 = _relative(run.records, spec, ref, "f1") if spec.answers else Interval(*[float("nan")] * 3)
+    row["f1_vs_ref"], row["f1_vs_ref_interval"] = f1.value, f1.to_dict()
+    row["disagreement"] = disagreement(value, answers, ref.upper() if ref == "rag" else ref) if spec.label != ref else ""
+    return row
+
+
+def _relative(records: list[dict], spec: MethodSpec, ref: str, score: str) -> Interval:
+    """A score of this method's answers over the reference's, on the questions both answered, with its interval."""
+    pairs = [(r["results"][spec.label].get(score), r["results"][ref].get(score)) for r in records
+             if r["results"].get(spec.label, {}).get("answered") and r["results"].get(ref, {}).get("answered")]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    if not pairs:
+        return Interval(*[float("nan")] * 3)
+    mine, theirs = zip(*pairs)
+    return relative_interval(mine, theirs)
+
+
+def interval_of(row: dict, key: str) -> Interval:
+    """A summary row's interval (`value_kept`, `contains_vs_ref`, `f1_vs_ref`) as an Interval."""
+    found = row.get(f"{key}_interval") or {}
+    nan = float("nan")
+    return Interval(float(found.get("value", row.get(key, nan))), float(found.get("low", nan)),
+                    float(found.get("high", nan)))
 
 
 def _ttft_ratio(records: list[dict], label: str, ref: str) -> float:
@@ -337,28 +374,52 @@ def machine_info() -> dict:
 
 
 # ------------------------------------------------------------------ writing
-def _fmt(value, key: str) -> str:
+def reference_name(run_or_meta) -> str:
+    ref = (run_or_meta.meta if hasattr(run_or_meta, "meta") else run_or_meta).get("reference", "rag")
+    return "RAG" if ref == "rag" else ref
+
+
+def fmt_cell(row: dict, key: str, reference: str = "RAG") -> str:
+    """One summary cell as every table shows it (the bench's summary.md, the Benchmark tab, cards, README)."""
+    value = row.get(key)
+    if key in ("value_kept", "contains_vs_ref", "f1_vs_ref"):
+        return interval_of(row, key).text()
+    if key == "speedup":
+        return fmt_speed(value, reference)
     if isinstance(value, str):
         return value
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    if key in ("value_kept", "value_kept_median"):
+    if key == "value_kept_median":
         return f"{100 * value:.0f}%"
-    if key == "ttft_vs_ref":
-        return f"{value:.2f}x"
-    if key in ("ttft_s", "total_s", "nll"):
+    if key in ("em", "contains", "keywords"):
+        return f"{value:.0f}%"
+    if key == "bytes_per_token":
+        return f"{value:,.1f} B"
+    if key in ("ttft_s", "total_s"):
+        return fmt_s(value)
+    if key == "nll":
         return f"{value:.3f}"
-    if key in ("storage_bytes", "prepare_s", "prompt_tokens", "cached_tokens", "n", "errors", "value_kept_n"):
-        return f"{value:,.0f}" if key != "prepare_s" else f"{value:.1f}"
+    if key == "storage_bytes":
+        return fmt_bytes(value)
+    if key in ("prompt_tokens", "n", "errors", "value_kept_n"):
+        return f"{value:,.0f}"
+    if key == "prepare_s":
+        return f"{value:.1f}"
     return f"{value:.1f}"
 
 
 MD_HEADERS = {"method": "method", "n": "n", "errors": "errors", "em": "EM", "f1": "F1", "contains": "contains",
-              "keywords": "keywords", "nll": "gold NLL", "value_kept": "value kept",
-              "value_kept_median": "value kept (median)", "value_kept_n": "median over n", "ttft_s": "TTFT s", "ttft_vs_ref": "TTFT vs ref",
-              "total_s": "total s", "prompt_tokens": "prompt tok", "processed_tokens": "processed tok",
-              "cached_tokens": "cached tok", "bytes_per_token": "bytes/tok", "storage_bytes": "storage B",
-              "prepare_s": "prepare s"}
+              "keywords": "keywords", "nll": "gold NLL", "value_kept": "value kept [95% CI]",
+              "contains_vs_ref": "contains vs ref [95% CI]", "f1_vs_ref": "F1 vs ref [95% CI]",
+              "value_kept_median": "value kept (median)", "value_kept_n": "median over n", "ttft_s": "TTFT",
+              "speedup": "TTFT vs ref", "total_s": "total", "prompt_tokens": "prompt tok",
+              "processed_tokens": "processed tok", "cached_tokens": "cached tok", "bytes_per_token": "bytes/tok",
+              "storage_bytes": "stored", "prepare_s": "prepare s"}
+
+
+def column_header(key: str, reference: str = "RAG") -> str:
+    return MD_HEADERS[key].replace("vs ref", f"vs {reference}")
 
 
 def summary_columns(run: BenchRun) -> list[str]:
@@ -366,13 +427,17 @@ def summary_columns(run: BenchRun) -> list[str]:
     return [c for c in SUMMARY_COLUMNS if c != "keywords" or has_keywords]
 
 
+def row_label(run: BenchRun, row: dict) -> str:
+    label = row["method"] + ("" if _spec(run, row["method"]).answers else " (NLL only)")
+    return label + (" (indicative: < %d questions)" % INDICATIVE_BELOW if row.get("indicative") else "")
+
+
 def summary_markdown_table(run: BenchRun) -> str:
-    cols = summary_columns(run)
-    lines = ["| " + " | ".join(MD_HEADERS[c] for c in cols) + " |", "|" + "---|" * len(cols)]
+    cols, reference = summary_columns(run), reference_name(run)
+    lines = ["| " + " | ".join(column_header(c, reference) for c in cols) + " |", "|" + "---|" * len(cols)]
     for row in run.summary:
-        label = row["method"] + ("" if _spec(run, row["method"]).answers else " (NLL only)")
-        label += " (indicative: < %d questions)" % INDICATIVE_BELOW if row.get("indicative") else ""
-        lines.append("| " + " | ".join(_fmt(label if c == "method" else row[c], c) for c in cols) + " |")
+        lines.append("| " + " | ".join(row_label(run, row) if c == "method" else fmt_cell(row, c, reference)
+                                       for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -380,9 +445,14 @@ def _spec(run: BenchRun, label: str) -> MethodSpec:
     return next(s for s in run.specs if s.label == label)
 
 
+def disagreements(run: BenchRun) -> list[str]:
+    return [f"{row['method']}: {row['disagreement']}" for row in run.summary if row.get("disagreement")]
+
+
 def summary_markdown(run: BenchRun) -> str:
     m = run.meta
     machine = m["machine"]
+    reference = reference_name(run)
     lines = [f"# Benchmark: {m['dataset']}", "",
              f"- data: {m['description']}",
              f"- model: {m['model']} ({m['dtype']}, {m['device']}), max new tokens {m['max_new_tokens']}",
@@ -393,22 +463,30 @@ def summary_markdown(run: BenchRun) -> str:
         lines.insert(4, f"- attention: {m['attention']}")
     if m.get("command"):
         lines.append(f"- command: `{m['command']}`")
-    lines += [f"- reference for context value kept and TTFT ratio: **{m['reference']}**"]
+    lines += [f"- reference for context value kept and TTFT ratio: **{m['reference']}**",
+              "- method order: rotated from question to question"]
     if m.get("partial"):
         lines.append(f"- **{m['partial']}**")
     lines.append("")
     lines += [summary_markdown_table(run), ""]
+    found = disagreements(run)
+    if found:
+        lines += ["**Where the two quality signals disagree:**", ""] + [f"- {line}" for line in found] + [""]
     lines += ["EM / F1 / contains are percentages over answered questions (SQuAD normalisation, best over the gold "
               "answers; contains = a normalised gold answer appears as whole words in the normalised answer). "
               "Gold NLL is the mean teacher-forced NLL per token of the first gold answer.",
               f"**Value kept** = Σ(NLL_closed_book − NLL_method) / Σ(NLL_closed_book − NLL_{m['reference']}) over "
               "the same questions: a ratio of summed gaps, stable where per-question ratios explode; \"–\" (n/a) when "
-              f"the reference beats closed book by less than {MIN_MEAN_GAP} nats per token on average. The median of "
+              f"the reference beats closed book by less than {MIN_MEAN_GAP} nats per token on average. "
+              f"**Contains / F1 vs {reference}** = the method's mean over the reference's on the questions both "
+              "answered. [low, high] = 95% paired bootstrap interval (questions resampled, method and reference "
+              f"together, {BOOTSTRAP_SAMPLES:,} times). The median of "
               f"per-question ratios is taken over the questions where the reference beats closed book by at least "
               f"{MIN_QUESTION_GAP} nats (their count is shown). Rows on fewer than {INDICATIVE_BELOW} questions are "
-              "indicative only. TTFT vs ref = mean TTFT / the reference's mean TTFT over the questions both answered.",
-              "Storage B is each method's cached artifacts for the collection (mean per collection); "
-              "bytes/tok is per token of its cache. \"NLL only\" rows were added to score context value kept."]
+              f"indicative only. TTFT vs {reference} = the reference's mean TTFT over this method's, on the questions "
+              "both answered.",
+              "Stored = each method's artifacts for the collection, everything counted (mean per collection); "
+              "bytes/tok = that over the collection's tokens. \"NLL only\" rows were added to score context value kept."]
     limited = [s for s in run.specs if s.limit]
     if limited:
         lines.append("Methods limited to the first questions (too slow for all): " +
@@ -491,20 +569,9 @@ def load_run(path: str | Path) -> dict:
 
 
 def load_run_or_summary(path: str | Path) -> dict:
-    """A bench run as `load_run` gives it, from its folder, its results.json, or, where only the table was kept,
-    its summary.md (then each row has just its method, value kept and TTFT against the reference)."""
-    from ..methods.measured import measured_run, share
-
+    """A bench run from its output folder or its results.json."""
     path = Path(path)
-    if path.suffix != ".md":
-        return load_run(path / "results.json" if path.is_dir() else path)
-    run = measured_run(str(path.resolve()))
-    if run is None:
-        raise ValueError(f"{path} holds no bench table")
-    reference = run.meta.get("reference for context value kept and TTFT ratio", "").strip("* ")
-    rows = [{"method": r["method"].split(" (")[0], "value_kept": share(r.get("value kept")),
-             "ttft_vs_ref": share(r.get("TTFT vs ref"))} for r in run.records]
-    return {"meta": {"reference": reference, "dataset": run.meta.get("data", "?").split(" (")[0]}, "summary": rows}
+    return load_run(path / "results.json" if path.is_dir() else path)
 
 
 def available_methods() -> list[str]:

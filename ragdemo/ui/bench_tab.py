@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from ..bench.command import equivalent_command, run_benchmark
-from ..bench.runner import MD_HEADERS, _fmt, summary_columns
+from ..bench.runner import column_header, fmt_cell, reference_name, row_label, summary_columns
 from ..errors import UserError
 from ..methods import registry
 from .common import Cancelled, Jobs, cancellable, progress_bridge, session_of, warn
@@ -69,8 +69,10 @@ def estimate(workbench, dataset: str, n, checked, variants) -> str:
 
 
 def summary_frame(run) -> pd.DataFrame:
-    cols = summary_columns(run)
-    return pd.DataFrame([[_fmt(row[c], c) for c in cols] for row in run.summary], columns=[MD_HEADERS[c] for c in cols])
+    """The run's table exactly as its summary.md gives it (one formatter for every screen)."""
+    cols, reference = summary_columns(run), reference_name(run)
+    rows = [[row_label(run, row) if c == "method" else fmt_cell(row, c, reference) for c in cols] for row in run.summary]
+    return pd.DataFrame(rows, columns=[column_header(c, reference) for c in cols])
 
 
 def run_from_ui(workbench, dataset, jsonl_file, n, seed, checked, variants, reference, lengths, depths,
