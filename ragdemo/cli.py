@@ -298,6 +298,42 @@ def cmd_bench_frontier(bench, args) -> int:
     return 0
 
 
+def cmd_results(bench, args) -> int:
+    """The one results suite every screen quotes: run it, then write docs/RESULTS.md and the README's tables."""
+    from .bench.command import as_command
+    from .bench.suite import SUITE_DIR, run_suite
+    from .cards import load_suite
+    from .cards.docs import write_pages
+
+    out = Path(args.out) if args.out else SUITE_DIR
+    sections = [s.strip() for s in args.sections.split(",")] if args.sections else None
+    bar, update = _progress_bar("results")
+    with bar, contextlib.redirect_stdout(sys.stderr):
+        record = run_suite(bench.settings, out, args.quick, as_command(sys.argv[1:]) if sys.argv[1:2] == ["results"]
+                           else "python -m ragdemo results", sections, progress=update)
+    written = write_pages(load_suite(out))
+    print(f"results suite in {out} ({record['wall_s'] / 60:.0f} min; load average "
+          f"{(record['load_start'] or ['?'])[0]} at the start, {(record['load_end'] or ['?'])[0]} at the end)")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_methods(bench, args) -> int:
+    """What the Methods tab shows: every method with its measured headline, or one method's whole card."""
+    from .cards import card_markdown, headline
+    from .methods import get_method, registry
+    from .ui.methods_tab import knob_table  # the Methods tab's own table
+
+    if args.name:
+        get_method(args.name)  # an unknown name is one error line
+        print(card_markdown(args.name))
+        print(f"\nKnobs (--set {args.name}.KNOB=VALUE):\n\n{knob_table(registry()[args.name].Params)}")
+        return 0
+    for name, cls in registry().items():
+        print(f"{name}: {cls.label}\n   measured: {headline(name)}")
+    return 0
+
+
 def cmd_bench(bench, args) -> int:
     from .bench.command import cmd_bench as run
 
@@ -310,7 +346,7 @@ COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "prepare": cmd_prepare, "list"
             "finetune": cmd_finetune,
             "bench-speed": cmd_bench_speed, "bench-order": cmd_bench_order,
             "bench-storage": cmd_bench_storage, "bench-retrievers": cmd_bench_retrievers,
-            "bench-frontier": cmd_bench_frontier}
+            "bench-frontier": cmd_bench_frontier, "results": cmd_results, "methods": cmd_methods}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -382,9 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="assets/results/retrievers")
     p = sub.add_parser("bench-frontier", parents=[common],
                        help="plot value kept against speed-up for one method's variants over bench runs")
-    p.add_argument("runs", nargs="+", help="bench output folders, their results.json, or summary.md files")
+    p.add_argument("runs", nargs="+", help="bench output folders or their results.json")
     p.add_argument("--method", default="btr")
     p.add_argument("--out", required=True, help="the .png to write")
+    p = sub.add_parser("results", parents=[common],
+                       help="run the results suite every screen quotes, then write docs/RESULTS.md and the README tables")
+    p.add_argument("--out", default=None, help="default: assets/results/suite (the bundled suite, replaced whole)")
+    p.add_argument("--quick", action="store_true", help="a few questions per section: checks the pipeline, not the figures")
+    p.add_argument("--sections", default=None, help="comma-separated subset (squad, heldout, speed, storage, retrievers)")
+    p = sub.add_parser("methods", parents=[common], help="the Methods tab: each method's card and measured figures")
+    p.add_argument("name", nargs="?", default=None, help="one method's whole card (default: one line per method)")
     from .bench.command import add_bench_parser
 
     add_bench_parser(sub, common)

@@ -345,24 +345,3 @@ def test_prompt_tokens_after_runtime_merging_and_processed_never_more(ingested):
         assert result.cached_tokens <= result.prompt_tokens
         assert result.cached_tokens - (result.segments[0]["n_tokens"] if result.segments[0]["mark"] == "cached" else 0) \
             == passages - (folded if result is merged else 0)
-
-
-def test_the_card_states_the_measured_everything_counted_storage(tmp_path, monkeypatch):
-    import json
-
-    import ragdemo.methods.base as base
-    from ragdemo.methods.btr import STORAGE_LABEL, _storage_target
-
-    assert "not measured" in _storage_target() or "everything counted" in _storage_target()
-    rows = [{"collection": "squad-2-articles", "method": STORAGE_LABEL, "tokens": 7500, "chunk_bytes": 556_000,
-             "shared": {"decoder": 1_330_000}, "total": 1_886_000, "bytes_per_token": 251.5,
-             "chunk_bytes_per_token": 74.1, "fp16_kv_bytes_per_token": 23040},
-            {"collection": "other", "method": "lloco@c=4", "tokens": 1, "chunk_bytes": 1, "shared": {}, "total": 1,
-             "bytes_per_token": 1.0, "chunk_bytes_per_token": 1.0, "fp16_kv_bytes_per_token": 23040}]
-    results = tmp_path / "storage.json"
-    results.write_text(json.dumps({"meta": {}, "rows": rows}))
-    monkeypatch.setattr(base, "STORAGE_RESULTS", results)
-    sentence = base.storage_sentence(STORAGE_LABEL)
-    assert "251.5 B per token, 92x smaller than an fp16 KV cache" in sentence and "decoder 1.33 MB" in sentence
-    assert "other" not in sentence
-    assert "**not met** (92x" in _storage_target()  # the verdict follows the amortised figure, not the codes' 310x

@@ -281,13 +281,3 @@ def test_distilled_lora_moves_compressed_reading_towards_the_full_text(tiny_benc
     before = kl(None)
     tiny_bench.finetune("lloco", knobs={"lloco": knobs})
     assert kl(lloco._context(QUESTION, corpus, params).adapter) < 0.8 * before
-
-
-def test_readme_and_card_state_the_targets_read_from_the_grid():
-    from pathlib import Path
-
-    from ragdemo.methods import lloco
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert lloco._targets().startswith("Targets, from this run")  # the grid has its c=4 rows
-    assert lloco._targets() in readme and lloco._targets() in lloco.Lloco.card

@@ -589,40 +589,6 @@ def test_build_app_has_every_tab_and_method(tiny_bench):
     assert {"load-demo", "gold", "confirm-delete", "prepare-cancel", "bench-cancel", "ask-header"} <= ids
 
 
-def test_methods_tab_summaries_have_paper_mechanism_and_measured_headline():
-    from ragdemo.methods.lloco import LlocoParams
-    from ragdemo.methods.measured import measured_run
-    from ragdemo.ui.methods_tab import HEADLINE_RUNS, knob_table, method_summary
-
-    run = next(r for r in map(measured_run, HEADLINE_RUNS) if r is not None and "rag" in r.rows)
-    summary = method_summary("rag", registry()["rag"])
-    assert len(summary.split("\n")) == 3 and one_liner("rag") in summary
-    assert f"contains {run.value('rag', 'contains')}%" in summary and run.relative in summary
-    has_cacheblend = any(r is not None and "cacheblend" in r.rows for r in map(measured_run, HEADLINE_RUNS))
-    assert has_cacheblend or "not in the bundled SQuAD runs" in method_summary("cacheblend", registry()["cacheblend"])
-    assert "reconstruct (KVzip-style) / keynorm" in knob_table(LlocoParams)  # the note column is no longer empty
-
-
-def test_methods_tab_headlines_say_speed_as_every_other_screen_and_carry_rags_figure():
-    """Headlines come from more than one run: each names its run, gives RAG's contains from that same run, and
-    says speed as 'x faster / slower than RAG' (bench-speed's and the README's way), never '0.24x RAG'."""
-    from ragdemo.methods.measured import measured_run, share
-    from ragdemo.ui.methods_tab import HEADLINE_RUNS, measured_line, speed_against_rag
-
-    assert speed_against_rag("0.24x") == "4.2x faster than RAG" and speed_against_rag("2.09x") == "2.1x slower than RAG"
-    assert speed_against_rag("1.00x") == "as fast as RAG" and "not measured" in speed_against_rag("–")
-    for name in registry():
-        line = measured_line(name)
-        assert "–" not in line and "x RAG)" not in line, line  # no empty cells, no bare ratio
-        run = next((r for r in map(measured_run, HEADLINE_RUNS) if r is not None and r.relative in line), None)
-        if run is None:
-            continue
-        if name != "rag" and "NLL only" not in line:
-            ratio = share(run.value(name, "TTFT vs ref"))
-            assert f"(RAG {run.value('rag', 'contains')}%)" in line
-            assert ("faster" in line) == (ratio < 1) and f"{max(ratio, 1 / ratio):.1f}x" in line
-
-
 def test_cancel_pressed_while_the_job_waits_in_the_queue_is_not_lost():
     class Request:
         session_hash = "user-b"
@@ -665,23 +631,3 @@ def test_every_handler_gets_its_request_and_progress_from_gradio(tiny_bench):
                 if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
                     missed.append(f"{fn.__qualname__}({param.name})")
     assert checked >= 3 and not missed, missed  # bench Run, Prepare, Fine-tune, Compare, upload at least
-
-
-def test_method_cards_show_their_bundled_figures(tmp_path, monkeypatch):
-    """A card's plots (e.g. BTR's frontier) are drawn under its text when their files are bundled; a figure not
-    produced yet is left out rather than shown broken."""
-    import gradio as gr
-
-    import ragdemo.ui.methods_tab as methods_tab
-    from ragdemo.methods.btr import FIGURES, Btr
-
-    assert methods_tab.card_figures(type("NoPlots", (), {"figures": ()})) == []
-    (tmp_path / FIGURES[0]).parent.mkdir(parents=True)
-    import matplotlib.pyplot as plt
-    plt.figure(figsize=(1, 1)).savefig(tmp_path / FIGURES[0])
-    monkeypatch.setattr(methods_tab, "RESULTS_DIR", tmp_path)
-    assert methods_tab.card_figures(Btr) == [tmp_path / FIGURES[0]]
-    with gr.Blocks() as demo:
-        methods_tab.build_methods_tab()
-    images = [c for c in demo.config["components"] if c.get("type") == "image"]
-    assert [c["props"]["label"] for c in images] == [f"assets/results/{FIGURES[0]}"]

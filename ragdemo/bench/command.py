@@ -55,14 +55,17 @@ def run_benchmark(workbench, dataset: str, out: str | Path, methods=None, knobs:
                   limits: dict | None = None, path: str | None = None, n: int | None = None, seed: int = 0,
                   articles: int | None = None, lengths=None, depths=None, reference: str = "rag",
                   max_new_tokens: int | None = None, progress=None, cleanup: bool = True, plots: bool = True,
-                  extra_meta: dict | None = None, time_budget_min: float | None = None):
+                  extra_meta: dict | None = None, time_budget_min: float | None = None, overrides: dict | None = None):
     """Everything `bench` does, shared by the CLI and the UI: load the data, run, write the outputs.
+    `overrides` {method: {knob: value}} win even over a variant's own knobs (a small test model's depth).
     Returns (run, written files)."""
     workbench.require_private("the benchmark")
     from .datasets import load_dataset
     from .runner import DEFAULT_MAX_NEW_TOKENS, apply_limits, parse_method_specs, run_bench, write_outputs
 
     specs = parse_method_specs(methods, knobs)
+    for spec in specs:
+        spec.knobs.update((overrides or {}).get(spec.name, {}))
     apply_limits(specs, limits)
     tokenizer = workbench.models.lm.tokenizer if dataset == "needle" else None
     data = load_dataset(dataset, tokenizer, path, n, seed, articles, lengths, depths)

@@ -376,7 +376,7 @@ def method_rows(n_layers: int, quick: bool) -> list[Row]:
     return rows
 
 
-def bench_methods(temp, quick: bool = False) -> list[Row]:
+def bench_methods(temp, quick: bool = False) -> tuple[list[Row], float]:
     """Per-answer TTFT breakdown of RAG, BTR and LLoCO over a 2-article SQuAD collection in the temporary store,
     after preparation, adapter training and a warm-up answer per configuration; questions interleave methods,
     each question starting at the next configuration (`rotated`)."""
@@ -414,7 +414,7 @@ def bench_methods(temp, quick: bool = False) -> list[Row]:
         clock.close()
     floor = question_floor(lm, [q.question for q in haystack.questions], rows[0].median("prefill"))
     report_methods(rows, floor)
-    return rows
+    return rows, floor
 
 
 def rotated(rows: list, index: int) -> list:
@@ -491,6 +491,19 @@ def report_methods(rows: list[Row], question_floor_s: float) -> None:
              f"{ceiling(row, rag, question_floor_s):6.2f}x")
 
 
+def speed_record(found: dict) -> dict:
+    """What `run_speed_bench` measured, as data a card can quote: per configuration its median TTFT parts (ms),
+    the speed-up over RAG in this run and its ceiling; the prefill rows as they are."""
+    rows = found["methods"]
+    rag, floor = rows[0], found["question_floor_s"]
+    methods = [{"label": row.label, "method": row.method, "knobs": row.knobs, "lora": row.lora,
+                "ms": {part: round(1000 * row.median(part), 2)
+                       for part in ("ttft", "retrieve", "load", "prefill", "first", "overhead")},
+                "speedup": rag.median("ttft") / row.median("ttft"), "ceiling": ceiling(row, rag, floor)}
+               for row in rows]
+    return {"methods": methods, "question_floor_ms": round(1000 * floor, 2), "prefill": found["prefill"]}
+
+
 def run_speed_bench(bench, quick: bool = False) -> dict:
     """Every section in a temporary store that is removed afterwards; returns the prefill and method rows."""
     lm = bench.models.lm
@@ -505,6 +518,6 @@ def run_speed_bench(bench, quick: bool = False) -> dict:
         bench_retrieval(bench, 10_000 if quick else 100_000, 10 if quick else 50)
         bench_load(bench.settings)
         prefill = bench_prefill(bench.settings, [256] if quick else [256, 1024, 4096], rounds=2 if quick else 3)
-        methods = bench_methods(temp, quick)
+        methods, floor = bench_methods(temp, quick)
     _say(f"load average at the end {os.getloadavg()[0]:.1f}")
-    return {"prefill": prefill, "methods": methods}
+    return {"prefill": prefill, "methods": methods, "question_floor_s": floor}

@@ -50,13 +50,14 @@ def essay_documents(min_tokens: int, tokenizer) -> list[tuple[str, str]]:
 
 
 def run_storage_bench(settings, specs_text: str = DEFAULT_SPECS, min_tokens: int = 50_000,
-                      progress=None) -> list[StorageRow]:
+                      progress=None, articles: int = 2) -> list[StorageRow]:
     from .runner import parse_method_specs
 
     specs = parse_method_specs(specs_text)
     with scratch_workbench(settings, "storage") as bench:
         lm = bench.models.lm
-        collections = {"squad-2-articles": load_squad(articles=2).haystacks[0].documents,
+        collections = {f"squad-{articles}-article{'s' if articles > 1 else ''}":
+                       load_squad(articles=articles).haystacks[0].documents,
                        f"essays-{min_tokens // 1000}k": essay_documents(min_tokens, lm.tokenizer)}
         kv = fp16_kv_bytes_per_token(lm.model.config)
         rows = []

@@ -32,6 +32,9 @@ class Blend:
     token_layers: int  # (token, layer) pairs whose KV was computed (projection only for unselected tokens at a
     #                    selection layer, counted as one: an upper bound), the cost in units of one token-layer
     suffix_hidden: torch.Tensor | None  # [1, s, D] last layer's output for the suffix tokens (before the norm)
+    passage_layers: list[int]  # per passage token, the layers whose KV was computed now (the rest was reused)
+    selection_overhead: int = 0  # KV projections at a selection layer that the chosen tokens then recompute whole:
+    #                              work spent on choosing, not part of the prompt (token-layers)
 
 
 class _MixedCache:
@@ -87,19 +90,23 @@ def selective_recompute(lm, layers: list[tuple[torch.Tensor, torch.Tensor]], pas
     slots = torch.arange(start + n - running, start + n + len(suffix), device=lm.device)
     ids = passage_ids[n - running:] + suffix
     hidden = embed(lm, torch.tensor([ids], device=lm.device)) if ids else None
-    token_layers, layer = 0, 0
+    computed = torch.zeros(n, dtype=torch.long, device=lm.device)  # per passage token, layers computed now
+    layer, overhead = 0, 0
     for at, count in _selections(selection_layer, keep, n, gradual, n_layers) if running else []:
         hidden = _run(lm, hidden, layer, at, slots, cache, total)
-        token_layers += int(slots.numel()) * (at - layer)
+        computed[slots[:running] - start] += at - layer
         chosen = _select(lm, cache, at, hidden[:, :running], slots[:running], count)
-        token_layers += running - count  # the unselected rows had their KV projected at this layer
+        computed[slots[:running] - start] += 1  # every row's KV was projected at this layer...
+        computed[slots[chosen] - start] -= 1  # ...the chosen ones' layer is counted when it runs whole, below
+        overhead += int(chosen.numel())  # so their projection here was only for choosing
         rows = torch.cat([chosen, torch.arange(running, slots.numel(), device=lm.device)])
         hidden, slots, running, layer = hidden[:, rows], slots[rows], count, at
     if hidden is not None:
         hidden = _run(lm, hidden, layer, n_layers, slots, cache, total)
-        token_layers += int(slots.numel()) * (n_layers - layer)
+        computed[slots[:running] - start] += n_layers - layer
     recomputed = (slots[:running] - start).tolist()
-    return Blend(layers, recomputed, token_layers, hidden[:, running:] if suffix else None)
+    token_layers = int(computed.sum()) + len(suffix) * n_layers
+    return Blend(layers, recomputed, token_layers, hidden[:, running:] if suffix else None, computed.tolist(), overhead)
 
 
 def _run(lm, hidden, begin: int, end: int, slots: torch.Tensor, cache: _MixedCache, total: int):

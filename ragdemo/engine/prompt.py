@@ -17,11 +17,40 @@ MARKER = "\u0000CONTENT\u0000"
 class Segment:
     kind: str  # prefix | passage | question | suffix
     ids: list[int]
-    mark: str = "text"  # text | cached | compressed | binarized | merged | repeated | retrieved
+    mark: str = "text"  # text | cached | compressed | binarized | merged | repeated | retrieved | pruned
     source: dict | None = None
     # per token, the share of it the model really reads (1 kept, 0 dropped; LLoCO: the fraction of layers x KV
     # heads that kept it). None = every token is read. The UI dims dropped tokens, as the LLMLingua demo does.
     keep: list[float] | None = None
+    # The segment's share of the answer's accounting, in token-layers / layers: computed at query time before the
+    # first answer token, and read from storage or a cache. None = the mark's plain meaning (a "cached" segment
+    # is read whole, any other is computed whole); methods that split a segment's layers set both.
+    processed: float | None = None
+    cached: float | None = None
+
+    def account(self) -> tuple[float, float]:
+        """(processed, cached) of this segment; their sum is what it adds to the prompt's token-layers."""
+        if self.processed is not None or self.cached is not None:
+            return float(self.processed or 0.0), float(self.cached or 0.0)
+        return (0.0, float(len(self.ids))) if self.mark == "cached" else (float(len(self.ids)), 0.0)
+
+    def read_from_cache(self, tokens: int) -> None:
+        """The first `tokens` of this segment came from a cache (the shared prefix); the rest was computed now."""
+        self.processed, self.cached = float(len(self.ids) - tokens), float(tokens)
+        if tokens == len(self.ids):
+            self.mark = "cached"
+
+
+@dataclass
+class Account:
+    """One answer's token accounting at its first token, in token-layers / layers: prompt = processed + cached."""
+
+    processed: float
+    cached: float
+
+    @property
+    def prompt(self) -> float:
+        return self.processed + self.cached
 
 
 @dataclass
@@ -35,13 +64,19 @@ class Prompt:
     def __len__(self) -> int:
         return sum(len(s.ids) for s in self.segments)
 
+    def account(self) -> Account:
+        shares = [s.account() for s in self.segments]
+        return Account(sum(p for p, _ in shares), sum(c for _, c in shares))
+
     def view(self, tokenizer) -> list[dict]:
         return [_segment_view(s, tokenizer) for s in self.segments]
 
 
 def _segment_view(segment: Segment, tokenizer) -> dict:
+    processed, cached = segment.account()
     view = {"kind": segment.kind, "mark": segment.mark, "n_tokens": len(segment.ids),
-            "text": tokenizer.decode(segment.ids), "source": segment.source}
+            "text": tokenizer.decode(segment.ids), "source": segment.source,
+            "processed": round(processed, 2), "cached": round(cached, 2)}
     if segment.keep is not None:
         # token by token, so the UI can dim what was dropped
         view["tokens"] = [tokenizer.decode([i]) for i in segment.ids]

@@ -21,6 +21,12 @@ def surprisal(lm, prefix: PrefixState, sequences: list[list[int]]) -> list[torch
     return out
 
 
+def computed_rows(sequences: list[list[int]]) -> int:
+    """The token rows `surprisal` runs through the model for these sequences, padding included (what it costs)."""
+    batches = [sequences[i:i + BATCH] for i in range(0, len(sequences), BATCH)]
+    return sum(len(batch) * max((len(s) for s in batch), default=0) for batch in batches)
+
+
 def _batch(lm, prefix: PrefixState, sequences: list[list[int]]) -> list[torch.Tensor]:
     width = max((len(s) for s in sequences), default=0)
     if width == 0:

@@ -6,52 +6,21 @@ the registry finds it, and the CLI, UI and benchmark pick it up.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from ..config import DEFAULT_MAX_NEW_TOKENS
 from ..engine.generate import Generation, Stream, generate
 from ..engine.prompt import Prompt
 from ..engine.scoring import nll_of_answer
+from ..glossary import FIELDS, glossary_markdown  # noqa: F401 (re-exported)
 from ..units import fmt_bytes
 
 Progress = Callable[[float, str], None]  # (fraction 0..1, message)
 
 
-# One meaning per field, for every method. The README glossary and the UI tooltips are generated from this.
-GLOSSARY: dict[str, str] = {
-    "prompt_tokens": "tokens the model attends to when it produces the first answer token (after any "
-                     "compression or merging: what is really in the attention window)",
-    "processed_tokens": "token-layers computed at query time up to the first answer token, divided by the number "
-                        "of layers; the rest came from storage. Never more than prompt tokens, except for a method that "
-                        "runs an extra scoring pass over text it then drops (lingua's question-aware scoring), which "
-                        "its notes name. Work after the first token (RETRO's re-prefills) is listed in its events",
-    "cached_tokens": "prompt tokens whose states were read from storage instead of computed now; the shared "
-                     "instruction prefix counts here only when the method reads it from a cache, the same rule for every method",
-    "new_tokens": "answer tokens generated",
-    "retrieve_s": "seconds to embed the question, search the index and fetch the chunks",
-    "load_s": "seconds to read and decode stored artifacts (and switch adapters) for this answer",
-    "prepare_s": "seconds spent building missing offline artifacts during this answer (first use of new knobs "
-                 "or new chunks); never part of TTFT",
-    "ttft_s": "seconds from the question to the first answer token, preparation excluded",
-    "decode_s": "seconds from the first to the last answer token",
-    "total_s": "seconds for the whole answer, preparation excluded",
-    "decode_tok_s": "answer tokens per second after the first",
-    "storage_bytes": "bytes of stored artifacts this answer read (per-chunk blobs plus the shared parts it used)",
-    "bytes_per_token": "everything the method stores for the collection (per-chunk artifacts and shared parts: "
-                       "decoder, codebook, adapter) divided by the collection's tokens",
-    "chunk_bytes_per_token": "per-chunk artifact bytes this answer read divided by the passage tokens they cover "
-                             "(shared parts excluded)",
-}
-
-
-def glossary_markdown() -> str:
-    """The README's glossary table, generated from GLOSSARY so the two never disagree (a test compares them)."""
-    rows = [f"| `{name}` | {text} |" for name, text in GLOSSARY.items()]
-    return "\n".join(["| field | meaning (the same for every method) |", "|---|---|", *rows])
+GLOSSARY = FIELDS  # one meaning per field, for every method (ragdemo/glossary.py)
 
 
 @dataclass
@@ -62,9 +31,10 @@ class Result:
     method: str
     answer: str = ""
     model: str = ""
-    prompt_tokens: int = 0
+    prompt_tokens: float = 0.0
     processed_tokens: float = 0.0
-    cached_tokens: int = 0
+    cached_tokens: float = 0.0
+    overhead_tokens: float = 0.0
     new_tokens: int = 0
     retrieve_s: float = 0.0
     load_s: float = 0.0
@@ -156,51 +126,14 @@ class StorageAccount:
                 "chunk_bytes_per_token": round(self.chunk_bytes_per_token, 2)}
 
 
-# What `python -m ragdemo bench-storage` measured (every byte counted); method cards read their storage
-# figures from here rather than quoting numbers by hand (bench summaries: methods/measured.py).
-STORAGE_RESULTS = Path(__file__).resolve().parents[2] / "assets" / "results" / "storage" / "storage.json"
-
-
-def measured_storage(label: str) -> list[dict]:
-    """The bench-storage rows of one method variant (e.g. "btr@bits=1"); [] when it has not been run."""
-    try:
-        rows = json.loads(STORAGE_RESULTS.read_text())["rows"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-    return [r for r in rows if r.get("method") == label]
-
-
-def storage_sentence(label: str) -> str:
-    """Card text: bytes per collection token with everything counted, against an fp16 KV cache, per collection."""
-    rows = measured_storage(label)
-    if not rows:
-        return ("not measured in this checkout yet: `python -m ragdemo bench-storage` writes "
-                "`assets/results/storage/storage.json`, and this card then shows the figures")
-
-    def line(r: dict) -> str:
-        parts = [f"per-chunk {fmt_bytes(r['chunk_bytes'])}"] + [f"{k} {fmt_bytes(v)}" for k, v in r["shared"].items()]
-        return (f"{r['collection']} ({r['tokens']:,} tokens): **{r['bytes_per_token']:,.1f} B per token, "
-                f"{r['fp16_kv_bytes_per_token'] / r['bytes_per_token']:,.0f}x smaller than an fp16 KV cache** "
-                f"({', '.join(parts)})")
-
-    return "; ".join(line(r) for r in rows)
-
-
-def storage_ratio(label: str) -> float | None:
-    """The smallest measured ratio fp16 KV / (everything stored per token) over the measured collections."""
-    rows = measured_storage(label)
-    return min(r["fp16_kv_bytes_per_token"] / r["bytes_per_token"] for r in rows) if rows else None
-
-
 class Method:
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""
-    card: ClassVar[str] = ""  # markdown: paper, mechanism, what is exact and what approximated, measured figures
+    card: ClassVar[str] = ""  # markdown: paper, mechanism, what is exact and what approximated (figures: cards/)
     Params: ClassVar[type] = Params
     has_prepare: ClassVar[bool] = False
     has_finetune: ClassVar[bool] = False  # offers a per-collection training step (e.g. LLoCO's LoRA)
     order: ClassVar[int] = 50  # position in lists and UI
-    figures: ClassVar[tuple[str, ...]] = ()  # plots under assets/results/ shown with the card (bench outputs)
 
     def prepare(self, corpus, params, progress: Progress | None = None) -> None:
         """Offline work, cached in the store and idempotent. Most methods have none."""
@@ -232,28 +165,31 @@ class PromptMethod(Method):
         lm = corpus.lm
         prompt, result = self.build(question, corpus, params)
         generation = generate(lm, prompt.ids, params.max_new_tokens, t0, stream)
-        count_cached_prefix(result, prompt, generation)
-        return finish(result, lm, prompt, generation, t0, processed=len(prompt) - generation.cached_tokens)
+        count_cached_prefix(prompt, generation)
+        return finish(result, lm, prompt, generation, t0)
 
     def nll(self, question: str, gold: str, corpus, params) -> float:
         prompt, _ = self.build(question, corpus, params)
         return nll_of_answer(corpus.lm, prompt.ids, gold)
 
 
-def count_cached_prefix(result: Result, prompt: Prompt, generation: Generation) -> None:
+def count_cached_prefix(prompt: Prompt, generation: Generation) -> None:
     """The shared instruction prefix `generate` read from the LM's prefix cache counts as cached, not processed."""
     if generation.cached_tokens:
-        if generation.cached_tokens == len(prompt.segments[0].ids):
-            prompt.segments[0].mark = "cached"
-        result.cached_tokens += generation.cached_tokens
+        prompt.segments[0].read_from_cache(generation.cached_tokens)
 
 
-def finish(result: Result, lm, prompt: Prompt, generation: Generation, t0: float, processed: float) -> Result:
-    """Fill the fields every method reports the same way."""
+def finish(result: Result, lm, prompt: Prompt, generation: Generation, t0: float, overhead: float = 0.0) -> Result:
+    """Fill the fields every method reports the same way. The token counts come from the prompt's segments,
+    which the method marked with what it computed and what it read (so the card and "what the model sees" add up
+    from one source); `overhead` is work before the first token outside the prompt (GLOSSARY)."""
+    account = prompt.account()
     result.answer = generation.text
     result.model = lm.model_id
-    result.prompt_tokens = len(prompt)
-    result.processed_tokens = round(float(processed), 2)
+    result.prompt_tokens = round(account.prompt, 2)
+    result.processed_tokens = round(account.processed, 2)
+    result.cached_tokens = round(account.cached, 2)
+    result.overhead_tokens = round(float(overhead), 2)
     result.new_tokens = len(generation.ids)
     result.ttft_s = generation.ttft_s
     result.decode_s = generation.decode_s

@@ -30,9 +30,7 @@ from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash, chunk_key
 from ..units import fmt_bytes
-from .measured import measured_run, share
-from .base import (Params, Method, Result, StorageAccount, finish, params_from, storage_ratio,
-                   storage_sentence)
+from .base import Params, Method, Result, StorageAccount, finish
 
 FORMAT_VERSION = 3  # 3: fp16 decoder, content-keyed artifacts; bump when the artifact layout or the way states are computed changes
 RECIPE = "distill-v1"  # bump when the LoRA distillation recipe changes, so old adapters are not reused
@@ -77,6 +75,8 @@ class Forward:
     removed_at_split: int = 0  # passage tokens already gone when the first upper layer ran (its window is widest)
     key_bias: dict = dataclasses.field(default_factory=dict)  # {layer: log sizes of its cached keys}, for decoding
     hidden: torch.Tensor | None = None  # last layer's output over [lead, passages (merged), question], pre-norm
+    passage_layers: list[int] = dataclasses.field(default_factory=list)  # per passage, token x layer products
+    #                                                 computed in the upper layers (fewer where merging folded tokens)
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -120,11 +120,12 @@ def btr_forward(lm, prefix_ids: list[int], passages: list[torch.Tensor], questio
     merge_at = split if merge_layer is None or merge_layer < 0 else max(split, min(merge_layer, n_layers))
     h = run_layers(lm, h, split, merge_at, pos, CAUSAL, cache)
     upper = _merge_every(lm, h, pos, passages, a, merge_at, r_p, cache) if merge_mode == EVERY \
-        else _merge_once(lm, h, pos, a, n, merge_at, r_p, cache)
-    token_layers = (computed + a + q) * n_layers + n * (merge_at - split) + upper.passage_layers
+        else _merge_once(lm, h, pos, a, [len(s) for s in passages], merge_at, r_p, cache)
+    per_passage = [len(s) * (merge_at - split) + merged for s, merged in zip(passages, upper.passage_layers)]
+    token_layers = (computed + a + q) * n_layers + sum(per_passage)
     removed_at_split = upper.removed_first if merge_at == split else 0
     return Forward(logits(lm, upper.hidden[:, -want:]), cache, p + a + n + q, token_layers, upper.removed, merge_at,
-                   removed_at_split, upper.key_bias, upper.hidden)
+                   removed_at_split, upper.key_bias, upper.hidden, per_passage)
 
 
 def _lower_query(lm, pieces: list[tuple[list[int], int]], split: int, cache) -> torch.Tensor:
@@ -142,18 +143,23 @@ class _Upper:
     first merge), and the proportional-attention key bias per layer."""
 
     hidden: torch.Tensor
-    passage_layers: int
+    passage_layers: list[int]  # per passage, its token x layer products in layers [merge_at, L)
     removed: int
     removed_first: int
     key_bias: dict
 
 
-def _merge_once(lm, h, pos, a: int, n: int, merge_at: int, r_p: float, cache) -> _Upper:
+def _merge_once(lm, h, pos, a: int, lengths: list[int], merge_at: int, r_p: float, cache) -> _Upper:
     """merge_mode=once (the earlier figures): one bipartite fold over all passage tokens at `merge_at`, plain
     attention."""
+    n = sum(lengths)
     merged = bipartite_merge(h, pos, torch.arange(a, a + n, device=h.device), r_p)
     hidden = run_layers(lm, merged.hidden, merge_at, lm.n_layers, merged.pos, CAUSAL, cache)
-    return _Upper(hidden, (n - merged.removed) * (lm.n_layers - merge_at), merged.removed, merged.removed, {})
+    ends = torch.tensor(lengths, device=h.device).cumsum(0) + a
+    owner = torch.bucketize(merged.keep, ends, right=True)  # which passage each surviving row belongs to
+    in_passages = (merged.keep >= a) & (merged.keep < a + n)
+    kept = torch.bincount(owner[in_passages], minlength=len(lengths)).tolist()
+    return _Upper(hidden, [k * (lm.n_layers - merge_at) for k in kept], merged.removed, merged.removed, {})
 
 
 def _merge_every(lm, h, pos, passages, a: int, merge_at: int, r_p: float, cache) -> _Upper:
@@ -164,19 +170,20 @@ def _merge_every(lm, h, pos, passages, a: int, merge_at: int, r_p: float, cache)
                        torch.repeat_interleave(torch.arange(len(passages), device=h.device), lengths),
                        torch.full((h.shape[1] - a - int(lengths.sum()),), -1, device=h.device)]).long()
     tokens = sized(h, pos, group)
-    removed, first, passage_layers, key_bias = 0, 0, 0, {}
+    removed, first, key_bias = 0, 0, {}
+    passage_layers = torch.zeros(len(passages), dtype=torch.long, device=h.device)
     for layer in range(merge_at, lm.n_layers):
         tokens, folded = merge_within_groups(tokens, r_p)
         removed += folded
         first = folded if layer == merge_at else first
-        passage_layers += int((tokens.group >= 0).sum())
+        passage_layers += torch.bincount(tokens.group[tokens.group >= 0], minlength=len(passages))
         bias = None
         if removed:
             bias = {layer: torch.cat([torch.zeros(cache.get_seq_length(layer), device=h.device), tokens.log_size()])}
             key_bias.update(bias)
         hidden = run_layers(lm, tokens.hidden, layer, layer + 1, tokens.pos, CAUSAL, cache, bias)
         tokens = dataclasses.replace(tokens, hidden=hidden)
-    return _Upper(tokens.hidden, passage_layers, removed, first, key_bias)
+    return _Upper(tokens.hidden, passage_layers.tolist(), removed, first, key_bias)
 
 
 def decode_step(lm, key_bias: dict | None = None):
@@ -267,150 +274,6 @@ STATE_MEMORY = 1_500_000_000  # bytes of float lower-layer states kept between p
 # then reruns no lower layer)
 
 
-STORAGE_LABEL = "btr@bits=1"  # the variant bench-storage measures by default
-
-
-def _storage_target() -> str:
-    """The card's storage verdict, from the measured everything-counted ratio (never the per-chunk one)."""
-    ratio = storage_ratio(STORAGE_LABEL)
-    if ratio is None:
-        return ("storage ≥100x smaller than the fp16 KV cache, everything counted — **not measured in this checkout** "
-                "(the per-chunk codes alone are 310x smaller; with the old fp32 decoder counted, the README's "
-                "7.5k-token collection came to about 54x)")
-    verdict = "met" if ratio >= 100 else "not met"
-    return (f"storage ≥100x smaller than the fp16 KV cache, everything counted — **{verdict}** ({ratio:,.0f}x on "
-            f"the smallest measured collection; the per-chunk codes alone are 310x)")
-
-
-# ------------------------------------------------------------------------------------ measured, for the card
-
-# in assets/results: the bits/calibration grid, the split sweep, and the frontier (split x query-aware x LoRA x
-# every-layer merging x objective), each a bench summary.md copied unchanged; the frontier was run twice, in fp32
-# on a CPU without native bf16 and in bf16 on one with AVX512-BF16 (its results.json and plot bundled beside it),
-# then followed up in bf16 with rows between its best points (merging rate, split 20, objective, offline merging)
-FRONTIERS = ("btr_frontier_fp32_summary.md", "btr_frontier/summary.md", "btr_frontier_followup/summary.md")
-RESULT_FILES = ("btr_grid_summary.md", "btr_split_summary.md", *FRONTIERS)
-FIGURES = ("btr_frontier/frontier.png",)  # value kept against speed-up, drawn by bench-frontier from results.json
-
-
-@dataclass
-class _Measured:
-    """One BTR row of a bench summary, with the knobs its label stands for."""
-
-    label: str
-    params: BtrParams
-    value: float | None  # context value kept, fraction of RAG's
-    speedup: float | None  # RAG's TTFT / this TTFT
-    row: dict
-    lora: bool
-
-
-def _adapter_knobs(params: BtrParams) -> tuple:
-    """What decides which adapter a variant reads (as `Btr._adapter_hash`, without the collection)."""
-    return (params.split, params.bits, params.calibrate, params.after_prefix, params.k, params.lora_r,
-            params.lora_steps, params.lora_lr, params.query_aware, params.objective)
-
-
-def measured_rows(summary) -> list[_Measured]:
-    """The BTR rows of a bench summary. LoRA is on for a row when its `lora` knob is on and a variant of the same
-    run trains the adapter it reads (the bench prepares, and so trains, every variant before the first question)."""
-    parsed = []
-    for row in summary.records:
-        name, *pairs = row["method"].split("@")
-        if name != "btr":
-            continue
-        params = params_from(BtrParams, dict(pair.split("=", 1) for pair in pairs))
-        parsed.append((row, params))
-    trained = {_adapter_knobs(p) for _, p in parsed if p.train and p.lora}
-    out = []
-    for row, params in parsed:
-        value, ratio = share(row.get("value kept")), share(row.get("TTFT vs ref"))
-        out.append(_Measured(row["method"], params, value, 1 / ratio if ratio else None, row,
-                             params.lora and _adapter_knobs(params) in trained))
-    return out
-
-
-def _merging(params: BtrParams) -> str:
-    if params.r_p <= 0:
-        return "–"
-    where = "the split" if params.merge_layer < 0 else f"layer {params.merge_layer}"
-    if params.merge_mode == EVERY:
-        return f"{params.r_p:g} per layer from {where}"
-    return f"{params.r_p:g} once at {where}"
-
-
-def _lora_cell(m: "_Measured") -> str:
-    if not m.lora:
-        return "–"
-    return "on" if m.params.objective == KL else f"on ({m.params.objective})"
-
-
-def btr_table(summary) -> str:
-    """A card table of one bench summary's BTR rows, every figure read from the file."""
-    rag = summary.record("rag") or {}
-    meta = summary.meta
-    head = (f"`assets/results/{summary.name}`: {meta.get('data', '?')}; {meta.get('model', '?')}; "
-            f"{meta.get('machine', '?')}; {meta.get('date', '?')}. RAG over the same chunks: TTFT "
-            f"{rag.get('TTFT s', '?')} s, contains {rag.get('contains', '?')}%.  \nCommand: `{meta.get('command', '?').strip('`')}`")
-    lines = [head, "", "| split | bits | calibration | query-aware | LoRA | runtime merging | value kept (median) | "
-             "contains | TTFT, x faster than RAG | stored for the collection, everything | per collection token |",
-             "|---|" * 1 + "---|" * 10]
-    for m in measured_rows(summary):
-        p, r = m.params, m.row
-        speed = f"{m.speedup:.2f}x" if m.speedup else "–"
-        stored = share(r.get("storage B"))
-        calibration = "–" if p.bits == FLOAT_BITS else ("on" if p.calibrate else "off")  # fp16 states need none
-        lines.append(f"| {p.split} | {'fp16' if p.bits == FLOAT_BITS else p.bits} | {calibration} | "
-                     f"{'on' if p.query_aware else '–'} | {_lora_cell(m)} | {_merging(p)} | "
-                     f"{r.get('value kept', '?')} ({r.get('value kept (median)', '?')}) | {r.get('contains', '?')}% | "
-                     f"{speed} | {'?' if stored is None else fmt_bytes(stored)} | {_per_token(r)} |")
-    return "\n".join(lines)
-
-
-def _per_token(row: dict) -> str:
-    """The summary's bytes/tok: everything stored for the collection over the collection's tokens."""
-    per_token = share(row.get("bytes/tok"))
-    return "–" if per_token is None else f"{per_token:,.1f} B"
-
-
-def measured_summaries() -> list:
-    return [s for s in (measured_run(name) for name in RESULT_FILES) if s is not None]
-
-
-def measured_tables() -> str:
-    found = measured_summaries()
-    missing = [name for name in RESULT_FILES if name not in {s.name for s in found}]
-    text = "\n\n".join(btr_table(s) for s in found)
-    if missing:
-        text += f"\n\nNot measured in this checkout: {', '.join(f'`assets/results/{m}`' for m in missing)}."
-    return text
-
-
-def frontier_verdict(summaries) -> str:
-    """The targets, judged run by run on its 1-bit rows (each against RAG in the same run, on its machine)."""
-    return "; ".join(f"in `{s.name}` ({s.meta.get('model', '?').split('(')[-1].split(',')[0]}): {_run_verdict(s)}"
-                     for s in summaries) if summaries else "no 1-bit row measured yet"
-
-
-def _run_verdict(summary) -> str:
-    rows = [m for m in measured_rows(summary) if m.params.bits == 1 and m.value is not None and m.speedup]
-
-    def best(min_value: float):
-        fitting = [m for m in rows if m.value >= min_value]
-        return max(fitting, key=lambda m: m.speedup) if fitting else None
-
-    def say(m) -> str:
-        return f"`{m.label}` ({m.value:.0%} value kept, {m.speedup:.2f}x faster than RAG)" if m else "none"
-
-    if not rows:
-        return "no 1-bit row measured yet"
-    target = [m for m in rows if m.value >= 0.95 and m.speedup >= 2.0]
-    stretch = [m for m in rows if m.value >= 0.90 and m.speedup >= 3.0]
-    return (f"≥95% of RAG's context value at ≥2x faster TTFT, 1 bit — **{'met' if target else 'not met'}**; "
-            f"stretch ≥90% at ≥3x — **{'met' if stretch else 'not met'}**. Fastest 1-bit row with ≥95%: "
-            f"{say(best(0.95))}; with ≥90%: {say(best(0.90))} (over its {len(rows)} 1-bit rows)")
-
-
 class Btr(Method):
     name = "btr"
     label = "BTR (binary token representations)"
@@ -418,7 +281,6 @@ class Btr(Method):
     Params = BtrParams
     has_prepare = True
     has_finetune = True
-    figures = FIGURES
     card = """### BTR — binary token representations (Cao et al., ICLR 2024)
 **Paper:** an encoder-decoder reader (Atlas/FiD) whose encoder input is the question together with a passage. The
 encoder is split at layer k: layers [0, k) run offline on each passage alone and their token states are stored as
@@ -487,24 +349,10 @@ Knobs: `k` chunks, `split`, `bits` (1/2/4/8, 16 = fp16), `calibrate`, `after_pre
 `r_p`, `merge_layer`, `merge_mode`, `lora`, `train`, `lora_steps`, `lora_r`, `lora_lr`, `objective`
 (kl/recovery/salient/recovery+salient).
 
-**Measured** — the tables below are rendered from the bench summaries in `assets/results/` when this card is
-built (nothing is copied by hand). Value kept = Σ(NLL closed − NLL btr) / Σ(NLL closed − NLL rag) over the same
-chunks (median of the per-question ratios in brackets); TTFT against RAG in the same run, so runs under
-different load compare by ratio only. LoRA "on" = the run trained the adapter that row reads (`train=1` in one
-of its variants). The last column is everything stored for the collection at those knobs (codes, decoder, and
-the LoRA when on; the 2026-11-22 runs stored the decoder in fp32, 2.66 MB, half that now).
-
-{measured tables}
-
-**Storage, everything counted** (per-chunk codes + calibration decoder + codebook + LoRA when trained, divided by
-the collection's tokens; `python -m ragdemo bench-storage`, 1 bit at the default knobs, no LoRA trained):
-{measured storage}. On a small collection the shared decoder outweighs the codes, so the ratio grows with the
-collection. Per chunk alone the 1-bit codes are 310x below an fp16 KV cache and 15.5x below fp16 layer-split
-states (the paper's kind of baseline).
-
-Targets: {storage target}. {frontier}.""" \
-        .replace("{measured tables}", measured_tables()).replace("{measured storage}", storage_sentence(STORAGE_LABEL)) \
-        .replace("{storage target}", _storage_target()).replace("{frontier}", frontier_verdict([r for r in measured_summaries() if r.name in FRONTIERS]))
+Per chunk alone the 1-bit codes are 310x below an fp16 KV cache and 15.5x below fp16 layer-split states (the
+paper's kind of baseline); everything counted (codes, decoder, codebook, adapter) is measured in the results
+suite, below. On a small collection the shared decoder outweighs the codes, so the ratio grows with the
+collection."""
 
     # ----------------------------------------------------------------------------------------- knobs
     def _check(self, lm, params) -> None:
@@ -864,14 +712,11 @@ Targets: {storage target}. {frontier}.""" \
             generation = decode_loop(lm, fwd.cache, fwd.logits, fwd.next_pos, params.max_new_tokens, clock, stream,
                                      step=decode_step(lm, fwd.key_bias))
         passage_tokens = sum(len(s) for s in states)
-        prefix_computed = len(prefix) if shared.fresh else 0
         if not shared.fresh:
             prompt.segments[0].mark = "cached"
-        finish(result, lm, prompt, generation, clock, processed=fwd.token_layers / lm.n_layers + prefix_computed)
+        self._mark_layers(prompt, fwd, params.split, lm.n_layers)
+        finish(result, lm, prompt, generation, clock)
         if fwd.removed:
-            for seg in result.segments:
-                if seg["kind"] == "passage":
-                    seg["mark"] = "merged"
             how = (f"{params.r_p:g} of each passage's remaining tokens before every layer from {fwd.merge_at}, "
                    "with proportional attention" if params.merge_mode == EVERY else f"once, at layer {fwd.merge_at}")
             result.notes.append(f"runtime merging folded {fwd.removed} of {passage_tokens} passage tokens by the "
@@ -879,14 +724,21 @@ Targets: {storage target}. {frontier}.""" \
         if lead:
             result.notes.append(f"query-aware: passages attend to a copy of the question in layers "
                                 f"[{params.split}, {lm.n_layers}); their stored lower-layer states stay query-agnostic")
-        # passages in the widest attention window (the first upper layer's): what merging removed before it ran
-        attended = passage_tokens - fwd.removed_at_split
-        result.prompt_tokens = len(prompt) - passage_tokens + attended
-        result.cached_tokens = attended + len(prefix) - prefix_computed
         result.storage_bytes = plan.chunk_bytes + plan.decoder_bytes + len(plan.adapter or b"")
         result.chunk_bytes_per_token = round(plan.per_chunk_bytes / max(passage_tokens, 1), 2)
         self._storage_notes(result, self.storage(corpus, params), lm.model.config, params.split)
         return result
+
+    @staticmethod
+    def _mark_layers(prompt, fwd: Forward, split: int, n_layers: int) -> None:
+        """Each passage: layers [0, split) read from its stored states, the upper layers computed now (fewer
+        token-layers where merging folded tokens away). Query-side segments ran every layer."""
+        passages = [s for s in prompt.segments if s.kind == "passage"]
+        for segment, upper in zip(passages, fwd.passage_layers):
+            segment.processed = upper / n_layers
+            segment.cached = len(segment.ids) * split / n_layers
+            if fwd.removed:
+                segment.mark = "merged"
 
     @staticmethod
     def _storage_notes(result: Result, account: StorageAccount, config, split: int) -> None:

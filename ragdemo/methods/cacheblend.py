@@ -16,25 +16,9 @@ from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash
 from .base import Params, Result, finish
-from .measured import measured_run, measured_table, share
 from .chunk_artifacts import PerChunkArtifacts, token_budget
 
 STORAGE = "fp16"
-
-RESULTS = "issue15_squad/summary.md"  # the 100-question run the card and the README quote
-MEASURED_ROWS = ['rag', 'cacheblend@r=0', 'cacheblend@r=0.05', 'cacheblend', 'cacheblend@r=0.3']
-
-
-def _target() -> str:
-    """The issue's target against the measured default row (r=0.15)."""
-    run = measured_run(RESULTS)
-    value, ratio = (share(run.value("cacheblend", c)) if run else None for c in ("value kept", "TTFT vs ref"))
-    if value is None or not ratio:
-        return "Target (r=0.15: ≥98% of RAG's context value at ≥2x faster TTFT): not measured in this checkout."
-    met = "met" if value >= 0.98 and 1 / ratio >= 2.0 else "not met"
-    return (f"Target (r=0.15: ≥98% of RAG's context value at ≥2x faster TTFT): **{met}**, {value:.0%} at "
-            f"{1 / ratio:.2f}x.")
-
 
 @dataclass
 class CacheBlendParams(Params):
@@ -70,9 +54,8 @@ the next layers ("gradual filtering"); the recompute is pipelined with loading t
   (`gradual`: 2r is picked and the next layer narrows it to r). The question runs in the same pass, always
   selected (CacheBlend blends inside the one prefill that also computes the query), so every layer's weights
   are read once before decoding; only its last position is projected onto the vocabulary. Then decoding runs as usual.
-- Exact: r=1 is a full prefill of the same token sequence (test: same logits as the model reading the prompt;
-  rag joins neighbouring chunks into one passage, so the layouts differ only by the blank line between two
-  neighbouring chunks). r=0 is pure reuse (test). The first chunk sits right after the prefix in both the
+- Exact: r=1 is a full prefill of the same token sequence rag reads (test: rag's logits). r=0 is pure reuse
+  (test). The first chunk sits right after the prefix in both the
   capture and the prompt, so its reused KV is already exact.
 - Approximated: every token not selected keeps its reused KV in the layers above the selection layer; no
   pipelining with loading (the blobs are read from SQLite first); the deviation is measured at one layer.
@@ -80,15 +63,7 @@ the next layers ("gradual filtering"); the recompute is pipelined with loading t
   (the KV projection alone at the selection layer counted as a whole layer: an upper bound), the r share
   through the rest, plus the question. The fixed cost of r > 0 over pure reuse is the layers below the
   selection layer for every passage token plus one pass over the upper layers' weights. Storage is the full KV: ~23 kB per token for SmolLM2-135M.
-- Knobs: k, r, selection_layer, gradual.
-
-**Measured** (100 SQuAD v1.1 dev questions, 2 articles, k=5, reference RAG, after warm-up; the plain method
-name is the default; command and machine in `assets/results/issue15_squad/summary.md`):
-
-{measured}
-
-{target}""" \
-        .replace("{measured}", measured_table(RESULTS, MEASURED_ROWS)).replace("{target}", _target())
+- Knobs: k, r, selection_layer, gradual."""
 
     # ------------------------------------------------------------ offline
     def build(self, corpus, lm, chunks) -> list[bytes]:
@@ -109,7 +84,7 @@ name is the default; command and machine in `assets/results/issue15_squad/summar
         with torch.inference_mode():
             first = logits(lm, ctx.suffix_hidden[:, -1:])  # only the last position predicts the first token
             generation = decode_loop(lm, ctx.cache, first, ctx.next_pos, params.max_new_tokens, t0, stream)
-        result = finish(ctx.result, lm, ctx.prompt, generation, t0, processed=ctx.processed)
+        result = finish(ctx.result, lm, ctx.prompt, generation, t0, overhead=ctx.overhead)
         result.bytes_per_token = round(self.storage(corpus, params).bytes_per_token, 1)
         return _mark_recomputed(result, ctx.prompt, ctx.recomputed, lm.tokenizer)
 
@@ -153,15 +128,17 @@ name is the default; command and machine in `assets/results/issue15_squad/summar
                                         suffix)
         n = len(ids)
         result.chunk_bytes_per_token = round(result.storage_bytes / max(1, n), 1)
-        result.cached_tokens = (0 if prefix.fresh else len(prefix)) + n - len(blend.recomputed)
         result.notes.append(_recompute_note(params, n, len(blend.recomputed), lm.n_layers))
         marked = [Segment("prefix", prefix.ids, "text" if prefix.fresh else "cached")]
-        marked += [Segment("passage", s.ids, "cached", s.source) for s in passages]
+        lengths = [len(s.ids) for s in passages]
+        for segment, layers in zip(passages, _split_values(blend.passage_layers, lengths)):
+            computed = sum(layers) / lm.n_layers  # the rest of each token's layers kept its reused KV
+            marked.append(Segment("passage", segment.ids, "cached", segment.source, processed=computed,
+                                  cached=len(segment.ids) - computed))
         marked.append(text_prompt.segments[-1])
-        processed = (len(prefix) if prefix.fresh else 0) + blend.token_layers / lm.n_layers
         return _Context(kvc.cache_from(blend.layers), len(prefix) + n + len(suffix), text_prompt.segments[-1].ids,
-                        blend.suffix_hidden, Prompt(marked), result, processed,
-                        _split(blend.recomputed, [len(s.ids) for s in passages]))
+                        blend.suffix_hidden, Prompt(marked), result, _split(blend.recomputed, lengths),
+                        blend.selection_overhead / lm.n_layers)
 
 
 @dataclass
@@ -172,16 +149,23 @@ class _Context:
     suffix_hidden: torch.Tensor  # last layer's output over the question (and `after`)
     prompt: Prompt
     result: Result
-    processed: float
     recomputed: list[list[int]]  # per passage, 1 where the token was recomputed through the upper layers
+    overhead: float  # selection projections redone by the recompute (token-layers / layers): GLOSSARY overhead
 
 
 def _split(indices: list[int], lengths: list[int]) -> list[list[int]]:
-    flags, offset, chosen = [], 0, set(indices)
+    """Per passage, 1 for each of its tokens whose index is in `indices`, else 0."""
+    chosen = set(indices)
+    return _split_values([int(i in chosen) for i in range(sum(lengths))], lengths)
+
+
+def _split_values(values: list, lengths: list[int]) -> list[list]:
+    """`values` (one per passage token, all passages in order) cut into one list per passage."""
+    out, offset = [], 0
     for length in lengths:
-        flags.append([int(offset + i in chosen) for i in range(length)])
+        out.append(values[offset:offset + length])
         offset += length
-    return flags
+    return out
 
 
 def _recompute_note(params, n: int, recomputed: int, n_layers: int) -> str:

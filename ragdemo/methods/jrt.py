@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from ..engine.prompt import Prompt, Segment, build_prompt
 from ..errors import UserError
-from ..store import group_passages
 from .base import Params, PromptMethod, Result
 from .full_context import fit_to_budget
 
@@ -42,14 +41,7 @@ the surrounding words come from this app's shared chat-template prompt so token 
   recurrent model trained for this). Its checkpoints and kernels are not part of transformers, so it cannot be
   loaded here; only the prompting half of the paper is offered.
 - Knobs: context (rag | full), k, max context tokens (0 = as much as fits), max new tokens.
-- **Measured** (SmolLM2-135M, a Transformer, bf16, 1 torch thread on a 2-core CPU shared with other
-  benchmarks; 200 SQuAD v1.1 dev questions over 2 whole articles of the bundled sample, `python -m ragdemo bench
-  --dataset squad --articles 2 --n 200 --seed 0 ...`, 2026-11-22; max 24 new tokens, k=5 as rag): prompt 710 vs
-  rag's 369 tokens (1.92x), mean TTFT 1.28 s vs 0.61 s (2.09x), total 2.87 s vs 1.92 s; gold-answer NLL 3.82
-  vs 4.25, i.e. context value kept 119% of rag's, but generated answers did not improve: contains 25.0% vs
-  28.5%, F1 10.9 vs 11.3. An earlier run over 5 articles of the full dev file: value kept 116%, contains 18.5%
-  vs 19.0%.
-  Citation: Arora et al., "Just read twice: closing the
+- Citation: Arora et al., "Just read twice: closing the
   recall gap for recurrent language models", 2024 (arXiv:2407.05483)."""
 
     def build(self, question, corpus, params):
@@ -57,8 +49,7 @@ the surrounding words come from this app's shared chat-template prompt so token 
         lm = corpus.lm
         result = Result(self.name)
         if params.context == "rag":
-            hits, result.retrieve_s = corpus.retrieve(question, params.k)
-            passages = group_passages(hits)
+            passages, result.retrieve_s = corpus.retrieve_in_order(question, params.k)
         elif params.context == "full":
             start = time.perf_counter()
             passages = [{"doc": d["name"], "text": d["text"]} for d in corpus.documents()]

@@ -13,37 +13,17 @@ from ..engine.generate import generate, supports_kv_cache
 from ..engine.prefix import compute_prefix, instruction_ids, shared_prefix
 from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text
 from ..engine.scoring import nll_of_answer
-from ..engine.surprisal import surprisal
+from ..engine.surprisal import computed_rows, surprisal
 from ..errors import NotSupported, UserError
 from .base import Params, Result, count_cached_prefix, finish
-from .measured import measured_run, measured_table, share
 from .chunk_artifacts import PerChunkArtifacts, token_budget
-
-RESULTS = "issue15_squad/summary.md"  # the 100-question run the card and the README quote
-# the unit x spread ablation on held-out questions (seed 1; the knobs were first tried on seed 0's questions)
-HELDOUT = "lingua_heldout/summary.md"
-HELDOUT_ROWS = ["rag", *(f"lingua@spread={s}@unit={u}" for s, u in
-                         (("0", "token"), ("0", "word"), ("0.3", "word"), ("0.5", "token"), ("0.5", "word")))]
-MEASURED_ROWS = ['rag', 'lingua@ratio=0.33', 'lingua', 'lingua@ratio=0.7', 'lingua@ratio=0.33@question_aware=1',
-                 'lingua@question_aware=1', 'lingua@ratio=0.7@question_aware=1',
-                 'lingua@spread=0@unit=token']  # the last: LLMLingua's plain selection, the default before
-
-
-def _target() -> str:
-    """The issue's target against the measured default row (ratio 0.5)."""
-    run = measured_run(RESULTS)
-    value = share(run.value("lingua", "value kept")) if run else None
-    if value is None:
-        return "Target (ratio 0.5: ≥85% of RAG's context value): not measured in this checkout."
-    return f"Target (ratio 0.5: ≥85% of RAG's context value): **{'met' if value >= 0.85 else 'not met'}**, {value:.0%}."
-
 
 @dataclass
 class LinguaParams(Params):
     k: int = 5  # chunks retrieved, as rag
     ratio: float = 0.5  # share of passage tokens kept
     question_aware: bool = False  # LongLLMLingua's contrastive score: costs a forward of the passages at answer time
-    # word + spread 0.5: chosen on seed 0's questions, confirmed on seed 1's (HELDOUT): 95% of RAG's value vs 52%
+    # word + spread 0.5: chosen on one question set, confirmed on another (the results suite's heldout run)
     unit: str = "word"  # word = whole words kept or dropped | token = single tokens dropped (LLMLingua)
     spread: float = 0.5  # 0 = one budget pooled over the passages; > 0 = LongLLMLingua's dynamic ratio by rank
 
@@ -70,8 +50,8 @@ with a *contrastive* score: how much less surprising a token becomes once the qu
   share of single tokens with the highest surprisal, pooled over the passages.
 - `question_aware`: the score becomes surprisal alone − surprisal with the question placed before the
   passages (LongLLMLingua's contrastive perplexity, as in LLMLingua's `condition_compare`). That needs a forward
-  of the question prefix and all retrieved passages at answer time: counted in `processed_tokens` (which can
-  then exceed `prompt_tokens`) and in TTFT.
+  of the question prefix and all retrieved passages at answer time: counted in `overhead_tokens` (work the
+  model then does not attend to) and in TTFT.
 - "What the model sees" shows every passage token, the dropped ones with keep = 0.
 - Exact: ratio=1 reads exactly the same tokens as rag over the same chunks (one passage per chunk).
 - Approximated: the scoring LM is the answering LM (135M) rather than a separate small LM for a large target;
@@ -86,24 +66,7 @@ with a *contrastive* score: how much less surprising a token becomes once the qu
   (clipped to [0, 1], rounded to the same exact total), so at ratio 0.5 and spread 0.5 the best-ranked chunk is
   kept whole and the worst-ranked dropped. LongLLMLingua ranks documents by the question's perplexity given
   each; here the MiniLM retrieval score ranks them (already computed, so free at answer time).
-- Knobs: k, ratio, question_aware, unit, spread.
-
-**Measured** (100 SQuAD v1.1 dev questions, 2 articles, k=5, reference RAG, after warm-up; the plain method
-name is the default; command and machine in `assets/results/issue15_squad/summary.md`):
-
-{measured}
-
-{target}
-
-**Why the defaults are `unit=word`, `spread=0.5`:** the two knobs were tried first on the questions of the table
-above (seed 0), then checked on 100 other questions (seed 1, same articles, ratio 0.5; command, machine and date in
-`assets/results/lingua_heldout/summary.md`), where they keep the most value of the five settings; LLMLingua's own
-choice, single tokens pooled over the passages (`spread=0@unit=token`), keeps the least. The table above is on the
-questions the knobs were chosen on; this one is the out-of-sample check:
-
-{heldout}""" \
-        .replace("{measured}", measured_table(RESULTS, MEASURED_ROWS)).replace("{target}", _target()) \
-        .replace("{heldout}", measured_table(HELDOUT, HELDOUT_ROWS))
+- Knobs: k, ratio, question_aware, unit, spread."""
 
     # ------------------------------------------------------------ offline
     def build(self, corpus, lm, chunks) -> list[bytes]:
@@ -119,10 +82,9 @@ questions the knobs were chosen on; this one is the out-of-sample check:
         plan = self._plan(question, corpus, params)
         t0 += plan.result.prepare_s  # scoring chunks that were not prepared is preparation, not this answer
         generation = generate(lm, plan.kept.ids, params.max_new_tokens, t0, stream)
-        count_cached_prefix(plan.result, plan.shown, generation)
-        processed = len(plan.kept) - generation.cached_tokens + plan.scoring_tokens
-        result = finish(plan.result, lm, plan.shown, generation, t0, processed=processed)
-        result.prompt_tokens = len(plan.kept)  # the view shows every passage token; the model reads the kept ones
+        count_cached_prefix(plan.shown, generation)
+        # the view shows every passage token; each passage segment counts the kept ones, which the model reads
+        result = finish(plan.result, lm, plan.shown, generation, t0, overhead=plan.scoring_tokens)
         result.bytes_per_token = round(self.storage(corpus, params).bytes_per_token, 2)
         passages = [v for v in result.segments if v["kind"] == "passage"]
         for view, segment in zip(passages, [s for s in plan.kept.segments if s.kind == "passage"]):
@@ -179,8 +141,10 @@ questions the knobs were chosen on; this one is the out-of-sample check:
                             f"{'contrastive score given the question' if params.question_aware else 'self-information'})")
         if scoring_tokens:
             result.notes.append(f"question-aware scoring ran {scoring_tokens} tokens (question prefix + every retrieved "
-                                f"passage) through the model before the prompt: counted in processed tokens and TTFT")
-        shown = [full.segments[0]] + [Segment("passage", p.ids, "pruned", p.source, [float(f) for f in row])
+                                f"passage, padded to a batch) through the model before the prompt: counted as overhead "
+                                f"tokens and in TTFT")
+        shown = [full.segments[0]] + [Segment("passage", p.ids, "pruned", p.source, [float(f) for f in row],
+                                              processed=float(sum(row)), cached=0.0)
                                       for p, row in zip(passages, flags)] + [full.segments[-1]]
         kept = [full.segments[0]] + [Segment("passage", [t for t, f in zip(p.ids, row) if f], "text", p.source)
                                      for p, row in zip(passages, flags)] + [full.segments[-1]]
@@ -278,5 +242,5 @@ def _surprisal_given_question(lm, question: str, passages: list[Segment]) -> tup
     """Each passage's surprisal when the question comes first (JRT's layout puts it before the context)."""
     question_prefix = build_prompt(lm.tokenizer, question, [{"text": "."}], repeat_context=True).segments[0].ids
     prefix = compute_prefix(lm, question_prefix)
-    given = surprisal(lm, prefix, [p.ids for p in passages])
-    return given, len(question_prefix) + sum(len(p.ids) for p in passages)
+    sequences = [p.ids for p in passages]
+    return surprisal(lm, prefix, sequences), len(question_prefix) + computed_rows(sequences)

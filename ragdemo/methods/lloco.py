@@ -20,13 +20,8 @@ from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash, chunk_key
 from ..units import fmt_bytes
-from .base import Params, Method, Result, StorageAccount, finish, storage_sentence
-from .measured import measured_run, measured_table, share
+from .base import Params, Method, Result, StorageAccount, finish
 
-RESULTS = "lloco_grid/summary.md"  # the ratio x scorer x LoRA run the card and the README quote
-RECONSTRUCT, KEYNORM = "@scorer=reconstruct", "@scorer=keynorm"
-MEASURED_ROWS = ["rag", *(f"lloco@c={c}{scorer}@{lora}" for c in (1, 2, 4, 8) for scorer in (RECONSTRUCT, KEYNORM)
-                          for lora in ("lora=0", "train=1"))]
 RECIPE = "v2-distill"  # bump when the training recipe changes, so old adapters are not reused
 
 
@@ -37,55 +32,6 @@ class LlocoParams(LoraKnobs, Params):
     scorer: str = "reconstruct"  # reconstruct (KVzip-style) | keynorm
     storage: str = "fp16"  # fp16 | int8
     positions: str = "original"  # original: kept tokens keep their place in the passage; compact: packed
-
-
-def _pair(run, c: int, scorer: str = RECONSTRUCT) -> tuple:
-    """(value kept, x faster than RAG) with the LoRA off and on, for one compression ratio."""
-    base = f"lloco@c={c}{scorer}"
-    value = [share(run.value(f"{base}@{lora}", "value kept")) for lora in ("lora=0", "train=1")]
-    ratio = [share(run.value(f"{base}@{lora}", "TTFT vs ref")) for lora in ("lora=0", "train=1")]
-    return value, [1 / r if r else None for r in ratio]
-
-
-def _findings() -> str:
-    """What the bundled run says about the scorer and the LoRA, read from it."""
-    run = measured_run(RESULTS)
-    if run is None:
-        return ""
-    lines = []
-    for c in (2, 4, 8):
-        value, faster = _pair(run, c)
-        if None not in value + faster:
-            lines.append(f"c={c}: LoRA {value[0]:.0%} → {value[1]:.0%} value kept, {faster[0]:.1f}x → "
-                         f"{faster[1]:.1f}x faster than RAG")
-    keynorm, _ = _pair(run, 4, KEYNORM)
-    recon, _ = _pair(run, 4)
-    if None not in keynorm + recon:
-        lines.append(f"at c=4 the `keynorm` scorer keeps {keynorm[0]:.0%} / {keynorm[1]:.0%} (LoRA off / on) "
-                     f"against `reconstruct`'s {recon[0]:.0%} / {recon[1]:.0%}")
-    old = measured_run("lloco_grid_v1_cloze_lora_summary.md")
-    if old is not None:
-        before = [share(old.value(f"lloco@c=4@scorer=reconstruct@{x}", "value kept")) for x in ("lora=0", "train=1")]
-        if None not in before:
-            lines.append(f"an earlier LoRA recipe (next-token cross-entropy on the cloze continuation) lowered c=4's "
-                         f"value kept instead, {before[0]:.0%} → {before[1]:.0%} "
-                         f"(`assets/results/lloco_grid_v1_cloze_lora_summary.md`)")
-    return "\n".join(f"- {line}" for line in lines)
-
-
-def _targets() -> str:
-    run = measured_run(RESULTS)
-    if run is None:
-        return "Targets (TTFT ≥5x faster than RAG; ≥85% value kept at 4x compression): not measured in this checkout."
-    value, faster = _pair(run, 4)
-    if None in value + faster:
-        return "Targets: the bundled run lacks the c=4 rows."
-    met = lambda ok: "met" if ok else "not met"  # noqa: E731
-    return (f"Targets, from this run: TTFT ≥5x faster than RAG over the same passages — **{met(faster[0] >= 5)}** "
-            f"without the LoRA ({faster[0]:.1f}x), **{met(faster[1] >= 5)}** with it ({faster[1]:.1f}x); "
-            f"≥85% value kept at 4x compression — **{met(value[0] >= 0.85)}** without the LoRA ({value[0]:.0%}), "
-            f"**{met(value[1] >= 0.85)}** with it ({value[1]:.0%}). The ceiling on speed here is the question's own "
-            f"prefill (`bench-speed` prints it as LLoCO's floor).")
 
 
 class Lloco(Method):
@@ -113,29 +59,14 @@ answer time the summaries of the retrieved documents are loaded and the matching
   as text (KL at every question/answer position), 300 steps; stored with the collection and applied
   automatically (`lora`), then removed so other methods see the base model. (LLoCO trains its LoRA on
   instruction data with the answer as target; an earlier recipe here did that with the cloze continuation as
-  target and lowered value kept, see below.)
+  target and lowered value kept.)
 - Approximated: no AutoCompressor (nothing learned compresses here: tokens are selected), passages never see
   each other (each was encoded alone), 64-token chunks instead of 1,536-token documents.
 - Knobs: k, c (1, 2, 4, 8), scorer, storage (fp16/int8), positions, lora, train, lora_r, lora_steps, lora_lr.
 
-**Measured** (100 SQuAD v1.1 dev questions, 2 articles, k=5 for RAG and LLoCO, reference RAG over the same
-chunks, after warm-up; the scorer is `reconstruct` unless named; `train=1` rows read the LoRA distilled for that
-variant during prepare, `lora=0` rows none; command, machine and date in the file named under the table). Measured
-on the hot-path code: the LoRA is swapped in by reference (~1 ms), not merged into the weights for every answer
-(~35 ms) as in the earlier run of 2026-11-22; `python -m ragdemo bench-speed` times LLoCO with the LoRA on and off:
-
-{measured}
-
-{findings}
-
-**Storage, everything counted** (per-chunk caches + the collection's LoRA when one is trained, divided by the
-collection's tokens; `python -m ragdemo bench-storage`, c=4 at the default knobs, no LoRA trained):
-{measured storage}.
-
-{targets}""".replace(
-        "{measured storage}", storage_sentence("lloco@c=4")).replace(
-        "{measured}", measured_table(RESULTS, MEASURED_ROWS)).replace("{findings}", _findings()).replace(
-        "{targets}", _targets())
+The LoRA is swapped in by reference (~1 ms), not merged into the weights for every answer; the results suite
+measures LLoCO with the LoRA off (the default: no adapter is trained unless asked) and on (`train=1`).
+Storage is every chunk's compressed cache plus the collection's LoRA when one is trained."""
 
     # ------------------------------------------------------------ offline
     def prepare(self, corpus, params, progress=None) -> None:
@@ -189,8 +120,7 @@ collection's tokens; `python -m ragdemo bench-storage`, c=4 at the default knobs
                                     last_only=True)
                 generation = decode_loop(lm, ctx.cache, first, ctx.next_pos + len(ctx.question_ids),
                                          params.max_new_tokens, clock, stream)
-        result = finish(ctx.result, lm, self._marked_prompt(lm, ctx.view), generation, clock,
-                        processed=ctx.processed + len(ctx.question_ids))
+        result = finish(ctx.result, lm, self._marked_prompt(lm, ctx.view), generation, clock)
         return self._account(result, ctx, self.storage(corpus, params))
 
     def nll(self, question, gold, corpus, params) -> float:
@@ -326,11 +256,9 @@ collection's tokens; `python -m ragdemo bench-storage`, c=4 at the default knobs
         kept = sum(p.kept for p in passages)
         result.notes.append(f"{kept} of {passage_tokens} passage tokens kept per layer/head "
                             f"(c={params.c}, {params.scorer}, {params.storage}); dimmed tokens were dropped")
-        prefix_cached = len(prefix_ids) if had_prefix else 0
         view = _View(question, hits, keep, had_prefix, params.c)
         return _Context(kvc.cache_from(layers), next_pos, question_ids(lm.tokenizer, question), view, result,
-                        adapter, len(prefix_ids) - prefix_cached, load_start, prefix_cached + kept,
-                        len(prefix_ids) + kept, [p.kept for p in passages])
+                        adapter, load_start, [p.kept for p in passages])
 
     @staticmethod
     def _marked_prompt(lm, view: "_View") -> Prompt:
@@ -341,18 +269,16 @@ collection's tokens; `python -m ragdemo bench-storage`, c=4 at the default knobs
         # the prefix counts as cached only when its states were read from the LM's prefix cache
         marked = [Segment("prefix", prompt.segments[0].ids, "cached" if view.had_prefix else "text")]
         for seg, hit, kept in zip(prompt.segments[1:-1], view.hits, view.keep):
+            shares = kept.tolist()  # each token's share of the layers x KV heads that kept it: read from storage
             marked.append(Segment("passage", seg.ids, "compressed" if view.c > 1 else "cached",
                                   {"doc": hit["doc"], "chunk_id": hit["chunk_id"], "score": hit["score"]},
-                                  keep=kept.tolist()))
+                                  keep=shares, processed=0.0, cached=float(sum(shares))))
         marked.append(prompt.segments[-1])
         return Prompt(marked)
 
     @staticmethod
     def _account(result: Result, ctx: "_Context", account: StorageAccount) -> Result:
-        """prompt = prefix + kept passage tokens + question (what attention sees); cached = kept passage tokens,
-        plus the prefix when it came from the prefix cache; processed (set by finish) = the rest."""
-        result.cached_tokens = ctx.cached
-        result.prompt_tokens = ctx.attended + len(ctx.question_ids)
+        """The storage figures, and per passage how many of its tokens the cache keeps (per layer and KV head)."""
         result.bytes_per_token = round(account.bytes_per_token, 2)
         for seg in result.segments:  # the view shows the passage text; say how much of it is in the cache
             if seg["kind"] == "passage":
@@ -379,10 +305,7 @@ class _Context:
     view: _View
     result: Result
     adapter: object  # the stored LoRA (StoredArtifact) or None
-    processed: float  # prompt tokens computed now, besides the question (the prefix when not cached)
     load_start: float
-    cached: int  # tokens whose states came from storage
-    attended: int  # prefix + kept passage tokens: what the question attends to besides itself
     kept_per_passage: list[int]
 
 

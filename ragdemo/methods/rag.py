@@ -1,16 +1,16 @@
-"""Top-k RAG baseline: the k chunks nearest the question, grouped into passages in document order."""
+"""Top-k RAG baseline: the k chunks nearest the question, one passage each, in document order."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..engine.prompt import build_prompt
-from ..store import group_passages
 from .base import Params, PromptMethod, Result
 
 
 @dataclass
 class RagParams(Params):
     k: int = 5
+    join: bool = False  # join touching chunks into one passage (not the layout the reuse methods store: a study)
 
 
 class Rag(PromptMethod):
@@ -20,13 +20,30 @@ class Rag(PromptMethod):
     Params = RagParams
     card = """### Top-k RAG (baseline)
 The question is embedded with all-MiniLM-L6-v2; the k nearest 64-token chunks (exact FAISS search) are
-retrieved, neighbouring chunks of one document are joined, and the passages are placed in document order
-before the question. Every passage token is processed by every layer at query time.
-- Exact: standard retrieve-then-read; this is the reference that BTR and LLoCO are measured against.
-- Knobs: k (chunks retrieved)."""
+retrieved and placed in document order before the question, one passage per chunk (each ends with a blank
+line). Every passage token is processed by every layer at query time.
+- Exact: standard retrieve-then-read; this is the reference every reuse method (BTR, LLoCO, CacheBlend,
+  lingua) is measured against, and they read exactly this token sequence: one passage per chunk is the unit
+  they store.
+- Knobs: k (chunks retrieved); join: touching chunks of one document become one passage without the blank line
+  between them. The reuse methods cannot read that layout (their artifacts are per chunk), so it is off: the
+  results suite measures what it would change (`rag@join=1`)."""
 
     def build(self, question, corpus, params):
         corpus.require_documents(self.name)
-        hits, retrieve_s = corpus.retrieve(question, params.k)
-        prompt = build_prompt(corpus.lm.tokenizer, question, group_passages(hits))
+        hits, retrieve_s = corpus.retrieve_in_order(question, params.k)
+        prompt = build_prompt(corpus.lm.tokenizer, question, join_touching(hits) if params.join else hits)
         return prompt, Result(self.name, retrieve_s=retrieve_s)
+
+
+def join_touching(passages: list[dict]) -> list[dict]:
+    """Passages in reading order with the chunks that follow each other in one document joined into one."""
+    joined: list[dict] = []
+    for passage in passages:
+        last = joined[-1] if joined else None
+        if last and last["doc_id"] == passage["doc_id"] and last["last_ord"] + 1 == passage["ord"]:
+            last.update(text=last["text"] + passage["text"], last_ord=passage["ord"],
+                        chunk_ids=last["chunk_ids"] + [passage["chunk_id"]], score=max(last["score"], passage["score"]))
+        else:
+            joined.append({**passage, "last_ord": passage["ord"], "chunk_ids": list(passage["chunk_ids"])})
+    return joined

@@ -13,56 +13,8 @@ from ..engine.prefix import prefix_cache
 from ..engine.prompt import Prompt, build_prompt, encode
 from ..engine.scoring import nll_of_answer
 from ..errors import NotSupported, UserError
-from ..store import group_passages
+from ..store import reading_order
 from .base import Method, Params, Result, finish
-from .measured import MeasuredRun, measured_run
-
-
-# The runs the card reports, first found wins: the run at the current defaults (bench output
-# `bench_out/issue15_squad`, copied to assets/results/issue15_squad/), then the all-methods SQuAD run.
-MEASURED_RUNS = ("issue15_squad/summary.md", "squad_all_summary.md")
-MEASURED_COLUMNS = ["method", "n", "F1", "contains", "value kept", "TTFT s", "TTFT vs ref", "total s", "prompt tok",
-                    "processed tok"]
-# A run's command line names only the knobs it set. The default stride was 64 until this commit time (20fed32)
-# made it 16, so a run that did not set it ran at the default of its date.
-STRIDE_16_SINCE = "2026-11-23 13:41"
-
-
-def measured_stride(run: MeasuredRun) -> int:
-    given = run.knobs("retro").get("stride")
-    if given:
-        return int(given)
-    return 16 if run.meta.get("date", "") >= STRIDE_16_SINCE else 64
-
-
-def re_retrieval_sentence(run: MeasuredRun, stride: int) -> str:
-    """Whether the run re-retrieved at all: never when answers stop before the first stride; otherwise how
-    many answers did, from results.json when it is bundled with the summary."""
-    limit = run.max_new_tokens
-    if limit is not None and stride >= limit:
-        return (f"**No re-retrieval happened in this run:** answers stop at {limit} new tokens, before the first "
-                f"re-retrieval at token {stride}, so the row measures RETRO's retrieval at the question only "
-                "([N, F] neighbours instead of RAG's top-k chunks).")
-    answered = [q["results"]["retro"] for q in run.questions() or [] if q["results"].get("retro", {}).get("answered")]
-    if not answered:
-        return (f"Answers longer than {stride} tokens re-retrieved; how many is in the run's results.json (not "
-                "bundled here).")
-    again = sum(1 for r in answered if r.get("events", 0) > 1)  # the first event is the question's retrieval
-    return (f"{again} of {len(answered)} answers re-retrieved at least once (every {stride} tokens); the others "
-            f"ended before token {stride}.")
-
-
-def measured_paragraph() -> str:
-    run = next(filter(None, map(measured_run, MEASURED_RUNS)), None)
-    if run is None:
-        return ("**Measured:** not in this checkout (`python -m ragdemo bench --dataset squad --articles 2 --methods "
-                "closed_book,rag,retro` writes the table the card shows).")
-    stride = measured_stride(run)
-    knobs = ", ".join(f"{k}={v}" for k, v in {**run.knobs("retro"), "stride": str(stride)}.items())
-    return (f"**Measured** (`{run.relative}`; {run.meta.get('data', '')}; {run.meta.get('model', '')}; "
-            f"{run.meta.get('date', '')}; retro at {knobs}, its other knobs at their defaults; "
-            f"command {run.meta.get('command', 'not recorded')}):\n\n"
-            f"{run.table(['rag', 'retro'], MEASURED_COLUMNS)}\n\n{re_retrieval_sentence(run, stride)}")
 
 
 @dataclass
@@ -83,8 +35,8 @@ class Retro(Method):
 uses frozen BERT averaged over time); value = [N, F] = the neighbour chunk N plus its continuation F, the next
 chunk of the same document.
 **Retrieval:** the question is split into `chunk_tokens`-token chunks (LM tokens) and each chunk fetches its k
-nearest neighbours by L2 distance (exact FAISS). Neighbours and continuations are joined where they touch and
-placed in document order at the front of the context: [instruction][neighbours][question].
+nearest neighbours by L2 distance (exact FAISS). Neighbours and continuations are placed in document order at
+the front of the context, one passage per chunk as every method reads them: [instruction][neighbours][question].
 **Generation:** every `stride` generated tokens the last `chunk_tokens` tokens (question + answer so far) are
 embedded and searched again. New neighbours *replace* the old ones at the front, and the context
 [instruction][new neighbours][question][answer so far] is prefilled again (the KV cache is kept up to the
@@ -92,9 +44,9 @@ first token that differs). When the neighbours did not change the cache is kept 
 entry in the result's events (step, query, chunk ids, changed or not, what was recomputed).
 **Causality:** a retrieval made after token t is only seen by tokens t+1 onwards; nothing generated earlier
 can see it.
-**What the model sees:** neighbours from the question's retrieval are marked *text* (read at prefill, like
-RAG); neighbours swapped in by a re-retrieval during generation are marked *retrieved*. The view shows the
-context in use when the answer finished.
+**What the model sees, and the counts:** the context at the first answer token, the neighbours of the
+question's retrieval read as text (like RAG). Re-retrievals happen after the first token, so they are not in
+the answer's token fields or TTFT: each is an event with its own neighbours, seconds and re-prefilled tokens.
 **Exact vs approximated:** real RETRO feeds neighbours through chunked cross-attention in a model trained for
 it, and every 64-token chunk of the output attends only to the neighbours of the previous chunk. Here the
 neighbours are prepended to the unmodified LM as plain text, which is the In-Context RALM recipe; the
@@ -108,8 +60,7 @@ continuation on/off.
 **When no re-retrieval happens:** an answer that ends before `stride` tokens never re-retrieves. Its notes then
 say so ("no re-retrieval: the answer ended after N tokens, before the first one at `stride` tokens (stride)"),
 its events hold the question's retrieval only, and the view shows only *text* neighbours: that answer is RAG
-over [N, F] neighbours, nothing more.
-{measured}""".replace("{measured}", measured_paragraph())
+over [N, F] neighbours, nothing more."""
 
     # ------------------------------------------------------------ retrieval
     def question_queries(self, tokenizer, question: str, chunk_tokens: int) -> list[str]:
@@ -178,21 +129,27 @@ over [N, F] neighbours, nothing more.
         if dropped:
             result.notes.append(f"{dropped} weakest neighbours left out to fit the {lm.window}-token window")
         run = _Run(self, lm, corpus, params, question, prompt, result, budget)
-        result.events.append(_event("question", 0, queries, found, True, retrieve_s,
-                                    f"prefilled {len(prompt)} tokens", len(prompt)))
         run.cache, start, hit = prefix_cache(lm).start(lm, prompt.ids)  # the shared prefix, as for every method
-        run.processed, result.cached_tokens = (0, start) if hit else (start, 0)
-        logits = run.prefill_from(start, prompt.ids)
+        if hit:
+            prompt.segments[0].read_from_cache(start)
+        prefill_start = time.perf_counter()
+        logits = run.run_after(start, prompt.ids)
+        result.events.append(_event("question", 0, queries, found, True, retrieve_s,
+                                    f"prefilled {len(prompt) - (start if hit else 0)} tokens", len(prompt),
+                                    len(prompt) - (start if hit else 0), time.perf_counter() - prefill_start))
         generation = decode_loop(lm, run.cache, logits, len(prompt), params.max_new_tokens, t0, stream,
                                  step=run.step)
-        result.retrieve_s = sum(e["retrieve_s"] for e in result.events)
-        finish(result, lm, run.prompt, generation, t0, processed=run.processed)
-        result.sources = _unique_sources(run.sources + result.sources)
-        swaps = sum(1 for e in result.events if e["kind"] == "re-retrieval" and e["changed"])
-        re_retrievals = sum(1 for e in result.events if e["kind"] == "re-retrieval")
-        if re_retrievals:
-            result.notes.append(f"{re_retrievals} re-retrievals (every {params.stride} tokens); neighbours replaced "
-                                f"{swaps} times; processed_tokens counts every re-prefill")
+        # the fields describe the answer up to its first token; what re-retrieval did later is in the events
+        finish(result, lm, prompt, generation, t0)
+        result.sources = _unique_sources(result.sources + run.sources)
+        later = [e for e in result.events if e["kind"] == "re-retrieval"]
+        if later:
+            swaps = [e for e in later if e["changed"]]
+            result.notes.append(f"{len(later)} re-retrievals after the first answer token (every {params.stride} "
+                                f"tokens, {sum(e['retrieve_s'] for e in later):.3f} s); neighbours replaced "
+                                f"{len(swaps)} times, re-prefilling {sum(e['prefilled_tokens'] for e in swaps)} tokens "
+                                f"({sum(e['prefill_s'] for e in swaps):.3f} s): in the events, not in the token "
+                                "fields or TTFT")
         else:  # the card promises re-retrieval: say plainly when the answer was too short for one
             result.notes.append(f"no re-retrieval: the answer ended after {result.new_tokens} tokens, before the "
                                 f"first one at {params.stride} tokens (stride)")
@@ -221,18 +178,10 @@ class _Run:
     budget: int
     cache: DynamicCache = field(default_factory=DynamicCache)
     generated: list[int] = field(default_factory=list)
-    processed: int = 0
     sources: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         self.question_ids = encode(self.lm.tokenizer, self.question.strip())
-        self.sources = [s.source for s in self.prompt.segments if s.source]
-
-    def prefill_from(self, keep: int, ids: list[int]) -> torch.Tensor:
-        """Keep the first `keep` cached tokens and run `ids[keep:]` after them; returns the last logits.
-        Counted in processed_tokens (a plain decode step is not, as for every other method)."""
-        self.processed += len(ids) - keep
-        return self.run_after(keep, ids)
 
     def run_after(self, keep: int, ids: list[int]) -> torch.Tensor:
         cached = self.cache.get_seq_length()
@@ -260,7 +209,7 @@ class _Run:
         step = len(self.generated)
         if _chunk_ids(found) == _chunk_ids(self.current):
             self.result.events.append(_event("re-retrieval", step, [query], found, False, seconds,
-                                             "neighbours unchanged: KV cache kept", len(self.prompt)))
+                                             "neighbours unchanged: KV cache kept", len(self.prompt), 0, 0.0))
             return self.run_after(self.cache.get_seq_length(), self.sequence())
         old = self.sequence()[: self.cache.get_seq_length()]
         self.prompt, dropped = self.method.context(self.lm, self.question, found, "retrieved",
@@ -268,11 +217,13 @@ class _Run:
         self.sources += [s.source for s in self.prompt.segments if s.source]
         new = self.sequence()
         keep = min(_common_prefix(old, new), len(new) - 1)
+        started = time.perf_counter()
+        logits = self.run_after(keep, new)
         self.result.events.append(_event("re-retrieval", step, [query], found, True, seconds,
                                          f"context rebuilt: kept {keep} cached tokens, prefilled {len(new) - keep}"
                                          + (f", {dropped} neighbours left out to fit" if dropped else ""),
-                                         len(self.prompt)))
-        return self.prefill_from(keep, new)
+                                         len(self.prompt), len(new) - keep, time.perf_counter() - started))
+        return logits
 
     @property
     def current(self) -> list[dict]:
@@ -284,8 +235,8 @@ class _Run:
 
 
 def neighbour_passages(found: list[dict]) -> list[dict]:
-    """Neighbours and their continuations as passages: chunks that touch are joined, in document order, so a
-    neighbour whose continuation is another neighbour is not read twice."""
+    """Neighbours and their continuations as passages, in the layout every method reads (`reading_order`: one
+    per chunk, document order); a neighbour whose continuation is another neighbour is read once."""
     chunks: dict[int, dict] = {}
     for hit in found:
         chunks.setdefault(hit["chunk_id"], hit)
@@ -293,7 +244,7 @@ def neighbour_passages(found: list[dict]) -> list[dict]:
         follow = hit.get("continuation")
         if follow and follow["chunk_id"] not in chunks:
             chunks[follow["chunk_id"]] = {**follow, "score": hit["score"]}
-    return group_passages(list(chunks.values()))
+    return reading_order(list(chunks.values()))
 
 
 def _chunk_ids(found: list[dict]) -> list[int]:
@@ -310,12 +261,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _event(kind: str, step: int, queries: list[str], found: list[dict], changed: bool, seconds: float,
-           action: str, context_tokens: int) -> dict:
+           action: str, context_tokens: int, prefilled: int, prefill_s: float) -> dict:
+    """One retrieval: at the question (step 0) or after `step` generated tokens, with its own counts and seconds
+    (re-retrievals happen after the first answer token, so they are never in the answer's token fields)."""
     return {"kind": kind, "step": step, "query": queries[0] if len(queries) == 1 else queries,
             "chunk_ids": [h["chunk_id"] for h in found],
             "continuation_ids": [h["continuation"]["chunk_id"] for h in found if h.get("continuation")],
             "changed": changed, "action": action, "context_tokens": context_tokens,
-            "retrieve_s": round(seconds, 5)}
+            "retrieve_s": round(seconds, 5), "prefilled_tokens": prefilled, "prefill_s": round(prefill_s, 5)}
 
 
 def _unique_sources(sources: list[dict]) -> list[dict]:

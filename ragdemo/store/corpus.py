@@ -110,10 +110,9 @@ class Corpus:
         return results
 
     def retrieve_in_order(self, query: str, k: int) -> tuple[list[dict], float]:
-        """Top-k chunks in document order (each its own passage, as the reuse methods read them) and the seconds
-        retrieval took."""
+        """Top-k chunks as every method reads them (`reading_order`) and the seconds retrieval took."""
         hits, seconds = self.retrieve(query, k)
-        return sorted(hits, key=lambda h: (h["doc_id"], h["ord"])), seconds
+        return reading_order(hits), seconds
 
     def retrieve(self, query: str, k: int) -> tuple[list[dict], float]:
         """Top-k chunks for one query and the seconds it took."""
@@ -178,22 +177,10 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(shares)) if shares else 0.0
 
 
-def group_passages(hits: list[dict]) -> list[dict]:
-    """Adjacent retrieved chunks of one document become one passage; passages keep document order,
-    so the model reads text as it was written rather than shuffled by score."""
+def reading_order(hits: list[dict]) -> list[dict]:
+    """The one passage layout every method reads (RAG, the reuse methods, JRT, RETRO): one passage per retrieved
+    chunk, in document order (the model reads text as it was written, not shuffled by score). One passage per
+    chunk, because that is the unit every reuse method stores (a chunk's KV, states or scores, computed alone):
+    RAG reading the same token sequence makes "value kept" measure the approximation and nothing else."""
     ordered = sorted(hits, key=lambda h: (h["doc_id"], h["ord"]))
-    passages: list[dict] = []
-    for hit in ordered:
-        last = passages[-1] if passages else None
-        if last and last["doc_id"] == hit["doc_id"] and last["last_ord"] + 1 == hit["ord"]:
-            last["text"] += hit["text"]
-            last["last_ord"] = hit["ord"]
-            last["chunk_ids"].append(hit["chunk_id"])
-            last["score"] = max(last["score"], hit["score"])
-        else:
-            passages.append({"doc": hit["doc"], "doc_id": hit["doc_id"], "chunk_id": hit["chunk_id"],
-                             "chunk_ids": [hit["chunk_id"]], "last_ord": hit["ord"], "text": hit["text"],
-                             "score": hit["score"]})
-    return passages
-
-
+    return [{**hit, "chunk_ids": [hit["chunk_id"]]} for hit in ordered]

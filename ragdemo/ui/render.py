@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ..bench.metrics import best_over_golds, contains
 from ..methods import registry
+from ..glossary import FIELDS
 from ..methods.base import GLOSSARY, Result
 from ..units import fmt_bytes, fmt_s
 
@@ -232,32 +233,53 @@ def render_model_sees(results: list[Result], labels: dict[str, str] | None = Non
             f"<div style='display:flex;flex-direction:column;gap:12px'>{blocks}</div></div>")
 
 
+def segment_share(segment: dict) -> float:
+    """What a segment adds to the prompt, in token-layers / layers (its processed + cached share); a segment
+    view without shares (an old run) counts its tokens."""
+    if "processed" in segment or "cached" in segment:
+        return float(segment.get("processed") or 0) + float(segment.get("cached") or 0)
+    return float(segment.get("n_tokens", 0))
+
+
 def _sees_block(result: Result, label: str, tokenizer) -> str:
-    total = sum(int(s.get("n_tokens", 0)) for s in result.segments) or 1
-    by_mark: dict[str, int] = {}
+    """One method's prompt. The totals are the answer's own fields (the card shows the same numbers); the
+    per-mark split and the bar add up the segments' shares, which sum to the same total."""
+    by_mark: dict[str, float] = {}
     for s in result.segments:
-        by_mark[s.get("mark", "text")] = by_mark.get(s.get("mark", "text"), 0) + int(s.get("n_tokens", 0))
-    summary = " · ".join(f"{esc(m)} {n}" for m, n in by_mark.items())
+        by_mark[s.get("mark", "text")] = by_mark.get(s.get("mark", "text"), 0.0) + segment_share(s)
+    total = sum(by_mark.values()) or 1.0
+    summary = " · ".join(f"{esc(m)} {fmt_num(n)}" for m, n in by_mark.items())
     bar = "".join(
-        f"<div title='{esc(m)}: {n} tokens' style='width:{100 * n / total:.2f}%;background:{mark_colour(m)}'></div>"
+        f"<div title='{esc(m)}: {fmt_num(n)} tokens' style='width:{100 * n / total:.2f}%;background:{mark_colour(m)}'></div>"
         for m, n in by_mark.items())
     segments = "".join(_segment_html(s, tokenizer) for s in result.segments)
     events = _events_html(result.events)
     error = f"<div style='color:#991b1b'>{esc(result.error)}</div>" if result.error else ""
-    kept = _kept_summary(result.segments)
+    totals = (f"<span class='rd-sees-total' data-prompt='{float(result.prompt_tokens)!r}' "
+              f"data-processed='{float(result.processed_tokens)!r}' data-cached='{float(result.cached_tokens)!r}' "
+              f"title='{esc(FIELDS['prompt_tokens'])}'>{fmt_num(result.prompt_tokens)} prompt tokens "
+              f"({fmt_num(result.processed_tokens)} computed now, {fmt_num(result.cached_tokens)} read from a cache)</span>")
     return (f"<div class='rd-sees' data-method='{esc(result.method)}' style='border:1px solid #e5e7eb;border-radius:8px;"
             f"border-left:6px solid {method_colour(result.method)};padding:10px;background:#ffffff'>"
-            f"<div><b>{esc(label)}</b> <span style='{MUTED}'>{sum(by_mark.values())} prompt tokens: {summary}{kept}</span></div>"
+            f"<div><b>{esc(label)}</b> <span style='{MUTED}'>{totals}: {summary}{_kept_summary(result.segments)}</span></div>"
             f"<div style='display:flex;height:10px;border-radius:4px;overflow:hidden;margin:6px 0;background:#f3f4f6'>{bar}</div>"
             f"{error}<div style='font-family:ui-monospace,monospace;font-size:12px;line-height:1.8;max-height:320px;"
             f"overflow:auto'>{segments}</div>{events}</div>")
 
 
+def kept_share(segments: list[dict]) -> tuple[float, int]:
+    """(passage tokens kept, passage tokens shown) over the segments that mark what they keep: each token counts
+    the share of layers x KV heads that kept it (1 or 0 for text compression), as the method's note counts."""
+    marked = [float(k) for s in segments for k in (s.get("keep") or [])]
+    return sum(marked), len(marked)
+
+
 def _kept_summary(segments: list[dict]) -> str:
-    marked = [k for s in segments for k in (s.get("keep") or [])]
-    if not marked:
+    kept, shown = kept_share(segments)
+    if not shown:
         return ""
-    return f" · {sum(1 for k in marked if k >= 0.5)} of {len(marked)} compressed tokens kept (dropped ones struck through)"
+    return (f" · <span class='rd-kept-total' data-kept='{kept!r}'>{fmt_num(kept)} of {shown} compressed tokens kept"
+            "</span> (averaged over layers and KV heads where they differ; dropped ones struck through)")
 
 
 def _kept_tokens_html(tokens: list[str], keep: list[float]) -> str:

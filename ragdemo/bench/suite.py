@@ -1,0 +1,153 @@
+"""`python -m ragdemo results`: the one results suite every screen quotes.
+
+One command runs every benchmark whose figures a card, the Methods tab, the README or docs/RESULTS.md shows, in
+one process on one machine, and stamps the run (machine, CPU flags, dtype, load at start and end, date, commit,
+wall time, the command). Screens read only this folder, so no screen mixes runs; a new run replaces it whole.
+`--quick` runs every section on a few questions and small collections: the same files, for a test to check
+that every quoted table is produced (its figures mean nothing).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..machine import load_average, stamp
+from .scratch import scratch_workbench
+
+REPO = Path(__file__).resolve().parents[2]
+SUITE_DIR = REPO / "assets" / "results" / "suite"
+STAMP_FILE = "suite.json"
+
+# The main SQuAD run: every method at its defaults and the variants the cards discuss, on the same questions,
+# in one run (rotated order), so every comparison on a card is within one run.
+SQUAD_METHODS = [
+    "closed_book", "full_context", "rag", "rag@join=1", "retro", "jrt",
+    "btr", "btr@split=18@query_aware=1", "btr@train=1",
+    "lloco@c=2", "lloco", "lloco@c=8", "lloco@scorer=keynorm", "lloco@train=1",
+    "cacheblend@r=0", "cacheblend@r=0.05", "cacheblend", "cacheblend@r=0.3", "cacheblend@r=1",
+    "lingua@ratio=0.33", "lingua", "lingua@ratio=0.7", "lingua@question_aware=1", "lingua@spread=0@unit=token",
+]
+SQUAD_LIMITS = {"full_context": 30}  # reads ~7k tokens per question: 30 questions give its figure in minutes
+# Defaults chosen on the main run's questions are confirmed here, on other articles and other questions.
+HELDOUT_METHODS = ["rag", "btr", "btr@split=18@query_aware=1", "lingua", "lingua@spread=0@unit=token"]
+
+
+@dataclass
+class Plan:
+    """How big each section is: the full suite, or the quick one a test runs."""
+
+    questions: int
+    articles: int
+    full_context_limit: int
+    lora_steps: int | None  # None = each method's default training length
+    storage_tokens: int
+    retriever_questions: int
+    speed_quick: bool
+    overrides: dict = field(default_factory=dict)  # {method: {knob: value}} over every variant (a tiny model's split)
+
+
+FULL = Plan(questions=100, articles=2, full_context_limit=30, lora_steps=None, storage_tokens=50_000,
+            retriever_questions=100, speed_quick=False)
+QUICK = Plan(questions=3, articles=1, full_context_limit=2, lora_steps=2, storage_tokens=2_000,
+             retriever_questions=5, speed_quick=True)
+
+
+@dataclass
+class Section:
+    name: str  # its folder under the suite
+    title: str
+    run: Callable  # (settings, folder, plan, progress) -> list of files written
+
+
+def _bench(methods: list[str], seed: int, limits: dict | None = None):
+    def run(settings, folder: Path, plan: Plan, progress) -> list[Path]:
+        from .command import run_benchmark
+
+        knobs = {name: {"lora_steps": plan.lora_steps} for name in ("btr", "lloco")} if plan.lora_steps else {}
+        limits_now = {m: min(n, plan.full_context_limit) for m, n in (limits or {}).items()}
+        with scratch_workbench(settings, f"suite-{folder.name}") as scratch:
+            _, written = run_benchmark(scratch, "squad", folder, methods, knobs, limits_now, n=plan.questions,
+                                       seed=seed, articles=plan.articles, progress=progress, overrides=plan.overrides,
+                                       extra_meta={"command": f"part of `python -m ragdemo results` ({folder.name})"})
+        return written
+    return run
+
+
+def _speed(settings, folder: Path, plan: Plan, progress) -> list[Path]:
+    import contextlib
+    import io
+
+    from .speed import run_speed_bench, speed_record
+
+    with scratch_workbench(settings, "suite-speed") as scratch:
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            found = run_speed_bench(scratch, plan.speed_quick)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "speed.txt").write_text(text.getvalue())
+    (folder / "speed.json").write_text(json.dumps(speed_record(found), indent=1))
+    return [folder / "speed.txt", folder / "speed.json"]
+
+
+def _storage(settings, folder: Path, plan: Plan, progress) -> list[Path]:
+    from .storage import DEFAULT_SPECS, run_storage_bench, write_storage
+
+    specs = ",".join(spec + "".join(f"@{k}={v}" for k, v in plan.overrides.get(spec.split("@")[0], {}).items())
+                     for spec in DEFAULT_SPECS.split(","))
+    rows = run_storage_bench(settings, specs, plan.storage_tokens, progress, articles=plan.articles)
+    return write_storage(rows, folder, {"min_tokens": plan.storage_tokens, "methods": specs})
+
+
+def _retrievers(settings, folder: Path, plan: Plan, progress) -> list[Path]:
+    from .retrievers import run_retriever_bench, write_retrievers
+
+    rows = run_retriever_bench(settings, [plan.articles, None], plan.retriever_questions, 5, None, 0, progress)
+    return write_retrievers(rows, folder, {"n": plan.retriever_questions, "k": 5, "seed": 0,
+                                           "articles": f"{plan.articles},all"})
+
+
+SECTIONS = [
+    Section("squad", "Every method on SQuAD v1.1 dev: quality, speed and storage", _bench(SQUAD_METHODS, 0, SQUAD_LIMITS)),
+    Section("heldout", "Defaults confirmed on other articles and questions", _bench(HELDOUT_METHODS, 1)),
+    Section("speed", "Where the time goes on this machine (bench-speed)", _speed),
+    Section("storage", "Every byte each method keeps (bench-storage)", _storage),
+    Section("retrievers", "Binary against float retrieval (bench-retrievers)", _retrievers),
+]
+
+
+def run_suite(settings, out: Path = SUITE_DIR, quick: bool = False, command: str = "", sections: list[str] | None = None,
+              plan: Plan | None = None, progress=None) -> dict:
+    """Run the sections into a fresh `out` (a previous suite there is replaced whole, never mixed with) and write
+    its stamp. Returns the stamp."""
+    from ..models import Models
+
+    plan = plan or (QUICK if quick else FULL)
+    chosen = [s for s in SECTIONS if sections is None or s.name in sections]
+    lm = Models(settings).lm
+    record = {**stamp(REPO, command, lm), "quick": quick, "sections": {}}
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    started = time.perf_counter()
+    for index, section in enumerate(chosen):
+        say = _scaled(progress, index, len(chosen), section.name)
+        if say:
+            say(0.0, section.title)
+        began = time.perf_counter()
+        written = section.run(settings, staging / section.name, plan, say)
+        record["sections"][section.name] = {"title": section.title, "seconds": round(time.perf_counter() - began, 1),
+                                            "files": sorted(p.relative_to(staging).as_posix() for p in written)}
+    record.update(load_end=load_average(), wall_s=round(time.perf_counter() - started, 1))
+    (staging / STAMP_FILE).write_text(json.dumps(record, indent=1))
+    shutil.rmtree(out, ignore_errors=True)  # only now: a failed run leaves the previous suite in place
+    staging.rename(out)
+    return record
+
+
+def _scaled(progress, index: int, count: int, name: str):
+    if progress is None:
+        return None
+    return lambda fraction, message: progress((index + fraction) / count, f"{name}: {message}")

@@ -1,0 +1,27 @@
+"""What screens say about each method: its card (the mechanism, from the method's own module) and what was
+measured (always from the one results suite). The Methods tab, the CLI's `methods` command and the README's
+generated tables use these functions, and nothing else reads the results."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..methods import registry
+from .measured import headline, headline_table, measured_section
+from .suite import Suite, load_suite
+
+FIGURES = ("squad/quality_vs_ttft.png", "squad/storage.png")  # the suite's plots shown under the cards
+
+
+def card_markdown(name: str, suite: Suite | None = None) -> str:
+    """A method's whole card: what it does (its module's `card`) and what the suite measured."""
+    cls = registry()[name]
+    return f"{cls.card or '### ' + (cls.label or name)}\n\n{measured_section(name, suite)}"
+
+
+def figures(suite: Suite | None = None) -> list[Path]:
+    """The suite's plots that exist (a section not run has none)."""
+    suite = suite or load_suite()
+    return [suite.path(f) for f in FIGURES if suite.path(f).is_file()] if suite else []
+
+
+__all__ = ["card_markdown", "figures", "headline", "headline_table", "load_suite", "measured_section", "Suite"]
