@@ -49,6 +49,14 @@ def fmt_duration(seconds: float) -> str:
 def fmt_speed(faster: float | None, reference: str = "RAG") -> str:
     """A speed ratio said one way on every screen: the reference's time over this one's, as '5.0x faster than
     RAG' or '1.3x slower than RAG' (never a bare ratio below 1); '–' when not measured."""
+    said = fmt_ratio(faster)
+    if said in ("–", "as fast"):
+        return said if said == "–" else f"as fast as {reference}"
+    return f"{said} than {reference}"
+
+
+def fmt_ratio(faster: float | None) -> str:
+    """`fmt_speed` without the reference, for table cells: '1.6x faster', '1.1x slower', 'as fast', '–'."""
     try:
         faster = float(faster)
     except (TypeError, ValueError):
@@ -56,7 +64,5 @@ def fmt_speed(faster: float | None, reference: str = "RAG") -> str:
     if not faster > 0 or faster == float("inf"):
         return "–"
     if round(faster, 1) == 1.0 and round(1 / faster, 1) == 1.0:
-        return f"as fast as {reference}"
-    if faster > 1:
-        return f"{faster:.1f}x faster than {reference}"
-    return f"{1 / faster:.1f}x slower than {reference}"
+        return "as fast"
+    return f"{faster:.1f}x faster" if faster > 1 else f"{1 / faster:.1f}x slower"

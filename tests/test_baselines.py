@@ -40,14 +40,20 @@ def test_baselines_on_tiny_model(tiny_bench, docs_dir):
     assert len(tiny_bench.runs()) == 3
 
 
-def test_rag_groups_neighbouring_chunks_in_document_order(tiny_bench, docs_dir):
+def test_rag_reads_one_passage_per_chunk_in_document_order(tiny_bench, docs_dir):
+    """The layout every reuse method stores: one passage per chunk; `join` (a measured study) joins touching ones."""
     tiny_bench.ingest([(p.name, p) for p in docs_dir.iterdir()])
     corpus = tiny_bench.corpus()
     method = get_method("rag")
-    prompt, _ = method.build("bananas potassium", corpus, method.Params(k=len(corpus.chunks())))
+    every = len(corpus.chunks())
+    prompt, _ = method.build("bananas potassium", corpus, method.Params(k=every))
     passages = [s for s in prompt.segments if s.kind == "passage"]
-    assert len(passages) == 2  # every chunk retrieved: one passage per document
-    assert [s.source["doc"] for s in passages] == sorted(s.source["doc"] for s in passages)
+    assert len(passages) == every
+    order = [(s.source["doc"], s.source["chunk_id"]) for s in passages]
+    by_doc = {d["name"]: d["id"] for d in tiny_bench.documents()}
+    assert order == sorted(order, key=lambda o: (by_doc[o[0]], o[1]))  # documents in upload order, chunks in order
+    joined, _ = method.build("bananas potassium", corpus, method.Params(k=every, join=True))
+    assert len([s for s in joined.segments if s.kind == "passage"]) == 2  # every chunk retrieved: one per document
 
 
 def test_full_context_truncates_with_a_note(tiny_bench, docs_dir):

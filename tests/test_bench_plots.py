@@ -53,23 +53,3 @@ def test_bench_frontier_cli_plots_one_methods_rows_over_runs(tmp_path, monkeypat
     assert "no bench results" in capsys.readouterr().err
 
 
-def test_bench_frontier_reads_a_bundled_summary_md(tmp_path, monkeypatch):
-    """Runs whose results.json was not kept still plot from their summary table (value kept, TTFT vs ref)."""
-    from ragdemo.bench.runner import load_run_or_summary
-    from ragdemo.cli import main
-
-    summary = tmp_path / "summary.md"
-    summary.write_text("# Benchmark: squad\n\n- data: SQuAD v1.1 dev (x.json): 2 articles\n"
-                       "- reference for context value kept and TTFT ratio: **rag**\n\n"
-                       "| method | n | value kept | TTFT vs ref |\n|---|---|---|---|\n"
-                       "| closed_book (NLL only) | 9 | 0% | – |\n| rag | 9 | 100% | 1.00x |\n"
-                       "| btr@split=18 | 9 | 96% | 0.54x |\n| btr@split=24 | 9 | 23% | 0.38x |\n")
-    run = load_run_or_summary(summary)
-    assert run["meta"] == {"reference": "rag", "dataset": "SQuAD v1.1 dev"}
-    rows = {r["method"]: r for r in run["summary"]}
-    assert rows["btr@split=18"]["value_kept"] == 0.96 and rows["btr@split=18"]["ttft_vs_ref"] == 0.54
-    assert rows["closed_book"]["ttft_vs_ref"] is None
-    monkeypatch.setenv("RAGDEMO_HOME", str(tmp_path / "home"))
-    out = tmp_path / "frontier.png"
-    assert main(["bench-frontier", str(summary), "--out", str(out)]) == 0
-    assert out.read_bytes()[:4] == b"\x89PNG"

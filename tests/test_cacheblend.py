@@ -208,9 +208,12 @@ def test_answer_fields_preparation_outside_ttft_and_recomputed_marks(tiny_bench,
     assert all(s["mark"] == "cached" for s in passages)
     question, prefix = again.segments[-1]["n_tokens"], again.segments[0]["n_tokens"]
     assert again.prompt_tokens == prefix + n + question
-    assert again.cached_tokens == prefix + n - recomputed  # the prefix came from the LM's prefix memo
     layers = lm.n_layers
+    # selection layer 1: layers 0-1 computed for every passage token (the KV projection at layer 1 counted whole),
+    # the recomputed ones' upper layers too; everything else read from the chunk caches; the prefix from the memo
     assert again.processed_tokens == pytest.approx(question + (2 * n + recomputed * (layers - 2)) / layers, abs=0.01)
+    assert again.cached_tokens == pytest.approx(prefix + (n - recomputed) * (layers - 2) / layers, abs=0.01)
+    assert again.overhead_tokens == pytest.approx(recomputed / layers, abs=0.01)  # their selection projection, redone
     assert again.processed_tokens < again.prompt_tokens
     account = method.storage(corpus, method.Params())
     assert isinstance(account, StorageAccount) and account.tokens == corpus.n_tokens()

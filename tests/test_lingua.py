@@ -74,8 +74,10 @@ def test_question_aware_changes_the_selection_and_is_paid_for(tiny_bench, docs_d
     n = len(flags(plain))
     assert plain.scoring_tokens == 0 and aware.scoring_tokens > n  # question prefix + every passage token
     one, two = tiny_bench.ask(QUESTION, ["lingua"])[0], tiny_bench.ask(QUESTION, ["lingua"], knobs={"lingua": {"question_aware": True}})[0]
-    assert one.processed_tokens + one.cached_tokens == one.prompt_tokens
-    assert two.processed_tokens + two.cached_tokens == two.prompt_tokens + aware.scoring_tokens
+    assert one.processed_tokens + one.cached_tokens == one.prompt_tokens and one.overhead_tokens == 0
+    # the scoring pass is paid for (in TTFT, as overhead) but is not prompt: the model does not attend to it
+    assert two.processed_tokens + two.cached_tokens == two.prompt_tokens == one.prompt_tokens
+    assert two.overhead_tokens == aware.scoring_tokens
     assert any("question-aware scoring ran" in note for note in two.notes)
 
 

@@ -34,7 +34,9 @@ def test_one_passage_at_ratio_1_gives_the_full_forward_logits(tiny_bench, docs_d
         hit = corpus.retrieve(QUESTION, 1)[0]
         full_ids = build_prompt(corpus.lm.tokenizer, QUESTION, hit).ids
         want = corpus.lm.model(input_ids=torch.tensor([full_ids])).logits[:, -len(ctx.question_ids):]
-    assert ctx.attended + len(ctx.question_ids) == len(full_ids)
+    from ragdemo.engine.prefix import instruction_ids
+
+    assert len(instruction_ids(corpus.lm)) + sum(ctx.kept_per_passage) + len(ctx.question_ids) == len(full_ids)
     # stored keys are position-free, so even here every key went through un-rotation and re-rotation;
     # the only loss is fp16 storage
     torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3)

@@ -47,9 +47,9 @@ def test_a_lone_neighbour_is_read_with_its_continuation(corpus, monkeypatch):
     monkeypatch.setattr(Retro, "search", lambda self, c, queries, k: [[{**first, "score": 0.9}] for _ in queries])
     method, lm = get_method("retro"), corpus.lm
     found = method.neighbours(corpus, [QUESTION], method.Params(k=1))
-    [passage] = neighbour_passages(found)
-    assert passage["text"] == first["text"] + second["text"]
-    assert passage["chunk_ids"] == [first["chunk_id"], second["chunk_id"]]
+    passages = neighbour_passages(found)  # one passage per chunk, as every method reads them
+    assert [p["text"] for p in passages] == [first["text"], second["text"]]
+    assert [p["chunk_ids"] for p in passages] == [[first["chunk_id"]], [second["chunk_id"]]]
     prompt, _ = method.context(lm, QUESTION, found, "text", 10_000)
     bare, _ = method.context(lm, QUESTION, method.neighbours(corpus, [QUESTION], method.Params(k=1, continuation=False)),
                              "text", 10_000)
@@ -163,8 +163,12 @@ def test_rebuilt_context_matches_a_fresh_prefill(tiny_bench, corpus, monkeypatch
     with torch.inference_mode():
         fresh = lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
     assert torch.allclose(fresh, spied["logits"][4], atol=1e-4)
-    assert result.processed_tokens > result.prompt_tokens  # the re-prefill is counted
-    assert any(s["mark"] == "retrieved" for s in result.segments if s["kind"] == "passage")
+    # the re-prefill happened after the first token: it is in its event, never in the answer's token fields
+    swap = result.events[1]
+    assert swap["prefilled_tokens"] == len(ids) - int(swap["action"].split("kept ")[1].split()[0])
+    assert result.processed_tokens + result.cached_tokens == result.prompt_tokens
+    assert result.prompt_tokens == sum(s["n_tokens"] for s in result.segments)  # the context at the first token
+    assert not any(s["mark"] == "retrieved" for s in result.segments)
     assert {s["chunk_id"] for s in result.sources} >= {c["chunk_id"] for c in corpus.chunks()
                                                         if (c["doc"], c["ord"]) in {("bananas.md", 0), ("eiffel.txt", 1)}}
 

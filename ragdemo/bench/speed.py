@@ -18,6 +18,7 @@ from ..models.allocator import keep_freed_memory
 from ..models.attention import head_shape
 from ..models.probe import best_seconds
 from ..store import Corpus, Store
+from ..units import fmt_ratio, fmt_speed
 from .scratch import scratch_workbench
 
 SHARED_ESSAYS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "paul_graham_essays"
@@ -288,15 +289,16 @@ def attention_paths(lm, dtype_name: str, lengths: list[int], layers: int = 4, ro
                          "kernel_s": best["causal kernel"], "max_abs_diff": diff})
             line = (f"attention {dtype_name:>8} {n:>5} tokens, {layers} layers: explicit mask "
                     f"{1000 * best['explicit mask']:7.1f} ms, causal kernel {1000 * best['causal kernel']:7.1f} ms "
-                    f"({speedup:.2f}x; the engine uses the causal kernel); max |difference| {diff:.1e}")
+                    f"(the kernel {fmt_speed(speedup, 'the mask')}; the engine uses the causal kernel); "
+                    f"max |difference| {diff:.1e}")
             if "SDPA" in paths:
                 sdpa = out["SDPA"].float()
                 sdpa_diff = float((sdpa - out["causal kernel"].float()).abs().max())
                 relative = sdpa_diff / float(sdpa.abs().max())  # the residual stream holds values in the hundreds
                 rows[-1].update(sdpa_s=best["SDPA"], sdpa_max_abs_diff=sdpa_diff, sdpa_rel_diff=relative)
-                line += (f"; SDPA's kernel {1000 * best['SDPA']:7.1f} ms, {best['SDPA'] / best['causal kernel']:.2f}x "
-                         f"the blocked one's time, max |difference| {sdpa_diff:.1e} = {relative:.1e} of the largest "
-                         f"|state|")
+                line += (f"; SDPA's kernel {1000 * best['SDPA']:7.1f} ms, the blocked one "
+                         f"{fmt_speed(best['SDPA'] / best['causal kernel'], 'SDPA')}, max |difference| {sdpa_diff:.1e} "
+                         f"= {relative:.1e} of the largest |state|")
             _say(line)
     return rows
 
@@ -478,16 +480,16 @@ def ceiling(row: Row, rag: Row, question_floor_s: float) -> float:
 def report_methods(rows: list[Row], question_floor_s: float) -> None:
     rag = rows[0]
     rag_ttft = rag.median("ttft")
-    _say(f"per-answer TTFT breakdown, medians over {len(rag.results)} questions (ms); x faster = RAG TTFT / TTFT in "
+    _say(f"per-answer TTFT breakdown, medians over {len(rag.results)} questions (ms); vs RAG = RAG TTFT / TTFT in "
          "this run; ceiling = what TTFT could reach if only the model counted: BTR, RAG's token-layers computed at "
          "query time / the method's (query side + passage tokens above the split); LLoCO, RAG's prefill / the "
          "question's prefill alone (the line above)")
     _say(f"{'configuration':<30} {'TTFT':>7} {'retrieve':>8} {'load':>6} {'prefill':>7} {'1st tok':>7} "
-         f"{'overhead':>8} {'x faster':>8} {'ceiling':>7}")
+         f"{'overhead':>8} {'vs RAG':>12} {'ceiling':>7}")
     for row in rows:
         ms = {part: 1000 * row.median(part) for part in ("ttft", "retrieve", "load", "prefill", "first", "overhead")}
         _say(f"{row.label:<30} {ms['ttft']:7.1f} {ms['retrieve']:8.1f} {ms['load']:6.1f} {ms['prefill']:7.1f} "
-             f"{ms['first']:7.1f} {ms['overhead']:8.1f} {rag_ttft / row.median('ttft'):7.2f}x "
+             f"{ms['first']:7.1f} {ms['overhead']:8.1f} {fmt_ratio(rag_ttft / row.median('ttft')):>12} "
              f"{ceiling(row, rag, question_floor_s):6.2f}x")
 
 
