@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import Settings
+from .deadline import Deadline
 from .engine.warmup import warm_model
 from .engine.generate import TimedStream
 from .errors import NotSupported, UserError
@@ -216,40 +217,58 @@ class Workbench:
     def ask(self, question: str, methods: list[str], collection: str | None = None, knobs: dict | None = None,
             stream: Callable[[str, str], None] | None = None, record: bool = True,
             retriever: str | None = None) -> list[Result]:
-        """Run each method in turn; the model is shared, so answers are serialised through its lock.
-        `retriever` overrides the collection's retriever for this question only."""
+        """`compare` with a plain text stream: stream(method, delta)."""
+        listener = _TextListener(stream) if stream else None
+        return self.compare(question, methods, collection, knobs, listener, record=record, retriever=retriever)
+
+    def compare(self, question: str, methods: list[str], collection: str | None = None, knobs: dict | None = None,
+                listener: "CompareListener | None" = None, deadline: Deadline | None = None, record: bool = True,
+                retriever: str | None = None) -> list[Result]:
+        """One Compare: each method answers in turn (the model is shared, so answers are serialised through its
+        lock), all under one deadline, the sooner of `deadline` and RAGDEMO_MAX_COMPARE_S counted from this call:
+        a method decoding at the deadline is cut there, the methods after it are not started. `listener` hears
+        each method start, stream and finish. `retriever` overrides the collection's for this question only."""
+        started = time.perf_counter()
+        listener = listener or CompareListener()
         question = self.check_question(question)
         self.models.lm  # a bad model id or quantisation request is reported before anything else
+        knobs = knobs or {}
+        limit = Deadline.after(self.settings.max_compare_s, "RAGDEMO_MAX_COMPARE_S", started).sooner(deadline)
         corpus = self.corpus(collection, create=False, retriever=retriever)
-        started = time.perf_counter()
         self.warm(corpus.collection)
-        limit = self.settings.max_compare_s
-        results = []
-        for name in methods:
-            method = get_method(name)
-            params = params_from(method.Params, {"max_new_tokens": self.settings.max_new_tokens, **(knobs or {}).get(name, {})})
-            on_token = (lambda text, n=name: stream(n, text)) if stream else None
-            if limit > 0:  # one visitor's Compare may not hold the shared model queue past the limit
-                if time.perf_counter() - started >= limit:
-                    results.append(_over_time(name, corpus.lm.model_id, limit))
-                    continue
-                on_token = TimedStream(on_token, started + limit)
-            try:
-                with corpus.lm.lock:
-                    result = method.answer(question, corpus, params, on_token)
-            except NotSupported as exc:  # one method can't run on this model; the others still answer
-                result = Result(name, model=corpus.lm.model_id, error=str(exc), notes=[str(exc)])
-            if result.retrieve_s > 0:
-                result.notes.append(corpus.retriever_note)
-            if getattr(on_token, "cut", False):
-                result.notes.append(f"answer cut after {result.new_tokens} tokens: this Compare reached its "
-                                    f"{limit:g} s limit (RAGDEMO_MAX_COMPARE_S)")
-            if record:
-                # the knobs that differ from the method's defaults, so History tells runs apart
-                knobs_used = {k: v for k, v in vars(params).items() if v != getattr(method.Params(), k, None)}
-                self.store.add_run(corpus.collection_id, question, {**result.to_dict(), "params": knobs_used})
-            results.append(result)
-        return results
+        return [self._compare_one(name, question, corpus, knobs.get(name, {}), listener, limit, record)
+                for name in methods]
+
+    def _compare_one(self, name: str, question: str, corpus: Corpus, knobs: dict, listener: "CompareListener",
+                     limit: Deadline, record: bool) -> Result:
+        if limit.passed():
+            result = _over_time(name, corpus.lm.model_id, limit)
+            listener.finished(result)
+            return result
+        method = get_method(name)
+        params = params_from(method.Params, {"max_new_tokens": self.settings.max_new_tokens, **knobs})
+        on_token = TimedStream(lambda text: listener.text(name, text), limit.at)
+        listener.started(name)
+        try:
+            with corpus.lm.lock:
+                result = method.answer(question, corpus, params, on_token)
+        except NotSupported as exc:  # one method can't run on this model; the others still answer
+            result = Result(name, model=corpus.lm.model_id, error=str(exc), notes=[str(exc)])
+        except Exception as exc:  # the listener decides: the CLI stops with the error, the UI puts it on the card
+            result = listener.failed(name, exc)
+            listener.finished(result)
+            return result
+        if result.retrieve_s > 0:
+            result.notes.append(corpus.retriever_note)
+        if on_token.cut:
+            result.notes.append(f"answer cut after {result.new_tokens} tokens: this Compare reached its "
+                                f"{limit.describe()}")
+        if record:
+            # the knobs that differ from the method's defaults, so History tells runs apart
+            knobs_used = {k: v for k, v in vars(params).items() if v != getattr(method.Params(), k, None)}
+            self.store.add_run(corpus.collection_id, question, {**result.to_dict(), "params": knobs_used})
+        listener.finished(result)
+        return result
 
     def runs(self, collection: str | None = None, limit: int = 50) -> list[dict]:
         corpus = self._existing_corpus(collection)
@@ -320,10 +339,36 @@ def demo_question_ids() -> list[str]:
     return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
 
 
-def _over_time(name: str, model: str, limit: float) -> Result:
-    message = (f"not run: this Compare used its {limit:g} s limit on the methods before it "
-               "(RAGDEMO_MAX_COMPARE_S); ask again with fewer methods")
+def _over_time(name: str, model: str, limit: Deadline) -> Result:
+    message = (f"not run: this Compare used its {limit.describe()} on the methods before it; ask again with "
+               "fewer methods")
     return Result(name, model=model, error=message, notes=[message])
+
+
+class CompareListener:
+    """What one Compare tells its caller while it runs (the UI's cards, the CLI's progress lines). The defaults do
+    nothing, except `failed`: a method's error ends the Compare there (the CLI's one-line error). The UI's listener
+    puts the error on that method's card instead and lets the other methods answer."""
+
+    def started(self, method: str) -> None:
+        pass
+
+    def text(self, method: str, delta: str) -> None:
+        pass
+
+    def finished(self, result: Result) -> None:
+        pass
+
+    def failed(self, method: str, exc: Exception) -> Result:
+        raise exc
+
+
+class _TextListener(CompareListener):
+    def __init__(self, stream: Callable[[str, str], None]):
+        self.stream = stream
+
+    def text(self, method: str, delta: str) -> None:
+        self.stream(method, delta)
 
 
 def _scaled(progress: Progress | None, index: int, count: int, name: str) -> Progress | None:

@@ -12,7 +12,8 @@ import pandas as pd
 from ..errors import UserError
 from ..methods import get_method, registry
 from ..methods.base import Result, params_from
-from ..workbench import DEFAULT_METHODS, DEMO_COLLECTION, Workbench
+from ..deadline import Deadline
+from ..workbench import DEFAULT_METHODS, DEMO_COLLECTION, CompareListener, Workbench
 from ..units import fmt_duration
 from .common import MODEL_QUEUE, method_choices, method_labels, progress_bridge, user_errors, warn
 from .knobs import KnobSet
@@ -76,25 +77,52 @@ def full_context_estimate(workbench: Workbench, collection: str, results: list[R
 
 
 # ---------------------------------------------------------------- comparison
-def run_cards(workbench: Workbench, cards: list[Card], question: str, collection: str, knobs: dict,
-              warnings: list[str]) -> None:
-    """Run the methods one by one (each through Workbench.ask, which records the run). A method that fails
-    on bad input shows its error on its own card; the other methods still answer."""
-    for card in cards:
-        if card.method in RUN_LAST:
-            card.estimate = "expected: " + full_context_estimate(workbench, collection, [c.result for c in cards if c.result])
+class CardListener(CompareListener):
+    """Puts one Compare's progress on its cards. A method that fails on bad input shows its error on its own card
+    (and as a warning); the other methods still answer."""
+
+    def __init__(self, workbench: Workbench, cards: list[Card], collection: str, warnings: list[str]):
+        self.workbench, self.cards, self.collection, self.warnings = workbench, cards, collection, warnings
+        self.by_method = {card.method: card for card in cards}
+
+    def started(self, method: str) -> None:
+        card = self.by_method[method]
+        if method in RUN_LAST:
+            done = [c.result for c in self.cards if c.result]
+            card.estimate = "expected: " + full_context_estimate(self.workbench, self.collection, done)
         card.status, card.started = "running", time.perf_counter()
-        try:
-            card.result = workbench.ask(question, [card.method], collection, knobs,
-                                        stream=lambda _method, delta, c=card: c.push(delta))[0]
-        except UserError as exc:
-            card.result = Result(card.method, error=str(exc))
-            warnings.append(f"{card.label}: {exc}")
-        except Exception as exc:  # a method bug must not take the app down; the log keeps the traceback
-            log.exception("method %s failed", card.method)
-            card.result = Result(card.method, error=f"internal error: {type(exc).__name__}: {exc}")
-            warnings.append(f"{card.label} failed: {type(exc).__name__}: {exc}")
-        card.status = "done"
+
+    def text(self, method: str, delta: str) -> None:
+        self.by_method[method].push(delta)
+
+    def finished(self, result: Result) -> None:
+        card = self.by_method[result.method]
+        card.result, card.status = result, "done"
+
+    def failed(self, method: str, exc: Exception) -> Result:
+        label = self.by_method[method].label
+        if isinstance(exc, UserError):
+            self.warnings.append(f"{label}: {exc}")
+            return Result(method, error=str(exc))
+        log.exception("method %s failed", method, exc_info=exc)  # a method bug must not take the app down
+        self.warnings.append(f"{label} failed: {type(exc).__name__}: {exc}")
+        return Result(method, error=f"internal error: {type(exc).__name__}: {exc}")
+
+
+def run_cards(workbench: Workbench, cards: list[Card], question: str, collection: str, knobs: dict,
+              warnings: list[str], deadline: Deadline | None = None) -> None:
+    """One Compare over every card's method (one Workbench call, one deadline); each card fills as its method
+    streams. What stops the whole Compare (a model that cannot load) goes on every card not answered yet."""
+    try:
+        workbench.compare(question, [c.method for c in cards], collection, knobs,
+                          CardListener(workbench, cards, collection, warnings), deadline)
+    except Exception as exc:  # noqa: BLE001 - reported on the cards; the log keeps a bug's traceback
+        if not isinstance(exc, UserError):
+            log.exception("compare failed")
+        warnings.append(str(exc))
+        for card in cards:
+            if card.result is None:
+                card.result, card.status = Result(card.method, error=str(exc)), "done"
 
 
 def parse_golds(gold: str | None) -> list[str]:
