@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import Settings
-from .deadline import Deadline
+from .deadline import Deadline, DeadlinePassed
 from .engine.warmup import warm_model
 from .engine.generate import TimedStream
 from .errors import NotSupported, UserError
@@ -24,6 +24,8 @@ DEMO_COLLECTION = "demo"
 DEMO_ARTICLE = "Amazon_rainforest.txt"  # the shortest bundled SQuAD article (~3.5k tokens)
 DEMO_EXAMPLES = 8
 DEMO_QUESTIONS = "squad/demo_questions.txt"  # under assets/: the curated example questions, with why
+SETTINGS_READ_ONLY = ("Settings are read-only on this shared app (RAGDEMO_SHARED=1): the operator sets the model "
+                      "with the variables RAGDEMO_MODEL, RAGDEMO_DEVICE, RAGDEMO_QUANTIZE and RAGDEMO_MAX_NEW_TOKENS")
 
 
 @dataclass
@@ -117,16 +119,21 @@ class Workbench:
         self._warm_collection(corpus)
         return reports
 
-    def _prepare_defaults(self, corpus: Corpus, progress: Progress | None) -> list[IngestReport]:
+    def _prepare_defaults(self, corpus: Corpus, progress: Progress | None,
+                          deadline: Deadline | None = None) -> list[IngestReport]:
         """Every method with offline artifacts, at its default knobs; one that cannot run on this model (or whose
         defaults do not fit it, e.g. a split deeper than a tiny model) is reported as skipped, not as a failed
         upload."""
         names = [name for name, method in registry().items() if method.has_prepare]
+        deadline = self.job_deadline(deadline)  # one for the whole preparation, not one per method
         reports = []
         for i, name in enumerate(names):
             try:
-                (line,) = self.prepare([name], corpus.collection, None, _scaled(progress, i, len(names), ""))
+                (line,) = self.prepare([name], corpus.collection, None, _scaled(progress, i, len(names), ""), deadline)
                 reports.append(IngestReport(name, "prepared", line))
+            except DeadlinePassed as exc:
+                reports.append(IngestReport(name, "skipped", f"{', '.join(names[i:])}: not prepared ({exc})"))
+                break
             except (NotSupported, UserError) as exc:
                 reports.append(IngestReport(name, "skipped", f"{name}: not prepared ({exc})"))
         return reports
@@ -175,9 +182,13 @@ class Workbench:
 
     # ------------------------------------------------------------- methods
     def prepare(self, methods: list[str], collection: str | None = None, knobs: dict | None = None,
-                progress: Progress | None = None) -> list[str]:
+                progress: Progress | None = None, deadline: Deadline | None = None) -> list[str]:
+        """Build the methods' offline artifacts at these knobs. It stops at the first step past its deadline (the
+        sooner of `deadline` and RAGDEMO_MAX_JOB_S, on a shared app), keeping every step finished."""
         corpus = self.corpus(collection, create=False)
         corpus.require_documents("prepare")
+        self.refuse_training_when_shared(methods, knobs or {}, "Prepare")
+        progress = self.job_deadline(deadline).checked(progress, "prepare")
         done = []
         for i, name in enumerate(methods):
             method = get_method(name)
@@ -233,6 +244,7 @@ class Workbench:
         question = self.check_question(question)
         self.models.lm  # a bad model id or quantisation request is reported before anything else
         knobs = knobs or {}
+        self.refuse_training_when_shared(methods, knobs, "answer")
         limit = Deadline.after(self.settings.max_compare_s, "RAGDEMO_MAX_COMPARE_S", started).sooner(deadline)
         corpus = self.corpus(collection, create=False, retriever=retriever)
         self.warm(corpus.collection)
@@ -313,11 +325,31 @@ class Workbench:
 
     def use_settings(self, settings: Settings) -> None:
         """Switch model, device or quantisation. The new model loads first, so a failure (no hub, no CUDA)
-        raises ModelUnavailable and leaves the workbench on the previous model."""
+        raises ModelUnavailable and leaves the workbench on the previous model. Refused on a shared app: one
+        visitor would switch everyone's model."""
+        if self.settings.shared:
+            raise UserError(SETTINGS_READ_ONLY)
         models = Models(settings)
         models.lm
         self.settings, self.models = settings, models
         self.warm()
+
+    def job_deadline(self, deadline: Deadline | None = None) -> Deadline:
+        """A long job's deadline from now: RAGDEMO_MAX_JOB_S (set by default on a shared app), or `deadline` when
+        that is sooner."""
+        return Deadline.after(self.settings.max_job_s, "RAGDEMO_MAX_JOB_S").sooner(deadline)
+
+    def refuse_training_when_shared(self, methods: list[str], knobs: dict, where: str) -> None:
+        """On a shared app nothing trains an adapter: a `train` knob would do it inside this answer or Prepare,
+        holding the one model for minutes. One line naming the knob and the way that works."""
+        if not self.settings.shared:
+            return
+        for name in methods:
+            params = params_from(get_method(name).Params, knobs.get(name))
+            if getattr(params, "train", False):
+                raise UserError(f"{name}.train=1 would train an adapter in this {where}, which is off on this shared "
+                                "app (RAGDEMO_SHARED=1); set train=0: answers read what Prepare in the Library "
+                                "built, and adapters are trained on a private copy of the app")
 
     def require_private(self, what: str) -> None:
         """Long jobs that would keep the one model busy for minutes are off on a shared Space."""

@@ -146,6 +146,7 @@ def compare(workbench: Workbench, knobs: KnobSet, question: str, methods: list[s
         name = existing_collection(workbench, collection)
         workbench.models.lm  # a model that cannot load is reported once, before any card
         values = knobs.values(*knob_values)
+        workbench.refuse_training_when_shared(methods, values, "answer")
     except UserError as exc:
         warn(str(exc))
         yield not_run(str(exc))
