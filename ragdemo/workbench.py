@@ -15,6 +15,7 @@ from .ingest import IngestReport, ingest_files
 from .methods import get_method, registry
 from .methods.base import Progress, Result, params_from
 from .models import Models
+from .models.lm import forget_lm, release_memory
 from .store import Corpus, IndexCache, Store
 from .units import fmt_bytes
 
@@ -329,9 +330,17 @@ class Workbench:
         visitor would switch everyone's model."""
         if self.settings.shared:
             raise UserError(SETTINGS_READ_ONLY)
+        previous = self.models.loaded()
         models = Models(settings)
         models.lm
         self.settings, self.models = settings, models
+        if previous is not None and previous is not models.lm:  # one model in memory: the previous one and its caches go
+            gone = id(previous)  # ids are reused once it is freed: a new model must not pass for warm
+            self._warm_models.discard(gone)
+            self._warm_collections = {(lm, c) for lm, c in self._warm_collections if lm != gone}
+            forget_lm(previous)
+            del previous
+            release_memory()
         self.warm()
 
     def job_deadline(self, deadline: Deadline | None = None) -> Deadline:

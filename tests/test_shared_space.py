@@ -94,3 +94,27 @@ def test_one_deadline_spans_every_method_of_a_compare(tiny_settings, docs_dir):
                             deadline=Deadline.after(1e-9, "RAGDEMO_MAX_COMPARE_S"))
     assert all(r.error.startswith("not run") and "RAGDEMO_MAX_COMPARE_S" in r.error for r in results)
     assert bench.runs("class") == []
+
+
+def test_three_model_switches_leave_one_model_and_its_caches_in_memory(tmp_path, tiny_model_dir, docs_dir):
+    """Each switch loads the new model first (a failure keeps the old one), then lets the previous model and
+    every cache kept on it go; afterwards only the model in use is alive."""
+    import gc
+    import weakref
+
+    from ragdemo.engine.prefix import prefix_cache
+
+    bench = Workbench(make_settings(tmp_path / "home", tiny_model_dir, max_new_tokens=4))
+    bench.ingest([(p.name, p) for p in sorted(docs_dir.iterdir())], "class", prepare=False)
+    alive = []
+    for dtype, attention in (("fp32", "auto"), ("bf16", "auto"), ("fp32", "sdpa"), ("bf16", "sdpa")):
+        if bench.settings.dtype != dtype or bench.settings.attention != attention:
+            bench.use_settings(bench.settings.with_(dtype=dtype, attention=attention))
+        (result,) = bench.ask("Who built the tower?", ["rag"], "class")  # fills the model's caches
+        assert not result.error
+        lm = bench.models.lm
+        alive.append((weakref.ref(lm), weakref.ref(prefix_cache(lm))))
+        del lm
+    gc.collect()
+    live = [i for i, (lm, cache) in enumerate(alive) if lm() is not None or cache() is not None]
+    assert live == [3], f"models still in memory after three switches: {live}"
