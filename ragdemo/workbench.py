@@ -17,6 +17,7 @@ from .methods.base import Progress, Result, params_from
 from .models import Models
 from .models.lm import forget_lm, release_memory
 from .store import Corpus, IndexCache, Store
+from .store.content_lock import ContentLock
 from .units import fmt_bytes
 
 # Methods that answer in seconds on a CPU; full context (minutes on a long collection) is opt-in.
@@ -44,6 +45,9 @@ class Workbench:
         self.store = Store(self.settings.home)
         self.models = Models(self.settings)
         self.indexes = IndexCache(self.store)
+        # a Compare or a Prepare reads one state of the content; deleting, renaming, adding documents or changing
+        # the retriever waits for them (store/content_lock.py)
+        self.content = ContentLock()
         self._warm_models: set[int] = set()  # id() of LM objects already warmed in this process
         self._warm_collections: set[tuple[int, int]] = set()  # (LM id, collection id)
 
@@ -97,7 +101,8 @@ class Workbench:
                       rescore: int | None = None) -> dict:
         """The collection's retriever (float | binary) and binary rescoring factor, stored with it:
         {retriever, rescore} after the change (None leaves a setting as it is)."""
-        return self.corpus(collection).set_retrieval(retriever, rescore)
+        with self.content.writing():  # a Compare retrieves with one retriever from its first method to its last
+            return self.corpus(collection).set_retrieval(retriever, rescore)
 
     # -------------------------------------------------------------- library
     def ingest(self, files: list[tuple[str, bytes | Path]], collection: str | None = None,
@@ -108,12 +113,13 @@ class Workbench:
         corpus = self.corpus(collection)
         share = 0.4 if prepare else 1.0
         ingest_progress = (lambda f, m: progress(share * f, m)) if progress else None
-        before = self.store.artifact_bytes(corpus.collection_id)
-        reports = ingest_files(self.store, corpus.collection_id, files, self.models.lm.tokenizer,
-                               self.models.embedder, self.settings.chunk_tokens, int(self.settings.max_file_mb * 1e6),
-                               ingest_progress)
-        # before preparing: it rebuilds the default knobs' artifacts, not those prepared at other knobs
-        reports += [IngestReport(m, "dropped", line) for m, line in self._dropped(corpus, before).items()]
+        with self.content.writing():
+            before = self.store.artifact_bytes(corpus.collection_id)
+            reports = ingest_files(self.store, corpus.collection_id, files, self.models.lm.tokenizer,
+                                   self.models.embedder, self.settings.chunk_tokens,
+                                   int(self.settings.max_file_mb * 1e6), ingest_progress)
+            # before preparing: it rebuilds the default knobs' artifacts, not those prepared at other knobs
+            reports += [IngestReport(m, "dropped", line) for m, line in self._dropped(corpus, before).items()]
         if prepare and any(r.status == "added" for r in reports):
             rest = (lambda f, m: progress(share + (1 - share) * f, m)) if progress else None
             reports += self._prepare_defaults(corpus, rest)
@@ -158,12 +164,13 @@ class Workbench:
     def delete(self, ref: str, collection: str | None = None) -> dict:
         """Delete one document; the returned row's `dropped` lists what other artifacts went with it."""
         corpus = self.corpus(collection, create=False)
-        doc = self.store.resolve_document(corpus.collection_id, ref)
-        before = self.store.artifact_bytes(corpus.collection_id)
-        own = {m: b for (d, m), b in self.store.artifact_bytes_by_document(corpus.collection_id).items()
-               if d == doc["id"]}
-        doc = self.store.delete_document(corpus.collection_id, ref)
-        doc["dropped"] = list(self._dropped(corpus, before, own).values())
+        with self.content.writing():  # after the Compares and Prepares reading the collection now
+            doc = self.store.resolve_document(corpus.collection_id, ref)
+            before = self.store.artifact_bytes(corpus.collection_id)
+            own = {m: b for (d, m), b in self.store.artifact_bytes_by_document(corpus.collection_id).items()
+                   if d == doc["id"]}
+            doc = self.store.delete_document(corpus.collection_id, ref)
+            doc["dropped"] = list(self._dropped(corpus, before, own).values())
         self._warm_collection(corpus)  # the index is rebuilt now, not inside the next answer
         return doc
 
@@ -186,10 +193,14 @@ class Workbench:
                 progress: Progress | None = None, deadline: Deadline | None = None) -> list[str]:
         """Build the methods' offline artifacts at these knobs. It stops at the first step past its deadline (the
         sooner of `deadline` and RAGDEMO_MAX_JOB_S, on a shared app), keeping every step finished."""
+        with self.content.reading():  # artifacts for one state of the collection
+            return self._prepare(methods, collection, knobs, self.job_deadline(deadline).checked(progress, "prepare"))
+
+    def _prepare(self, methods: list[str], collection: str | None, knobs: dict | None,
+                 progress: Progress) -> list[str]:
         corpus = self.corpus(collection, create=False)
         corpus.require_documents("prepare")
         self.refuse_training_when_shared(methods, knobs or {}, "Prepare")
-        progress = self.job_deadline(deadline).checked(progress, "prepare")
         done = []
         for i, name in enumerate(methods):
             method = get_method(name)
@@ -209,13 +220,14 @@ class Workbench:
         method = get_method(method_name)
         if not method.has_finetune:
             raise UserError(f"{method_name} has no fine-tuning step")
-        corpus = self.corpus(collection, create=False)
-        corpus.require_documents("finetune")
-        params = params_from(method.Params, (knobs or {}).get(method_name))
-        # held per training step: the adapter trains on a private copy of the module tree (engine/lora.py), so
-        # answers between two steps see the base model
-        with corpus.lm.lock.per_step(progress) as step:
-            return method.finetune(corpus, params, step)
+        with self.content.reading():  # an adapter for one state of the collection
+            corpus = self.corpus(collection, create=False)
+            corpus.require_documents("finetune")
+            params = params_from(method.Params, (knobs or {}).get(method_name))
+            # held per training step: the adapter trains on a private copy of the module tree (engine/lora.py), so
+            # answers between two steps see the base model
+            with corpus.lm.lock.per_step(progress) as step:
+                return method.finetune(corpus, params, step)
 
     def check_question(self, question: str) -> str:
         question = (question or "").strip()
@@ -247,10 +259,11 @@ class Workbench:
         knobs = knobs or {}
         self.refuse_training_when_shared(methods, knobs, "answer")
         limit = Deadline.after(self.settings.max_compare_s, "RAGDEMO_MAX_COMPARE_S", started).sooner(deadline)
-        corpus = self.corpus(collection, create=False, retriever=retriever)
-        self.warm(corpus.collection)
-        return [self._compare_one(name, question, corpus, knobs.get(name, {}), listener, limit, record)
-                for name in methods]
+        with self.content.reading():  # every method of this Compare sees the same documents
+            corpus = self.corpus(collection, create=False, retriever=retriever)
+            self.warm(corpus.collection)
+            return [self._compare_one(name, question, corpus, knobs.get(name, {}), listener, limit, record)
+                    for name in methods]
 
     def _compare_one(self, name: str, question: str, corpus: Corpus, knobs: dict, listener: "CompareListener",
                      limit: Deadline, record: bool) -> Result:
@@ -293,10 +306,12 @@ class Workbench:
         return name
 
     def rename_collection(self, name: str, new_name: str) -> None:
-        self.store.rename_collection(name, new_name)
+        with self.content.writing():
+            self.store.rename_collection(name, new_name)
 
     def delete_collection(self, name: str) -> None:
-        self.store.delete_collection(name)
+        with self.content.writing():
+            self.store.delete_collection(name)
 
     # ----------------------------------------------------------------- demo
     @staticmethod

@@ -16,6 +16,7 @@ import torch
 
 from ..config import DEFAULT_MODEL, Settings
 from ..errors import ModelUnavailable
+from ..forks import renew_in_forked_children
 from .lock import ModelLock
 from .allocator import keep_freed_memory, release_freed_memory
 from .attention import ATTENTION_CHOICES, choose_attention
@@ -404,6 +405,14 @@ def resolve_source(model_id: str, cache_dir: Path, dtype: torch.dtype = torch.fl
 
 _LOADED: dict[tuple, LM] = {}
 _LOAD_LOCK = threading.Lock()
+
+
+def _renew_load_lock() -> None:
+    global _LOAD_LOCK
+    _LOAD_LOCK = threading.Lock()
+
+
+renew_in_forked_children(_renew_load_lock)  # free in a forked child, whatever the parent was doing
 
 
 def load_lm(settings: Settings | None = None, model_id: str | None = None) -> LM:

@@ -107,7 +107,7 @@ class Corpus:
         for row_d, row_i in zip(distances, ids):
             hits = []
             for d, i in zip(row_d, row_i):
-                if i < 0:
+                if i < 0 or int(i) not in found:  # gone since the index was read (another process deleted it)
                     continue
                 chunk = dict(found[int(i)])
                 chunk["distance"] = float(d)

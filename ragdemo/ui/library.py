@@ -25,7 +25,10 @@ from .knobs import KnobSet
 from .render import document_table, esc
 
 log = logging.getLogger(__name__)
-LONG_QUEUE = {"concurrency_limit": 1, "concurrency_id": "long"}  # one long job at a time; Compare keeps its own queue
+# One long job or content change at a time (upload, Prepare, fine-tune, benchmark, demo, deletes, renames, the
+# retriever); Compare keeps its own queue. A change also waits for the Compares reading the collection
+# (Workbench.content), so one Compare sees one state of its documents.
+LONG_QUEUE = {"concurrency_limit": 1, "concurrency_id": "long"}
 
 
 def collection_name(workbench: Workbench, collection: str | None) -> str:
@@ -355,19 +358,19 @@ def build_library_tab(workbench: Workbench, collection: gr.Dropdown, jobs: Jobs)
     delete_button.click(lambda d, c: ask_delete_document(wb, d, c), [doc_picker, collection],
                         [delete_status, confirm_delete, keep_doc])
     then_refresh(confirm_delete.click(lambda d, c: delete(wb, d, c), [doc_picker, collection],
-                                      [delete_status, confirm_delete, keep_doc]))
+                                      [delete_status, confirm_delete, keep_doc], **LONG_QUEUE))
     keep_doc.click(cancel_delete, None, [delete_status, confirm_delete, keep_doc])
     then_refresh(create_button.click(lambda n: create_collection(wb, n), [new_name], [collection_status, collection]))
     then_refresh(rename_button.click(lambda c, n: rename_collection(wb, c, n), [collection, new_name],
-                                     [collection_status, collection]))
+                                     [collection_status, collection], **LONG_QUEUE))
     delete_coll_button.click(lambda c: ask_delete_collection(wb, c), [collection],
                              [collection_status, confirm_coll, keep_coll])
     then_refresh(confirm_coll.click(lambda c: delete_collection(wb, c), [collection],
-                                    [collection_status, collection, confirm_coll, keep_coll]))
+                                    [collection_status, collection, confirm_coll, keep_coll], **LONG_QUEUE))
     keep_coll.click(lambda: ("Nothing deleted.", gr.update(visible=False), gr.update(visible=False)), None,
                     [collection_status, confirm_coll, keep_coll])
     collection.change(lambda c: refresh_quietly(wb, c), [collection], tab.refresh_outputs, show_progress="hidden")
     collection.change(lambda c: retrieval_of(wb, c), [collection], [retriever, rescore], show_progress="hidden")
     retrieval_button.click(lambda c, r, n: set_retrieval(wb, c, r, n), [collection, retriever, rescore],
-                           [collection_status])
+                           [collection_status], **LONG_QUEUE)
     return tab
