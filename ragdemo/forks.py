@@ -19,7 +19,20 @@ def renew_in_forked_children(target) -> None:
         _objects.add(target)
 
 
+def _one_cpu_thread() -> None:
+    """PyTorch's CPU kernels run on an OpenMP thread pool (GNU libgomp in its Linux wheels) that does not survive a
+    fork: in the child, the first parallel kernel waits forever for the parent's pool threads (seen here in a
+    packed linear). One thread runs no parallel region. ZeroGPU's workers do their heavy work on the GPU; the CPU
+    work left there (tokens, the question's embedding, numpy) is small."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
 def _renew() -> None:
+    _one_cpu_thread()
     for hook in _hooks:
         hook()
     for obj in list(_objects):

@@ -145,6 +145,12 @@ class Workbench:
                 reports.append(IngestReport(name, "skipped", f"{name}: not prepared ({exc})"))
         return reports
 
+    def prepare_defaults(self, collection: str | None = None, progress: Progress | None = None,
+                         deadline: Deadline | None = None) -> list[IngestReport]:
+        """What is missing of the collection's artifacts at every method's default knobs (after an upload, for the
+        demo): one report per method, "prepared" or "skipped" with the reason."""
+        return self._prepare_defaults(self.corpus(collection, create=False), progress, deadline)
+
     def documents(self, collection: str | None = None) -> list[dict]:
         corpus = self._existing_corpus(collection)  # reading never creates a collection
         if corpus is None:
@@ -296,6 +302,14 @@ class Workbench:
         listener.finished(result)
         return result
 
+    def answer_seconds(self, limit: int = 300) -> dict[str, float]:
+        """{method: mean total seconds of its recent answers on this machine}, from History (every collection):
+        the app's estimate of how long a Compare or a benchmark will take."""
+        seconds: dict[str, list[float]] = {}
+        for run in self.store.runs(None, limit):
+            seconds.setdefault(run["method"], []).append(float(run["result"].get("total_s") or 0))
+        return {method: sum(values) / len(values) for method, values in seconds.items()}
+
     def runs(self, collection: str | None = None, limit: int = 50) -> list[dict]:
         corpus = self._existing_corpus(collection)
         return self.store.runs(corpus.collection_id, limit) if corpus else []
@@ -335,8 +349,7 @@ class Workbench:
         share = 0.3 if prepare else 1.0
         reports = self.ingest(files, DEMO_COLLECTION, progress and (lambda f, m: progress(share * f, m)), prepare=False)
         if prepare:
-            rest = progress and (lambda f, m: progress(share + (1 - share) * f, m))
-            reports += self._prepare_defaults(self.corpus(DEMO_COLLECTION), rest)
+            reports += self.prepare_defaults(DEMO_COLLECTION, progress and (lambda f, m: progress(share + (1 - share) * f, m)))
         return reports
 
     def use_settings(self, settings: Settings) -> None:

@@ -17,7 +17,8 @@ from ..workbench import DEFAULT_METHODS, DEMO_COLLECTION, CompareListener, Workb
 from ..units import fmt_duration
 from .common import MODEL_QUEUE, method_choices, method_labels, progress_bridge, user_errors, warn
 from .knobs import KnobSet
-from .library import collection_name, existing_collection
+from .gpu import COMPARE_CAP_S, JOB_CAP_S, GpuGrant, answer_seconds, at_cap, on_gpu
+from .library import LONG_QUEUE, collection_name, existing_collection
 from .render import (HISTORY_HEADERS, MUTED, Card, comparison_figure, esc, history_rows, render_cards,
                      render_model_sees, render_sources, source_chunk_ids)
 
@@ -136,9 +137,10 @@ def not_run(message: str):
 
 
 def compare(workbench: Workbench, knobs: KnobSet, question: str, methods: list[str] | None, collection: str,
-            gold: str | None, *knob_values):
+            gold: str | None, *knob_values, deadline: Deadline | None = None):
     """Generator for the Compare button: yields (cards, chart, model-sees, sources, history) while methods run.
-    Bad input is a warning and clears the old answers; it never turns the outputs into error pills."""
+    Bad input is a warning and clears the old answers; it never turns the outputs into error pills. `deadline`:
+    the Compare's own, besides RAGDEMO_MAX_COMPARE_S (on ZeroGPU: inside its GPU grant)."""
     try:
         question = workbench.check_question(question)
         if not methods:
@@ -160,7 +162,8 @@ def compare(workbench: Workbench, knobs: KnobSet, question: str, methods: list[s
         if card.method in RUN_LAST:
             card.estimate = "expected: " + full_context_estimate(workbench, name)
     warnings: list[str] = []
-    worker = threading.Thread(target=run_cards, args=(workbench, cards, question, name, values, warnings), daemon=True)
+    worker = threading.Thread(target=run_cards, args=(workbench, cards, question, name, values, warnings, deadline),
+                              daemon=True)
     worker.start()
     shown = 0
     yield render_cards(cards), None, render_model_sees([]), render_sources([], {}, question), gr.skip()
@@ -209,18 +212,32 @@ def final_outputs(workbench: Workbench, cards: list[Card], question: str, collec
 
 # ----------------------------------------------------------------------- demo
 def load_demo(workbench: Workbench, progress=None):
-    """Load (or finish preparing) the demo collection, switch to it and put the first example in the box."""
+    """Store the demo article (a content change, in this process), switch to the demo collection and put the
+    first example in the box; `prepare_demo` follows."""
     try:
-        reports = workbench.load_demo(progress_bridge(progress))
+        workbench.load_demo(progress_bridge(progress), prepare=False)
     except UserError as exc:
         warn(str(exc))
         return f"Demo not loaded: {esc(exc)}", gr.skip(), gr.skip(), gr.skip()
     question, answers = workbench.demo_examples(1)[0]
-    prepared = [r.name for r in reports if r.status == "prepared"]
-    done = f"prepared for {', '.join(prepared)}" if prepared else "ready"
-    status = (f"Collection **{DEMO_COLLECTION}** {done}: one Wikipedia article from SQuAD. Pick an example "
-              "question below (each has its gold answer, so cards show ✓/✗) and press **Compare**.")
+    status = f"Collection **{DEMO_COLLECTION}** stored: preparing every method for it…"
     return status, gr.update(value=DEMO_COLLECTION), question, GOLD_SEPARATOR.join(answers)
+
+
+def prepare_demo(workbench: Workbench, progress=None, deadline: Deadline | None = None) -> str:
+    """Build what is missing of the demo's artifacts (runs the model: on ZeroGPU a GPU call of its own)."""
+    try:
+        reports = workbench.prepare_defaults(DEMO_COLLECTION, progress_bridge(progress), deadline)
+    except UserError as exc:
+        warn(str(exc))
+        return f"Demo not prepared: {esc(exc)}"
+    prepared = [r.name for r in reports if r.status == "prepared"]
+    stopped = [r.message for r in reports if r.status == "skipped" and "run it again" in r.message]
+    if stopped:
+        return f"Collection **{DEMO_COLLECTION}**: {esc(stopped[0])} (press **Load demo collection** again)."
+    done = f"prepared for {', '.join(prepared)}" if prepared else "ready"
+    return (f"Collection **{DEMO_COLLECTION}** {done}: one Wikipedia article from SQuAD. Pick an example "
+            "question below (each has its gold answer, so cards show ✓/✗) and press **Compare**.")
 
 
 @dataclass
@@ -278,14 +295,24 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
     inputs = [question, methods, collection, gold, *knobs.components]
     outputs = [cards, chart, sees, sources, history_table]
 
+    compare_grant = GpuGrant(lambda q, m, *rest: answer_seconds(wb, m), COMPARE_CAP_S)
+
+    @on_gpu(wb.content, compare_grant)
     def run(q, m, c, g, *v):
-        yield from compare(wb, knobs, q, m, c, g, *v)
+        yield from compare(wb, knobs, q, m, c, g, *v, deadline=compare_grant.deadline(q, m))
+
+    demo_grant = GpuGrant(at_cap, JOB_CAP_S)
+
+    @on_gpu(wb.content, demo_grant)
+    def run_prepare_demo(progress=gr.Progress()):
+        return prepare_demo(wb, progress, demo_grant.deadline())
 
     compared = gr.on([compare_button.click, question.submit], run, inputs, outputs, api_name="compare", **MODEL_QUEUE)
     refresh_button.click(lambda c: history(wb, c), [collection], [history_table])
     demo_loaded = demo_button.click(lambda progress=gr.Progress(): load_demo(wb, progress), None,
                                     [demo_status, collection, question, gold], show_progress_on=[demo_status],
-                                    api_name="load_demo", concurrency_limit=1, concurrency_id="long")
+                                    api_name="load_demo", **LONG_QUEUE).then(
+        run_prepare_demo, None, [demo_status], show_progress_on=[demo_status], api_name="prepare_demo", **LONG_QUEUE)
     # an example question is about the demo article: picking one switches to the demo collection
     examples.load_input_event.then(lambda: gr.update(value=DEMO_COLLECTION), None, [collection], show_progress="hidden")
     return AskTab(knobs, question, methods, history_table, header, compared, demo_loaded)

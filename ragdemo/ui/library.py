@@ -18,9 +18,11 @@ from ..errors import UserError
 from ..ingest.readers import SUPPORTED
 from ..methods import registry
 from ..store.db import check_collection_name
+from ..deadline import Deadline
 from ..workbench import Workbench
 from .common import (Cancelled, Jobs, cancellable, method_choices, progress_bridge, session_of, user_errors,
                      warn)
+from .gpu import JOB_CAP_S, GpuGrant, at_cap, on_gpu
 from .knobs import KnobSet
 from .render import document_table, esc
 
@@ -201,6 +203,18 @@ def delete(workbench: Workbench, doc_id: str | None, collection: str):
             gr.update(visible=False), gr.update(visible=False))
 
 
+@reported(1)
+def prepare_uploaded(workbench: Workbench, collection: str, prepare: bool, status: str, progress=None,
+                     deadline: Deadline | None = None):
+    """After an upload that added documents (its status line says so), build what is missing of every method's
+    artifacts at the default knobs, so that no answer waits for them; the lines join the upload's status."""
+    if not prepare or "**added**" not in (status or ""):
+        return gr.skip()
+    name = existing_collection(workbench, collection)
+    reports = workbench.prepare_defaults(name, progress_bridge(progress), deadline)
+    return (status or "") + "\n" + "\n".join(f"- **{esc(r.status)}** {esc(r.message)}" for r in reports)
+
+
 def cancel_delete():
     return "Nothing deleted.", gr.update(visible=False), gr.update(visible=False)
 
@@ -208,11 +222,11 @@ def cancel_delete():
 # ------------------------------------------------------------------- long jobs
 @reported(1)
 def prepare(workbench: Workbench, knobs: KnobSet, methods: list[str] | None, collection: str, *knob_values,
-            progress=None):
+            progress=None, deadline: Deadline | None = None):
     if not methods:
         raise UserError("pick at least one method to prepare")
     name = existing_collection(workbench, collection)
-    done = workbench.prepare(list(methods), name, knobs.values(*knob_values), progress)
+    done = workbench.prepare(list(methods), name, knobs.values(*knob_values), progress, deadline)
     return "\n".join(f"- {esc(line)}" for line in done)
 
 
@@ -268,10 +282,15 @@ class LibraryTab:
         Compare from another user waits for one step, not for the whole job."""
         wb, jobs = self.workbench, self.jobs
 
-        # Gradio injects the request and the progress tracker only into parameters before *values
-        def run_prepare(request: gr.Request, progress=gr.Progress(), *values):
-            return run_job(jobs, "prepare", request, progress, lambda p: prepare(wb, knobs, *values, progress=p))
+        grant = GpuGrant(at_cap, JOB_CAP_S)
 
+        # Gradio injects the request and the progress tracker only into parameters before *values
+        @on_gpu(wb.content, grant)
+        def run_prepare(request: gr.Request, progress=gr.Progress(), *values):
+            return run_job(jobs, "prepare", request, progress,
+                           lambda p: prepare(wb, knobs, *values, progress=p, deadline=grant.deadline()))
+
+        @on_gpu(wb.content, grant)
         def run_finetune(request: gr.Request, progress=gr.Progress(), *values):
             return run_job(jobs, "prepare", request, progress, lambda p: finetune(wb, knobs, *values, progress=p))
 
@@ -281,10 +300,10 @@ class LibraryTab:
         def register(request: gr.Request):
             jobs.start(session_of(request), "prepare")
 
-        for button, fn, picked in ((self.prepare_button, run_prepare, self.prepare_methods),
-                                   (self.finetune_button, run_finetune, self.finetune_method)):
+        for button, fn, picked, api in ((self.prepare_button, run_prepare, self.prepare_methods, "prepare"),
+                                        (self.finetune_button, run_finetune, self.finetune_method, "finetune")):
             button.click(register, None, None, queue=False).then(fn, [picked, self.collection, *knobs.components], [self.prepare_status],
-                         show_progress_on=[self.prepare_status], **LONG_QUEUE).then(
+                         show_progress_on=[self.prepare_status], api_name=api, **LONG_QUEUE).then(
                 lambda c: refresh_quietly(wb, c), [self.collection], self.refresh_outputs, show_progress="hidden")
         self.prepare_cancel.click(stop, None, [self.prepare_status], queue=False)
 
@@ -352,9 +371,18 @@ def build_library_tab(workbench: Workbench, collection: gr.Dropdown, jobs: Jobs)
     def then_refresh(event):
         return event.then(lambda c: refresh_quietly(wb, c), [collection], tab.refresh_outputs, show_progress="hidden")
 
-    then_refresh(files.upload(lambda f, c, p, progress=gr.Progress(): upload(wb, f, c, p, progress=progress),
-                              [files, collection, prepare_on_upload], [status, files], api_name="upload",
-                              show_progress_on=[status], **LONG_QUEUE))
+    upload_grant = GpuGrant(at_cap, JOB_CAP_S)
+
+    @on_gpu(wb.content, upload_grant)
+    def run_prepare_uploaded(c, p, s, progress=gr.Progress()):
+        return prepare_uploaded(wb, c, p, s, progress, upload_grant.deadline())
+
+    # storing is a content change, done here; preparing runs the model (on ZeroGPU, a GPU call of its own)
+    then_refresh(files.upload(lambda f, c, progress=gr.Progress(): upload(wb, f, c, False, progress=progress),
+                              [files, collection], [status, files], api_name="upload", show_progress_on=[status],
+                              **LONG_QUEUE).then(
+        run_prepare_uploaded, [collection, prepare_on_upload, status], [status], api_name="prepare_upload",
+        show_progress_on=[status], **LONG_QUEUE))
     delete_button.click(lambda d, c: ask_delete_document(wb, d, c), [doc_picker, collection],
                         [delete_status, confirm_delete, keep_doc])
     then_refresh(confirm_delete.click(lambda d, c: delete(wb, d, c), [doc_picker, collection],
