@@ -185,3 +185,34 @@ def test_a_decorated_handler_on_zerogpu_holds_the_content_lock_while_its_worker_
     handler = gpu.on_gpu(tiny_bench.content, grant)(lambda x: ("done", x))
     assert handler(7) == ("done", 7) and seen == [(40, 1)] and tiny_bench.content._readers == 0
     assert handler.gpu_grant is grant
+
+
+def test_cancel_pressed_in_the_app_reaches_a_job_in_a_forked_worker(tmp_path):
+    """ZeroGPU runs Prepare in a forked worker: the Cancel click is handled in the app's process."""
+    import time
+
+    from ragdemo.ui.common import Cancelled, Jobs, cancellable
+
+    jobs = Jobs(tmp_path / "jobs")
+    jobs.start("visitor", "prepare")
+
+    def job():  # as run_job does inside the decorated handler, in the worker
+        step = cancellable(None, jobs.flag("visitor", "prepare"))
+        for i in range(600):
+            try:
+                step(i / 600, "a step")
+            except Cancelled:
+                return f"cancelled at step {i}"
+            time.sleep(0.05)
+        return "never cancelled"
+
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    worker = context.Process(target=lambda: send.send(job()))
+    worker.start()
+    time.sleep(1.0)
+    assert jobs.cancel("visitor", "prepare")  # the Cancel button, in the app's process
+    assert receive.poll(30) and receive.recv().startswith("cancelled at step")
+    worker.join(30)
+    jobs.finish("visitor", "prepare")
+    assert not list((tmp_path / "jobs").iterdir())  # nothing left to cancel the next job

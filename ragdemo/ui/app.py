@@ -28,7 +28,7 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
         wb.models.lm, wb.models.embedder
     if not wb.store.collections():  # a fresh store: one collection to upload into (every other one is created explicitly)
         wb.create_collection(wb.settings.default_collection)
-    jobs = Jobs()
+    jobs = Jobs(wb.store.home / "jobs")  # files: a Cancel reaches a job running in a ZeroGPU worker
     with gr.Blocks(title="ragdemo") as demo:
         gr.Markdown(INTRO)
         collection = gr.Dropdown(collection_names(wb), value=wb.settings.default_collection, allow_custom_value=True,
