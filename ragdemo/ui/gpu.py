@@ -18,7 +18,10 @@ from typing import Callable
 from ..deadline import Deadline
 
 COMPARE_CAP_S = 60  # ZeroGPU's default duration: a class's Compares keep a good queue priority
-JOB_CAP_S = 240  # Prepare, an upload's or the demo's preparation, fine-tuning, the benchmark: they continue when run again
+# Prepare, an upload's or the demo's preparation, fine-tuning, the benchmark. Under the smallest daily quota
+# (a visitor who is not logged in: 2 minutes), so any visitor can be granted it; preparation stops itself inside
+# the grant and continues where it stopped when run again
+JOB_CAP_S = 110
 FLOOR_S = 15
 MARGIN_S = 10  # the work's own deadline ends this long before its grant (a last prefill, returning the result)
 UNTIMED_ANSWER_S = 20.0  # a method this app has never timed: a slow CPU answer, generous on a GPU
