@@ -101,10 +101,8 @@ def cmd_ask(bench, args) -> int:
     ctx, update = _progress_bar("ask")
     with ctx:
         bench.warm(args.collection, update)  # model, embedder, index: said here, not a silent first answer
-    results = []
-    for name in methods:  # one at a time, so a long wait (first-use preparation) says which method it is
-        print(f"{name}: answering…", file=sys.stderr, flush=True)
-        results += bench.ask(args.question, [name], args.collection, knobs, retriever=args.retriever)
+    # one Compare (one deadline); each method says when it starts, so a long wait names its method
+    results = bench.compare(args.question, methods, args.collection, knobs, _answering(), retriever=args.retriever)
     for r in results:
         print(f"== {r.method} ({r.model})")
         print(r.error or r.answer)
@@ -116,6 +114,16 @@ def cmd_ask(bench, args) -> int:
         for note in r.notes:
             print(f"   note: {note}")
     return 0
+
+
+def _answering():
+    from .workbench import CompareListener
+
+    class Answering(CompareListener):
+        def started(self, method: str) -> None:
+            print(f"{method}: answering…", file=sys.stderr, flush=True)
+
+    return Answering()
 
 
 def cmd_prepare(bench, args) -> int:

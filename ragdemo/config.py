@@ -71,6 +71,9 @@ class Settings:
     shared: bool = field(default_factory=lambda: _flag("RAGDEMO_SHARED"))  # no benchmark, no fine-tuning
     max_compare_s: float = field(default_factory=lambda: float(_env("RAGDEMO_MAX_COMPARE_S",
                                                                     "120" if _flag("RAGDEMO_SHARED") else "0")))  # 0 = no limit
+    # one long job (Prepare, an upload's or the demo's preparation) stops at its first step past this; 0 = no limit
+    max_job_s: float = field(default_factory=lambda: float(_env("RAGDEMO_MAX_JOB_S",
+                                                                "300" if _flag("RAGDEMO_SHARED") else "0")))
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import Settings
+from .deadline import Deadline, DeadlinePassed
 from .engine.warmup import warm_model
 from .engine.generate import TimedStream
 from .errors import NotSupported, UserError
@@ -14,7 +15,9 @@ from .ingest import IngestReport, ingest_files
 from .methods import get_method, registry
 from .methods.base import Progress, Result, params_from
 from .models import Models
+from .models.lm import forget_lm, release_memory
 from .store import Corpus, IndexCache, Store
+from .store.content_lock import ContentLock
 from .units import fmt_bytes
 
 # Methods that answer in seconds on a CPU; full context (minutes on a long collection) is opt-in.
@@ -23,6 +26,8 @@ DEMO_COLLECTION = "demo"
 DEMO_ARTICLE = "Amazon_rainforest.txt"  # the shortest bundled SQuAD article (~3.5k tokens)
 DEMO_EXAMPLES = 8
 DEMO_QUESTIONS = "squad/demo_questions.txt"  # under assets/: the curated example questions, with why
+SETTINGS_READ_ONLY = ("Settings are read-only on this shared app (RAGDEMO_SHARED=1): the operator sets the model "
+                      "with the variables RAGDEMO_MODEL, RAGDEMO_DEVICE, RAGDEMO_QUANTIZE and RAGDEMO_MAX_NEW_TOKENS")
 
 
 @dataclass
@@ -40,6 +45,9 @@ class Workbench:
         self.store = Store(self.settings.home)
         self.models = Models(self.settings)
         self.indexes = IndexCache(self.store)
+        # a Compare or a Prepare reads one state of the content; deleting, renaming, adding documents or changing
+        # the retriever waits for them (store/content_lock.py)
+        self.content = ContentLock()
         self._warm_models: set[int] = set()  # id() of LM objects already warmed in this process
         self._warm_collections: set[tuple[int, int]] = set()  # (LM id, collection id)
 
@@ -93,7 +101,8 @@ class Workbench:
                       rescore: int | None = None) -> dict:
         """The collection's retriever (float | binary) and binary rescoring factor, stored with it:
         {retriever, rescore} after the change (None leaves a setting as it is)."""
-        return self.corpus(collection).set_retrieval(retriever, rescore)
+        with self.content.writing():  # a Compare retrieves with one retriever from its first method to its last
+            return self.corpus(collection).set_retrieval(retriever, rescore)
 
     # -------------------------------------------------------------- library
     def ingest(self, files: list[tuple[str, bytes | Path]], collection: str | None = None,
@@ -104,31 +113,43 @@ class Workbench:
         corpus = self.corpus(collection)
         share = 0.4 if prepare else 1.0
         ingest_progress = (lambda f, m: progress(share * f, m)) if progress else None
-        before = self.store.artifact_bytes(corpus.collection_id)
-        reports = ingest_files(self.store, corpus.collection_id, files, self.models.lm.tokenizer,
-                               self.models.embedder, self.settings.chunk_tokens, int(self.settings.max_file_mb * 1e6),
-                               ingest_progress)
-        # before preparing: it rebuilds the default knobs' artifacts, not those prepared at other knobs
-        reports += [IngestReport(m, "dropped", line) for m, line in self._dropped(corpus, before).items()]
+        with self.content.writing():
+            before = self.store.artifact_bytes(corpus.collection_id)
+            reports = ingest_files(self.store, corpus.collection_id, files, self.models.lm.tokenizer,
+                                   self.models.embedder, self.settings.chunk_tokens,
+                                   int(self.settings.max_file_mb * 1e6), ingest_progress)
+            # before preparing: it rebuilds the default knobs' artifacts, not those prepared at other knobs
+            reports += [IngestReport(m, "dropped", line) for m, line in self._dropped(corpus, before).items()]
         if prepare and any(r.status == "added" for r in reports):
             rest = (lambda f, m: progress(share + (1 - share) * f, m)) if progress else None
             reports += self._prepare_defaults(corpus, rest)
         self._warm_collection(corpus)
         return reports
 
-    def _prepare_defaults(self, corpus: Corpus, progress: Progress | None) -> list[IngestReport]:
+    def _prepare_defaults(self, corpus: Corpus, progress: Progress | None,
+                          deadline: Deadline | None = None) -> list[IngestReport]:
         """Every method with offline artifacts, at its default knobs; one that cannot run on this model (or whose
         defaults do not fit it, e.g. a split deeper than a tiny model) is reported as skipped, not as a failed
         upload."""
         names = [name for name, method in registry().items() if method.has_prepare]
+        deadline = self.job_deadline(deadline)  # one for the whole preparation, not one per method
         reports = []
         for i, name in enumerate(names):
             try:
-                (line,) = self.prepare([name], corpus.collection, None, _scaled(progress, i, len(names), ""))
+                (line,) = self.prepare([name], corpus.collection, None, _scaled(progress, i, len(names), ""), deadline)
                 reports.append(IngestReport(name, "prepared", line))
+            except DeadlinePassed as exc:
+                reports.append(IngestReport(name, "skipped", f"{', '.join(names[i:])}: not prepared ({exc})"))
+                break
             except (NotSupported, UserError) as exc:
                 reports.append(IngestReport(name, "skipped", f"{name}: not prepared ({exc})"))
         return reports
+
+    def prepare_defaults(self, collection: str | None = None, progress: Progress | None = None,
+                         deadline: Deadline | None = None) -> list[IngestReport]:
+        """What is missing of the collection's artifacts at every method's default knobs (after an upload, for the
+        demo): one report per method, "prepared" or "skipped" with the reason."""
+        return self._prepare_defaults(self.corpus(collection, create=False), progress, deadline)
 
     def documents(self, collection: str | None = None) -> list[dict]:
         corpus = self._existing_corpus(collection)  # reading never creates a collection
@@ -149,12 +170,13 @@ class Workbench:
     def delete(self, ref: str, collection: str | None = None) -> dict:
         """Delete one document; the returned row's `dropped` lists what other artifacts went with it."""
         corpus = self.corpus(collection, create=False)
-        doc = self.store.resolve_document(corpus.collection_id, ref)
-        before = self.store.artifact_bytes(corpus.collection_id)
-        own = {m: b for (d, m), b in self.store.artifact_bytes_by_document(corpus.collection_id).items()
-               if d == doc["id"]}
-        doc = self.store.delete_document(corpus.collection_id, ref)
-        doc["dropped"] = list(self._dropped(corpus, before, own).values())
+        with self.content.writing():  # after the Compares and Prepares reading the collection now
+            doc = self.store.resolve_document(corpus.collection_id, ref)
+            before = self.store.artifact_bytes(corpus.collection_id)
+            own = {m: b for (d, m), b in self.store.artifact_bytes_by_document(corpus.collection_id).items()
+                   if d == doc["id"]}
+            doc = self.store.delete_document(corpus.collection_id, ref)
+            doc["dropped"] = list(self._dropped(corpus, before, own).values())
         self._warm_collection(corpus)  # the index is rebuilt now, not inside the next answer
         return doc
 
@@ -174,9 +196,17 @@ class Workbench:
 
     # ------------------------------------------------------------- methods
     def prepare(self, methods: list[str], collection: str | None = None, knobs: dict | None = None,
-                progress: Progress | None = None) -> list[str]:
+                progress: Progress | None = None, deadline: Deadline | None = None) -> list[str]:
+        """Build the methods' offline artifacts at these knobs. It stops at the first step past its deadline (the
+        sooner of `deadline` and RAGDEMO_MAX_JOB_S, on a shared app), keeping every step finished."""
+        with self.content.reading():  # artifacts for one state of the collection
+            return self._prepare(methods, collection, knobs, self.job_deadline(deadline).checked(progress, "prepare"))
+
+    def _prepare(self, methods: list[str], collection: str | None, knobs: dict | None,
+                 progress: Progress) -> list[str]:
         corpus = self.corpus(collection, create=False)
         corpus.require_documents("prepare")
+        self.refuse_training_when_shared(methods, knobs or {}, "Prepare")
         done = []
         for i, name in enumerate(methods):
             method = get_method(name)
@@ -196,13 +226,14 @@ class Workbench:
         method = get_method(method_name)
         if not method.has_finetune:
             raise UserError(f"{method_name} has no fine-tuning step")
-        corpus = self.corpus(collection, create=False)
-        corpus.require_documents("finetune")
-        params = params_from(method.Params, (knobs or {}).get(method_name))
-        # held per training step: the adapter trains on a private copy of the module tree (engine/lora.py), so
-        # answers between two steps see the base model
-        with corpus.lm.lock.per_step(progress) as step:
-            return method.finetune(corpus, params, step)
+        with self.content.reading():  # an adapter for one state of the collection
+            corpus = self.corpus(collection, create=False)
+            corpus.require_documents("finetune")
+            params = params_from(method.Params, (knobs or {}).get(method_name))
+            # held per training step: the adapter trains on a private copy of the module tree (engine/lora.py), so
+            # answers between two steps see the base model
+            with corpus.lm.lock.per_step(progress) as step:
+                return method.finetune(corpus, params, step)
 
     def check_question(self, question: str) -> str:
         question = (question or "").strip()
@@ -216,40 +247,68 @@ class Workbench:
     def ask(self, question: str, methods: list[str], collection: str | None = None, knobs: dict | None = None,
             stream: Callable[[str, str], None] | None = None, record: bool = True,
             retriever: str | None = None) -> list[Result]:
-        """Run each method in turn; the model is shared, so answers are serialised through its lock.
-        `retriever` overrides the collection's retriever for this question only."""
+        """`compare` with a plain text stream: stream(method, delta)."""
+        listener = _TextListener(stream) if stream else None
+        return self.compare(question, methods, collection, knobs, listener, record=record, retriever=retriever)
+
+    def compare(self, question: str, methods: list[str], collection: str | None = None, knobs: dict | None = None,
+                listener: "CompareListener | None" = None, deadline: Deadline | None = None, record: bool = True,
+                retriever: str | None = None) -> list[Result]:
+        """One Compare: each method answers in turn (the model is shared, so answers are serialised through its
+        lock), all under one deadline, the sooner of `deadline` and RAGDEMO_MAX_COMPARE_S counted from this call:
+        a method decoding at the deadline is cut there, the methods after it are not started. `listener` hears
+        each method start, stream and finish. `retriever` overrides the collection's for this question only."""
+        started = time.perf_counter()
+        listener = listener or CompareListener()
         question = self.check_question(question)
         self.models.lm  # a bad model id or quantisation request is reported before anything else
-        corpus = self.corpus(collection, create=False, retriever=retriever)
-        started = time.perf_counter()
-        self.warm(corpus.collection)
-        limit = self.settings.max_compare_s
-        results = []
-        for name in methods:
-            method = get_method(name)
-            params = params_from(method.Params, {"max_new_tokens": self.settings.max_new_tokens, **(knobs or {}).get(name, {})})
-            on_token = (lambda text, n=name: stream(n, text)) if stream else None
-            if limit > 0:  # one visitor's Compare may not hold the shared model queue past the limit
-                if time.perf_counter() - started >= limit:
-                    results.append(_over_time(name, corpus.lm.model_id, limit))
-                    continue
-                on_token = TimedStream(on_token, started + limit)
-            try:
-                with corpus.lm.lock:
-                    result = method.answer(question, corpus, params, on_token)
-            except NotSupported as exc:  # one method can't run on this model; the others still answer
-                result = Result(name, model=corpus.lm.model_id, error=str(exc), notes=[str(exc)])
-            if result.retrieve_s > 0:
-                result.notes.append(corpus.retriever_note)
-            if getattr(on_token, "cut", False):
-                result.notes.append(f"answer cut after {result.new_tokens} tokens: this Compare reached its "
-                                    f"{limit:g} s limit (RAGDEMO_MAX_COMPARE_S)")
-            if record:
-                # the knobs that differ from the method's defaults, so History tells runs apart
-                knobs_used = {k: v for k, v in vars(params).items() if v != getattr(method.Params(), k, None)}
-                self.store.add_run(corpus.collection_id, question, {**result.to_dict(), "params": knobs_used})
-            results.append(result)
-        return results
+        knobs = knobs or {}
+        self.refuse_training_when_shared(methods, knobs, "answer")
+        limit = Deadline.after(self.settings.max_compare_s, "RAGDEMO_MAX_COMPARE_S", started).sooner(deadline)
+        with self.content.reading():  # every method of this Compare sees the same documents
+            corpus = self.corpus(collection, create=False, retriever=retriever)
+            self.warm(corpus.collection)
+            return [self._compare_one(name, question, corpus, knobs.get(name, {}), listener, limit, record)
+                    for name in methods]
+
+    def _compare_one(self, name: str, question: str, corpus: Corpus, knobs: dict, listener: "CompareListener",
+                     limit: Deadline, record: bool) -> Result:
+        if limit.passed():
+            result = _over_time(name, corpus.lm.model_id, limit)
+            listener.finished(result)
+            return result
+        method = get_method(name)
+        params = params_from(method.Params, {"max_new_tokens": self.settings.max_new_tokens, **knobs})
+        on_token = TimedStream(lambda text: listener.text(name, text), limit.at)
+        listener.started(name)
+        try:
+            with corpus.lm.lock:
+                result = method.answer(question, corpus, params, on_token)
+        except NotSupported as exc:  # one method can't run on this model; the others still answer
+            result = Result(name, model=corpus.lm.model_id, error=str(exc), notes=[str(exc)])
+        except Exception as exc:  # the listener decides: the CLI stops with the error, the UI puts it on the card
+            result = listener.failed(name, exc)
+            listener.finished(result)
+            return result
+        if result.retrieve_s > 0:
+            result.notes.append(corpus.retriever_note)
+        if on_token.cut:
+            result.notes.append(f"answer cut after {result.new_tokens} tokens: this Compare reached its "
+                                f"{limit.describe()}")
+        if record:
+            # the knobs that differ from the method's defaults, so History tells runs apart
+            knobs_used = {k: v for k, v in vars(params).items() if v != getattr(method.Params(), k, None)}
+            self.store.add_run(corpus.collection_id, question, {**result.to_dict(), "params": knobs_used})
+        listener.finished(result)
+        return result
+
+    def answer_seconds(self, limit: int = 300) -> dict[str, float]:
+        """{method: mean total seconds of its recent answers on this machine}, from History (every collection):
+        the app's estimate of how long a Compare or a benchmark will take."""
+        seconds: dict[str, list[float]] = {}
+        for run in self.store.runs(None, limit):
+            seconds.setdefault(run["method"], []).append(float(run["result"].get("total_s") or 0))
+        return {method: sum(values) / len(values) for method, values in seconds.items()}
 
     def runs(self, collection: str | None = None, limit: int = 50) -> list[dict]:
         corpus = self._existing_corpus(collection)
@@ -261,10 +320,12 @@ class Workbench:
         return name
 
     def rename_collection(self, name: str, new_name: str) -> None:
-        self.store.rename_collection(name, new_name)
+        with self.content.writing():
+            self.store.rename_collection(name, new_name)
 
     def delete_collection(self, name: str) -> None:
-        self.store.delete_collection(name)
+        with self.content.writing():
+            self.store.delete_collection(name)
 
     # ----------------------------------------------------------------- demo
     @staticmethod
@@ -288,17 +349,44 @@ class Workbench:
         share = 0.3 if prepare else 1.0
         reports = self.ingest(files, DEMO_COLLECTION, progress and (lambda f, m: progress(share * f, m)), prepare=False)
         if prepare:
-            rest = progress and (lambda f, m: progress(share + (1 - share) * f, m))
-            reports += self._prepare_defaults(self.corpus(DEMO_COLLECTION), rest)
+            reports += self.prepare_defaults(DEMO_COLLECTION, progress and (lambda f, m: progress(share + (1 - share) * f, m)))
         return reports
 
     def use_settings(self, settings: Settings) -> None:
         """Switch model, device or quantisation. The new model loads first, so a failure (no hub, no CUDA)
-        raises ModelUnavailable and leaves the workbench on the previous model."""
+        raises ModelUnavailable and leaves the workbench on the previous model. Refused on a shared app: one
+        visitor would switch everyone's model."""
+        if self.settings.shared:
+            raise UserError(SETTINGS_READ_ONLY)
+        previous = self.models.loaded()
         models = Models(settings)
         models.lm
         self.settings, self.models = settings, models
+        if previous is not None and previous is not models.lm:  # one model in memory: the previous one and its caches go
+            gone = id(previous)  # ids are reused once it is freed: a new model must not pass for warm
+            self._warm_models.discard(gone)
+            self._warm_collections = {(lm, c) for lm, c in self._warm_collections if lm != gone}
+            forget_lm(previous)
+            del previous
+            release_memory()
         self.warm()
+
+    def job_deadline(self, deadline: Deadline | None = None) -> Deadline:
+        """A long job's deadline from now: RAGDEMO_MAX_JOB_S (set by default on a shared app), or `deadline` when
+        that is sooner."""
+        return Deadline.after(self.settings.max_job_s, "RAGDEMO_MAX_JOB_S").sooner(deadline)
+
+    def refuse_training_when_shared(self, methods: list[str], knobs: dict, where: str) -> None:
+        """On a shared app nothing trains an adapter: a `train` knob would do it inside this answer or Prepare,
+        holding the one model for minutes. One line naming the knob and the way that works."""
+        if not self.settings.shared:
+            return
+        for name in methods:
+            params = params_from(get_method(name).Params, knobs.get(name))
+            if getattr(params, "train", False):
+                raise UserError(f"{name}.train=1 would train an adapter in this {where}, which is off on this shared "
+                                "app (RAGDEMO_SHARED=1); set train=0: answers read what Prepare in the Library "
+                                "built, and adapters are trained on a private copy of the app")
 
     def require_private(self, what: str) -> None:
         """Long jobs that would keep the one model busy for minutes are off on a shared Space."""
@@ -320,10 +408,36 @@ def demo_question_ids() -> list[str]:
     return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
 
 
-def _over_time(name: str, model: str, limit: float) -> Result:
-    message = (f"not run: this Compare used its {limit:g} s limit on the methods before it "
-               "(RAGDEMO_MAX_COMPARE_S); ask again with fewer methods")
+def _over_time(name: str, model: str, limit: Deadline) -> Result:
+    message = (f"not run: this Compare used its {limit.describe()} on the methods before it; ask again with "
+               "fewer methods")
     return Result(name, model=model, error=message, notes=[message])
+
+
+class CompareListener:
+    """What one Compare tells its caller while it runs (the UI's cards, the CLI's progress lines). The defaults do
+    nothing, except `failed`: a method's error ends the Compare there (the CLI's one-line error). The UI's listener
+    puts the error on that method's card instead and lets the other methods answer."""
+
+    def started(self, method: str) -> None:
+        pass
+
+    def text(self, method: str, delta: str) -> None:
+        pass
+
+    def finished(self, result: Result) -> None:
+        pass
+
+    def failed(self, method: str, exc: Exception) -> Result:
+        raise exc
+
+
+class _TextListener(CompareListener):
+    def __init__(self, stream: Callable[[str, str], None]):
+        self.stream = stream
+
+    def text(self, method: str, delta: str) -> None:
+        self.stream(method, delta)
 
 
 def _scaled(progress: Progress | None, index: int, count: int, name: str) -> Progress | None:

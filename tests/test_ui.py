@@ -532,13 +532,16 @@ def test_load_demo_fills_the_collection_and_the_first_example(tiny_bench, monkey
     from ragdemo.workbench import DEMO_ARTICLE, DEMO_COLLECTION
 
     calls = []
-    monkeypatch.setattr(tiny_bench, "_prepare_defaults", lambda corpus, progress: calls.append(corpus.collection) or [])
-    status, collection, question, gold = ask.load_demo(tiny_bench)
-    assert collection["value"] == DEMO_COLLECTION and "Compare" in status
+    monkeypatch.setattr(tiny_bench, "_prepare_defaults",
+                        lambda corpus, progress, deadline=None: calls.append(corpus.collection) or [])
+    status, collection, question, gold = ask.load_demo(tiny_bench)  # stores the article (this process)
+    assert collection["value"] == DEMO_COLLECTION and "Compare" not in status and calls == []
     assert [d["name"] for d in tiny_bench.documents(DEMO_COLLECTION)] == [DEMO_ARTICLE]
     assert (question, ask.parse_golds(gold)) == tuple(tiny_bench.demo_examples(1)[0])
+    assert "Compare" in ask.prepare_demo(tiny_bench)  # then prepares it (a GPU call on ZeroGPU)
     assert calls == [DEMO_COLLECTION]  # the demo is prepared for the methods that have offline artifacts
     ask.load_demo(tiny_bench)  # idempotent: the article is recognised by content
+    ask.prepare_demo(tiny_bench)
     assert len(tiny_bench.documents(DEMO_COLLECTION)) == 1 and calls == [DEMO_COLLECTION] * 2
 
 

@@ -64,6 +64,38 @@ def test_upload_and_compare_three_methods_in_chromium(tmp_path, browser, default
     assert "<img src=x" in shown and "${7*7}" in shown  # full context shows the hostile text literally, unevaluated
 
 
+def test_a_five_method_compare_stops_at_its_time_limit_in_chromium(tmp_path, browser, default_model_dir):
+    """RAGDEMO_MAX_COMPARE_S=10 with answers long enough to need far more: the whole Compare, five methods, ends
+    within about 10 s plus one prefill (the method decoding at the limit is cut there, the later ones do not start),
+    measured from the click to the last finished card."""
+    from tests.ui_browser import compare_current
+
+    limit, methods = 10.0, ["closed_book", "rag", "retro", "jrt", "full_context"]
+    document = tmp_path / "eiffel.txt"
+    document.write_text(DOCUMENT)
+    with running_app(tmp_path / "home", "default", tmp_path / "app.log", max_new_tokens=400,
+                     extra_env={"RAGDEMO_MAX_COMPARE_S": str(limit)}) as url:
+        try:
+            upload_and_compare(browser, url, [document], methods=["closed_book"])  # model, index and page warm
+            started = time.perf_counter()
+            cards = compare_current(browser, methods)
+            elapsed = time.perf_counter() - started
+            screenshot_cards(browser, tmp_path / "limit.png")
+        except Exception:
+            browser.save_screenshot(str(tmp_path / "failure.png"))
+            print((tmp_path / "app.log").read_text()[-4000:])
+            raise
+    answered = [c for c in cards if not c.error]
+    not_run = [c for c in cards if c.error.startswith("not run")]
+    prefill = max(c.metrics["ttft_s"] for c in answered)  # the longest first-token wait among the answers
+    print(f"5-method Compare with a {limit:g} s limit: {elapsed:.1f} s from click to the last card; longest TTFT "
+          f"{prefill:.2f} s; answered {[c.method for c in answered]}, not run {[c.method for c in not_run]}")
+    assert answered and not_run and len(answered) + len(not_run) == len(methods)
+    assert all("RAGDEMO_MAX_COMPARE_S" in c.error for c in not_run)
+    assert sum(c.metrics["total_s"] for c in answered) <= limit + prefill + 1.0  # the app's own clock
+    assert elapsed <= limit + prefill + 4.0  # and the browser's: page updates every 0.25 s, a warm-up check
+
+
 @pytest.mark.slow
 def test_classroom_flow_in_chromium(tmp_path, browser, default_model_dir):
     """Load the demo, compare the default methods with ✓/✗, a rejected upload then a good one with the table

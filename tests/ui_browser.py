@@ -65,12 +65,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(home: Path, model: str = "default", log_path: Path | None = None, max_new_tokens: int = 32):
+def running_app(home: Path, model: str = "default", log_path: Path | None = None, max_new_tokens: int = 32,
+                extra_env: dict | None = None):
     """`python app.py` on a free port with its own data dir; yields the URL, stops the server afterwards."""
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
            "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "RAGDEMO_HOME": str(home),
-           "RAGDEMO_MODEL": model, "RAGDEMO_MAX_NEW_TOKENS": str(max_new_tokens), "TOKENIZERS_PARALLELISM": "false"}
+           "RAGDEMO_MODEL": model, "RAGDEMO_MAX_NEW_TOKENS": str(max_new_tokens), "TOKENIZERS_PARALLELISM": "false",
+           **(extra_env or {})}
     log_path = log_path or home.parent / "app.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:

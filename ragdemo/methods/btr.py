@@ -633,6 +633,7 @@ collection."""
         notes, prepare_s = [], 0.0
         read = self._artifacts(corpus, params, hits)
         if read.decoder is None or any(chunk_key(h["text"]) not in read.codes for h in hits):
+            corpus.refuse_collection_prepare_when_shared(self.name, "the decoder and codes are")
             started = time.perf_counter()
             self.prepare(corpus, params)
             prepare_s = time.perf_counter() - started

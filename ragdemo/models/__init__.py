@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..config import Settings
 from .embedder import Embedder, load_embedder
-from .lm import LM, load_lm
+from .lm import LM, load_lm, loaded_lm
 
 
 class Models:
@@ -13,6 +13,10 @@ class Models:
     @property
     def lm(self) -> LM:
         return load_lm(self.settings)
+
+    def loaded(self) -> LM | None:
+        """The LM if it is loaded already (loads nothing)."""
+        return loaded_lm(self.settings)
 
     @property
     def embedder(self) -> Embedder:

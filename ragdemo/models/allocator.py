@@ -29,3 +29,15 @@ def keep_freed_memory() -> str:
         return "allocator: the system's default (no glibc mallopt here)"
     return (f"allocator: glibc keeps freed memory for reuse (mmap threshold {MMAP_THRESHOLD >> 20} MB, trim threshold "
             f"{TRIM_THRESHOLD >> 20} MB), so answers do not page-fault their buffers back in")
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free memory back to the system now (after a model is unloaded: `keep_freed_memory` keeps
+    up to a GB otherwise). False where glibc's malloc_trim does not exist."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -11,6 +11,7 @@ import torch
 
 from ..config import DEFAULT_EMBEDDER
 from ..errors import ModelUnavailable
+from ..forks import renew_in_forked_children
 from .allocator import keep_freed_memory
 from .packed import pack_model
 
@@ -85,6 +86,17 @@ class _MeanPooled:
 
 _LOADED: dict[str, Embedder] = {}
 _LOCK = threading.Lock()
+
+
+def _renew_locks() -> None:
+    """In a forked child every lock is free again (the parent's holder does not exist there)."""
+    global _LOCK
+    _LOCK = threading.Lock()
+    for embedder in _LOADED.values():
+        embedder.lock = threading.Lock()
+
+
+renew_in_forked_children(_renew_locks)
 
 
 def load_embedder(embedder_id: str = DEFAULT_EMBEDDER) -> Embedder:

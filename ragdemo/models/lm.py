@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import importlib.util
 import json
 import logging
@@ -15,8 +16,9 @@ import torch
 
 from ..config import DEFAULT_MODEL, Settings
 from ..errors import ModelUnavailable
+from ..forks import renew_in_forked_children
 from .lock import ModelLock
-from .allocator import keep_freed_memory
+from .allocator import keep_freed_memory, release_freed_memory
 from .attention import ATTENTION_CHOICES, choose_attention
 from .packed import onednn_available, pack_model, packed_linear
 
@@ -405,6 +407,14 @@ _LOADED: dict[tuple, LM] = {}
 _LOAD_LOCK = threading.Lock()
 
 
+def _renew_load_lock() -> None:
+    global _LOAD_LOCK
+    _LOAD_LOCK = threading.Lock()
+
+
+renew_in_forked_children(_renew_load_lock)  # free in a forked child, whatever the parent was doing
+
+
 def load_lm(settings: Settings | None = None, model_id: str | None = None) -> LM:
     """Load once per (model, device, requested dtype, quantisation) and share: the app and the CLI hold one copy.
     The key holds the *requested* dtype, so "auto" is decided (and probed) once, when the model loads."""
@@ -429,6 +439,30 @@ def load_lm(settings: Settings | None = None, model_id: str | None = None) -> LM
                                  quantize=settings.quantize, dtype_reason=reason,
                                  attention=settings.attention or "auto")
         return _LOADED[key]
+
+
+def loaded_lm(settings: Settings) -> LM | None:
+    """The model `load_lm(settings)` would return, when it is loaded already; never loads one."""
+    key = (settings.model_id, str(pick_device(settings.device)), settings.dtype or "auto", settings.quantize,
+           settings.attention or "auto")
+    with _LOAD_LOCK:
+        return _LOADED.get(key)
+
+
+def forget_lm(lm: LM) -> None:
+    """Drop a model from the loaded set (a model switch): once its last user lets go too, its weights and
+    everything kept on it (prefix caches, adapters, memos) are freed; `release_memory` then hands it back."""
+    with _LOAD_LOCK:
+        for key in [key for key, value in _LOADED.items() if value is lm]:
+            del _LOADED[key]
+
+
+def release_memory() -> None:
+    """Collect what was let go and give the memory back to the system (and the GPU's cache)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    release_freed_memory()
 
 
 def quiet_transformers() -> None:

@@ -12,6 +12,8 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from ..forks import renew_in_forked_children
+
 Progress = Callable[[float, str], None]
 
 
@@ -23,6 +25,11 @@ class ModelLock:
     HANDOVER_S = 5.0  # the longest a step waits for a waiting thread to take the model (then it goes on)
 
     def __init__(self):
+        self.renew_after_fork()
+        renew_in_forked_children(self)
+
+    def renew_after_fork(self) -> None:
+        """Free in a forked child: a thread of the parent that held it does not exist there."""
         self._lock = threading.Lock()
         self._counts = threading.Lock()
         self._waiting = 0

@@ -48,6 +48,14 @@ class Corpus:
         if self.is_empty():
             raise UserError(f"{method} needs documents: collection {self.collection!r} is empty; ingest some first")
 
+    def refuse_collection_prepare_when_shared(self, method: str, what: str) -> None:
+        """An answer that finds `what` missing would build it from the whole collection first, holding the one
+        model for minutes: on a shared app it is refused instead, with the way that works."""
+        if self.settings.shared:
+            raise UserError(f"{method}: {what} not prepared for these knobs; on this shared app (RAGDEMO_SHARED=1) an "
+                            "answer never prepares the whole collection: run Prepare in the Library with these knobs "
+                            "set, then ask again")
+
     def documents(self) -> list[dict]:
         return self.store.document_texts(self.collection_id)
 
@@ -99,7 +107,7 @@ class Corpus:
         for row_d, row_i in zip(distances, ids):
             hits = []
             for d, i in zip(row_d, row_i):
-                if i < 0:
+                if i < 0 or int(i) not in found:  # gone since the index was read (another process deleted it)
                     continue
                 chunk = dict(found[int(i)])
                 chunk["distance"] = float(d)

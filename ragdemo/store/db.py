@@ -16,6 +16,7 @@ import numpy as np
 import sqlite_utils
 
 from ..errors import UserError
+from ..forks import renew_in_forked_children
 
 SCHEMA_VERSION = 2  # 2: chunks.sha256, artifacts.basis, content-keyed artifacts (see _migrate_artifacts)
 RETRIEVERS = ("float", "binary")
@@ -49,6 +50,10 @@ def check_collection_name(name: str) -> str:
     return name
 
 
+class StaleContent(UserError):
+    """An artifact built from a collection's whole content arrived after that content changed: not stored."""
+
+
 @dataclass(frozen=True)
 class StoredArtifact:
     """An artifact named without reading its blob: its key, when it was written and its size (a rewrite under
@@ -70,16 +75,25 @@ class Store:
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.path = self.home / "ragdemo.db"
-        conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=60, isolation_level=None)
-        self.db = sqlite_utils.Database(conn)
+        self._connect()
         self.db.enable_wal()
-        self.db.execute("PRAGMA foreign_keys = ON")
-        self.db.execute("PRAGMA synchronous = NORMAL")
-        self.lock = threading.RLock()
         # answers read the content signature and the storage account; both are remembered until the collection's
         # version or the artifact counter moves (one primary-key read), instead of a scan of the collection each
         self._remembered: dict[tuple, tuple[tuple, object]] = {}
         self._create_schema()
+        renew_in_forked_children(self)
+
+    def _connect(self) -> None:
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=60, isolation_level=None)
+        self.db = sqlite_utils.Database(conn)
+        self.db.execute("PRAGMA foreign_keys = ON")
+        self.db.execute("PRAGMA synchronous = NORMAL")
+        self.lock = threading.RLock()
+
+    def renew_after_fork(self) -> None:
+        """A forked child (a ZeroGPU worker) opens its own connection; the parent's is left alone, never closed
+        from here (SQLite: a connection must not be used across a fork)."""
+        self._connect()
 
     # ---------------------------------------------------------------- schema
     def _create_schema(self) -> None:
@@ -317,12 +331,22 @@ class Store:
         """Names the collection's content: a hash of its chunks' text hashes, sorted (so neither row ids nor the
         order documents arrived in matter). Collection-level artifacts are keyed by it. It scans the collection's
         chunks, so it is computed once per collection version."""
-        def compute() -> str:
-            rows = self.db.execute("""SELECT c.sha256 FROM chunks c JOIN documents d ON d.id = c.doc_id
-                                      WHERE d.collection_id = ? ORDER BY c.sha256""", (collection_id,)).fetchall()
-            return artifact_hash("|".join(r[0] for r in rows).encode())
+        return self._remembered_value(("signature", collection_id), collection_id, False,
+                                      lambda: self._scan_signature(collection_id))
 
-        return self._remembered_value(("signature", collection_id), collection_id, False, compute)
+    def _scan_signature(self, collection_id: int) -> str:
+        rows = self.db.execute("""SELECT c.sha256 FROM chunks c JOIN documents d ON d.id = c.doc_id
+                                  WHERE d.collection_id = ? ORDER BY c.sha256""", (collection_id,)).fetchall()
+        return artifact_hash("|".join(r[0] for r in rows).encode())
+
+    def _signature_now(self, collection_id: int) -> str:
+        """The content signature as of this transaction: the remembered one when the collection's (uid, version)
+        has not moved since it was computed (one primary-key read), else a fresh scan."""
+        found = self.db.execute("SELECT uid, version FROM collections WHERE id = ?", (collection_id,)).fetchone()
+        kept = self._remembered.get(("signature", collection_id))
+        if found is not None and kept is not None and kept[0] == tuple(found):
+            return kept[1]
+        return self._scan_signature(collection_id)
 
     def document_texts(self, collection_id: int) -> list[dict]:
         return self.rows("SELECT id, name, text FROM documents WHERE collection_id = ? ORDER BY id", (collection_id,))
@@ -410,6 +434,9 @@ class Store:
         if basis is not None and collection_id is None:
             raise ValueError("an artifact built from a collection's content needs its collection_id")
         with self.transaction():
+            if basis is not None and self._signature_now(collection_id) != basis:
+                raise StaleContent(f"{method}: the collection changed while it was being built (a document was added or "
+                                   "deleted); nothing built for its previous content was stored: run it again")
             self.db.execute(
                 """INSERT OR REPLACE INTO artifacts (method, model, params_hash, key, chunk_id, collection_id, blob,
                    nbytes, meta, created, basis) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",

@@ -17,6 +17,7 @@ from typing import Callable
 import faiss
 import numpy as np
 
+from ..forks import renew_in_forked_children
 from .db import Store
 
 KINDS = ("float", "binary")
@@ -121,8 +122,12 @@ class IndexCache:
         self._memory: dict[tuple[int, str, str], ChunkIndex | BinaryChunkIndex] = {}
         self._signatures: dict[tuple[int, str], tuple[tuple, str]] = {}  # (collection, embedder) -> (stamp, signature)
         self._lock = threading.Lock()
+        renew_in_forked_children(self)
         self.rebuilds = 0
         self.signature_scans = 0
+
+    def renew_after_fork(self) -> None:
+        self._lock = threading.Lock()
 
     def path(self, collection_id: int, embedder: str, kind: str = "float") -> Path:
         suffix = "" if kind == "float" else f"-{kind}"

@@ -7,6 +7,7 @@ from ..workbench import Workbench
 from .ask import build_ask_tab, history, model_header
 from .bench_tab import build_bench_tab
 from .common import Jobs
+from .gpu import on_zerogpu
 from .library import build_library_tab, collection_names, refresh_quietly
 from .methods_tab import build_methods_tab
 from .settings import build_settings_tab, model_status
@@ -23,9 +24,11 @@ CSS = """
 
 def build_app(workbench: Workbench | None = None) -> gr.Blocks:
     wb = workbench or Workbench()
+    if on_zerogpu():  # ZeroGPU: models load at import, placed on "cuda" (emulated here, real in each GPU worker)
+        wb.models.lm, wb.models.embedder
     if not wb.store.collections():  # a fresh store: one collection to upload into (every other one is created explicitly)
         wb.create_collection(wb.settings.default_collection)
-    jobs = Jobs()
+    jobs = Jobs(wb.store.home / "jobs")  # files: a Cancel reaches a job running in a ZeroGPU worker
     with gr.Blocks(title="ragdemo") as demo:
         gr.Markdown(INTRO)
         collection = gr.Dropdown(collection_names(wb), value=wb.settings.default_collection, allow_custom_value=True,

@@ -12,11 +12,13 @@ import pandas as pd
 from ..errors import UserError
 from ..methods import get_method, registry
 from ..methods.base import Result, params_from
-from ..workbench import DEFAULT_METHODS, DEMO_COLLECTION, Workbench
+from ..deadline import Deadline
+from ..workbench import DEFAULT_METHODS, DEMO_COLLECTION, CompareListener, Workbench
 from ..units import fmt_duration
 from .common import MODEL_QUEUE, method_choices, method_labels, progress_bridge, user_errors, warn
 from .knobs import KnobSet
-from .library import collection_name, existing_collection
+from .gpu import COMPARE_CAP_S, JOB_CAP_S, GpuGrant, answer_seconds, at_cap, on_gpu
+from .library import LONG_QUEUE, collection_name, existing_collection
 from .render import (HISTORY_HEADERS, MUTED, Card, comparison_figure, esc, history_rows, render_cards,
                      render_model_sees, render_sources, source_chunk_ids)
 
@@ -76,25 +78,52 @@ def full_context_estimate(workbench: Workbench, collection: str, results: list[R
 
 
 # ---------------------------------------------------------------- comparison
-def run_cards(workbench: Workbench, cards: list[Card], question: str, collection: str, knobs: dict,
-              warnings: list[str]) -> None:
-    """Run the methods one by one (each through Workbench.ask, which records the run). A method that fails
-    on bad input shows its error on its own card; the other methods still answer."""
-    for card in cards:
-        if card.method in RUN_LAST:
-            card.estimate = "expected: " + full_context_estimate(workbench, collection, [c.result for c in cards if c.result])
+class CardListener(CompareListener):
+    """Puts one Compare's progress on its cards. A method that fails on bad input shows its error on its own card
+    (and as a warning); the other methods still answer."""
+
+    def __init__(self, workbench: Workbench, cards: list[Card], collection: str, warnings: list[str]):
+        self.workbench, self.cards, self.collection, self.warnings = workbench, cards, collection, warnings
+        self.by_method = {card.method: card for card in cards}
+
+    def started(self, method: str) -> None:
+        card = self.by_method[method]
+        if method in RUN_LAST:
+            done = [c.result for c in self.cards if c.result]
+            card.estimate = "expected: " + full_context_estimate(self.workbench, self.collection, done)
         card.status, card.started = "running", time.perf_counter()
-        try:
-            card.result = workbench.ask(question, [card.method], collection, knobs,
-                                        stream=lambda _method, delta, c=card: c.push(delta))[0]
-        except UserError as exc:
-            card.result = Result(card.method, error=str(exc))
-            warnings.append(f"{card.label}: {exc}")
-        except Exception as exc:  # a method bug must not take the app down; the log keeps the traceback
-            log.exception("method %s failed", card.method)
-            card.result = Result(card.method, error=f"internal error: {type(exc).__name__}: {exc}")
-            warnings.append(f"{card.label} failed: {type(exc).__name__}: {exc}")
-        card.status = "done"
+
+    def text(self, method: str, delta: str) -> None:
+        self.by_method[method].push(delta)
+
+    def finished(self, result: Result) -> None:
+        card = self.by_method[result.method]
+        card.result, card.status = result, "done"
+
+    def failed(self, method: str, exc: Exception) -> Result:
+        label = self.by_method[method].label
+        if isinstance(exc, UserError):
+            self.warnings.append(f"{label}: {exc}")
+            return Result(method, error=str(exc))
+        log.exception("method %s failed", method, exc_info=exc)  # a method bug must not take the app down
+        self.warnings.append(f"{label} failed: {type(exc).__name__}: {exc}")
+        return Result(method, error=f"internal error: {type(exc).__name__}: {exc}")
+
+
+def run_cards(workbench: Workbench, cards: list[Card], question: str, collection: str, knobs: dict,
+              warnings: list[str], deadline: Deadline | None = None) -> None:
+    """One Compare over every card's method (one Workbench call, one deadline); each card fills as its method
+    streams. What stops the whole Compare (a model that cannot load) goes on every card not answered yet."""
+    try:
+        workbench.compare(question, [c.method for c in cards], collection, knobs,
+                          CardListener(workbench, cards, collection, warnings), deadline)
+    except Exception as exc:  # noqa: BLE001 - reported on the cards; the log keeps a bug's traceback
+        if not isinstance(exc, UserError):
+            log.exception("compare failed")
+        warnings.append(str(exc))
+        for card in cards:
+            if card.result is None:
+                card.result, card.status = Result(card.method, error=str(exc)), "done"
 
 
 def parse_golds(gold: str | None) -> list[str]:
@@ -108,9 +137,10 @@ def not_run(message: str):
 
 
 def compare(workbench: Workbench, knobs: KnobSet, question: str, methods: list[str] | None, collection: str,
-            gold: str | None, *knob_values):
+            gold: str | None, *knob_values, deadline: Deadline | None = None):
     """Generator for the Compare button: yields (cards, chart, model-sees, sources, history) while methods run.
-    Bad input is a warning and clears the old answers; it never turns the outputs into error pills."""
+    Bad input is a warning and clears the old answers; it never turns the outputs into error pills. `deadline`:
+    the Compare's own, besides RAGDEMO_MAX_COMPARE_S (on ZeroGPU: inside its GPU grant)."""
     try:
         question = workbench.check_question(question)
         if not methods:
@@ -118,6 +148,7 @@ def compare(workbench: Workbench, knobs: KnobSet, question: str, methods: list[s
         name = existing_collection(workbench, collection)
         workbench.models.lm  # a model that cannot load is reported once, before any card
         values = knobs.values(*knob_values)
+        workbench.refuse_training_when_shared(methods, values, "answer")
     except UserError as exc:
         warn(str(exc))
         yield not_run(str(exc))
@@ -131,7 +162,8 @@ def compare(workbench: Workbench, knobs: KnobSet, question: str, methods: list[s
         if card.method in RUN_LAST:
             card.estimate = "expected: " + full_context_estimate(workbench, name)
     warnings: list[str] = []
-    worker = threading.Thread(target=run_cards, args=(workbench, cards, question, name, values, warnings), daemon=True)
+    worker = threading.Thread(target=run_cards, args=(workbench, cards, question, name, values, warnings, deadline),
+                              daemon=True)
     worker.start()
     shown = 0
     yield render_cards(cards), None, render_model_sees([]), render_sources([], {}, question), gr.skip()
@@ -180,18 +212,32 @@ def final_outputs(workbench: Workbench, cards: list[Card], question: str, collec
 
 # ----------------------------------------------------------------------- demo
 def load_demo(workbench: Workbench, progress=None):
-    """Load (or finish preparing) the demo collection, switch to it and put the first example in the box."""
+    """Store the demo article (a content change, in this process), switch to the demo collection and put the
+    first example in the box; `prepare_demo` follows."""
     try:
-        reports = workbench.load_demo(progress_bridge(progress))
+        workbench.load_demo(progress_bridge(progress), prepare=False)
     except UserError as exc:
         warn(str(exc))
         return f"Demo not loaded: {esc(exc)}", gr.skip(), gr.skip(), gr.skip()
     question, answers = workbench.demo_examples(1)[0]
-    prepared = [r.name for r in reports if r.status == "prepared"]
-    done = f"prepared for {', '.join(prepared)}" if prepared else "ready"
-    status = (f"Collection **{DEMO_COLLECTION}** {done}: one Wikipedia article from SQuAD. Pick an example "
-              "question below (each has its gold answer, so cards show ✓/✗) and press **Compare**.")
+    status = f"Collection **{DEMO_COLLECTION}** stored: preparing every method for it…"
     return status, gr.update(value=DEMO_COLLECTION), question, GOLD_SEPARATOR.join(answers)
+
+
+def prepare_demo(workbench: Workbench, progress=None, deadline: Deadline | None = None) -> str:
+    """Build what is missing of the demo's artifacts (runs the model: on ZeroGPU a GPU call of its own)."""
+    try:
+        reports = workbench.prepare_defaults(DEMO_COLLECTION, progress_bridge(progress), deadline)
+    except UserError as exc:
+        warn(str(exc))
+        return f"Demo not prepared: {esc(exc)}"
+    prepared = [r.name for r in reports if r.status == "prepared"]
+    stopped = [r.message for r in reports if r.status == "skipped" and "run it again" in r.message]
+    if stopped:
+        return f"Collection **{DEMO_COLLECTION}**: {esc(stopped[0])} (press **Load demo collection** again)."
+    done = f"prepared for {', '.join(prepared)}" if prepared else "ready"
+    return (f"Collection **{DEMO_COLLECTION}** {done}: one Wikipedia article from SQuAD. Pick an example "
+            "question below (each has its gold answer, so cards show ✓/✗) and press **Compare**.")
 
 
 @dataclass
@@ -249,14 +295,24 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
     inputs = [question, methods, collection, gold, *knobs.components]
     outputs = [cards, chart, sees, sources, history_table]
 
+    compare_grant = GpuGrant(lambda q, m, *rest: answer_seconds(wb, m), COMPARE_CAP_S)
+
+    @on_gpu(wb.content, compare_grant)
     def run(q, m, c, g, *v):
-        yield from compare(wb, knobs, q, m, c, g, *v)
+        yield from compare(wb, knobs, q, m, c, g, *v, deadline=compare_grant.deadline(q, m))
+
+    demo_grant = GpuGrant(at_cap, JOB_CAP_S)
+
+    @on_gpu(wb.content, demo_grant)
+    def run_prepare_demo(progress=gr.Progress()):
+        return prepare_demo(wb, progress, demo_grant.deadline())
 
     compared = gr.on([compare_button.click, question.submit], run, inputs, outputs, api_name="compare", **MODEL_QUEUE)
     refresh_button.click(lambda c: history(wb, c), [collection], [history_table])
     demo_loaded = demo_button.click(lambda progress=gr.Progress(): load_demo(wb, progress), None,
                                     [demo_status, collection, question, gold], show_progress_on=[demo_status],
-                                    api_name="load_demo", concurrency_limit=1, concurrency_id="long")
+                                    api_name="load_demo", **LONG_QUEUE).then(
+        run_prepare_demo, None, [demo_status], show_progress_on=[demo_status], api_name="prepare_demo", **LONG_QUEUE)
     # an example question is about the demo article: picking one switches to the demo collection
     examples.load_input_event.then(lambda: gr.update(value=DEMO_COLLECTION), None, [collection], show_progress="hidden")
     return AskTab(knobs, question, methods, history_table, header, compared, demo_loaded)

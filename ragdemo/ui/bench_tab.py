@@ -13,6 +13,7 @@ from ..bench.command import equivalent_command, run_benchmark
 from ..bench.runner import column_header, fmt_cell, reference_name, row_label, summary_columns
 from ..errors import UserError
 from ..methods import registry
+from .gpu import JOB_CAP_S, GpuGrant, on_gpu
 from .common import Cancelled, Jobs, cancellable, progress_bridge, session_of, warn
 from ..units import fmt_duration
 from .render import esc
@@ -49,21 +50,25 @@ def methods_from(checked: list[str] | None, variants: str) -> list[str]:
     return methods
 
 
+def estimate_seconds(workbench, dataset: str, n, checked, variants) -> tuple[float, list[str]]:
+    """(expected seconds, methods never timed here) from this machine's recent answers: the mean total time per
+    method, plus the NLL pass. Seconds are 0 when no method was timed."""
+    methods = [m.split("@")[0] for m in methods_from(checked, variants)]
+    questions = int(n or 0) if dataset != "needle" else 15
+    seconds = workbench.answer_seconds()
+    known = [seconds[m] for m in methods if m in seconds]
+    return questions * sum(known) * NLL_FACTOR, [m for m in methods if m not in seconds]
+
+
 def estimate(workbench, dataset: str, n, checked, variants) -> str:
     """Expected duration from this machine's recent answers (mean total time per method, plus the NLL pass)."""
     try:
-        methods = [m.split("@")[0] for m in methods_from(checked, variants)]
-    except UserError:
+        total, missing = estimate_seconds(workbench, dataset, n, checked, variants)
+    except (UserError, ValueError):
         return ""
     questions = int(n or 0) if dataset != "needle" else 15
-    seconds: dict[str, list[float]] = {}
-    for run in workbench.store.runs(None, 300):
-        seconds.setdefault(run["method"], []).append(float(run["result"].get("total_s") or 0))
-    known = [sum(seconds[m]) / len(seconds[m]) for m in methods if seconds.get(m)]
-    missing = [m for m in methods if not seconds.get(m)]
-    if not known:
+    if not total:
         return "**Estimated duration:** unknown (none of these methods has answered on this machine yet)."
-    total = questions * sum(known) * NLL_FACTOR
     unknown = f"; plus {', '.join(missing)} (never timed here)" if missing else ""
     return f"**Estimated duration:** about {fmt_duration(total)} for {questions} questions{esc(unknown)}, preparation not included."
 
@@ -188,7 +193,13 @@ def build_bench_tab(workbench, jobs: Jobs) -> None:
             needle = gr.Image(label="Needle heatmap", type="filepath", show_label=False, visible=False)
         files = gr.File(label="results.json, summary.csv, summary.md", file_count="multiple")
 
+        # unknown durations ask for the cap; a benchmark longer than its grant is cut by ZeroGPU (bench is for a
+        # private Space: RAGDEMO_SHARED turns it off)
+        grant = GpuGrant(lambda request, progress, dataset, jsonl, n, seed, checked, variants, *rest:
+                         estimate_seconds(workbench, dataset, n, checked, variants)[0] or JOB_CAP_S, JOB_CAP_S)
+
         # Gradio injects the request and the progress tracker only into parameters before *args
+        @on_gpu(workbench.content, grant)
         def run(request: gr.Request, progress=gr.Progress(), *args):
             session = session_of(request)
             flag = jobs.flag(session, "bench")  # registered by the click, so a Cancel during the queue wait counts
@@ -209,7 +220,7 @@ def build_bench_tab(workbench, jobs: Jobs) -> None:
         run_button.click(register, None, None, queue=False).then(
             run, [dataset, jsonl_file, n, seed, methods, variants, reference, lengths, depths, max_new],
                          [header, table, pareto, storage, needle, files], show_progress_on=[header],
-                         concurrency_limit=1, concurrency_id="long")
+                         api_name="bench", concurrency_limit=1, concurrency_id="long")
         cancel_button.click(cancel, None, [header], queue=False)
         gr.on([dataset.change, n.change, methods.change, variants.change],
               lambda d, k, m, v: estimate(workbench, d, k, m, v), [dataset, n, methods, variants], [estimate_md],

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import threading
+from pathlib import Path
 from typing import Callable
 
 import gradio as gr
@@ -63,24 +65,54 @@ class Cancelled(BaseException):
     consistent because every write is a transaction and the benchmark's cleanup runs in `finally`."""
 
 
+class CancelFlag:
+    """One job's Cancel. Pressed in the app's process; the job checks it at every step wherever it runs. With a
+    file it also reaches a ZeroGPU worker, a forked process that a threading.Event set here never reaches."""
+
+    def __init__(self, path: Path | None = None):
+        self.path, self._event = path, threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+
+    def is_set(self) -> bool:
+        return self._event.is_set() or (self.path is not None and self.path.exists())
+
+    def clear(self) -> None:
+        self._event.clear()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
 class Jobs:
     """Cancel flags of the long jobs running now, one per (browser session, job kind): one user's Cancel never
-    stops another user's job."""
+    stops another user's job. `folder` (the app's data directory) makes them files, for jobs in other processes."""
 
-    def __init__(self):
-        self._flags: dict[tuple[str, str], threading.Event] = {}
+    def __init__(self, folder: Path | None = None):
+        self.folder = folder
+        self._flags: dict[tuple[str, str], CancelFlag] = {}
         self._lock = threading.Lock()
 
-    def start(self, session: str, kind: str) -> threading.Event:
+    def _new(self, session: str, kind: str) -> CancelFlag:
+        if self.folder is None:
+            return CancelFlag()
+        name = hashlib.sha256(f"{session}|{kind}".encode()).hexdigest()[:20]  # session ids are not file names
+        return CancelFlag(self.folder / f"{name}.cancel")
+
+    def start(self, session: str, kind: str) -> CancelFlag:
         with self._lock:
-            flag = self._flags[(session, kind)] = threading.Event()
+            flag = self._flags[(session, kind)] = self._new(session, kind)
+        flag.clear()
         return flag
 
-    def flag(self, session: str, kind: str) -> threading.Event:
+    def flag(self, session: str, kind: str) -> CancelFlag:
         """The job's flag, registered when its button was clicked (see `start`): a Cancel pressed while the job
         still waited in the queue is not lost."""
         with self._lock:
-            return self._flags.setdefault((session, kind), threading.Event())
+            return self._flags.setdefault((session, kind), self._new(session, kind))
 
     def cancel(self, session: str, kind: str) -> bool:
         with self._lock:
@@ -92,14 +124,16 @@ class Jobs:
 
     def finish(self, session: str, kind: str) -> None:
         with self._lock:
-            self._flags.pop((session, kind), None)
+            flag = self._flags.pop((session, kind), None)
+        if flag is not None:
+            flag.clear()
 
 
 def session_of(request) -> str:
     return getattr(request, "session_hash", None) or "local"
 
 
-def cancellable(progress: Callable | None, flag: threading.Event) -> Callable:
+def cancellable(progress: Callable | None, flag: CancelFlag) -> Callable:
     """A Workbench progress callback that raises Cancelled once `flag` is set (checked at every step)."""
 
     def step(fraction: float, message: str) -> None:

@@ -18,14 +18,19 @@ from ..errors import UserError
 from ..ingest.readers import SUPPORTED
 from ..methods import registry
 from ..store.db import check_collection_name
+from ..deadline import Deadline
 from ..workbench import Workbench
 from .common import (Cancelled, Jobs, cancellable, method_choices, progress_bridge, session_of, user_errors,
                      warn)
+from .gpu import JOB_CAP_S, GpuGrant, at_cap, on_gpu
 from .knobs import KnobSet
 from .render import document_table, esc
 
 log = logging.getLogger(__name__)
-LONG_QUEUE = {"concurrency_limit": 1, "concurrency_id": "long"}  # one long job at a time; Compare keeps its own queue
+# One long job or content change at a time (upload, Prepare, fine-tune, benchmark, demo, deletes, renames, the
+# retriever); Compare keeps its own queue. A change also waits for the Compares reading the collection
+# (Workbench.content), so one Compare sees one state of its documents.
+LONG_QUEUE = {"concurrency_limit": 1, "concurrency_id": "long"}
 
 
 def collection_name(workbench: Workbench, collection: str | None) -> str:
@@ -198,6 +203,18 @@ def delete(workbench: Workbench, doc_id: str | None, collection: str):
             gr.update(visible=False), gr.update(visible=False))
 
 
+@reported(1)
+def prepare_uploaded(workbench: Workbench, collection: str, prepare: bool, status: str, progress=None,
+                     deadline: Deadline | None = None):
+    """After an upload that added documents (its status line says so), build what is missing of every method's
+    artifacts at the default knobs, so that no answer waits for them; the lines join the upload's status."""
+    if not prepare or "**added**" not in (status or ""):
+        return gr.skip()
+    name = existing_collection(workbench, collection)
+    reports = workbench.prepare_defaults(name, progress_bridge(progress), deadline)
+    return (status or "") + "\n" + "\n".join(f"- **{esc(r.status)}** {esc(r.message)}" for r in reports)
+
+
 def cancel_delete():
     return "Nothing deleted.", gr.update(visible=False), gr.update(visible=False)
 
@@ -205,11 +222,11 @@ def cancel_delete():
 # ------------------------------------------------------------------- long jobs
 @reported(1)
 def prepare(workbench: Workbench, knobs: KnobSet, methods: list[str] | None, collection: str, *knob_values,
-            progress=None):
+            progress=None, deadline: Deadline | None = None):
     if not methods:
         raise UserError("pick at least one method to prepare")
     name = existing_collection(workbench, collection)
-    done = workbench.prepare(list(methods), name, knobs.values(*knob_values), progress)
+    done = workbench.prepare(list(methods), name, knobs.values(*knob_values), progress, deadline)
     return "\n".join(f"- {esc(line)}" for line in done)
 
 
@@ -265,10 +282,15 @@ class LibraryTab:
         Compare from another user waits for one step, not for the whole job."""
         wb, jobs = self.workbench, self.jobs
 
-        # Gradio injects the request and the progress tracker only into parameters before *values
-        def run_prepare(request: gr.Request, progress=gr.Progress(), *values):
-            return run_job(jobs, "prepare", request, progress, lambda p: prepare(wb, knobs, *values, progress=p))
+        grant = GpuGrant(at_cap, JOB_CAP_S)
 
+        # Gradio injects the request and the progress tracker only into parameters before *values
+        @on_gpu(wb.content, grant)
+        def run_prepare(request: gr.Request, progress=gr.Progress(), *values):
+            return run_job(jobs, "prepare", request, progress,
+                           lambda p: prepare(wb, knobs, *values, progress=p, deadline=grant.deadline()))
+
+        @on_gpu(wb.content, grant)
         def run_finetune(request: gr.Request, progress=gr.Progress(), *values):
             return run_job(jobs, "prepare", request, progress, lambda p: finetune(wb, knobs, *values, progress=p))
 
@@ -278,10 +300,10 @@ class LibraryTab:
         def register(request: gr.Request):
             jobs.start(session_of(request), "prepare")
 
-        for button, fn, picked in ((self.prepare_button, run_prepare, self.prepare_methods),
-                                   (self.finetune_button, run_finetune, self.finetune_method)):
+        for button, fn, picked, api in ((self.prepare_button, run_prepare, self.prepare_methods, "prepare"),
+                                        (self.finetune_button, run_finetune, self.finetune_method, "finetune")):
             button.click(register, None, None, queue=False).then(fn, [picked, self.collection, *knobs.components], [self.prepare_status],
-                         show_progress_on=[self.prepare_status], **LONG_QUEUE).then(
+                         show_progress_on=[self.prepare_status], api_name=api, **LONG_QUEUE).then(
                 lambda c: refresh_quietly(wb, c), [self.collection], self.refresh_outputs, show_progress="hidden")
         self.prepare_cancel.click(stop, None, [self.prepare_status], queue=False)
 
@@ -349,25 +371,34 @@ def build_library_tab(workbench: Workbench, collection: gr.Dropdown, jobs: Jobs)
     def then_refresh(event):
         return event.then(lambda c: refresh_quietly(wb, c), [collection], tab.refresh_outputs, show_progress="hidden")
 
-    then_refresh(files.upload(lambda f, c, p, progress=gr.Progress(): upload(wb, f, c, p, progress=progress),
-                              [files, collection, prepare_on_upload], [status, files], api_name="upload",
-                              show_progress_on=[status], **LONG_QUEUE))
+    upload_grant = GpuGrant(at_cap, JOB_CAP_S)
+
+    @on_gpu(wb.content, upload_grant)
+    def run_prepare_uploaded(c, p, s, progress=gr.Progress()):
+        return prepare_uploaded(wb, c, p, s, progress, upload_grant.deadline())
+
+    # storing is a content change, done here; preparing runs the model (on ZeroGPU, a GPU call of its own)
+    then_refresh(files.upload(lambda f, c, progress=gr.Progress(): upload(wb, f, c, False, progress=progress),
+                              [files, collection], [status, files], api_name="upload", show_progress_on=[status],
+                              **LONG_QUEUE).then(
+        run_prepare_uploaded, [collection, prepare_on_upload, status], [status], api_name="prepare_upload",
+        show_progress_on=[status], **LONG_QUEUE))
     delete_button.click(lambda d, c: ask_delete_document(wb, d, c), [doc_picker, collection],
                         [delete_status, confirm_delete, keep_doc])
     then_refresh(confirm_delete.click(lambda d, c: delete(wb, d, c), [doc_picker, collection],
-                                      [delete_status, confirm_delete, keep_doc]))
+                                      [delete_status, confirm_delete, keep_doc], **LONG_QUEUE))
     keep_doc.click(cancel_delete, None, [delete_status, confirm_delete, keep_doc])
     then_refresh(create_button.click(lambda n: create_collection(wb, n), [new_name], [collection_status, collection]))
     then_refresh(rename_button.click(lambda c, n: rename_collection(wb, c, n), [collection, new_name],
-                                     [collection_status, collection]))
+                                     [collection_status, collection], **LONG_QUEUE))
     delete_coll_button.click(lambda c: ask_delete_collection(wb, c), [collection],
                              [collection_status, confirm_coll, keep_coll])
     then_refresh(confirm_coll.click(lambda c: delete_collection(wb, c), [collection],
-                                    [collection_status, collection, confirm_coll, keep_coll]))
+                                    [collection_status, collection, confirm_coll, keep_coll], **LONG_QUEUE))
     keep_coll.click(lambda: ("Nothing deleted.", gr.update(visible=False), gr.update(visible=False)), None,
                     [collection_status, confirm_coll, keep_coll])
     collection.change(lambda c: refresh_quietly(wb, c), [collection], tab.refresh_outputs, show_progress="hidden")
     collection.change(lambda c: retrieval_of(wb, c), [collection], [retriever, rescore], show_progress="hidden")
     retrieval_button.click(lambda c, r, n: set_retrieval(wb, c, r, n), [collection, retriever, rescore],
-                           [collection_status])
+                           [collection_status], **LONG_QUEUE)
     return tab

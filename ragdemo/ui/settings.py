@@ -12,8 +12,9 @@ import torch
 from ..config import DEFAULT_MODEL, HUB_PRESETS
 from ..errors import UserError
 from ..models.lm import default_model_status
-from ..workbench import Workbench
+from ..workbench import SETTINGS_READ_ONLY, Workbench
 from .common import info, warn
+from .gpu import COMPARE_CAP_S, UNTIMED_ANSWER_S, GpuGrant, on_gpu, on_zerogpu
 from .render import esc
 
 
@@ -101,19 +102,30 @@ def _apply(workbench: Workbench, model_id: str, device: str, quantize: str, max_
 
 
 def build_settings_tab(workbench: Workbench, ask_header: gr.Markdown | None = None) -> gr.Markdown:
+    """On a shared app the tab only shows what runs: the operator sets it with variables (Workbench.use_settings
+    refuses a switch there too, whatever calls it)."""
     wb, s = workbench, workbench.settings
+    editable = not s.shared and not on_zerogpu()  # on ZeroGPU a model loaded inside a GPU call dies with its worker
     with gr.Tab("Settings", id="settings"):
         gr.Markdown("Settings apply to everyone using this app: there is one shared model. Loading a hub model needs "
-                    "internet access; when the hub is unreachable you get a message and the current model stays.")
+                    "internet access; when the hub is unreachable you get a message and the current model stays."
+                    if editable else f"{SETTINGS_READ_ONLY}.", elem_id="settings-note")
         model = gr.Dropdown([DEFAULT_MODEL, *HUB_PRESETS], value=s.model_id, allow_custom_value=True, label="Model",
-                            info="'default' = embedded SmolLM2-135M-Instruct; or any Hugging Face id or local folder")
+                            info="'default' = embedded SmolLM2-135M-Instruct; or any Hugging Face id or local folder",
+                            interactive=editable)
         device = gr.Radio(DEVICES, value=s.device if s.device in DEVICES else "auto", label="Device",
-                          info="only the devices this machine has")
-        quantize = gr.Radio(QUANTIZE, value=s.quantize or "none", label="Quantisation", info=quantize_note())
-        max_new = gr.Number(s.max_new_tokens, precision=0, label="Max new tokens", minimum=1, maximum=4096)
-        apply_button = gr.Button("Apply", variant="primary")
+                          info="only the devices this machine has", interactive=editable)
+        quantize = gr.Radio(QUANTIZE, value=s.quantize or "none", label="Quantisation", info=quantize_note(),
+                            interactive=editable)
+        max_new = gr.Number(s.max_new_tokens, precision=0, label="Max new tokens", minimum=1, maximum=4096,
+                            interactive=editable)
+        apply_button = gr.Button("Apply", variant="primary", visible=editable, elem_id="settings-apply")
         status = gr.Markdown(elem_id="model-status")
-    applied = apply_button.click(lambda *a: apply(wb, *a), [model, device, quantize, max_new],
+    @on_gpu(wb.content, GpuGrant(lambda *a: UNTIMED_ANSWER_S, COMPARE_CAP_S))  # loads, then warms the model
+    def run_apply(*values):
+        return apply(wb, *values)
+
+    applied = apply_button.click(run_apply, [model, device, quantize, max_new],
                                  [status, model, device, quantize, max_new], concurrency_limit=1, concurrency_id="model")
     if ask_header is not None:
         from .ask import model_header  # the Ask tab names the model: it changes with it
