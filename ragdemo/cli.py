@@ -95,25 +95,44 @@ def cmd_ask(bench, args) -> int:
     if args.json:
         # libraries sometimes print to stdout; with --json, stdout carries the JSON array and nothing else
         with contextlib.redirect_stdout(sys.stderr):
-            results = bench.ask(args.question, methods, args.collection, knobs, retriever=args.retriever)
+            results = bench.ask(args.question, methods, args.collection, knobs, retriever=args.retriever,
+                                repeats=args.repeat)
         print(json.dumps([r.to_dict() for r in results], indent=1))
+        _say_if_busy(results)
         return 0
     ctx, update = _progress_bar("ask")
     with ctx:
         bench.warm(args.collection, update)  # model, embedder, index: said here, not a silent first answer
     # one Compare (one deadline); each method says when it starts, so a long wait names its method
-    results = bench.compare(args.question, methods, args.collection, knobs, _answering(), retriever=args.retriever)
+    results = bench.compare(args.question, methods, args.collection, knobs, _answering(), retriever=args.retriever,
+                            repeats=args.repeat)
     for r in results:
         print(f"== {r.method} ({r.model})")
         print(r.error or r.answer)
-        print(f"   prompt {r.prompt_tokens} tok, processed {r.processed_tokens}, cached {r.cached_tokens} | "
-              f"retrieve {fmt_s(r.retrieve_s)}, load {fmt_s(r.load_s)}, TTFT {fmt_s(r.ttft_s)}, decode "
-              f"{fmt_s(r.decode_s)}, total {fmt_s(r.total_s)} ({r.decode_tok_s:.1f} tok/s) | storage read "
+        print(f"   prompt {r.prompt_tokens:g} tok, processed {r.processed_tokens:g}, cached {r.cached_tokens:g} | "
+              f"retrieve {_timed(r, 'retrieve_s')}, load {_timed(r, 'load_s')}, TTFT {_timed(r, 'ttft_s')}, decode "
+              f"{_timed(r, 'decode_s')}, total {_timed(r, 'total_s')} ({r.decode_tok_s:.1f} tok/s) | storage read "
               f"{fmt_bytes(r.storage_bytes)}"
               + (f" | prepared on first use {r.prepare_s:.1f}s" if r.prepare_s else ""))
         for note in r.notes:
             print(f"   note: {note}")
+    _say_if_busy(results)
     return 0
+
+
+def _timed(result, name: str) -> str:
+    """A time as the card shows it: the median of the runs with their range when the answer was repeated."""
+    runs = result.timings.get(name) if result.timings.get("repeats", 1) > 1 else None
+    said = fmt_s(getattr(result, name))
+    return f"{said} (median of {len(runs)}: {fmt_s(min(runs))}–{fmt_s(max(runs))})" if runs else said
+
+
+def _say_if_busy(results) -> None:
+    from .machine import CpuShare
+
+    shares = [r.timings.get("others_cpu") for r in results if r.timings.get("others_cpu") is not None]
+    if shares and CpuShare(0.0, max(shares)).unreliable:
+        print(f"warning: {CpuShare(0.0, max(shares)).warning()}", file=sys.stderr)
 
 
 def _answering():
@@ -384,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("--methods", default=None, help="comma-separated, e.g. closed_book,full_context,rag")
     p.add_argument("--json", action="store_true", help="print a JSON array of Result objects, nothing else")
+    p.add_argument("--repeat", type=int, default=1, choices=[1, 3, 5],
+                   help="answers per method: times are the median of the runs (their range beside them)")
     p.add_argument("--retriever", choices=["float", "binary"], default=None,
                    help="for this question only (default: the collection's, set with ingest --retriever)")
     p = sub.add_parser("prepare", parents=[common], help="build the methods' offline artifacts")

@@ -13,7 +13,8 @@ from .engine.generate import TimedStream
 from .errors import NotSupported, UserError
 from .ingest import IngestReport, ingest_files
 from .methods import get_method, registry
-from .methods.base import Progress, Result, params_from
+from .machine import CpuMeter
+from .methods.base import Progress, Result, params_from, repeated
 from .models import Models
 from .models.lm import forget_lm, release_memory
 from .store import Corpus, IndexCache, Store
@@ -246,21 +247,24 @@ class Workbench:
 
     def ask(self, question: str, methods: list[str], collection: str | None = None, knobs: dict | None = None,
             stream: Callable[[str, str], None] | None = None, record: bool = True,
-            retriever: str | None = None) -> list[Result]:
+            retriever: str | None = None, repeats: int = 1) -> list[Result]:
         """`compare` with a plain text stream: stream(method, delta)."""
         listener = _TextListener(stream) if stream else None
-        return self.compare(question, methods, collection, knobs, listener, record=record, retriever=retriever)
+        return self.compare(question, methods, collection, knobs, listener, record=record, retriever=retriever,
+                            repeats=repeats)
 
     def compare(self, question: str, methods: list[str], collection: str | None = None, knobs: dict | None = None,
                 listener: "CompareListener | None" = None, deadline: Deadline | None = None, record: bool = True,
-                retriever: str | None = None) -> list[Result]:
+                retriever: str | None = None, repeats: int = 1) -> list[Result]:
         """One Compare: each method answers in turn (the model is shared, so answers are serialised through its
         lock), all under one deadline, the sooner of `deadline` and RAGDEMO_MAX_COMPARE_S counted from this call:
         a method decoding at the deadline is cut there, the methods after it are not started. `listener` hears
-        each method start, stream and finish. `retriever` overrides the collection's for this question only."""
+        each method start, stream and finish. `retriever` overrides the collection's for this question only.
+        `repeats` (1, 3 or 5): each method answers that many times in a row; its times are the medians."""
         started = time.perf_counter()
         listener = listener or CompareListener()
         question = self.check_question(question)
+        repeats = check_repeats(repeats)
         self.models.lm  # a bad model id or quantisation request is reported before anything else
         knobs = knobs or {}
         self.refuse_training_when_shared(methods, knobs, "answer")
@@ -268,11 +272,11 @@ class Workbench:
         with self.content.reading():  # every method of this Compare sees the same documents
             corpus = self.corpus(collection, create=False, retriever=retriever)
             self.warm(corpus.collection)
-            return [self._compare_one(name, question, corpus, knobs.get(name, {}), listener, limit, record)
+            return [self._compare_one(name, question, corpus, knobs.get(name, {}), listener, limit, record, repeats)
                     for name in methods]
 
     def _compare_one(self, name: str, question: str, corpus: Corpus, knobs: dict, listener: "CompareListener",
-                     limit: Deadline, record: bool) -> Result:
+                     limit: Deadline, record: bool, repeats: int = 1) -> Result:
         if limit.passed():
             result = _over_time(name, corpus.lm.model_id, limit)
             listener.finished(result)
@@ -282,8 +286,10 @@ class Workbench:
         on_token = TimedStream(lambda text: listener.text(name, text), limit.at)
         listener.started(name)
         try:
-            with corpus.lm.lock:
-                result = method.answer(question, corpus, params, on_token)
+            with corpus.lm.lock, CpuMeter() as meter:
+                runs = [method.answer(question, corpus, params, on_token)]
+                runs += _repeats(method, question, corpus, params, limit, repeats - 1, on_token)
+            result = repeated(runs, meter.share.others)
         except NotSupported as exc:  # one method can't run on this model; the others still answer
             result = Result(name, model=corpus.lm.model_id, error=str(exc), notes=[str(exc)])
         except Exception as exc:  # the listener decides: the CLI stops with the error, the UI puts it on the card
@@ -412,6 +418,31 @@ def _over_time(name: str, model: str, limit: Deadline) -> Result:
     message = (f"not run: this Compare used its {limit.describe()} on the methods before it; ask again with "
                "fewer methods")
     return Result(name, model=model, error=message, notes=[message])
+
+
+REPEATS = (1, 3, 5)  # answers per method in one Compare: the card shows the median time and the range
+
+
+def check_repeats(repeats) -> int:
+    try:
+        if int(repeats) in REPEATS and float(repeats) == int(repeats):
+            return int(repeats)
+    except (TypeError, ValueError):
+        pass
+    raise UserError(f"repeats must be one of {', '.join(map(str, REPEATS))} (got {repeats})")
+
+
+def _repeats(method, question: str, corpus: Corpus, params, limit: Deadline, count: int, first: TimedStream) -> list:
+    """The answer again, `count` times, silently: only runs that finished inside the Compare's deadline count (a
+    run cut short would look faster than it is)."""
+    runs = []
+    for _ in range(count if not first.cut else 0):
+        stream = TimedStream(None, limit.at)
+        result = method.answer(question, corpus, params, stream)
+        if stream.cut or result.error:
+            break
+        runs.append(result)
+    return runs
 
 
 class CompareListener:

@@ -51,6 +51,9 @@ class Result:
     notes: list[str] = field(default_factory=list)
     segments: list[dict] = field(default_factory=list)  # "what the model sees": {kind, mark, text, n_tokens, keep?}
     error: str = ""
+    # every run's seconds when the answer was timed more than once (the time fields above then hold the medians),
+    # and the share of the machine's CPU other programs used meanwhile (None where it cannot be told)
+    timings: dict = field(default_factory=dict)
 
     @staticmethod
     def fields_help() -> dict[str, str]:
@@ -67,6 +70,22 @@ class Result:
 
 # The docstring is the glossary: help(Result) shows every field's one meaning.
 Result.__doc__ += "\n\nFields:\n" + "\n".join(f"    {name}: {text}" for name, text in GLOSSARY.items())
+
+
+TIMED_FIELDS = ("retrieve_s", "load_s", "ttft_s", "decode_s", "total_s", "decode_tok_s")
+
+
+def repeated(runs: list[Result], others_cpu: float | None = None) -> Result:
+    """One method's answers to one question, as one Result: the first answer (its text, tokens and events), every
+    run's times in `timings`, and the medians in the time fields, so one noisy sample is never shown as a fact."""
+    first = runs[0]
+    first.timings = {name: [round(getattr(r, name), 6) for r in runs] for name in TIMED_FIELDS}
+    first.timings.update(repeats=len(runs), others_cpu=others_cpu)
+    for name in TIMED_FIELDS:
+        values = sorted(first.timings[name])
+        middle = len(values) // 2
+        setattr(first, name, values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2)
+    return first
 
 
 @dataclass

@@ -13,7 +13,7 @@ from ..errors import UserError
 from ..methods import get_method, registry
 from ..methods.base import Result, params_from
 from ..deadline import Deadline
-from ..workbench import DEFAULT_METHODS, DEMO_COLLECTION, CompareListener, Workbench
+from ..workbench import DEFAULT_METHODS, DEMO_COLLECTION, REPEATS, CompareListener, Workbench, check_repeats
 from ..units import fmt_duration
 from .common import MODEL_QUEUE, method_choices, method_labels, progress_bridge, user_errors, warn
 from .knobs import KnobSet
@@ -111,12 +111,12 @@ class CardListener(CompareListener):
 
 
 def run_cards(workbench: Workbench, cards: list[Card], question: str, collection: str, knobs: dict,
-              warnings: list[str], deadline: Deadline | None = None) -> None:
+              warnings: list[str], deadline: Deadline | None = None, repeats: int = 1) -> None:
     """One Compare over every card's method (one Workbench call, one deadline); each card fills as its method
     streams. What stops the whole Compare (a model that cannot load) goes on every card not answered yet."""
     try:
         workbench.compare(question, [c.method for c in cards], collection, knobs,
-                          CardListener(workbench, cards, collection, warnings), deadline)
+                          CardListener(workbench, cards, collection, warnings), deadline, repeats=repeats)
     except Exception as exc:  # noqa: BLE001 - reported on the cards; the log keeps a bug's traceback
         if not isinstance(exc, UserError):
             log.exception("compare failed")
@@ -137,7 +137,7 @@ def not_run(message: str):
 
 
 def compare(workbench: Workbench, knobs: KnobSet, question: str, methods: list[str] | None, collection: str,
-            gold: str | None, *knob_values, deadline: Deadline | None = None):
+            gold: str | None, *knob_values, deadline: Deadline | None = None, repeats: int = 1):
     """Generator for the Compare button: yields (cards, chart, model-sees, sources, history) while methods run.
     Bad input is a warning and clears the old answers; it never turns the outputs into error pills. `deadline`:
     the Compare's own, besides RAGDEMO_MAX_COMPARE_S (on ZeroGPU: inside its GPU grant)."""
@@ -148,6 +148,7 @@ def compare(workbench: Workbench, knobs: KnobSet, question: str, methods: list[s
         name = existing_collection(workbench, collection)
         workbench.models.lm  # a model that cannot load is reported once, before any card
         values = knobs.values(*knob_values)
+        repeats = check_repeats(repeats)
         workbench.refuse_training_when_shared(methods, values, "answer")
     except UserError as exc:
         warn(str(exc))
@@ -162,8 +163,8 @@ def compare(workbench: Workbench, knobs: KnobSet, question: str, methods: list[s
         if card.method in RUN_LAST:
             card.estimate = "expected: " + full_context_estimate(workbench, name)
     warnings: list[str] = []
-    worker = threading.Thread(target=run_cards, args=(workbench, cards, question, name, values, warnings, deadline),
-                              daemon=True)
+    worker = threading.Thread(target=run_cards, args=(workbench, cards, question, name, values, warnings, deadline,
+                                                      repeats), daemon=True)
     worker.start()
     shown = 0
     yield render_cards(cards), None, render_model_sees([]), render_sources([], {}, question), gr.skip()
@@ -271,10 +272,13 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
                                label="Example questions on the demo collection (click one)", elem_id="examples",
                                examples_per_page=8)
         choices = method_choices()
-        methods = gr.CheckboxGroup(choices, value=[m for m in DEFAULT_METHODS if m in registry()], label="Methods",
-                                   elem_id="method-picker",
-                                   info="Ticked: the methods that answer in seconds. Full context reads every document "
-                                        "and takes far longer; its card shows the expected time before it runs.")
+        with gr.Row():
+            methods = gr.CheckboxGroup(choices, value=[m for m in DEFAULT_METHODS if m in registry()], label="Methods",
+                                       elem_id="method-picker", scale=4,
+                                       info="Ticked: the methods that answer in seconds. Full context reads every "
+                                            "document and takes far longer; its card shows the expected time first.")
+            repeats = gr.Radio(list(REPEATS), value=1, label="Repeats", elem_id="repeats", scale=1,
+                               info="answers per method: times shown as the median and range of the runs")
         with gr.Accordion("Knobs per method", open=False):
             knobs.build()
         gr.Markdown("### Answers")
@@ -292,14 +296,15 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
             refresh_button = gr.Button("Refresh history", size="sm", scale=0)
         history_table = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True, elem_id="history",
                                      label="Past runs in this collection (newest first)")
-    inputs = [question, methods, collection, gold, *knobs.components]
+    inputs = [question, methods, collection, gold, repeats, *knobs.components]
     outputs = [cards, chart, sees, sources, history_table]
 
-    compare_grant = GpuGrant(lambda q, m, *rest: answer_seconds(wb, m), COMPARE_CAP_S)
+    # a Compare's GPU time: its methods' usual answer times, once per repeat
+    compare_grant = GpuGrant(lambda q, m, c=None, g=None, n=1, *rest: answer_seconds(wb, m) * int(n or 1), COMPARE_CAP_S)
 
     @on_gpu(wb.content, compare_grant)
-    def run(q, m, c, g, *v):
-        yield from compare(wb, knobs, q, m, c, g, *v, deadline=compare_grant.deadline(q, m))
+    def run(q, m, c, g, n, *v):
+        yield from compare(wb, knobs, q, m, c, g, *v, deadline=compare_grant.deadline(q, m, c, g, n), repeats=n)
 
     demo_grant = GpuGrant(at_cap, JOB_CAP_S)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from ..bench.metrics import best_over_golds, contains
 from ..methods import registry
 from ..glossary import FIELDS
+from ..machine import CpuShare
 from ..methods.base import GLOSSARY, Result
 from ..units import fmt_bytes, fmt_s
 
@@ -137,7 +138,17 @@ def render_cards(cards: list[Card]) -> str:
     if not cards:
         return f"<div style='{MUTED}'>Pick methods and press Compare: each method's answer and costs appear here.</div>"
     body = "".join(render_card(c) for c in cards)
-    return f"<div class='rd-cards' style='{CARDS_STYLE}'>{body}</div>"
+    return f"{busy_warning([c.result for c in cards if c.result])}<div class='rd-cards' style='{CARDS_STYLE}'>{body}</div>"
+
+
+def busy_warning(results: list[Result]) -> str:
+    """A banner when other programs used the CPU while these answers ran: their times say little then."""
+    shares = [r.timings.get("others_cpu") for r in results if r.timings.get("others_cpu") is not None]
+    busiest = max(shares, default=None)
+    if busiest is None or not CpuShare(0.0, busiest).unreliable:
+        return ""
+    return (f"<div class='rd-busy' style='background:#fef3c7;color:#92400e;padding:8px;border-radius:6px;"
+            f"margin-bottom:8px'>{esc(CpuShare(0.0, busiest).warning())}</div>")
 
 
 def render_card(card: Card) -> str:
@@ -199,16 +210,34 @@ def _status_text(card: Card) -> str:
 
 
 def _metrics_table(result: Result) -> str:
-    """A two-column grid of label/value pairs (no <table>: themes draw heavy borders on tables)."""
+    """A two-column grid of label/value pairs (no <table>: themes draw heavy borders on tables). A time measured
+    over several runs shows its median with the range under it."""
     cells = "".join(
         f"<div style='display:flex;justify-content:space-between;gap:6px;border-bottom:1px solid #f3f4f6' "
         f"title='{esc(GLOSSARY.get(name, label))}'>"
         f"<span style='{MUTED};border-bottom:1px dotted #9ca3af;cursor:help'>{label}</span><span class='rd-metric' data-metric='{name}' "
-        f"data-value='{float(getattr(result, name) or 0)!r}' style='font-variant-numeric:tabular-nums'>"
-        f"{fmt(getattr(result, name))}</span></div>"
+        f"data-value='{float(getattr(result, name) or 0)!r}' style='font-variant-numeric:tabular-nums;text-align:right'>"
+        f"{fmt(getattr(result, name))}{_time_range(result, name, fmt)}</span></div>"
         for name, label, fmt in METRICS)
-    return (f"<div class='rd-metrics' style='display:grid;grid-template-columns:1fr 1fr;column-gap:14px;row-gap:2px;"
-            f"font-size:12.5px'>{cells}</div>")
+    return (f"{_repeats_line(result)}<div class='rd-metrics' style='display:grid;grid-template-columns:1fr 1fr;"
+            f"column-gap:14px;row-gap:2px;font-size:12.5px'>{cells}</div>")
+
+
+def _time_range(result: Result, name: str, fmt) -> str:
+    runs = result.timings.get(name) if result.timings.get("repeats", 1) > 1 else None
+    if not runs:
+        return ""
+    return (f"<br><span class='rd-range' style='{MUTED};font-size:11px'>{fmt(min(runs))}–{fmt(max(runs))}"
+            "</span>")
+
+
+def _repeats_line(result: Result) -> str:
+    repeats = result.timings.get("repeats", 1)
+    if repeats > 1:
+        return (f"<div class='rd-repeats' style='{MUTED};font-size:11.5px'>times: median of {repeats} runs "
+                "(range under each)</div>")
+    return (f"<div class='rd-repeats' style='{MUTED};font-size:11.5px'>times: one run, so one noisy sample "
+            "(Repeats gives a median)</div>")
 
 
 # --------------------------------------------------------- what the model sees
@@ -443,9 +472,14 @@ def comparison_figure(results: list[Result], labels: dict[str, str] | None = Non
     colours = [method_colour(r.method) for r in done]
     figure = Figure(figsize=(10, 1.3 + 0.55 * len(done)), dpi=100, layout="constrained")
     ttft, tokens, stored = figure.subplots(1, 3, sharey=True)
-    ttft.barh(y, [max(r.ttft_s, 1e-3) for r in done], color=colours)
+    spread = [r.timings.get("ttft_s") if r.timings.get("repeats", 1) > 1 else None for r in done]
+    ranges = [[r.ttft_s - min(runs) if runs else 0 for r, runs in zip(done, spread)],
+              [max(runs) - r.ttft_s if runs else 0 for r, runs in zip(done, spread)]]
+    ttft.barh(y, [max(r.ttft_s, 1e-3) for r in done], color=colours,
+              xerr=ranges if any(spread) else None, capsize=3, error_kw={"elinewidth": 1})  # the runs' range
     ttft.set_xscale("log")
-    ttft.set_title("time to first token (log scale)", fontsize=10)
+    ttft.set_title("time to first token (log scale" + ("; median and range of the runs)" if any(spread) else ")"),
+                   fontsize=10)
     ttft.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_s(v)))
     ttft.xaxis.set_minor_formatter(NullFormatter())  # "2 x 10^0" minor labels overlap at 800 px
     for yi, r in zip(y, done):
