@@ -150,8 +150,9 @@ over [N, F] neighbours, nothing more."""
                                 f"{len(swaps)} times, re-prefilling {sum(e['prefilled_tokens'] for e in swaps)} tokens "
                                 f"({sum(e['prefill_s'] for e in swaps):.3f} s): in the events, not in the token "
                                 "fields or TTFT")
-        else:  # the card promises re-retrieval: say plainly when the answer was too short for one
-            result.notes.append(f"no re-retrieval: the answer ended after {result.new_tokens} tokens, before the "
+        else:  # the card promises re-retrieval: say plainly why there was none
+            why = "was cut at the Compare's time limit" if getattr(stream, "cut", False) else "ended"
+            result.notes.append(f"no re-retrieval: the answer {why} after {result.new_tokens} tokens, before the "
                                 f"first one at {params.stride} tokens (stride)")
         return result
 
