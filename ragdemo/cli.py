@@ -92,15 +92,19 @@ def cmd_ask(bench, args) -> int:
 
     methods = parse_methods(args.methods, DEFAULT_METHODS)
     knobs = parse_knobs(args.set)
+    bench.check_question(args.question)
+    bench.corpus(args.collection, create=False)  # a missing collection is said before any model loads
+    ctx, update = _progress_bar("ask")
+    with ctx:  # every knob checked before the first method answers (loading the model, with progress, if needed)
+        bench.method_params(methods, knobs, update)
+        if not args.json:
+            bench.warm(args.collection, update)  # model, embedder, index: said here, not a silent first answer
     if args.json:
         # libraries sometimes print to stdout; with --json, stdout carries the JSON array and nothing else
         with contextlib.redirect_stdout(sys.stderr):
             results = bench.ask(args.question, methods, args.collection, knobs, retriever=args.retriever)
         print(json.dumps([r.to_dict() for r in results], indent=1))
         return 0
-    ctx, update = _progress_bar("ask")
-    with ctx:
-        bench.warm(args.collection, update)  # model, embedder, index: said here, not a silent first answer
     results = []
     for name in methods:  # one at a time, so a long wait (first-use preparation) says which method it is
         print(f"{name}: answering…", file=sys.stderr, flush=True)
@@ -393,7 +397,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns about GPU kernels on every CPU import
     try:
         args = build_parser().parse_args(argv)
         from .workbench import Workbench

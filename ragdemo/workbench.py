@@ -1,6 +1,8 @@
 """The operations a user can do, shared by the CLI and the UI so both stay thin and behave the same."""
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,13 +12,15 @@ from .config import Settings
 from .engine.warmup import warm_model
 from .engine.generate import TimedStream
 from .errors import NotSupported, UserError
+from .params import KnobError
 from .ingest import IngestReport, ingest_files
 from .methods import get_method, registry
-from .methods.base import Progress, Result, params_from
+from .methods.base import Params, Progress, Result, check_on_model, params_from
 from .models import Models
 from .store import Corpus, IndexCache, Store
 from .units import fmt_bytes
 
+log = logging.getLogger(__name__)
 # Methods that answer in seconds on a CPU; full context (minutes on a long collection) is opt-in.
 DEFAULT_METHODS = ["closed_book", "rag", "retro", "btr", "lloco"]
 DEMO_COLLECTION = "demo"
@@ -34,21 +38,77 @@ class Warmup:
     done: list[str] = field(default_factory=list)
 
 
+class Startup:
+    """The app's first model load, run in the background as the app starts (`Workbench.start`), so no button
+    waits on it unannounced: the first start after install converts the embedded model (about 20 s). Pages and
+    callers read `fraction` and `message` while it runs; `ready` once the model is loaded."""
+
+    def __init__(self):
+        self.fraction, self.message, self.error = 1.0, "ready", ""
+        self._done = threading.Event()
+        self._done.set()  # nothing to wait for until start() is called
+
+    def update(self, fraction: float, message: str) -> None:
+        if message.split(":")[0] != self.message.split(":")[0]:  # one log line per stage, for the server's log
+            log.info("start-up: %s", message)
+        self.fraction, self.message = max(0.0, min(1.0, float(fraction))), message
+
+    @property
+    def ready(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._done.wait(timeout)
+
+
 class Workbench:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings()
         self.store = Store(self.settings.home)
         self.models = Models(self.settings)
         self.indexes = IndexCache(self.store)
+        self.startup = Startup()
         self._warm_models: set[int] = set()  # id() of LM objects already warmed in this process
         self._warm_collections: set[tuple[int, int]] = set()  # (LM id, collection id)
+
+    # --------------------------------------------------------------- start-up
+    def start(self) -> threading.Thread:
+        """Load (on the first start: convert) and warm the model in the background, as the app starts, with
+        progress in `self.startup`. Callers that need the model meanwhile wait through `load_model`."""
+        startup = self.startup
+        startup._done.clear()
+        startup.update(0.0, "loading the model…")
+
+        def run():
+            try:
+                self.models.load(startup.update)
+                startup.update(1.0, "ready")
+            except Exception as exc:  # reported by the first caller that needs the model, in its own words
+                startup.error = str(exc)
+                startup.update(1.0, f"the model did not load: {exc}")
+            finally:
+                startup._done.set()
+            if not startup.error:
+                self.warm()  # the warm-up too, so the first Compare is timed like every later one
+
+        thread = threading.Thread(target=run, name="ragdemo-startup", daemon=True)
+        thread.start()
+        return thread
+
+    def load_model(self, progress: Progress | None = None):
+        """The LM, with progress while it loads (the first start converts the embedded model, about 20 s). While
+        the start-up load runs, its progress is relayed to this caller rather than a silent wait."""
+        while not self.startup.wait(0.5):
+            if progress:
+                progress(self.startup.fraction, self.startup.message)
+        return self.models.load(progress)
 
     # --------------------------------------------------------------- warm-up
     def warm(self, collection: str | None = None, progress: Progress | None = None) -> Warmup:
         """Warm everything an answer touches before any timed answer: the model (a short prefill and decode
         steps, prefix caches), the embedder, and the collection's FAISS index. Idempotent and cheap once done."""
         report = Warmup()
-        lm = self.models.lm
+        lm = self.load_model(progress)
         if id(lm) not in self._warm_models:
             if progress:
                 progress(0.0, "warming up the model…")
@@ -104,6 +164,7 @@ class Workbench:
         corpus = self.corpus(collection)
         share = 0.4 if prepare else 1.0
         ingest_progress = (lambda f, m: progress(share * f, m)) if progress else None
+        self.load_model(ingest_progress)  # the tokenizer comes with the model: a first start's conversion is said
         before = self.store.artifact_bytes(corpus.collection_id)
         reports = ingest_files(self.store, corpus.collection_id, files, self.models.lm.tokenizer,
                                self.models.embedder, self.settings.chunk_tokens, int(self.settings.max_file_mb * 1e6),
@@ -173,17 +234,40 @@ class Workbench:
         return lines
 
     # ------------------------------------------------------------- methods
+    def method_params(self, methods: list[str], knobs: dict | None = None,
+                      progress: Progress | None = None) -> dict[str, Params]:
+        """Every knob checked before anything runs, the same way for the CLI, the UI, the bench and Python callers:
+        unknown methods and knobs, the bounds and choices declared on each Params (knobs of methods not in
+        `methods` too), then the rules that need the model for the methods that will run. Returns {method:
+        Params} for `methods`, with the Settings' answer length unless a knob sets one."""
+        knobs = knobs or {}
+        for name in knobs:
+            get_method(name)  # an unknown method name is refused, not ignored
+        checked = {}
+        for name in dict.fromkeys([*methods, *knobs]):
+            method = get_method(name)
+            params = params_from(method.Params, {"max_new_tokens": self.settings.max_new_tokens,
+                                                 **(knobs.get(name) or {})}, name)
+            if name in methods:
+                checked[name] = params
+        lm = self.load_model(progress) if checked else None  # after the checks that need no model: those fail fast
+        for name, params in checked.items():
+            check_on_model(get_method(name), params, lm)
+        return checked
+
     def prepare(self, methods: list[str], collection: str | None = None, knobs: dict | None = None,
                 progress: Progress | None = None) -> list[str]:
         corpus = self.corpus(collection, create=False)
         corpus.require_documents("prepare")
+        self.load_model(progress)
+        checked = self.method_params(methods, knobs)
         done = []
         for i, name in enumerate(methods):
             method = get_method(name)
             if not method.has_prepare:
                 done.append(f"{name}: nothing to prepare")
                 continue
-            params = params_from(method.Params, (knobs or {}).get(name))
+            params = checked[name]
             # held per step, not for the whole method: a Compare from another user waits for one chunk
             with corpus.lm.lock.per_step(_scaled(progress, i, len(methods), name)) as step:
                 method.prepare(corpus, params, step)
@@ -198,7 +282,7 @@ class Workbench:
             raise UserError(f"{method_name} has no fine-tuning step")
         corpus = self.corpus(collection, create=False)
         corpus.require_documents("finetune")
-        params = params_from(method.Params, (knobs or {}).get(method_name))
+        params = self.method_params([method_name], knobs)[method_name]
         # held per training step: the adapter trains on a private copy of the module tree (engine/lora.py), so
         # answers between two steps see the base model
         with corpus.lm.lock.per_step(progress) as step:
@@ -221,13 +305,13 @@ class Workbench:
         question = self.check_question(question)
         self.models.lm  # a bad model id or quantisation request is reported before anything else
         corpus = self.corpus(collection, create=False, retriever=retriever)
+        checked = self.method_params(methods, knobs)  # a refused knob stops the comparison before any answer
         started = time.perf_counter()
         self.warm(corpus.collection)
         limit = self.settings.max_compare_s
         results = []
         for name in methods:
-            method = get_method(name)
-            params = params_from(method.Params, {"max_new_tokens": self.settings.max_new_tokens, **(knobs or {}).get(name, {})})
+            method, params = get_method(name), checked[name]
             on_token = (lambda text, n=name: stream(n, text)) if stream else None
             if limit > 0:  # one visitor's Compare may not hold the shared model queue past the limit
                 if time.perf_counter() - started >= limit:
@@ -237,7 +321,8 @@ class Workbench:
             try:
                 with corpus.lm.lock:
                     result = method.answer(question, corpus, params, on_token)
-            except NotSupported as exc:  # one method can't run on this model; the others still answer
+            except (NotSupported, KnobError) as exc:  # one method can't run on this model (at its defaults); the
+                # others still answer (a knob the user set was refused in method_params, before any answer)
                 result = Result(name, model=corpus.lm.model_id, error=str(exc), notes=[str(exc)])
             if result.retrieve_s > 0:
                 result.notes.append(corpus.retriever_note)

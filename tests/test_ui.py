@@ -202,11 +202,16 @@ def test_knob_widgets_have_human_labels_help_bounds_and_choices():
     assert isinstance(scorer.component, gr.Dropdown) and scorer.choices == ["reconstruct", "keynorm"]
     assert by[("lloco", "positions")].choices == ["original", "compact"]
     assert by[("jrt", "context")].choices == ["rag", "full"]
-    assert isinstance(by[("rag", "k")].component, gr.Slider) and by[("rag", "k")].component.minimum == 1
+    rag_k = by[("rag", "k")].component
+    # no Gradio bounds: Gradio would refuse 0 with an Error box before the handler runs; the help names the range
+    assert isinstance(rag_k, gr.Number) and rag_k.minimum is None and rag_k.maximum is None
+    assert "a whole number from 1 to 50" in rag_k.info
+    assert all(getattr(k.component, "minimum", None) is None and getattr(k.component, "maximum", None) is None
+               for k in knobs.knobs)
     bits = by[("btr", "bits")]
     assert isinstance(bits.component, gr.Dropdown) and 1 in bits.choices
-    assert by[("btr", "r_o")].component.label == "Offline merge share"
-    assert "uniform b-bit grid" in (bits.component.info or "")  # help from the field's comment in btr.py
+    assert by[("btr", "r_o")].component.label == "Offline merge share (r_o)"
+    assert "uniform b-bit grid" in (bits.component.info or "")  # help declared on the knob in btr.py
     assert by[("btr", "merge_mode")].choices == ["once", "every"]
     assert isinstance(by[("btr", "query_aware")].component, gr.Checkbox)
     assert by[("retro", "stride")].component.info.startswith("re-retrieve")
@@ -218,19 +223,11 @@ def test_knob_widgets_have_human_labels_help_bounds_and_choices():
         with pytest.raises(UserError, match=match):
             knobs.values(*trial)
 
-    refused("rag", "k", 0, "between 1 and 50")
-    refused("lloco", "scorer", "keynrom", "choose one of reconstruct, keynorm")
-    refused("btr", "bits", 3, "choose one of")
+    refused("rag", "k", 0, r"rag\.k \(chunks retrieved\) must be a whole number from 1 to 50 \(got 0\)")
+    refused("lloco", "scorer", "keynrom", "must be one of reconstruct, keynorm")
+    refused("btr", "bits", 3, "one of 1, 2, 4, 8, 16")
     refused("rag", "k", 2.5, "whole number")
-
-
-def test_comment_choices_only_trusts_lists_containing_the_default():
-    from ragdemo.ui.knobs import comment_choices
-
-    assert comment_choices("fp16 | int8", "fp16") == ["fp16", "int8"]
-    assert comment_choices("rag = top-k chunks; full = every document (cut to fit, both copies)", "rag") == ["rag", "full"]
-    assert comment_choices("a name; used for logs", "default") is None
-    assert comment_choices("just a sentence", "x") is None
+    refused("rag", "max_new_tokens", -3, "from 1 to 4096")
 
 
 # ------------------------------------------------------------------ handlers
@@ -442,7 +439,7 @@ def test_compare_streams_cards_then_fills_every_output(tiny_bench, docs_dir):
     assert len(steps) >= 2
     assert "data-status='waiting'" in steps[0][0]
     assert "rd-estimate" in steps[0][0] and "reads about" in steps[0][0]  # full context's expected cost, up front
-    cards, figure, sees, sources, history = steps[-1]
+    cards, figure, sees, sources, history = steps[-1][:5]
     assert cards.count("data-status='done'") == 3 and "rd-error" not in cards
     assert cards.count("class='rd-gold'") == 3  # every card judged against the gold answer
     order = re.findall(r"class='rd-card' data-method='(\w+)'", cards)
@@ -481,11 +478,13 @@ def test_compare_bad_input_clears_old_answers_without_error_pills(tiny_bench, do
     for question, methods, message in (("   ", ["rag"], "empty"), ("why? " * 1000, ["rag"], "limit"),
                                        ("why?", [], "at least one method")):
         with pytest.warns(UserWarning, match=message):
-            (cards, chart, sees, sources, history), = _run_compare(tiny_bench, question, methods, "demo", knobs)
+            (cards, chart, sees, sources, history, status, *_), = _run_compare(tiny_bench, question, methods, "demo",
+                                                                                knobs)
         assert "Not run" in cards and message in cards and "rd-card" not in cards and chart is None
+        assert "Not run" in status and message in status  # said next to the Compare button too
     values = [None] * len(knobs.knobs)
     values[next(i for i, k in enumerate(knobs.knobs) if (k.method, k.name) == ("rag", "k"))] = 0
-    with pytest.warns(UserWarning, match=r"rag\.k .*between 1 and 50"):  # k=0 would silently answer closed book
+    with pytest.warns(UserWarning, match=r"rag\.k .*from 1 to 50"):  # k=0 would silently answer closed book
         (cards, *_), = _run_compare(tiny_bench, "why?", ["rag"], "demo", knobs, values=values)
     assert tiny_bench.runs("demo") == []  # nothing ran
 
@@ -559,8 +558,9 @@ def test_settings_failed_switch_keeps_the_previous_model_and_resets_widgets(tiny
     assert tiny_bench.models.lm is before
     status, *widgets = settings.apply(tiny_bench, tiny_bench.settings.model_id, "cpu", "none", 12)
     assert tiny_bench.settings.max_new_tokens == 12 and "max new tokens 12" in status and widgets[-1] == 12
-    with pytest.warns(UserWarning, match="between"):
-        settings.apply(tiny_bench, tiny_bench.settings.model_id, "cpu", "none", 0)
+    with pytest.warns(UserWarning, match=r"max new tokens must be a whole number from 1 to 4096 \(got 0\)"):
+        status, *widgets = settings.apply(tiny_bench, tiny_bench.settings.model_id, "cpu", "none", 0)
+    assert "Not applied" in status and widgets[-1] == 12  # the box shows the value in force again
     assert "--" not in settings.in_ui_words("no CUDA GPU is visible; use --device cpu")
 
 
@@ -600,7 +600,9 @@ def test_methods_tab_summaries_have_paper_mechanism_and_measured_headline():
     assert f"contains {run.value('rag', 'contains')}%" in summary and run.relative in summary
     has_cacheblend = any(r is not None and "cacheblend" in r.rows for r in map(measured_run, HEADLINE_RUNS))
     assert has_cacheblend or "not in the bundled SQuAD runs" in method_summary("cacheblend", registry()["cacheblend"])
-    assert "reconstruct (KVzip-style) / keynorm" in knob_table(LlocoParams)  # the note column is no longer empty
+    table = knob_table(LlocoParams)  # read from the knobs' declarations: what each accepts and does
+    assert "| Compression ratio | `c` | `4` | a whole number from 1 to 64 | compression ratio: keep 1/c" in table
+    assert "| one of reconstruct, keynorm | which tokens to keep: reconstruct (KVzip-style) or keynorm |" in table
 
 
 def test_methods_tab_headlines_say_speed_as_every_other_screen_and_carry_rags_figure():

@@ -5,12 +5,12 @@ from dataclasses import dataclass
 
 from ..engine.prompt import build_prompt
 from ..store import group_passages
-from .base import Params, PromptMethod, Result
+from .base import Params, PromptMethod, Result, knob
 
 
 @dataclass
 class RagParams(Params):
-    k: int = 5
+    k: int = knob(5, "the k chunks nearest the question are read", label="chunks retrieved", min=1, max=50)
 
 
 class Rag(PromptMethod):

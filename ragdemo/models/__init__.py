@@ -14,6 +14,10 @@ class Models:
     def lm(self) -> LM:
         return load_lm(self.settings)
 
+    def load(self, progress=None) -> LM:
+        """The LM, with (fraction, message) progress while it loads: the first start converts the embedded model."""
+        return load_lm(self.settings, progress=progress)
+
     @property
     def embedder(self) -> Embedder:
         return load_embedder(self.settings.embedder_id)

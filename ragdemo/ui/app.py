@@ -23,6 +23,7 @@ CSS = """
 
 def build_app(workbench: Workbench | None = None) -> gr.Blocks:
     wb = workbench or Workbench()
+    wb.start()  # load (on the first start: convert) the model now, in the background; the Ask header says how far
     if not wb.store.collections():  # a fresh store: one collection to upload into (every other one is created explicitly)
         wb.create_collection(wb.settings.default_collection)
     jobs = Jobs()

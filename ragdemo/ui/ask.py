@@ -36,7 +36,10 @@ def history(workbench: Workbench, collection: str) -> pd.DataFrame:
 
 
 def model_header(workbench: Workbench) -> str:
-    """The model's name and size: a class must know it is judging methods on a small model."""
+    """The model's name and size: a class must know it is judging methods on a small model. While the app's
+    start-up load runs (the first start converts the embedded model), it says so, with how far it is."""
+    if not workbench.startup.ready:
+        return f"**Model:** getting ready: {esc(startup_text(workbench))}. Buttons that need the model wait for it."
     try:
         lm = workbench.models.lm
     except Exception as exc:  # the header is informative only; Compare reports load errors properly
@@ -47,6 +50,16 @@ def model_header(workbench: Workbench) -> str:
              "large chat model.") if n < 2e9 else ""
     return (f"**Model:** {esc(lm.model_id)} · **{size} parameters** · {esc(lm.device)} · answers up to "
             f"{workbench.settings.max_new_tokens} tokens.{small}")
+
+
+def startup_text(workbench: Workbench) -> str:
+    startup = workbench.startup
+    return f"{startup.message} ({startup.fraction:.0%})"
+
+
+def header_tick(workbench: Workbench):
+    """The header and its timer: it polls while the model gets ready, then stops."""
+    return model_header(workbench), gr.Timer(active=not workbench.startup.ready)
 
 
 # ------------------------------------------------------------------ estimates
@@ -109,19 +122,24 @@ def not_run(message: str):
 
 def compare(workbench: Workbench, knobs: KnobSet, question: str, methods: list[str] | None, collection: str,
             gold: str | None, *knob_values):
-    """Generator for the Compare button: yields (cards, chart, model-sees, sources, history) while methods run.
-    Bad input is a warning and clears the old answers; it never turns the outputs into error pills."""
+    """Generator for the Compare button: yields (cards, chart, model-sees, sources, history, status, *knob widgets)
+    while methods run. Bad input (a question, a knob) is refused before any method runs: a sentence next to the
+    button, the old answers cleared, a refused knob back at the value in force; never an error pill."""
     try:
         question = workbench.check_question(question)
         if not methods:
             raise UserError("pick at least one method")
         name = existing_collection(workbench, collection)
-        workbench.models.lm  # a model that cannot load is reported once, before any card
         values = knobs.values(*knob_values)
+        while not workbench.startup.wait(POLL_S * 4):  # the first start converts the model: say so, not a bare clock
+            yield (*[gr.skip()] * 5, f"**Waiting for the model:** {esc(startup_text(workbench))}", *knobs.unchanged())
+        workbench.models.lm  # a model that cannot load is reported once, before any card
+        workbench.method_params(methods, values)  # the rules that need the model, e.g. btr's split
     except UserError as exc:
         warn(str(exc))
-        yield not_run(str(exc))
+        yield (*not_run(str(exc)), f"**Not run:** {esc(exc)}", *knobs.restored(exc))
         return
+    unchanged = (gr.skip(), *knobs.unchanged())  # the status line and the knob widgets, while methods run
     labels = method_labels()
     order = list(registry())
     methods = sorted(methods, key=lambda m: (m in RUN_LAST, order.index(m) if m in order else len(order)))
@@ -134,13 +152,14 @@ def compare(workbench: Workbench, knobs: KnobSet, question: str, methods: list[s
     worker = threading.Thread(target=run_cards, args=(workbench, cards, question, name, values, warnings), daemon=True)
     worker.start()
     shown = 0
-    yield render_cards(cards), None, render_model_sees([]), render_sources([], {}, question), gr.skip()
+    yield (render_cards(cards), None, render_model_sees([]), render_sources([], {}, question), gr.skip(), "",
+           *knobs.unchanged())
     while worker.is_alive():
         worker.join(POLL_S)
         shown = _flush_warnings(warnings, shown)
-        yield render_cards(cards), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        yield render_cards(cards), gr.skip(), gr.skip(), gr.skip(), gr.skip(), *unchanged
     _flush_warnings(warnings, shown)
-    yield final_outputs(workbench, cards, question, name, values)
+    yield (*final_outputs(workbench, cards, question, name, values), *unchanged)
 
 
 def _answer_limit(workbench: Workbench, method: str, knobs: dict) -> int:
@@ -210,6 +229,7 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
     knobs = KnobSet()
     with gr.Tab("Ask", id="ask"):
         header = gr.Markdown(elem_id="ask-header")
+        header_timer = gr.Timer(1.0)
         with gr.Row(equal_height=True):
             demo_button = gr.Button("Load demo collection", elem_id="load-demo", scale=0, min_width=220)
             demo_status = gr.Markdown("New here? One click loads a sample article with example questions and "
@@ -221,6 +241,7 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
             gold = gr.Textbox(label="Gold answer (optional)", placeholder="e.g. Brazil | Brazilian", scale=2,
                               elem_id="gold", info="cards show ✓ when their answer contains it; | separates alternatives")
             compare_button = gr.Button("Compare", variant="primary", scale=1, elem_id="compare-button")
+        ask_status = gr.Markdown(elem_id="ask-status")  # why a Compare was refused, next to the button
         examples = gr.Examples([[q, GOLD_SEPARATOR.join(a)] for q, a in wb.demo_examples()], [question, gold],
                                label="Example questions on the demo collection (click one)", elem_id="examples",
                                examples_per_page=8)
@@ -247,13 +268,14 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
         history_table = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True, elem_id="history",
                                      label="Past runs in this collection (newest first)")
     inputs = [question, methods, collection, gold, *knobs.components]
-    outputs = [cards, chart, sees, sources, history_table]
+    outputs = [cards, chart, sees, sources, history_table, ask_status, *knobs.components]
 
     def run(q, m, c, g, *v):
         yield from compare(wb, knobs, q, m, c, g, *v)
 
     compared = gr.on([compare_button.click, question.submit], run, inputs, outputs, api_name="compare", **MODEL_QUEUE)
     refresh_button.click(lambda c: history(wb, c), [collection], [history_table])
+    header_timer.tick(lambda: header_tick(wb), None, [header, header_timer], show_progress="hidden", queue=False)
     demo_loaded = demo_button.click(lambda progress=gr.Progress(): load_demo(wb, progress), None,
                                     [demo_status, collection, question, gold], show_progress_on=[demo_status],
                                     api_name="load_demo", concurrency_limit=1, concurrency_id="long")

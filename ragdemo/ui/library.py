@@ -21,6 +21,7 @@ from ..store.db import check_collection_name
 from ..workbench import Workbench
 from .common import (Cancelled, Jobs, cancellable, method_choices, progress_bridge, session_of, user_errors,
                      warn)
+from ..params import KnobError
 from .knobs import KnobSet
 from .render import document_table, esc
 
@@ -46,7 +47,7 @@ def existing_collection(workbench: Workbench, collection: str | None) -> str:
 
 def reported(n_outputs: int):
     """A handler whose first output is its status line: a UserError (or a bug) becomes a warning and that status;
-    the other outputs are left as they are."""
+    the other outputs are left as they are. A refused knob goes up to `knob_job`, which also resets its widget."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -56,6 +57,8 @@ def reported(n_outputs: int):
             except Cancelled:
                 return _with_status("**Cancelled.** Everything finished before the Cancel is kept; nothing "
                                     "half-written.", n_outputs)
+            except KnobError:
+                raise
             except UserError as exc:
                 message = str(exc)
             except Exception as exc:  # a bug must not take the page; the log has the traceback
@@ -223,6 +226,16 @@ def finetune(workbench: Workbench, knobs: KnobSet, method: str | None, collectio
     return f"- {esc(method)}: {esc(summary)}"
 
 
+def knob_job(knobs: KnobSet, job) -> tuple:
+    """Run `job()` (a status line) for a button that reads the Ask tab's knobs: (status, *knob widgets). A refused
+    knob is named in the status next to the button and its widget goes back to the value in force."""
+    try:
+        return (job(), *knobs.unchanged())
+    except KnobError as exc:
+        warn(str(exc))
+        return (f"**Not done:** {esc(exc)}", *knobs.restored(exc))
+
+
 def run_job(jobs: Jobs, kind: str, request, progress, job):
     """Run `job(progress)` with a progress callback that stops it at the next step after Cancel."""
     session = session_of(request)
@@ -267,10 +280,12 @@ class LibraryTab:
 
         # Gradio injects the request and the progress tracker only into parameters before *values
         def run_prepare(request: gr.Request, progress=gr.Progress(), *values):
-            return run_job(jobs, "prepare", request, progress, lambda p: prepare(wb, knobs, *values, progress=p))
+            return knob_job(knobs, lambda: run_job(jobs, "prepare", request, progress,
+                                                   lambda p: prepare(wb, knobs, *values, progress=p)))
 
         def run_finetune(request: gr.Request, progress=gr.Progress(), *values):
-            return run_job(jobs, "prepare", request, progress, lambda p: finetune(wb, knobs, *values, progress=p))
+            return knob_job(knobs, lambda: run_job(jobs, "prepare", request, progress,
+                                                   lambda p: finetune(wb, knobs, *values, progress=p)))
 
         def stop(request: gr.Request):
             return cancel_job(jobs, "prepare", request)
@@ -280,7 +295,8 @@ class LibraryTab:
 
         for button, fn, picked in ((self.prepare_button, run_prepare, self.prepare_methods),
                                    (self.finetune_button, run_finetune, self.finetune_method)):
-            button.click(register, None, None, queue=False).then(fn, [picked, self.collection, *knobs.components], [self.prepare_status],
+            button.click(register, None, None, queue=False).then(fn, [picked, self.collection, *knobs.components],
+                                                                 [self.prepare_status, *knobs.components],
                          show_progress_on=[self.prepare_status], **LONG_QUEUE).then(
                 lambda c: refresh_quietly(wb, c), [self.collection], self.refresh_outputs, show_progress="hidden")
         self.prepare_cancel.click(stop, None, [self.prepare_status], queue=False)
