@@ -44,3 +44,8 @@ def fmt_duration(seconds: float) -> str:
     if minutes < 59.5:
         return f"{minutes:.1f} min" if minutes < 9.95 else f"{minutes:.0f} min"
     return f"{minutes / 60:.1f} h"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """"1 question", "2 questions" (a count read aloud in a class should not say "1 questions")."""
+    return f"{n:,} {word if n == 1 else many or word + 's'}"

@@ -185,10 +185,11 @@ class Workbench:
         reports = []
         for i, name in enumerate(names):
             try:
-                (line,) = self.prepare([name], corpus.collection, None, _scaled(progress, i, len(names), ""))
-                reports.append(IngestReport(name, "prepared", line))
+                self.prepare([name], corpus.collection, None, _scaled(progress, i, len(names), ""))
+                stored = get_method(name).storage(corpus, get_method(name).Params()).total
+                reports.append(IngestReport(name, "prepared", f"{name}: ready for questions, {fmt_bytes(stored)} stored"))
             except (NotSupported, UserError) as exc:
-                reports.append(IngestReport(name, "skipped", f"{name}: not prepared ({exc})"))
+                reports.append(IngestReport(name, "skipped", f"{name}: not prepared here: {exc}"))
         return reports
 
     def documents(self, collection: str | None = None) -> list[dict]:
@@ -228,9 +229,9 @@ class Workbench:
         for method, size in before.items():
             gone = size - after.get(method, 0) - (own or {}).get(method, 0)
             if gone > 0:
-                lines[method] = (f"{method}: {fmt_bytes(gone)} built for the collection's previous content were dropped "
-                                 "(they depend on every document); Prepare rebuilds them at the knobs it runs, or the "
-                                 "method's next answer does")
+                lines[method] = (f"{method}: {fmt_bytes(gone)} it had built from all the previous documents was removed, "
+                                 f"because it depends on every document; Prepare builds it again, or {method}'s next "
+                                 "answer does")
         return lines
 
     # ------------------------------------------------------------- methods

@@ -12,12 +12,12 @@ import pandas as pd
 from ..errors import UserError
 from ..methods import get_method, registry
 from ..methods.base import Result, params_from
-from ..workbench import DEFAULT_METHODS, DEMO_COLLECTION, Workbench
-from ..units import fmt_duration
+from ..workbench import DEFAULT_METHODS, DEMO_ARTICLE, DEMO_COLLECTION, Workbench
+from ..units import fmt_duration, plural
 from .common import MODEL_QUEUE, method_choices, method_labels, progress_bridge, user_errors, warn
 from .knobs import KnobSet
 from .library import collection_name, existing_collection
-from .render import (HISTORY_HEADERS, MUTED, Card, comparison_figure, esc, history_rows, render_cards,
+from .render import (HISTORY_HEADERS, HISTORY_WIDTHS, MUTED, Card, comparison_figure, esc, history_rows, render_cards,
                      render_model_sees, render_sources, source_chunk_ids)
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,8 @@ def final_outputs(workbench: Workbench, cards: list[Card], question: str, collec
     tokenizer = workbench.models.lm.tokenizer
     figure = comparison_figure(results, labels, storage_split(workbench, results, collection, knobs or {}))
     return (render_cards(cards), figure, render_model_sees(results, labels, tokenizer),
-            render_sources(results, texts, question, labels), history_frame(workbench, collection))
+            render_sources(results, texts, question, labels, cards[0].golds if cards else ()),
+            history_frame(workbench, collection))
 
 
 # ----------------------------------------------------------------------- demo
@@ -207,10 +208,29 @@ def load_demo(workbench: Workbench, progress=None):
         return f"Demo not loaded: {esc(exc)}", gr.skip(), gr.skip(), gr.skip()
     question, answers = workbench.demo_examples(1)[0]
     prepared = [r.name for r in reports if r.status == "prepared"]
-    done = f"prepared for {', '.join(prepared)}" if prepared else "ready"
-    status = (f"Collection **{DEMO_COLLECTION}** {done}: one Wikipedia article from SQuAD. Pick an example "
-              "question below (each has its gold answer, so cards show ✓/✗) and press **Compare**.")
+    done = f" Prepared for {', '.join(prepared)}." if prepared else ""
+    status = collection_summary(workbench, DEMO_COLLECTION) + done
     return status, gr.update(value=DEMO_COLLECTION), question, GOLD_SEPARATOR.join(answers)
+
+
+def collection_summary(workbench: Workbench, collection: str | None) -> str:
+    """What the chosen collection holds, said under the demo button: it follows uploads and deletions (the demo
+    collection is not "one Wikipedia article" once a class has added its own documents)."""
+    try:
+        name = existing_collection(workbench, collection)
+    except UserError:
+        return ""
+    docs = [d["name"] for d in workbench.documents(name)]
+    if not docs:
+        return (f"Collection **{esc(name)}** is empty: add documents in the Library tab, or press **Load demo "
+                "collection** for a sample article with example questions.")
+    shown = ", ".join(esc(d) for d in docs[:4]) + (f" and {len(docs) - 4} more" if len(docs) > 4 else "")
+    held = f"{plural(len(docs), 'document')}: {shown}"
+    if docs == [DEMO_ARTICLE]:
+        held = f"one Wikipedia article from SQuAD ({esc(DEMO_ARTICLE)})"
+    examples = (" Pick an example question below (each has its gold answer, so cards show ✓/✗) and press "
+                "**Compare**." if DEMO_ARTICLE in docs else "")
+    return f"Collection **{esc(name)}** holds {held}.{examples}"
 
 
 @dataclass
@@ -222,6 +242,7 @@ class AskTab:
     header: gr.Markdown
     compared: object  # the Compare event, so other tabs can refresh after it (e.g. storage in the Library)
     demo_loaded: object  # the Load-demo event, so the Library refreshes after it
+    demo_status: gr.Markdown  # what the chosen collection holds: refreshed when its documents change
 
 
 def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
@@ -250,7 +271,7 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
                                    elem_id="method-picker",
                                    info="Ticked: the methods that answer in seconds. Full context reads every document "
                                         "and takes far longer; its card shows the expected time before it runs.")
-        with gr.Accordion("Knobs per method", open=False):
+        with gr.Accordion("Knobs per method", open=False, elem_id="knobs"):
             knobs.build()
         gr.Markdown("### Answers")
         cards = gr.HTML(render_cards([]), elem_id="cards")
@@ -260,13 +281,18 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
                     "reached the model: read as text, loaded from a cache, compressed, binarized, merged, repeated "
                     "or retrieved while generating. Struck-through tokens were dropped by compression.")
         sees = gr.HTML(render_model_sees([]), elem_id="model-sees")
-        gr.Markdown("### Sources\nThe passages each method read; the sentence closest to the question and answer is highlighted.")
+        gr.Markdown("### Sources\nThe passages each method read, most similar to the question first. **Similarity** is "
+                    "the cosine of the question's and the passage's embeddings (all-MiniLM-L6-v2): 1 = the same "
+                    "direction, 0 = unrelated; retrieval keeps the highest. The highlighted sentence is the one most "
+                    "likely to hold the answer (answer and gold-answer words count more than question words).")
         sources = gr.HTML(render_sources([], {}, ""), elem_id="sources")
         with gr.Row():
             gr.Markdown("### History")
             refresh_button = gr.Button("Refresh history", size="sm", scale=0)
+        # widths that add up to the page (no sideways scrolling at 800 px); long cells wrap
         history_table = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True, elem_id="history",
-                                     label="Past runs in this collection (newest first)")
+                                     label="Past runs in this collection (newest first)",
+                                     column_widths=HISTORY_WIDTHS, max_height=520)
     inputs = [question, methods, collection, gold, *knobs.components]
     outputs = [cards, chart, sees, sources, history_table, ask_status, *knobs.components]
 
@@ -281,4 +307,4 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
                                     api_name="load_demo", concurrency_limit=1, concurrency_id="long")
     # an example question is about the demo article: picking one switches to the demo collection
     examples.load_input_event.then(lambda: gr.update(value=DEMO_COLLECTION), None, [collection], show_progress="hidden")
-    return AskTab(knobs, question, methods, history_table, header, compared, demo_loaded)
+    return AskTab(knobs, question, methods, history_table, header, compared, demo_loaded, demo_status)

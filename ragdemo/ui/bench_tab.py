@@ -10,13 +10,13 @@ import gradio as gr
 import pandas as pd
 
 from ..bench.command import equivalent_command, run_benchmark
-from ..bench.runner import MD_HEADERS, _fmt, summary_columns
+from ..bench.runner import MD_HEADERS, SUMMARY_COLUMNS, _fmt, summary_columns
 from ..config import setting_spec
 from ..errors import UserError
 from ..params import Spec, checked as checked_value
 from ..methods import registry
 from .common import Cancelled, Jobs, cancellable, progress_bridge, session_of, warn
-from ..units import fmt_duration
+from ..units import fmt_duration, plural
 from .render import esc
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def estimate(workbench, dataset: str, n, checked, variants) -> str:
         return "**Estimated duration:** unknown (none of these methods has answered on this machine yet)."
     total = questions * sum(known) * NLL_FACTOR
     unknown = f"; plus {', '.join(missing)} (never timed here)" if missing else ""
-    return f"**Estimated duration:** about {fmt_duration(total)} for {questions} questions{esc(unknown)}, preparation not included."
+    return f"**Estimated duration:** about {fmt_duration(total)} for {plural(questions, 'question')}{esc(unknown)}, preparation not included."
 
 
 def summary_frame(run) -> pd.DataFrame:
@@ -189,7 +189,9 @@ def build_bench_tab(workbench, jobs: Jobs) -> None:
             run_button = gr.Button("Run benchmark", variant="primary", elem_id="bench-run", scale=0, min_width=200)
             cancel_button = gr.Button("Cancel", elem_id="bench-cancel", scale=0, min_width=120)
             header = gr.Markdown(elem_id="bench-status")
-        table = gr.Dataframe(label="Summary (means): click a header to sort, type to filter", interactive=False,
+        # the summary's own headers before the first run (an empty table would show Gradio's "1 2 3")
+        table = gr.Dataframe(pd.DataFrame(columns=[MD_HEADERS[c] for c in SUMMARY_COLUMNS if c != "keywords"]),
+                             label="Summary (means): click a header to sort, type to filter", interactive=False,
                              elem_id="bench-summary", wrap=False, show_search="filter")
         with gr.Row():
             # show_label=False: Gradio's label badge would cover the title drawn inside each plot

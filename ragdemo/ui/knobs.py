@@ -51,14 +51,15 @@ def knob_help(name: str, spec: Spec) -> str:
     return f"{spec.help} · {spec.allowed()}" if spec.help else spec.allowed()
 
 
-def knob_widget(name: str, spec: Spec, default: object) -> gr.components.Component:
+def knob_widget(method: str, name: str, spec: Spec, default: object) -> gr.components.Component:
     label, help_text = label_of(name, spec), knob_help(name, spec)
-    common = {"label": label, "info": help_text or None, "min_width": 220, "scale": 1}
+    common = {"label": label, "info": help_text or None, "min_width": 220, "scale": 1,
+              "elem_id": f"knob-{method}-{name}"}
     if name in SHARED:
         return gr.Number(value=SETTINGS_VALUE, precision=0, **common)
     if spec.kind is bool:
         with gr.Column(min_width=220, scale=1):  # a bare checkbox ignores min_width and gets squeezed in a row
-            return gr.Checkbox(value=default, label=label, info=help_text or None)
+            return gr.Checkbox(value=default, label=label, info=help_text or None, elem_id=common["elem_id"])
     if spec.choices:
         return gr.Dropdown(list(spec.choices), value=default, **common)
     if spec.kind is int:
@@ -78,10 +79,10 @@ class KnobSet:
     def build(self) -> None:
         """Render one closed accordion per method with knobs (call inside a Blocks layout)."""
         for name, cls in registry().items():
-            with gr.Accordion(f"{cls.label or name} knobs", open=False), gr.Row():
+            with gr.Accordion(f"{cls.label or name} knobs", open=False, elem_id=f"knobs-{name}"), gr.Row():
                 for knob_name, spec in specs(cls.Params).items():
                     default = dict(knob_defaults(cls.Params))[knob_name]
-                    widget = knob_widget(knob_name, spec, default)
+                    widget = knob_widget(name, knob_name, spec, default)
                     self.knobs.append(Knob(name, knob_name, default, spec, widget))
 
     @property

@@ -23,6 +23,7 @@ from .common import (Cancelled, Jobs, cancellable, method_choices, progress_brid
                      warn)
 from ..params import KnobError
 from .knobs import KnobSet
+from ..units import plural
 from .render import document_table, esc
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def rename_collection(workbench: Workbench, collection: str, new_name: str):
 def ask_delete_collection(workbench: Workbench, collection: str):
     name = existing_collection(workbench, collection)
     n = len(workbench.documents(name))
-    return (f"Delete collection **{esc(name)}** with its {n} documents and every prepared artifact? This cannot "
+    return (f"Delete collection **{esc(name)}** with its {plural(n, 'document')} and every prepared artifact? This cannot "
             "be undone.", gr.update(visible=True), gr.update(visible=True))
 
 
@@ -175,9 +176,20 @@ def upload(workbench: Workbench, files: list[str] | None, collection: str, prepa
     failed = [r for r in reports if r.status == "error"]
     for report in failed:
         warn(report.message)
-    lines = [f"- **{esc(r.status)}** {esc(r.message)}" for r in reports]
+    lines = [report_line(r) for r in reports]
     head = "Nothing was added." if len(failed) == len(reports) else f"Collection **{esc(name)}**:"
     return head + "\n" + "\n".join(lines), None
+
+
+FILE_WORDS = {"added": "added", "duplicate": "already here", "error": "not added"}
+
+
+def report_line(report) -> str:
+    """A file's report with its outcome in bold; a method's report (prepared, skipped, dropped) is already a
+    sentence that starts with the method's name and says what happened."""
+    if report.status in FILE_WORDS:
+        return f"- **{FILE_WORDS[report.status]}** {esc(report.message)}"
+    return f"- {esc(report.message)}"
 
 
 @reported(3)
@@ -196,7 +208,7 @@ def delete(workbench: Workbench, doc_id: str | None, collection: str):
         raise UserError("pick a document to delete")
     name = existing_collection(workbench, collection)
     doc = workbench.delete(str(doc_id), name)
-    dropped = "".join(f"\n- **dropped** {esc(line)}" for line in doc["dropped"])
+    dropped = "".join(f"\n- {esc(line)}" for line in doc["dropped"])
     return (f"Deleted **{esc(doc['name'])}** and its chunks, vectors and cached artifacts.{dropped}",
             gr.update(visible=False), gr.update(visible=False))
 
@@ -365,9 +377,11 @@ def build_library_tab(workbench: Workbench, collection: gr.Dropdown, jobs: Jobs)
     def then_refresh(event):
         return event.then(lambda c: refresh_quietly(wb, c), [collection], tab.refresh_outputs, show_progress="hidden")
 
-    then_refresh(files.upload(lambda f, c, p, progress=gr.Progress(): upload(wb, f, c, p, progress=progress),
-                              [files, collection, prepare_on_upload], [status, files], api_name="upload",
-                              show_progress_on=[status], **LONG_QUEUE))
+    # the previous upload's report goes first, so the new upload's progress is not drawn over it
+    then_refresh(files.upload(lambda: "", None, [status], queue=False, show_progress="hidden").then(
+        lambda f, c, p, progress=gr.Progress(): upload(wb, f, c, p, progress=progress),
+        [files, collection, prepare_on_upload], [status, files], api_name="upload", show_progress_on=[status],
+        **LONG_QUEUE))
     delete_button.click(lambda d, c: ask_delete_document(wb, d, c), [doc_picker, collection],
                         [delete_status, confirm_delete, keep_doc])
     then_refresh(confirm_delete.click(lambda d, c: delete(wb, d, c), [doc_picker, collection],
