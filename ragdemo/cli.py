@@ -141,6 +141,16 @@ def cmd_finetune(bench, args) -> int:
     return 0
 
 
+def cmd_knobs(bench, args) -> int:
+    """Every method's knobs as the Methods tab shows them: default, what is accepted, what it does."""
+    from .methods import parse_methods, registry
+    from .params import knob_table
+
+    for name in parse_methods(args.methods, list(registry())):
+        print(f"## {name}  (--set {name}.KNOB=VALUE)\n\n{knob_table(registry()[name].Params)}\n")
+    return 0
+
+
 def cmd_list(bench, args) -> int:
     name = args.collection or bench.settings.default_collection
     if name not in {c["name"] for c in bench.store.collections()}:
@@ -309,6 +319,7 @@ def cmd_bench(bench, args) -> int:
 
 
 COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "prepare": cmd_prepare, "list": cmd_list, "delete": cmd_delete,
+            "knobs": cmd_knobs,
             "demo": cmd_demo, "collections": cmd_collections,
             "bench": cmd_bench,
             "finetune": cmd_finetune,
@@ -350,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None)
     p = sub.add_parser("finetune", parents=[common], help="train a method's per-collection adapter (e.g. lloco)")
     p.add_argument("--method", required=True)
+    p = sub.add_parser("knobs", parents=[common], help="each method's knobs: default, allowed values, what they do")
+    p.add_argument("--methods", default=None, help="comma-separated (default: every method)")
     p = sub.add_parser("list", parents=[common], help="list the documents of a collection")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("demo", parents=[common], help="load the bundled SQuAD article as collection 'demo', prepared")
