@@ -67,7 +67,7 @@ def parse_knobs(pairs: list[str]) -> dict[str, dict]:
 
 def cmd_ingest(bench, args) -> int:
     files = [(Path(p).name, Path(p)) for p in args.paths]
-    if args.retriever or args.rescore:
+    if args.retriever or args.rescore is not None:  # --rescore 0 is refused, not ignored
         settings = bench.set_retrieval(args.collection, args.retriever, args.rescore)
         print(f"retriever: {settings['retriever']} (binary rescore x{settings['rescore']})")
     bar, update = _progress_bar("ingest")

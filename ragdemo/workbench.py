@@ -48,10 +48,20 @@ class Startup:
         self._done = threading.Event()
         self._done.set()  # nothing to wait for until start() is called
 
+    def begin(self) -> None:
+        self._done.clear()
+        self.error = ""
+        self.update(0.0, "loading the model…")
+
     def update(self, fraction: float, message: str) -> None:
         if message.split(":")[0] != self.message.split(":")[0]:  # one log line per stage, for the server's log
             log.info("start-up: %s", message)
         self.fraction, self.message = max(0.0, min(1.0, float(fraction))), message
+
+    def finish(self, error: str = "") -> None:
+        self.error = error
+        self.update(1.0, f"the model did not load: {error}" if error else "ready")
+        self._done.set()
 
     @property
     def ready(self) -> bool:
@@ -76,20 +86,16 @@ class Workbench:
         """Load (on the first start: convert) and warm the model in the background, as the app starts, with
         progress in `self.startup`. Callers that need the model meanwhile wait through `load_model`."""
         startup = self.startup
-        startup._done.clear()
-        startup.update(0.0, "loading the model…")
+        startup.begin()
 
         def run():
             try:
                 self.models.load(startup.update)
-                startup.update(1.0, "ready")
             except Exception as exc:  # reported by the first caller that needs the model, in its own words
-                startup.error = str(exc)
-                startup.update(1.0, f"the model did not load: {exc}")
-            finally:
-                startup._done.set()
-            if not startup.error:
-                self.warm()  # the warm-up too, so the first Compare is timed like every later one
+                startup.finish(str(exc))
+                return
+            startup.finish()
+            self.warm()  # the warm-up too, so the first Compare is timed like every later one
 
         thread = threading.Thread(target=run, name="ragdemo-startup", daemon=True)
         thread.start()

@@ -24,7 +24,7 @@ QUESTION = "When was the tower completed?"
 
 @dataclass
 class Case:
-    kind: str  # cli | compare | settings | prepare | bench_tab
+    kind: str  # cli | compare | settings | prepare | retriever | bench_tab
     args: tuple
     message: str  # the sentence (or its telling part) the user reads
     restored: tuple | None = None  # (method, knob, value in force) a UI handler puts back
@@ -99,6 +99,8 @@ CASES = [
          knob_sentence("max new tokens", "a whole number from 1 to 4096", 0)),
     Case("cli", ("ask", QUESTION, "--methods", "rag", "--max-new-tokens", "5000"),
          knob_sentence("max new tokens", "a whole number from 1 to 4096", 5000)),
+    Case("cli", ("ingest", "{tmp}/none.txt", "--retriever", "binary", "--rescore", "0"),
+         knob_sentence("rescore", "a whole number from 1 to 1000", 0)),
     Case("cli", ("prepare", "--methods", "lingua", "--set", "lingua.ratio=1.5"),
          knob_sentence("lingua.ratio (kept share)", "a number above 0 and at most 1", 1.5)),
     Case("cli", ("finetune", "--method", "lloco", "--set", "lloco.lora_r=0"),
@@ -136,6 +138,8 @@ CASES = [
     Case("prepare", ("cacheblend", "selection_layer", 9),
          knob_sentence("cacheblend.selection_layer (selection layer)", "a whole number from 0 to 3 for this model", 9),
          ("cacheblend", "selection_layer", 1)),
+    Case("retriever", ("binary", 0), knob_sentence("rescore", "a whole number from 1 to 1000", 0)),
+    Case("retriever", ("binary", 5000), knob_sentence("rescore", "a whole number from 1 to 1000", 5000)),
     Case("bench_tab", (0, 24, ""), knob_sentence("questions (n)", "a whole number of at least 1", 0)),
     Case("bench_tab", (5, -1, ""), knob_sentence("max new tokens", "a whole number from 1 to 4096", -1)),
     Case("bench_tab", (5, 24, "btr@bits=3"),
@@ -198,6 +202,8 @@ def test_bad_input_is_refused_once_with_nothing_stored_changed(case, bench, tmp_
         run_settings(case, bench)
     elif case.kind == "prepare":
         run_prepare(case, bench)
+    elif case.kind == "retriever":
+        run_retriever(case, bench)
     else:
         run_bench_tab(case, bench)
     assert stored(bench) == before
@@ -261,6 +267,13 @@ def run_prepare(case: Case, bench) -> None:
     assert any(case.message in unescape(str(w.message)) for w in warned)
     assert status.startswith("**Not done:**") and case.message in unescape(status)
     assert_restored(case, knobs, updates)
+
+
+def run_retriever(case: Case, bench) -> None:
+    with pytest.warns(UserWarning, match=None) as warned:
+        status = library.set_retrieval(bench, "default", *case.args)
+    assert any(case.message in unescape(str(w.message)) for w in warned)
+    assert status.startswith("**Not done:**") and case.message in unescape(status)
 
 
 def run_bench_tab(case: Case, bench) -> None:

@@ -645,14 +645,14 @@ def test_while_the_model_gets_ready_the_header_and_compare_say_so(tiny_bench, do
 
     _upload(tiny_bench, _paths(docs_dir))
     startup = tiny_bench.startup
-    startup._done.clear()
+    startup.begin()
     startup.update(0.4, "first start: converting the embedded model: de-quantizing tensor 100 of 272")
     header = ask.model_header(tiny_bench)
     assert "getting ready" in header and "de-quantizing tensor 100 of 272 (40%)" in header
     content, timer = ask.header_tick(tiny_bench)
     assert timer.active  # the header keeps polling until the model is ready
     knobs = _knobs()
-    threading.Timer(3.0, startup._done.set).start()
+    threading.Timer(3.0, startup.finish).start()
     steps = _run_compare(tiny_bench, "Who built the tower?", ["rag"], "demo", knobs)
     assert "Waiting for the model" in steps[0][5] and "40%" in steps[0][5]
     assert "data-status='done'" in steps[-1][0]

@@ -17,7 +17,7 @@ import pandas as pd
 from ..errors import UserError
 from ..ingest.readers import SUPPORTED
 from ..methods import registry
-from ..store.db import check_collection_name
+from ..store.db import RESCORE, check_collection_name
 from ..workbench import Workbench
 from .common import (Cancelled, Jobs, cancellable, method_choices, progress_bridge, session_of, user_errors,
                      warn)
@@ -46,9 +46,10 @@ def existing_collection(workbench: Workbench, collection: str | None) -> str:
     return name
 
 
-def reported(n_outputs: int):
+def reported(n_outputs: int, let_through: tuple[type, ...] = ()):
     """A handler whose first output is its status line: a UserError (or a bug) becomes a warning and that status;
-    the other outputs are left as they are. A refused knob goes up to `knob_job`, which also resets its widget."""
+    the other outputs are left as they are. Errors in `let_through` go up to the caller (a refused knob goes to
+    `knob_job`, which also resets its widget)."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -58,7 +59,7 @@ def reported(n_outputs: int):
             except Cancelled:
                 return _with_status("**Cancelled.** Everything finished before the Cancel is kept; nothing "
                                     "half-written.", n_outputs)
-            except KnobError:
+            except let_through:
                 raise
             except UserError as exc:
                 message = str(exc)
@@ -152,7 +153,7 @@ def retrieval_of(workbench: Workbench, collection: str | None):
 @reported(1)
 def set_retrieval(workbench: Workbench, collection: str, retriever: str, rescore: float | None):
     name = existing_collection(workbench, collection)
-    settings = workbench.set_retrieval(name, retriever, int(rescore) if rescore else None)
+    settings = workbench.set_retrieval(name, retriever, rescore)  # 0 or 2000 refused with the allowed range
     how = (f"1-bit sign codes, Hamming top k x {settings['rescore']} rescored with the float vectors"
            if settings["retriever"] == "binary" else "exact search over the float vectors")
     return (f"Collection **{esc(name)}** now retrieves with the **{settings['retriever']}** retriever ({how}); "
@@ -218,7 +219,7 @@ def cancel_delete():
 
 
 # ------------------------------------------------------------------- long jobs
-@reported(1)
+@reported(1, let_through=(KnobError,))
 def prepare(workbench: Workbench, knobs: KnobSet, methods: list[str] | None, collection: str, *knob_values,
             progress=None):
     if not methods:
@@ -228,7 +229,7 @@ def prepare(workbench: Workbench, knobs: KnobSet, methods: list[str] | None, col
     return "\n".join(f"- {esc(line)}" for line in done)
 
 
-@reported(1)
+@reported(1, let_through=(KnobError,))
 def finetune(workbench: Workbench, knobs: KnobSet, method: str | None, collection: str, *knob_values,
              progress=None):
     if not method:
@@ -329,7 +330,9 @@ def build_library_tab(workbench: Workbench, collection: gr.Dropdown, jobs: Jobs)
                                      info="float: exact search over the embeddings; binary: 1-bit sign codes (32x "
                                           "smaller), Hamming search, then the top k x rescore rescored with the "
                                           "float vectors", scale=3, elem_id="retriever")
-                rescore = gr.Slider(1, 100, value=10, step=1, label="Rescore (binary)", scale=2, elem_id="rescore")
+                # a number box without Gradio bounds: Gradio would put an Error box over it; the store says why
+                rescore = gr.Number(10, precision=0, label="Rescore (binary)", scale=2, elem_id="rescore",
+                                    info=f"candidates = k x rescore; {RESCORE.allowed()}")
                 retrieval_button = gr.Button("Apply retriever", scale=1, elem_id="apply-retriever")
             collection_status = gr.Markdown(elem_id="collection-status")
             with gr.Row():
