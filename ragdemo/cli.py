@@ -67,7 +67,7 @@ def parse_knobs(pairs: list[str]) -> dict[str, dict]:
 
 def cmd_ingest(bench, args) -> int:
     files = [(Path(p).name, Path(p)) for p in args.paths]
-    if args.retriever or args.rescore:
+    if args.retriever or args.rescore is not None:  # --rescore 0 is refused, not ignored
         settings = bench.set_retrieval(args.collection, args.retriever, args.rescore)
         print(f"retriever: {settings['retriever']} (binary rescore x{settings['rescore']})")
     bar, update = _progress_bar("ingest")
@@ -92,6 +92,13 @@ def cmd_ask(bench, args) -> int:
 
     methods = parse_methods(args.methods, DEFAULT_METHODS)
     knobs = parse_knobs(args.set)
+    bench.check_question(args.question)
+    bench.corpus(args.collection, create=False)  # a missing collection is said before any model loads
+    ctx, update = _progress_bar("ask")
+    with ctx:  # every knob checked before the first method answers (loading the model, with progress, if needed)
+        bench.method_params(methods, knobs, update)
+        if not args.json:
+            bench.warm(args.collection, update)  # model, embedder, index: said here, not a silent first answer
     if args.json:
         # libraries sometimes print to stdout; with --json, stdout carries the JSON array and nothing else
         with contextlib.redirect_stdout(sys.stderr):
@@ -161,6 +168,16 @@ def cmd_finetune(bench, args) -> int:
     with bar:
         summary = bench.finetune(args.method, args.collection, parse_knobs(args.set), update)
     print(summary)
+    return 0
+
+
+def cmd_knobs(bench, args) -> int:
+    """Every method's knobs as the Methods tab shows them: default, what is accepted, what it does."""
+    from .methods import parse_methods, registry
+    from .params import knob_table
+
+    for name in parse_methods(args.methods, list(registry())):
+        print(f"## {name}  (--set {name}.KNOB=VALUE)\n\n{knob_table(registry()[name].Params)}\n")
     return 0
 
 
@@ -368,6 +385,7 @@ def cmd_bench(bench, args) -> int:
 
 
 COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "prepare": cmd_prepare, "list": cmd_list, "delete": cmd_delete,
+            "knobs": cmd_knobs,
             "demo": cmd_demo, "collections": cmd_collections,
             "bench": cmd_bench,
             "finetune": cmd_finetune,
@@ -411,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None)
     p = sub.add_parser("finetune", parents=[common], help="train a method's per-collection adapter (e.g. lloco)")
     p.add_argument("--method", required=True)
+    p = sub.add_parser("knobs", parents=[common], help="each method's knobs: default, allowed values, what they do")
+    p.add_argument("--methods", default=None, help="comma-separated (default: every method)")
     p = sub.add_parser("list", parents=[common], help="list the documents of a collection")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("demo", parents=[common], help="load the bundled SQuAD article as collection 'demo', prepared")
@@ -465,7 +485,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns about GPU kernels on every CPU import
     try:
         args = build_parser().parse_args(argv)
         from .workbench import Workbench

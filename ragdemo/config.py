@@ -5,10 +5,13 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .params import Checked, Spec, knob, specs
+
 DEFAULT_MODEL = "default"  # the embedded SmolLM2-135M-Instruct GGUF
 DEFAULT_EMBEDDER = "default"  # the embedded all-MiniLM-L6-v2
 # One answer length for Ask, the CLI and the benchmark, so their numbers compare (the README's runs used 24).
 DEFAULT_MAX_NEW_TOKENS = 24
+MAX_NEW_TOKENS = 4096  # the most any answer may ask for (Settings, Ask knobs, CLI, bench)
 
 HUB_PRESETS = [
     "HuggingFaceTB/SmolLM2-360M-Instruct",
@@ -53,7 +56,7 @@ def default_cache(data: Path | None = None) -> Path:
 
 
 @dataclass
-class Settings:
+class Settings(Checked):
     home: Path = field(default_factory=default_home)
     cache_dir: Path = field(default_factory=default_cache)
     model_id: str = field(default_factory=lambda: _env("RAGDEMO_MODEL", DEFAULT_MODEL))
@@ -62,10 +65,13 @@ class Settings:
     dtype: str = field(default_factory=lambda: _env("RAGDEMO_DTYPE", "auto"))
     attention: str = field(default_factory=lambda: _env("RAGDEMO_ATTENTION", "auto"))  # "auto" (probe) or "sdpa"
     quantize: str | None = field(default_factory=lambda: os.environ.get("RAGDEMO_QUANTIZE") or None)
-    chunk_tokens: int = field(default_factory=lambda: int(_env("RAGDEMO_CHUNK_TOKENS", "64")))
-    max_new_tokens: int = field(default_factory=lambda: int(_env("RAGDEMO_MAX_NEW_TOKENS", str(DEFAULT_MAX_NEW_TOKENS))))
-    max_file_mb: float = field(default_factory=lambda: float(_env("RAGDEMO_MAX_FILE_MB", "50")))
-    max_question_chars: int = field(default_factory=lambda: int(_env("RAGDEMO_MAX_QUESTION_CHARS", "2000")))
+    chunk_tokens: int = knob(64, "LM tokens per stored chunk", label="chunk tokens", min=8, max=512,
+                             env="RAGDEMO_CHUNK_TOKENS")
+    max_new_tokens: int = knob(DEFAULT_MAX_NEW_TOKENS, "answer tokens at most", label="max new tokens", min=1,
+                               max=MAX_NEW_TOKENS, env="RAGDEMO_MAX_NEW_TOKENS")
+    max_file_mb: float = knob(50.0, "largest upload in MB", label="max file MB", above=0, env="RAGDEMO_MAX_FILE_MB")
+    max_question_chars: int = knob(2000, "longest question in characters", label="max question characters", min=1,
+                                   env="RAGDEMO_MAX_QUESTION_CHARS")
     default_collection: str = "default"
     # Fairness on a shared Space (one model queue for every visitor):
     shared: bool = field(default_factory=lambda: _flag("RAGDEMO_SHARED"))  # no benchmark, no fine-tuning
@@ -75,5 +81,14 @@ class Settings:
     max_job_s: float = field(default_factory=lambda: float(_env("RAGDEMO_MAX_JOB_S",
                                                                 "300" if _flag("RAGDEMO_SHARED") else "0")))
 
+    @classmethod
+    def knob_owner(cls) -> str:
+        return ""  # a refused setting is named in words: "max new tokens must be ..."
+
     def with_(self, **changes) -> "Settings":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def setting_spec(name: str) -> Spec:
+    """The declared bounds of one setting (widgets name them; a Settings being made checks them)."""
+    return specs(Settings)[name]

@@ -66,3 +66,6 @@ def fmt_ratio(faster: float | None) -> str:
     if round(faster, 1) == 1.0 and round(1 / faster, 1) == 1.0:
         return "as fast"
     return f"{faster:.1f}x faster" if faster > 1 else f"{1 / faster:.1f}x slower"
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """"1 question", "2 questions" (a count read aloud in a class should not say "1 questions")."""
+    return f"{n:,} {word if n == 1 else many or word + 's'}"

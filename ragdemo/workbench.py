@@ -1,6 +1,8 @@
 """The operations a user can do, shared by the CLI and the UI so both stay thin and behave the same."""
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,16 +13,18 @@ from .deadline import Deadline, DeadlinePassed
 from .engine.warmup import warm_model
 from .engine.generate import TimedStream
 from .errors import NotSupported, UserError
+from .params import KnobError
 from .ingest import IngestReport, ingest_files
 from .methods import get_method, registry
 from .machine import CpuMeter
-from .methods.base import Progress, Result, params_from, repeated
+from .methods.base import Params, Progress, Result, check_on_model, params_from, repeated
 from .models import Models
 from .models.lm import forget_lm, release_memory
 from .store import Corpus, IndexCache, Store
 from .store.content_lock import ContentLock
 from .units import fmt_bytes
 
+log = logging.getLogger(__name__)
 # Methods that answer in seconds on a CPU; full context (minutes on a long collection) is opt-in.
 DEFAULT_METHODS = ["closed_book", "rag", "retro", "btr", "lloco"]
 DEMO_COLLECTION = "demo"
@@ -40,6 +44,39 @@ class Warmup:
     done: list[str] = field(default_factory=list)
 
 
+class Startup:
+    """The app's first model load, run in the background as the app starts (`Workbench.start`), so no button
+    waits on it unannounced: the first start after install converts the embedded model (about 20 s). Pages and
+    callers read `fraction` and `message` while it runs; `ready` once the model is loaded."""
+
+    def __init__(self):
+        self.fraction, self.message, self.error = 1.0, "ready", ""
+        self._done = threading.Event()
+        self._done.set()  # nothing to wait for until start() is called
+
+    def begin(self) -> None:
+        self._done.clear()
+        self.error = ""
+        self.update(0.0, "loading the model…")
+
+    def update(self, fraction: float, message: str) -> None:
+        if message.split(":")[0] != self.message.split(":")[0]:  # one log line per stage, for the server's log
+            log.info("start-up: %s", message)
+        self.fraction, self.message = max(0.0, min(1.0, float(fraction))), message
+
+    def finish(self, error: str = "") -> None:
+        self.error = error
+        self.update(1.0, f"the model did not load: {error}" if error else "ready")
+        self._done.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._done.wait(timeout)
+
+
 class Workbench:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings()
@@ -49,15 +86,44 @@ class Workbench:
         # a Compare or a Prepare reads one state of the content; deleting, renaming, adding documents or changing
         # the retriever waits for them (store/content_lock.py)
         self.content = ContentLock()
+        self.startup = Startup()
         self._warm_models: set[int] = set()  # id() of LM objects already warmed in this process
         self._warm_collections: set[tuple[int, int]] = set()  # (LM id, collection id)
+
+    # --------------------------------------------------------------- start-up
+    def start(self) -> threading.Thread:
+        """Load (on the first start: convert) and warm the model in the background, as the app starts, with
+        progress in `self.startup`. Callers that need the model meanwhile wait through `load_model`."""
+        startup = self.startup
+        startup.begin()
+
+        def run():
+            try:
+                self.models.load(startup.update)
+            except Exception as exc:  # reported by the first caller that needs the model, in its own words
+                startup.finish(str(exc))
+                return
+            startup.finish()
+            self.warm()  # the warm-up too, so the first Compare is timed like every later one
+
+        thread = threading.Thread(target=run, name="ragdemo-startup", daemon=True)
+        thread.start()
+        return thread
+
+    def load_model(self, progress: Progress | None = None):
+        """The LM, with progress while it loads (the first start converts the embedded model, about 20 s). While
+        the start-up load runs, its progress is relayed to this caller rather than a silent wait."""
+        while not self.startup.wait(0.5):
+            if progress:
+                progress(self.startup.fraction, self.startup.message)
+        return self.models.load(progress)
 
     # --------------------------------------------------------------- warm-up
     def warm(self, collection: str | None = None, progress: Progress | None = None) -> Warmup:
         """Warm everything an answer touches before any timed answer: the model (a short prefill and decode
         steps, prefix caches), the embedder, and the collection's FAISS index. Idempotent and cheap once done."""
         report = Warmup()
-        lm = self.models.lm
+        lm = self.load_model(progress)
         if id(lm) not in self._warm_models:
             if progress:
                 progress(0.0, "warming up the model…")
@@ -114,6 +180,7 @@ class Workbench:
         corpus = self.corpus(collection)
         share = 0.4 if prepare else 1.0
         ingest_progress = (lambda f, m: progress(share * f, m)) if progress else None
+        self.load_model(ingest_progress)  # the tokenizer comes with the model: a first start's conversion is said
         with self.content.writing():
             before = self.store.artifact_bytes(corpus.collection_id)
             reports = ingest_files(self.store, corpus.collection_id, files, self.models.lm.tokenizer,
@@ -137,13 +204,14 @@ class Workbench:
         reports = []
         for i, name in enumerate(names):
             try:
-                (line,) = self.prepare([name], corpus.collection, None, _scaled(progress, i, len(names), ""), deadline)
-                reports.append(IngestReport(name, "prepared", line))
+                self.prepare([name], corpus.collection, None, _scaled(progress, i, len(names), ""), deadline)
+                stored = get_method(name).storage(corpus, get_method(name).Params()).total
+                reports.append(IngestReport(name, "prepared", f"{name}: ready for questions, {fmt_bytes(stored)} stored"))
             except DeadlinePassed as exc:
                 reports.append(IngestReport(name, "skipped", f"{', '.join(names[i:])}: not prepared ({exc})"))
                 break
             except (NotSupported, UserError) as exc:
-                reports.append(IngestReport(name, "skipped", f"{name}: not prepared ({exc})"))
+                reports.append(IngestReport(name, "skipped", f"{name}: not prepared here: {exc}"))
         return reports
 
     def prepare_defaults(self, collection: str | None = None, progress: Progress | None = None,
@@ -190,12 +258,33 @@ class Workbench:
         for method, size in before.items():
             gone = size - after.get(method, 0) - (own or {}).get(method, 0)
             if gone > 0:
-                lines[method] = (f"{method}: {fmt_bytes(gone)} built for the collection's previous content were dropped "
-                                 "(they depend on every document); Prepare rebuilds them at the knobs it runs, or the "
-                                 "method's next answer does")
+                lines[method] = (f"{method}: {fmt_bytes(gone)} it had built from all the previous documents was removed, "
+                                 f"because it depends on every document; Prepare builds it again, or {method}'s next "
+                                 "answer does")
         return lines
 
     # ------------------------------------------------------------- methods
+    def method_params(self, methods: list[str], knobs: dict | None = None,
+                      progress: Progress | None = None) -> dict[str, Params]:
+        """Every knob checked before anything runs, the same way for the CLI, the UI, the bench and Python callers:
+        unknown methods and knobs, the bounds and choices declared on each Params (knobs of methods not in
+        `methods` too), then the rules that need the model for the methods that will run. Returns {method:
+        Params} for `methods`, with the Settings' answer length unless a knob sets one."""
+        knobs = knobs or {}
+        for name in knobs:
+            get_method(name)  # an unknown method name is refused, not ignored
+        checked = {}
+        for name in dict.fromkeys([*methods, *knobs]):
+            method = get_method(name)
+            params = params_from(method.Params, {"max_new_tokens": self.settings.max_new_tokens,
+                                                 **(knobs.get(name) or {})}, name)
+            if name in methods:
+                checked[name] = params
+        lm = self.load_model(progress) if checked else None  # after the checks that need no model: those fail fast
+        for name, params in checked.items():
+            check_on_model(get_method(name), params, lm)
+        return checked
+
     def prepare(self, methods: list[str], collection: str | None = None, knobs: dict | None = None,
                 progress: Progress | None = None, deadline: Deadline | None = None) -> list[str]:
         """Build the methods' offline artifacts at these knobs. It stops at the first step past its deadline (the
@@ -208,13 +297,15 @@ class Workbench:
         corpus = self.corpus(collection, create=False)
         corpus.require_documents("prepare")
         self.refuse_training_when_shared(methods, knobs or {}, "Prepare")
+        self.load_model(progress)
+        checked = self.method_params(methods, knobs)
         done = []
         for i, name in enumerate(methods):
             method = get_method(name)
             if not method.has_prepare:
                 done.append(f"{name}: nothing to prepare")
                 continue
-            params = params_from(method.Params, (knobs or {}).get(name))
+            params = checked[name]
             # held per step, not for the whole method: a Compare from another user waits for one chunk
             with corpus.lm.lock.per_step(_scaled(progress, i, len(methods), name)) as step:
                 method.prepare(corpus, params, step)
@@ -230,7 +321,7 @@ class Workbench:
         with self.content.reading():  # an adapter for one state of the collection
             corpus = self.corpus(collection, create=False)
             corpus.require_documents("finetune")
-            params = params_from(method.Params, (knobs or {}).get(method_name))
+            params = self.method_params([method_name], knobs)[method_name]
             # held per training step: the adapter trains on a private copy of the module tree (engine/lora.py), so
             # answers between two steps see the base model
             with corpus.lm.lock.per_step(progress) as step:
@@ -268,21 +359,21 @@ class Workbench:
         self.models.lm  # a bad model id or quantisation request is reported before anything else
         knobs = knobs or {}
         self.refuse_training_when_shared(methods, knobs, "answer")
+        checked = self.method_params(methods, knobs)  # a refused knob stops the comparison before any answer
         limit = Deadline.after(self.settings.max_compare_s, "RAGDEMO_MAX_COMPARE_S", started).sooner(deadline)
         with self.content.reading():  # every method of this Compare sees the same documents
             corpus = self.corpus(collection, create=False, retriever=retriever)
             self.warm(corpus.collection)
-            return [self._compare_one(name, question, corpus, knobs.get(name, {}), listener, limit, record, repeats)
+            return [self._compare_one(name, question, corpus, checked[name], listener, limit, record, repeats)
                     for name in methods]
 
-    def _compare_one(self, name: str, question: str, corpus: Corpus, knobs: dict, listener: "CompareListener",
+    def _compare_one(self, name: str, question: str, corpus: Corpus, params: Params, listener: "CompareListener",
                      limit: Deadline, record: bool, repeats: int = 1) -> Result:
         if limit.passed():
             result = _over_time(name, corpus.lm.model_id, limit)
             listener.finished(result)
             return result
         method = get_method(name)
-        params = params_from(method.Params, {"max_new_tokens": self.settings.max_new_tokens, **knobs})
         on_token = TimedStream(lambda text: listener.text(name, text), limit.at)
         listener.started(name)
         try:
@@ -290,7 +381,8 @@ class Workbench:
                 runs = [method.answer(question, corpus, params, on_token)]
                 runs += _repeats(method, question, corpus, params, limit, repeats - 1, on_token)
             result = repeated(runs, meter.share.others)
-        except NotSupported as exc:  # one method can't run on this model; the others still answer
+        except (NotSupported, KnobError) as exc:  # one method can't run on this model (at its defaults); the
+            # others still answer (a knob the user set was refused in method_params, before any answer)
             result = Result(name, model=corpus.lm.model_id, error=str(exc), notes=[str(exc)])
         except Exception as exc:  # the listener decides: the CLI stops with the error, the UI puts it on the card
             result = listener.failed(name, exc)

@@ -200,7 +200,8 @@ def test_ingest_and_delete_report_what_the_collection_change_dropped(tiny_bench)
     alone = btr.storage(corpus, params)
     reports = tiny_bench.ingest([("t.txt", TOWER.encode())], prepare=False)
     assert [r.status for r in reports] == ["added", "dropped"] and reports[1].name == "btr"
-    assert f"btr: {fmt_bytes(alone.total)} built" in reports[1].message and "Prepare rebuilds them" in reports[1].message
+    assert f"btr: {fmt_bytes(alone.total)} it had built from all the previous documents was removed" in reports[1].message
+    assert "Prepare builds it again" in reports[1].message
     assert "btr" not in tiny_bench.store.artifact_bytes(corpus.collection_id)
     btr.prepare(corpus, params)
     lloco.prepare(corpus, lloco.Params(k=2))

@@ -18,9 +18,13 @@ def test_registry_finds_baselines():
     assert {"closed_book", "full_context", "rag"} <= set(registry())
 
 
-def test_params_from_coerces_strings():
-    params = params_from(get_method("rag").Params, {"k": "3", "bogus": 1})
+def test_params_from_coerces_strings_and_refuses_unknown_knobs():
+    from ragdemo.errors import UserError
+
+    params = params_from(get_method("rag").Params, {"k": "3"})
     assert params.k == 3
+    with pytest.raises(UserError, match="unknown knob 'bogus' for rag"):
+        params_from(get_method("rag").Params, {"k": "3", "bogus": 1}, "rag")
 
 
 def test_baselines_on_tiny_model(tiny_bench, docs_dir):

@@ -63,3 +63,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_model_dir, args, messag
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_knobs_lists_each_knob_with_what_it_accepts(tmp_path, capsys, monkeypatch):
+    """The same declarations the check reads and the Methods tab shows (`--set` needs them on the command line)."""
+    from ragdemo.cli import main
+
+    monkeypatch.setenv("RAGDEMO_HOME", str(tmp_path / "home"))
+    assert main(["knobs", "--methods", "btr,rag"]) == 0
+    out = capsys.readouterr().out
+    assert "## btr  (--set btr.KNOB=VALUE)" in out and "## rag" in out and "## lloco" not in out
+    assert "| Bits per value | `bits` | `1` | one of 1, 2, 4, 8, 16 |" in out
+    assert "| Chunks retrieved | `k` | `5` | a whole number from 1 to 50 |" in out

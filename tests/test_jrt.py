@@ -64,7 +64,7 @@ def test_unknown_context_knob_is_a_clear_error(corpus):
     from ragdemo.errors import UserError
 
     jrt = get_method("jrt")
-    with pytest.raises(UserError, match="rag' or 'full"):
+    with pytest.raises(UserError, match="context must be one of rag, full"):
         jrt.build(QUESTION, corpus, jrt.Params(context="everything"))
 
 

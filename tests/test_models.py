@@ -133,18 +133,35 @@ def test_the_gguf_conversion_bar_is_silenced_then_restored(capfd):
         (hf_logging.enable_progress_bar if bars_on else hf_logging.disable_progress_bar)()
 
 
+def test_the_conversion_reports_each_tensor_to_a_progress_callback(capfd):
+    """With a progress callback the GGUF loop's bar becomes "tensor i of n" messages for the page (first start)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    heard = []
+    original = gguf_utils.tqdm
+    with lm_module.quiet_loading_bars(lambda fraction, message: heard.append((fraction, message))):
+        items = list(gguf_utils.tqdm(range(20), desc="Converting and de-quantizing GGUF tensors..."))
+    assert items == list(range(20)) and gguf_utils.tqdm is original
+    assert [m for _, m in heard][-1].endswith("de-quantizing tensor 17 of 20")
+    assert all(0 < f < 1 for f, _ in heard) and [f for f, _ in heard] == sorted(f for f, _ in heard)
+    assert capfd.readouterr().err == ""
+
+
 @pytest.mark.slow  # a real GGUF conversion into an empty cache: ~20-40 s on a busy 2-core machine
 def test_converting_the_default_gguf_writes_no_bar_to_stderr(tmp_path):
     import subprocess
     import sys
 
     code = ("import sys; from pathlib import Path; from ragdemo.models.lm import converted_default_dir; "
-            "converted_default_dir(Path(sys.argv[1]))")
+            "said = []; converted_default_dir(Path(sys.argv[1]), progress=lambda f, m: said.append(m)); "
+            "print(said[0]); print(said[-1])")
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=900,
                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").exists()  # it did convert
     assert "de-quantizing" not in run.stderr and "\x1b[" not in run.stderr and "\r" not in run.stderr, run.stderr[-500:]
+    first, last = run.stdout.splitlines()[-2:]  # what the page says while it runs (the first start)
+    assert first.startswith("first start: converting the embedded model") and last.endswith(": done")
 
 
 # --------------------------------------------------------------------------------- CPU dtype decision

@@ -82,6 +82,30 @@ def test_model_sees_colours_segments_by_mark_with_legend_and_events():
     assert "rd-events" in html and "chunk 3" in html
 
 
+def test_every_mark_a_method_uses_has_its_own_words_in_the_legend():
+    """"pruned — pruned" was lingua's legend entry: a mark without an entry repeats its own name."""
+    from ragdemo.ui.render import MARKS, mark_meaning
+
+    lingua = result("lingua", segments=[{"kind": "passage", "mark": "pruned", "text": "abc", "n_tokens": 3}])
+    assert "pruned" in MARKS and mark_meaning("pruned") != "pruned"
+    legend = " ".join(re.sub("<[^>]+>", " ", render_model_sees([lingua])).split())
+    assert "pruned pruned" not in legend and "pruned compressed as text: predictable tokens dropped" in legend
+
+
+def test_events_read_in_plain_words_whatever_their_keys():
+    """RETRO's events used to list raw keys (chunk_ids, continuation_ids, retrieve_s 0.169)."""
+    event = {"kind": "re-retrieval", "step": 16, "query": "the amazon river", "chunk_ids": [3, 4],
+             "continuation_ids": [5], "changed": True, "action": "context rebuilt: kept 30 cached tokens, prefilled 200",
+             "context_tokens": 412, "retrieve_s": 0.169, "prefilled_tokens": 200.0, "brand_new_key": "x"}
+    text = re.sub("<[^>]+>", "", render_model_sees([result("retro", events=[event])]))
+    assert "Re-retrieval while answering: context rebuilt" in text
+    assert "after answer token 16" in text and "neighbour chunks 3, 4" in text and "search took 169 ms" in text
+    assert "neighbours changed yes" in text and "context now 412 tokens" in text
+    assert "prefilled 200 tokens" in text and "brand new key x" in text  # keys no dictionary knew still read
+    for raw in ("chunk_ids", "continuation_ids", "retrieve_s", "0.169", "context_tokens", "brand_new_key"):
+        assert raw not in text, raw
+
+
 def test_model_sees_draws_token_boundaries_with_a_tokenizer(tiny_lm):
     r = result(segments=[{"kind": "question", "mark": "text", "text": "Where is the tower?", "n_tokens": 5}])
     html = render_model_sees([r], tokenizer=tiny_lm.tokenizer)
@@ -101,6 +125,45 @@ def test_sources_highlight_the_matching_sentence():
                                                          "n_tokens": 5, "source": {"doc": "a.txt"}}])
     html = render_sources([whole], {}, "a.txt")
     assert "whole document" in html and "All of a.txt here." in re.sub("<[^>]+>", "", html)
+
+
+def test_sources_say_chunk_or_chunks_explain_similarity_and_come_most_similar_first():
+    r = result(sources=[{"doc": "a.txt", "chunk_id": 2, "score": 0.41}, {"doc": "b.txt", "chunk_id": 9, "score": 0.77},
+                        {"doc": "c.txt", "chunk_id": 5, "chunk_ids": [5, 6], "score": 0.5}])
+    html = render_sources([r], {2: "Two.", 9: "Nine.", 5: "Five. ", 6: "Six."}, "q")
+    text = re.sub("<[^>]+>", "", html)
+    assert "chunk 2 ·" in text and "chunks 2" not in text and "chunks 5, 6" in text  # "chunks 2" for one chunk
+    assert text.index("b.txt") < text.index("c.txt") < text.index("a.txt")  # most similar first
+    assert "similarity 0.77" in text and "score" not in text
+    assert "cosine" in html and "MiniLM" in html  # the number is explained where it is shown
+    assert html.count("<details class='rd-source' open>") == 1 and html.index("open>") < html.index("b.txt")
+    assert "3 sources" in text and "1 source<" in render_sources([result(sources=[{"doc": "a", "chunk_id": 2, "score": 1}])],
+                                                               {2: "x"}, "q")
+
+
+def test_the_highlight_prefers_the_sentence_holding_the_answer():
+    """The question's words often sit in the sentence before the answer; the answer's words decide."""
+    text = ("The Amazon basin covers parts of many nations in South America. "
+            "The rainforest spans nine nations, most of it in Brazil. Rivers flood it each year.")
+    question = "How many nations are within the Amazon Basin?"
+    def marked(html):
+        return html.split("<mark")[1].split("</mark>")[0]
+    assert "Amazon basin covers" in marked(highlight_match(text, question))  # question words alone pick the wrong one
+    assert "nine nations" in marked(highlight_match(text, question, "It spans nine nations."))
+    assert "nine nations" in marked(highlight_match(text, question, "I do not know.", ["nine nations", "nine"]))
+
+
+def test_gold_pill_lists_alternatives_in_words_and_the_adapter_badge_says_if_one_was_used():
+    wrong = render_cards([Card("rag", "RAG", "done", result=result(answer="ten"), golds=["nine nations", "nine"])])
+    assert "“nine nations” or “nine”" in wrong and " | " not in re.sub("<[^>]+>", "", wrong)
+    used = result("lloco", notes=["collection LoRA applied (2.97 MB)"])
+    assert "data-used='1'" in render_cards([Card("lloco", "LLoCO", "done", result=used)])
+    btr = result("btr", notes=["distilled LoRA on layers [6, 30) applied (1.20 MB)"])
+    assert "data-used='1'" in render_cards([Card("btr", "BTR", "done", result=btr)])
+    html = render_cards([Card("lloco", "LLoCO", "done", result=result("lloco", notes=[]))])
+    assert "data-used='0'" in html and "no adapter" in html
+    assert "rd-adapter" not in render_cards([Card("rag", "RAG", "done", result=result())])  # rag has no adapter
+    assert "adapter" in one_liner("lloco") and "when one was trained" in one_liner("lloco")
 
 
 def test_chart_and_tables():
@@ -203,11 +266,16 @@ def test_knob_widgets_have_human_labels_help_bounds_and_choices():
     assert isinstance(scorer.component, gr.Dropdown) and scorer.choices == ["reconstruct", "keynorm"]
     assert by[("lloco", "positions")].choices == ["original", "compact"]
     assert by[("jrt", "context")].choices == ["rag", "full"]
-    assert isinstance(by[("rag", "k")].component, gr.Slider) and by[("rag", "k")].component.minimum == 1
+    rag_k = by[("rag", "k")].component
+    # no Gradio bounds: Gradio would refuse 0 with an Error box before the handler runs; the help names the range
+    assert isinstance(rag_k, gr.Number) and rag_k.minimum is None and rag_k.maximum is None
+    assert "a whole number from 1 to 50" in rag_k.info
+    assert all(getattr(k.component, "minimum", None) is None and getattr(k.component, "maximum", None) is None
+               for k in knobs.knobs)
     bits = by[("btr", "bits")]
     assert isinstance(bits.component, gr.Dropdown) and 1 in bits.choices
-    assert by[("btr", "r_o")].component.label == "Offline merge share"
-    assert "uniform b-bit grid" in (bits.component.info or "")  # help from the field's comment in btr.py
+    assert by[("btr", "r_o")].component.label == "Offline merge share (r_o)"
+    assert "uniform b-bit grid" in (bits.component.info or "")  # help declared on the knob in btr.py
     assert by[("btr", "merge_mode")].choices == ["once", "every"]
     assert isinstance(by[("btr", "query_aware")].component, gr.Checkbox)
     assert by[("retro", "stride")].component.info.startswith("re-retrieve")
@@ -219,19 +287,11 @@ def test_knob_widgets_have_human_labels_help_bounds_and_choices():
         with pytest.raises(UserError, match=match):
             knobs.values(*trial)
 
-    refused("rag", "k", 0, "between 1 and 50")
-    refused("lloco", "scorer", "keynrom", "choose one of reconstruct, keynorm")
-    refused("btr", "bits", 3, "choose one of")
+    refused("rag", "k", 0, r"rag\.k \(chunks retrieved\) must be a whole number from 1 to 50 \(got 0\)")
+    refused("lloco", "scorer", "keynrom", "must be one of reconstruct, keynorm")
+    refused("btr", "bits", 3, "one of 1, 2, 4, 8, 16")
     refused("rag", "k", 2.5, "whole number")
-
-
-def test_comment_choices_only_trusts_lists_containing_the_default():
-    from ragdemo.ui.knobs import comment_choices
-
-    assert comment_choices("fp16 | int8", "fp16") == ["fp16", "int8"]
-    assert comment_choices("rag = top-k chunks; full = every document (cut to fit, both copies)", "rag") == ["rag", "full"]
-    assert comment_choices("a name; used for logs", "default") is None
-    assert comment_choices("just a sentence", "x") is None
+    refused("rag", "max_new_tokens", -3, "from 1 to 4096")
 
 
 # ------------------------------------------------------------------ handlers
@@ -443,7 +503,7 @@ def test_compare_streams_cards_then_fills_every_output(tiny_bench, docs_dir):
     assert len(steps) >= 2
     assert "data-status='waiting'" in steps[0][0]
     assert "rd-estimate" in steps[0][0] and "reads about" in steps[0][0]  # full context's expected cost, up front
-    cards, figure, sees, sources, history = steps[-1]
+    cards, figure, sees, sources, history = steps[-1][:5]
     assert cards.count("data-status='done'") == 3 and "rd-error" not in cards
     assert cards.count("class='rd-gold'") == 3  # every card judged against the gold answer
     order = re.findall(r"class='rd-card' data-method='(\w+)'", cards)
@@ -482,11 +542,13 @@ def test_compare_bad_input_clears_old_answers_without_error_pills(tiny_bench, do
     for question, methods, message in (("   ", ["rag"], "empty"), ("why? " * 1000, ["rag"], "limit"),
                                        ("why?", [], "at least one method")):
         with pytest.warns(UserWarning, match=message):
-            (cards, chart, sees, sources, history), = _run_compare(tiny_bench, question, methods, "demo", knobs)
+            (cards, chart, sees, sources, history, status, *_), = _run_compare(tiny_bench, question, methods, "demo",
+                                                                                knobs)
         assert "Not run" in cards and message in cards and "rd-card" not in cards and chart is None
+        assert "Not run" in status and message in status  # said next to the Compare button too
     values = [None] * len(knobs.knobs)
     values[next(i for i, k in enumerate(knobs.knobs) if (k.method, k.name) == ("rag", "k"))] = 0
-    with pytest.warns(UserWarning, match=r"rag\.k .*between 1 and 50"):  # k=0 would silently answer closed book
+    with pytest.warns(UserWarning, match=r"rag\.k .*from 1 to 50"):  # k=0 would silently answer closed book
         (cards, *_), = _run_compare(tiny_bench, "why?", ["rag"], "demo", knobs, values=values)
     assert tiny_bench.runs("demo") == []  # nothing ran
 
@@ -528,6 +590,41 @@ def test_demo_examples_start_with_clear_questions_a_class_can_judge():
         assert "dutch" not in question.lower() and "word for" not in question.lower()
 
 
+def test_the_line_under_the_demo_button_follows_the_collections_documents(tiny_bench, docs_dir, monkeypatch):
+    """It said "one Wikipedia article" after a class had added its own documents."""
+    from ragdemo.workbench import DEMO_COLLECTION
+
+    monkeypatch.setattr(tiny_bench, "_prepare_defaults", lambda corpus, progress: [])
+    ask.load_demo(tiny_bench)
+    alone = ask.collection_summary(tiny_bench, DEMO_COLLECTION)
+    assert "one Wikipedia article" in alone and "Compare" in alone
+    _upload(tiny_bench, _paths(docs_dir), DEMO_COLLECTION)
+    grown = ask.collection_summary(tiny_bench, DEMO_COLLECTION)
+    assert "3 documents" in grown and "Wikipedia article" not in grown and "eiffel.txt" in grown
+    tiny_bench.create_collection("empty")
+    assert "is empty" in ask.collection_summary(tiny_bench, "empty")
+    assert ask.collection_summary(tiny_bench, "no-such") == ""
+
+
+def test_upload_report_says_each_outcome_once_in_plain_words():
+    from ragdemo.ingest import IngestReport
+
+    lines = [library.report_line(r) for r in (
+        IngestReport("a.txt", "added", "a.txt: 1 token in 1 chunk"),
+        IngestReport("btr", "dropped", "btr: 1.58 MB it had built from all the previous documents was removed, ..."),
+        IngestReport("btr", "prepared", "btr: ready for questions, 1.60 MB stored"))]
+    assert lines[0] == "- **added** a.txt: 1 token in 1 chunk"
+    assert lines[1].startswith("- btr: 1.58 MB") and lines[2] == "- btr: ready for questions, 1.60 MB stored"
+    assert not any("prepared** btr: prepared" in line or "**dropped** btr" in line for line in lines)
+
+
+def test_counts_are_singular_for_one():
+    from ragdemo.units import plural
+
+    assert plural(1, "question") == "1 question" and plural(2, "question") == "2 questions"
+    assert plural(0, "chunk") == "0 chunks" and plural(1200, "token") == "1,200 tokens"
+
+
 def test_load_demo_fills_the_collection_and_the_first_example(tiny_bench, monkeypatch):
     from ragdemo.workbench import DEMO_ARTICLE, DEMO_COLLECTION
 
@@ -543,6 +640,27 @@ def test_load_demo_fills_the_collection_and_the_first_example(tiny_bench, monkey
     ask.load_demo(tiny_bench)  # idempotent: the article is recognised by content
     ask.prepare_demo(tiny_bench)
     assert len(tiny_bench.documents(DEMO_COLLECTION)) == 1 and calls == [DEMO_COLLECTION] * 2
+
+
+def test_while_the_model_gets_ready_the_header_and_compare_say_so(tiny_bench, docs_dir):
+    """The first start converts the embedded model (~20 s): the page says so with how far it is, and a Compare
+    pressed meanwhile says it waits for the model instead of a bare clock, then answers."""
+    import threading
+
+    _upload(tiny_bench, _paths(docs_dir))
+    startup = tiny_bench.startup
+    startup.begin()
+    startup.update(0.4, "first start: converting the embedded model: de-quantizing tensor 100 of 272")
+    header = ask.model_header(tiny_bench)
+    assert "getting ready" in header and "de-quantizing tensor 100 of 272 (40%)" in header
+    content, timer = ask.header_tick(tiny_bench)
+    assert timer.active  # the header keeps polling until the model is ready
+    knobs = _knobs()
+    threading.Timer(3.0, startup.finish).start()
+    steps = _run_compare(tiny_bench, "Who built the tower?", ["rag"], "demo", knobs)
+    assert "Waiting for the model" in steps[0][5] and "40%" in steps[0][5]
+    assert "data-status='done'" in steps[-1][0]
+    assert not ask.header_tick(tiny_bench)[1].active and "parameters" in ask.model_header(tiny_bench)
 
 
 def test_model_header_names_the_model_and_its_size(tiny_bench):
@@ -563,8 +681,9 @@ def test_settings_failed_switch_keeps_the_previous_model_and_resets_widgets(tiny
     assert tiny_bench.models.lm is before
     status, *widgets = settings.apply(tiny_bench, tiny_bench.settings.model_id, "cpu", "none", 12)
     assert tiny_bench.settings.max_new_tokens == 12 and "max new tokens 12" in status and widgets[-1] == 12
-    with pytest.warns(UserWarning, match="between"):
-        settings.apply(tiny_bench, tiny_bench.settings.model_id, "cpu", "none", 0)
+    with pytest.warns(UserWarning, match=r"max new tokens must be a whole number from 1 to 4096 \(got 0\)"):
+        status, *widgets = settings.apply(tiny_bench, tiny_bench.settings.model_id, "cpu", "none", 0)
+    assert "Not applied" in status and widgets[-1] == 12  # the box shows the value in force again
     assert "--" not in settings.in_ui_words("no CUDA GPU is visible; use --device cpu")
 
 
@@ -591,6 +710,15 @@ def test_build_app_has_every_tab_and_method(tiny_bench):
     assert set(picker["props"]["value"]) == {"closed_book", "rag", "retro", "btr", "lloco"} & set(registry())
     ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
     assert {"load-demo", "gold", "confirm-delete", "prepare-cancel", "bench-cancel", "ask-header"} <= ids
+
+
+def test_methods_tab_knob_table_is_read_from_the_declarations():
+    from ragdemo.methods.lloco import LlocoParams
+    from ragdemo.ui.methods_tab import knob_table
+
+    table = knob_table(LlocoParams)  # read from the knobs' declarations: what each accepts and does
+    assert "| Compression ratio | `c` | `4` | a whole number from 1 to 64 | compression ratio: keep 1/c" in table
+    assert "| one of reconstruct, keynorm | which tokens to keep: reconstruct (KVzip-style) or keynorm |" in table
 
 
 def test_cancel_pressed_while_the_job_waits_in_the_queue_is_not_lost():

@@ -128,10 +128,59 @@ def test_classroom_flow_in_chromium(tmp_path, browser, default_model_dir):
     assert "eiffel.txt" not in seen["table_after_delete"] and "Amazon_rainforest.txt" in seen["table_after_delete"]
     assert "Cancelled" in seen["bench_status"]
     assert not seen["errors"]
-    for name, width in (("ask_1600.png", 1600), ("ask_800.png", 800), ("library_1600.png", 1600)):
+    # out-of-range numbers: one sentence next to the button pressed, the box back at the value in force, and never
+    # Gradio's red Error box (Gradio's own bounds used to refuse them before the handler ran)
+    knob, setting = seen["bad_knob"], seen["bad_setting"]
+    assert "rag.k (chunks retrieved) must be a whole number from 1 to 50 (got 0)" in knob["status"], knob
+    assert "rag.max_new_tokens (max new tokens) must be a whole number from 1 to 4096 (got 99999)" in knob["status_max_new"]
+    assert knob["k_after"] == "5" and knob["max_new_after"] == "0" and knob["error_boxes"] == 0, knob
+    assert "max new tokens must be a whole number from 1 to 4096 (got 0)" in setting["status"], setting
+    assert setting["after"] == setting["before"] == "32" and setting["error_boxes"] == 0, setting
+    log = (tmp_path / "app.log").read_text()
+    assert "No module named 'kernels'" not in log and "Traceback" not in log, log[-3000:]
+    for name, width in (("ask_1600.png", 1600), ("ask_800.png", 800), ("library_1600.png", 1600),
+                        ("sources_history_800.png", 800)):
         png = (shots / name).read_bytes()
         assert len(png) > 20_000 and (shots / name).stat().st_mtime > started
         assert struct.unpack(">I", png[16:20])[0] == width, name  # the PNG header's width: taken at that size
+
+
+@pytest.mark.slow
+def test_first_start_says_it_converts_the_model(tmp_path, browser, default_model_dir):
+    """An empty model cache is the first start after install: the Ask header says the embedded model is being
+    converted and how far it is, a Compare pressed meanwhile says it waits for the model (not a bare clock), then
+    answers; the server's log says it too."""
+    from tests.ui_browser import open_tab, pick_methods, text_of, wait_until
+
+    shot = tmp_path / "first_start.png"
+    with running_app(tmp_path / "home", "default", tmp_path / "app.log", cache=tmp_path / "empty-cache") as url:
+        browser.get(url)
+        open_tab(browser, "Ask")
+        header = wait_until(lambda: "converting the embedded model" in text_of(browser, "ask-header")
+                            and text_of(browser, "ask-header"), 120, "the header to say the model is converting")
+        browser.save_screenshot(str(shot))
+        browser.find_element(By.CSS_SELECTOR, "#question textarea").send_keys("Why is the sky blue?")
+        pick_methods(browser, ["closed_book"])  # it needs no documents: this store is empty
+        browser.find_element(By.ID, "compare-button").click()
+        waiting = wait_until(lambda: "Waiting for the model" in text_of(browser, "ask-status")
+                             and text_of(browser, "ask-status"), 60, "Compare to say it waits for the model")
+        ready = wait_until(lambda: "M parameters" in text_of(browser, "ask-header") and text_of(browser, "ask-header"),
+                           900, "the header to name the loaded model")
+        cards = wait_until(lambda: read_cards_done(browser), 600, "the cards after the wait")
+    assert "%" in header and "first start" in header, header
+    assert "converting the embedded model" in waiting, waiting
+    assert "SmolLM2-135M" in ready
+    assert any(c.method == "closed_book" and c.answer for c in cards), cards
+    assert (tmp_path / "empty-cache" / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").exists()
+    log = (tmp_path / "app.log").read_text()
+    assert "start-up: first start: converting the embedded model" in log, log[-2000:]
+
+
+def read_cards_done(driver):
+    from tests.ui_browser import read_cards
+
+    cards = read_cards(driver)
+    return cards if cards and all(c.drawn for c in cards) else []
 
 
 @pytest.mark.slow

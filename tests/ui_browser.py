@@ -66,13 +66,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_app(home: Path, model: str = "default", log_path: Path | None = None, max_new_tokens: int = 32,
-                extra_env: dict | None = None):
-    """`python app.py` on a free port with its own data dir; yields the URL, stops the server afterwards."""
+                extra_env: dict | None = None, cache: Path | None = None):
+    """`python app.py` on a free port with its own data dir (and, with `cache`, its own model cache: an empty one
+    is a first start after install); yields the URL, stops the server afterwards."""
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
            "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "RAGDEMO_HOME": str(home),
            "RAGDEMO_MODEL": model, "RAGDEMO_MAX_NEW_TOKENS": str(max_new_tokens), "TOKENIZERS_PARALLELISM": "false",
-           **(extra_env or {})}
+           **({"RAGDEMO_CACHE": str(cache)} if cache else {}), **(extra_env or {})}
     log_path = log_path or home.parent / "app.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
@@ -241,6 +242,83 @@ def error_toasts(driver) -> list[str]:
     return [t.text for t in driver.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']") if "rror" in t.text]
 
 
+def error_boxes(driver) -> int:
+    """Gradio's red "Error" over a component (drawn when a handler raises or an input fails Gradio's own checks)."""
+    from selenium.webdriver.common.by import By
+
+    return sum(1 for e in driver.find_elements(By.XPATH, "//*[normalize-space(text())='Error']") if e.is_displayed())
+
+
+def open_accordion(driver, elem_id: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    box = driver.find_element(By.ID, elem_id)
+    if not box.find_elements(By.CSS_SELECTOR, "input, textarea") or not any(
+            e.is_displayed() for e in box.find_elements(By.CSS_SELECTOR, "input, textarea")):
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", box)
+        box.find_element(By.CSS_SELECTOR, "button, .label-wrap").click()
+        time.sleep(0.5)
+
+
+def type_number(driver, elem_id: str, value) -> None:
+    """Type into a number box the way a user does (select all, type), then leave the box."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", box)
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(value), Keys.TAB)
+    time.sleep(0.5)
+
+
+def number_value(driver, elem_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]").get_attribute("value")
+
+
+def out_of_range_knob(driver, timeout: float = 120) -> dict:
+    """rag.k = 0 in the Ask tab's knobs, then Compare: a sentence next to the button, the box back at 5, no
+    Error box anywhere."""
+    from selenium.webdriver.common.by import By
+
+    open_tab(driver, "Ask")
+    open_accordion(driver, "knobs")
+    open_accordion(driver, "knobs-rag")
+    type_number(driver, "knob-rag-k", 0)
+    driver.find_element(By.ID, "compare-button").click()
+    status = wait_until(lambda: "rag.k" in text_of(driver, "ask-status") and text_of(driver, "ask-status"), timeout,
+                        "the refusal next to Compare")
+    time.sleep(1)
+    seen = {"status": status, "k_after": number_value(driver, "knob-rag-k"), "error_boxes": error_boxes(driver)}
+    type_number(driver, "knob-rag-max_new_tokens", 99999)
+    driver.find_element(By.ID, "compare-button").click()
+    seen["status_max_new"] = wait_until(lambda: "max_new_tokens" in text_of(driver, "ask-status")
+                                        and text_of(driver, "ask-status"), timeout, "the second refusal")
+    time.sleep(1)
+    seen["max_new_after"] = number_value(driver, "knob-rag-max_new_tokens")
+    seen["error_boxes"] += error_boxes(driver)
+    return seen
+
+
+def out_of_range_setting(driver, timeout: float = 120) -> dict:
+    """Max new tokens 0 in Settings, then Apply: "Not applied" with the reason, the box back at the value in
+    force, no Error box over any control."""
+    from selenium.webdriver.common.by import By
+
+    open_tab(driver, "Settings")
+    before = number_value(driver, "settings-max-new")
+    type_number(driver, "settings-max-new", 0)
+    driver.find_element(By.XPATH, "//button[normalize-space(.)='Apply']").click()
+    status = wait_until(lambda: "Not applied" in text_of(driver, "model-status") and text_of(driver, "model-status"),
+                        timeout, "Settings to refuse 0")
+    time.sleep(1)
+    return {"status": status, "before": before, "after": number_value(driver, "settings-max-new"),
+            "error_boxes": error_boxes(driver)}
+
+
 def load_demo(driver, url: str, timeout: float = 1800) -> None:
     """One click: the demo collection is built and prepared, the first example question is in the box."""
     from selenium.webdriver.common.by import By
@@ -251,12 +329,18 @@ def load_demo(driver, url: str, timeout: float = 1800) -> None:
                timeout, "the demo collection to be ready")
 
 
-def compare_current(driver, methods: list[str], timeout: float = 600) -> list[CardReading]:
+def pick_methods(driver, methods: list[str]) -> None:
     from selenium.webdriver.common.by import By
 
     for checkbox in driver.find_elements(By.CSS_SELECTOR, "#method-picker input[type=checkbox]"):
         if checkbox.is_selected() != (checkbox.get_attribute("name") in methods):
             driver.execute_script("arguments[0].click();", checkbox)
+
+
+def compare_current(driver, methods: list[str], timeout: float = 600) -> list[CardReading]:
+    from selenium.webdriver.common.by import By
+
+    pick_methods(driver, methods)
     driver.find_element(By.ID, "compare-button").click()
 
     def all_done():
@@ -292,6 +376,29 @@ def screenshot_page(driver, path: Path, width: int, until_id: str = "chart") -> 
     time.sleep(0.8)
     path.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(path))
+
+
+def screenshot_element(driver, path: Path, width: int, elem_ids: list[str]) -> None:
+    """The page from the top of the first element to the bottom of the last, at `width` px (a tall window, then
+    a crop of the full-page screenshot)."""
+    from io import BytesIO
+
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    driver.set_window_size(width, 3000)
+    time.sleep(1.5)
+    boxes = [driver.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.top + window.scrollY, "
+                                   "r.bottom + window.scrollY]", driver.find_element(By.ID, e)) for e in elem_ids]
+    top, bottom = min(b[0] for b in boxes) - 10, max(b[1] for b in boxes) + 10
+    chrome_height = driver.execute_script("return window.outerHeight - window.innerHeight")
+    driver.set_window_size(width, int(min(bottom, 9000) + chrome_height))
+    time.sleep(0.8)
+    driver.execute_script("window.scrollTo(0, 0)")
+    image = Image.open(BytesIO(driver.get_screenshot_as_png()))
+    scale = image.width / width  # a device pixel ratio other than 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.crop((0, int(top * scale), image.width, int(min(bottom, image.height / scale) * scale))).save(path)
 
 
 def upload_files(driver, paths: list[Path], prepare: bool = False) -> None:
@@ -365,7 +472,11 @@ def classroom_flow(driver, url: str, workdir: Path, shots: Path = SHOTS) -> dict
     seen["gold"] = gold_marks(driver)
     screenshot_page(driver, shots / "ask_1600.png", 1600)
     screenshot_page(driver, shots / "ask_800.png", 800)
+    screenshot_element(driver, shots / "sources_history_800.png", 800, ["sources", "history"])
     driver.set_window_size(1400, 1000)
+    seen["bad_knob"] = out_of_range_knob(driver)
+    seen["bad_setting"] = out_of_range_setting(driver)
+    driver.execute_script("window.scrollTo(0, 0)")
     driver.execute_script("window.scrollTo(0, 0)")
     open_tab(driver, "Library")
     bad = workdir / "virus.exe"

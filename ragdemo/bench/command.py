@@ -61,12 +61,14 @@ def run_benchmark(workbench, dataset: str, out: str | Path, methods=None, knobs:
     Returns (run, written files)."""
     workbench.require_private("the benchmark")
     from .datasets import load_dataset
-    from .runner import DEFAULT_MAX_NEW_TOKENS, apply_limits, parse_method_specs, run_bench, write_outputs
+    from .runner import (DEFAULT_MAX_NEW_TOKENS, apply_limits, check_specs_on_model, parse_method_specs, run_bench,
+                         write_outputs)
 
     specs = parse_method_specs(methods, knobs)
     for spec in specs:
         spec.knobs.update((overrides or {}).get(spec.name, {}))
     apply_limits(specs, limits)
+    check_specs_on_model(specs, workbench.models.lm, max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
     tokenizer = workbench.models.lm.tokenizer if dataset == "needle" else None
     data = load_dataset(dataset, tokenizer, path, n, seed, articles, lengths, depths)
     print(f"{data.description}; methods: {', '.join(s.label for s in specs)}", file=sys.stderr)

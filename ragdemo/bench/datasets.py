@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..units import plural
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 SQUAD_SAMPLE = ASSETS / "squad" / "squad_v1.1_dev_sample.json"
@@ -81,7 +82,8 @@ def load_squad(path: str | Path | None = None, n: int | None = None, seed: int =
                     questions.append(Question(str(qa.get("id", len(questions))), qa["question"], answers,
                                               meta={"doc": f"{title}.txt", "paragraph": paragraph["context"].strip()}))
     questions = _sample(questions, n, rng)
-    desc = f"SQuAD v1.1 dev ({path.name}): {len(documents)} whole articles, {len(questions)} questions (seed {seed})"
+    desc = (f"SQuAD v1.1 dev ({path.name}): {plural(len(documents), 'whole article')}, "
+            f"{plural(len(questions), 'question')} (seed {seed})")
     return Dataset("squad", [Haystack("squad", documents, questions)], desc)
 
 
@@ -148,7 +150,7 @@ def load_jsonl(path: str | Path, n: int | None = None, seed: int = 0) -> Dataset
         raise UserError(f"{path}: no questions")
     documents = [(f"{name}.txt", "\n\n".join(texts)) for name, texts in docs.items()]
     questions = _sample(questions, n, random.Random(seed))
-    desc = f"{path.name}: {len(documents)} documents, {len(questions)} questions (seed {seed})"
+    desc = f"{path.name}: {plural(len(documents), 'document')}, {plural(len(questions), 'question')} (seed {seed})"
     return Dataset(path.stem, [Haystack("jsonl", documents, questions)], desc)
 
 

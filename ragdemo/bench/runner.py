@@ -13,7 +13,7 @@ import os
 import platform
 import time
 import traceback
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -23,7 +23,7 @@ import numpy as np
 from ..config import DEFAULT_MAX_NEW_TOKENS  # one default shared with Ask and the CLI
 from ..errors import NotSupported, UserError
 from ..methods import get_method, registry
-from ..methods.base import Progress, Result, params_from
+from ..methods.base import Progress, Result, check_on_model, params_from
 from .datasets import Dataset, Haystack, Question
 from ..units import fmt_bytes, fmt_s, fmt_speed
 from .metrics import (BOOTSTRAP_SAMPLES, INDICATIVE_BELOW, MIN_MEAN_GAP, MIN_QUESTION_GAP, Interval, answer_scores,
@@ -79,14 +79,20 @@ def parse_method_specs(text: str | list[str] | None, knobs: dict[str, dict] | No
 
 
 def _check_knobs(method, knobs: dict, label: str) -> None:
-    known = {f.name for f in fields(method.Params)}
-    unknown = sorted(set(knobs) - known)
-    if unknown:
-        raise UserError(f"{label}: unknown knob(s) {', '.join(unknown)}; {method.name} has {', '.join(sorted(known))}")
+    """The knobs' declared bounds and choices, as everywhere else; the message starts with the variant's label."""
     try:
-        params_from(method.Params, knobs)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{label}: bad knob value ({exc})") from None
+        params_from(method.Params, knobs, method.name)
+    except UserError as exc:
+        raise UserError(f"{label}: {exc}") from None
+
+
+def check_specs_on_model(specs: list[MethodSpec], lm, max_new_tokens: int) -> None:
+    """The rules that need the model (e.g. a layer split deeper than its layers), before the first question."""
+    for spec in specs:
+        try:
+            check_on_model(spec.method(), spec.params(max_new_tokens), lm)
+        except UserError as exc:
+            raise UserError(f"{spec.label}: {exc}") from None
 
 
 def apply_limits(specs: list[MethodSpec], limits: dict[str, int] | None) -> None:

@@ -84,7 +84,8 @@ def selective_recompute(lm, layers: list[tuple[torch.Tensor, torch.Tensor]], pas
     selection_layer = max(0, min(selection_layer, n_layers - 1))
     cache = _MixedCache(layers)
     total = cache.get_seq_length()
-    assert total >= start + n + len(suffix), "the cache has no room for the suffix"
+    if total < start + n + len(suffix):  # placed_layers reserves the room: a mismatch is a bug, said plainly
+        raise ValueError(f"the blended cache holds {total} slots, fewer than the {start + n + len(suffix)} it needs")
     keep = max(0, min(keep, n))
     running = n if keep > 0 else 0  # passage rows in the batch; they come first, the suffix rows after them
     slots = torch.arange(start + n - running, start + n + len(suffix), device=lm.device)

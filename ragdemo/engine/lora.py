@@ -28,6 +28,7 @@ from safetensors.torch import save as save_tensors
 
 from ..models.attention import sdpa_for_training
 from ..models.packed import PackedLinear, is_linear, packed_weight, share_pack
+from ..params import knob
 from ..units import fmt_bytes
 from .layers import CAUSAL, embed, logits, positions, run_layers
 from .memo import BoundedCache
@@ -40,11 +41,12 @@ ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # what LLoCO adapt
 class LoraKnobs:
     """The knobs of a method that can train a per-collection adapter (mixed into its Params)."""
 
-    lora: bool = True  # use the collection's adapter when one has been trained
-    train: bool = False  # prepare also trains the collection's adapter when it is missing (as `finetune` does)
-    lora_r: int = 8
-    lora_steps: int = 300
-    lora_lr: float = 5e-4
+    lora: bool = knob(True, "use the collection's adapter when one has been trained", label="use LoRA")
+    train: bool = knob(False, "prepare also trains the collection's adapter when it is missing (as `finetune` does)",
+                       label="train LoRA")
+    lora_r: int = knob(8, "rank of the adapter's low-rank matrices", label="LoRA rank", min=1, max=256)
+    lora_steps: int = knob(300, "training steps of the adapter", label="LoRA steps", min=1, max=20000)
+    lora_lr: float = knob(5e-4, "learning rate of the adapter", label="LoRA learning rate", above=0, max=1)
 
 
 @dataclass

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
+from ..units import plural
 from ..store import Store, sha256
 from .chunking import chunk_text
 from .readers import read_document, safe_name
@@ -38,7 +39,7 @@ def ingest_bytes(store: Store, collection_id: int, name: str, data: bytes, token
     vectors = embedder.embed([c.text for c in chunks])
     doc_id = store.add_document(collection_id, name, digest, len(data), text, chunks, vectors, embedder.name)
     n_tokens = chunks[-1].tok_end if chunks else 0
-    return IngestReport(name, "added", f"{name}: {n_tokens} tokens, {len(chunks)} chunks", doc_id, n_tokens, len(chunks))
+    return IngestReport(name, "added", f"{name}: {plural(n_tokens, 'token')} in {plural(len(chunks), 'chunk')}", doc_id, n_tokens, len(chunks))
 
 
 def ingest_files(store: Store, collection_id: int, files: list[tuple[str, bytes | Path]], tokenizer, embedder,

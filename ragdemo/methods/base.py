@@ -5,17 +5,16 @@ the registry finds it, and the CLI, UI and benchmark pick it up.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
-from ..config import DEFAULT_MAX_NEW_TOKENS
+from ..config import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS
 from ..engine.generate import Generation, Stream, generate
 from ..engine.prompt import Prompt
 from ..engine.scoring import nll_of_answer
 from ..glossary import FIELDS, glossary_markdown  # noqa: F401 (re-exported)
-from ..units import fmt_bytes
+from ..params import Checked, KnobError, knob, params_from  # noqa: F401 - params_from: methods build Params
 
 Progress = Callable[[float, str], None]  # (fraction 0..1, message)
 
@@ -89,27 +88,12 @@ def repeated(runs: list[Result], others_cpu: float | None = None) -> Result:
 
 
 @dataclass
-class Params:
-    """Knobs shared by every method; a method's own Params subclass adds its knobs with defaults."""
+class Params(Checked):
+    """Knobs shared by every method; a method's own Params subclass adds its knobs with `knob(...)`, which holds
+    their help, bounds and choices (ragdemo/params.py checks them wherever a Params is made)."""
 
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-
-
-def params_from(cls: type, values: dict | None) -> Any:
-    """Build a Params dataclass from loose values (CLI strings, UI widgets), ignoring unknown keys."""
-    values = values or {}
-    kwargs = {}
-    for f in fields(cls):
-        if f.name in values and values[f.name] is not None:
-            kwargs[f.name] = _coerce(values[f.name], f.type, getattr(cls, f.name, None) if f.default is dataclasses.MISSING else f.default)
-    return cls(**kwargs)
-
-
-def _coerce(value, annotation, default):
-    kind = type(default) if default is not None else str
-    if kind is bool and isinstance(value, str):
-        return value.lower() in {"1", "true", "yes", "on"}
-    return kind(value)
+    max_new_tokens: int = knob(DEFAULT_MAX_NEW_TOKENS, "answer tokens at most", label="max new tokens", min=1,
+                               max=MAX_NEW_TOKENS)
 
 
 @dataclass
@@ -154,6 +138,11 @@ class Method:
     has_finetune: ClassVar[bool] = False  # offers a per-collection training step (e.g. LLoCO's LoRA)
     order: ClassVar[int] = 50  # position in lists and UI
 
+    def check_knobs(self, params, lm) -> None:
+        """Knob rules that need the model (a layer split deeper than its layers) or tie knobs together; raises a
+        UserError, a `KnobError` for one knob. Bounds and choices are declared on the Params and checked when it
+        is made; the Workbench calls this for every method before any of them runs."""
+
     def prepare(self, corpus, params, progress: Progress | None = None) -> None:
         """Offline work, cached in the store and idempotent. Most methods have none."""
 
@@ -171,6 +160,17 @@ class Method:
     def storage(self, corpus, params) -> "StorageAccount":
         """Everything this method keeps for the collection at these knobs, counted the same way for every method."""
         return StorageAccount(tokens=corpus.n_tokens())
+
+
+def check_on_model(method: Method, params, lm) -> None:
+    """`method.check_knobs` for a request: a knob the user set that this model cannot take is refused before
+    anything runs; a knob left at its default that does not fit (btr's split 6 on a 4-layer test model) is not
+    the user's mistake: the method's own answer then says it cannot run here, and the other methods answer."""
+    try:
+        method.check_knobs(params, lm)
+    except KnobError as exc:
+        if getattr(params, exc.name, None) != getattr(type(params)(), exc.name, None):
+            raise
 
 
 class PromptMethod(Method):

@@ -13,7 +13,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from transformers import DynamicCache
 
-from ..engine.binary import (FLOAT_BITS, Codes, check_bits, encode, fp16_kv_bytes_per_token,
+from ..engine.binary import (FLOAT_BITS, SUPPORTED_BITS, Codes, check_bits, encode, fp16_kv_bytes_per_token,
                              fp16_state_bytes_per_token, from_blob, to_blob)
 from ..engine.calibration import Decoder, TrainableDecoder, fit_decoder, identity_decoder
 from ..engine.generate import decode_loop
@@ -28,9 +28,10 @@ from ..engine.prompt import Segment, build_prompt, encode as encode_text, lead_q
 from ..engine.prompt import question_ids as final_question_ids
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
+from ..params import out_of_range
 from ..store import artifact_hash, chunk_key
 from ..units import fmt_bytes
-from .base import Params, Method, Result, StorageAccount, finish
+from .base import Params, Method, Result, StorageAccount, finish, knob
 
 FORMAT_VERSION = 3  # 3: fp16 decoder, content-keyed artifacts; bump when the artifact layout or the way states are computed changes
 RECIPE = "distill-v1"  # bump when the LoRA distillation recipe changes, so old adapters are not reused
@@ -48,18 +49,27 @@ SALIENT_WEIGHT = 1.0  # that state match (relative MSE after the final norm) nex
 
 @dataclass
 class BtrParams(LoraKnobs, Params):
-    k: int = 5  # chunks retrieved, as in rag (NOT the paper's k, which is its layer split: `split` here)
-    split: int = 6  # layers [0, split) run offline per passage; [split, L) at query time (the paper's k)
-    bits: int = 1  # 1, 2, 4, 8: a uniform b-bit grid per dimension + one fp16 step per token; 16 = fp16 states
-    calibrate: bool = True  # learned channel centre + least-squares bits->state decoder
-    after_prefix: bool = True  # passages see the shared instruction prefix in layers [0, split)
-    query_aware: bool = False  # upper layers read [prefix, question, passages, question]: passages see the question
-    r_o: float = 0.0  # offline merging (paper Algorithm 1, bits=1): fraction of each token's occurrences folded
-    r_p: float = 0.0  # runtime ToMe merging: fraction of passage tokens folded away (per layer with merge_mode=every)
-    merge_layer: int = -1  # layer where runtime merging starts; -1 = at the split
-    merge_mode: str = ONCE  # once: one fold at merge_layer over all passages; every: per passage before each layer
-    lora_steps: int = 120  # distillation steps of the optional LoRA on layers [split, L)
-    objective: str = KL  # kl | recovery | salient | recovery+salient: what the LoRA (and decoder) train on
+    k: int = knob(5, "chunks retrieved, as in rag (NOT the paper's k, which is its layer split: `split` here)",
+                  label="chunks retrieved", min=1, max=50)
+    split: int = knob(6, "layers [0, split) run offline per passage; [split, L) at query time (the paper's k); at "
+                         "most the model's layer count", label="layer split", min=0, max=255)
+    bits: int = knob(1, "1, 2, 4, 8: a uniform b-bit grid per dimension + one fp16 step per token; 16 = fp16 states",
+                     label="bits per value", choices=SUPPORTED_BITS)
+    calibrate: bool = knob(True, "learned channel centre + least-squares bits->state decoder")
+    after_prefix: bool = knob(True, "passages see the shared instruction prefix in layers [0, split)")
+    query_aware: bool = knob(False, "upper layers read [prefix, question, passages, question]: passages see the "
+                                    "question")
+    r_o: float = knob(0.0, "offline merging (paper Algorithm 1, bits=1): fraction of each token's occurrences folded",
+                      label="offline merge share", min=0, max=0.5)
+    r_p: float = knob(0.0, "runtime ToMe merging: fraction of passage tokens folded away (per layer with "
+                           "merge_mode=every)", label="runtime merge share", min=0, max=0.5)
+    merge_layer: int = knob(-1, "layer where runtime merging starts; -1 = at the split", label="merge layer", min=-1,
+                            max=255)
+    merge_mode: str = knob(ONCE, "once: one fold at merge_layer over all passages; every: per passage before each "
+                                 "layer", choices=(ONCE, EVERY))
+    lora_steps: int = knob(120, "distillation steps of the optional LoRA on layers [split, L)", label="LoRA steps",
+                           min=1, max=20000)
+    objective: str = knob(KL, "what the LoRA (and decoder) train on", choices=OBJECTIVES)
 
 
 @dataclass
@@ -355,23 +365,24 @@ suite, below. On a small collection the shared decoder outweighs the codes, so t
 collection."""
 
     # ----------------------------------------------------------------------------------------- knobs
+    def check_knobs(self, params, lm) -> None:
+        """The bounds that need the model, and the knobs that only work together (the rest is on BtrParams)."""
+        if params.split > lm.n_layers:
+            raise out_of_range(params, "split", f"a whole number from 0 to {lm.n_layers} for this model", self.name)
+        if params.merge_layer >= lm.n_layers:
+            raise out_of_range(params, "merge_layer", f"-1 (the split) or a layer below {lm.n_layers} for this model",
+                               self.name)
+        if params.r_o > 0 and params.bits != 1:
+            raise UserError(f"btr.r_o (offline merging) works on 1-bit codes only, as in the paper: set btr.bits=1 "
+                            f"(got bits={params.bits})")
+        if RECOVERY in params.objective and (not params.calibrate or params.bits == FLOAT_BITS):
+            raise UserError(f"btr.objective={params.objective} trains the calibration decoder: it needs btr.calibrate "
+                            f"on and btr.bits below 16")
+
     def _check(self, lm, params) -> None:
         require_llama_like(lm, self.name)
         check_bits(params.bits)
-        if not 0 <= params.split <= lm.n_layers:
-            raise UserError(f"btr: split must be between 0 and {lm.n_layers} for this model, got {params.split}")
-        if not 0.0 <= params.r_o <= 0.5:
-            raise UserError(f"btr: r_o is a fraction of each token's occurrences between 0 and 0.5, got {params.r_o}")
-        if params.r_o > 0 and params.bits != 1:
-            raise UserError("btr: offline merging (r_o > 0) works on 1-bit codes, as in the paper; set bits=1")
-        if not 0.0 <= params.r_p <= 0.5:
-            raise UserError(f"btr: r_p is a fraction of passage tokens between 0 and 0.5, got {params.r_p}")
-        if params.merge_mode not in (ONCE, EVERY):
-            raise UserError(f"btr: merge_mode is {ONCE!r} or {EVERY!r}, got {params.merge_mode!r}")
-        if params.objective not in OBJECTIVES:
-            raise UserError(f"btr: objective is one of {', '.join(OBJECTIVES)}, got {params.objective!r}")
-        if RECOVERY in params.objective and (not params.calibrate or params.bits == FLOAT_BITS):
-            raise UserError("btr: objective=recovery trains the calibration decoder: needs calibrate=1 and bits < 16")
+        self.check_knobs(params, lm)
 
     def _base_hash(self, lm, params) -> dict:
         return {"v": FORMAT_VERSION, "split": params.split, "bits": params.bits, "calibrate": params.calibrate,

@@ -15,17 +15,20 @@ from ..engine.prompt import Prompt, Segment, encode, passage_text
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash
-from .base import Params, Result, finish
+from ..params import out_of_range
+from .base import Params, Result, finish, knob
 from .chunk_artifacts import PerChunkArtifacts, token_budget
 
 STORAGE = "fp16"
 
 @dataclass
 class CacheBlendParams(Params):
-    k: int = 5  # chunks retrieved, as rag
-    r: float = 0.15  # share of passage tokens recomputed through the upper layers (0 = pure reuse, 1 = full prefill)
-    selection_layer: int = 1  # layer where reused and fresh KV are compared; layers below run for every token
-    gradual: bool = False  # pick 2x the tokens at the selection layer and narrow to r at the next one
+    k: int = knob(5, "chunks retrieved, as rag", label="chunks retrieved", min=1, max=50)
+    r: float = knob(0.15, "share of passage tokens recomputed through the upper layers (0 = pure reuse, 1 = full "
+                          "prefill)", label="recomputed share", min=0, max=1)
+    selection_layer: int = knob(1, "layer where reused and fresh KV are compared; layers below run for every token "
+                                   "(below the model's layer count)", label="selection layer", min=0, max=255)
+    gradual: bool = knob(False, "pick 2x the tokens at the selection layer and narrow to r at the next one")
 
 
 class CacheBlend(PerChunkArtifacts):
@@ -100,13 +103,13 @@ the next layers ("gradual filtering"); the recompute is pipelined with loading t
     def check(self, corpus, params):
         lm = corpus.lm
         require_llama_like(lm, "cacheblend")
-        if not 0.0 <= params.r <= 1.0:
-            raise UserError("cacheblend: r (share of passage tokens recomputed) must be between 0 and 1")
-        if not 0 <= params.selection_layer < lm.n_layers:
-            raise UserError(f"cacheblend: selection_layer must be between 0 and {lm.n_layers - 1}")
-        if params.k < 1:
-            raise UserError("cacheblend: k must be at least 1")
+        self.check_knobs(params, lm)
         return lm
+
+    def check_knobs(self, params, lm) -> None:
+        if params.selection_layer >= lm.n_layers:
+            raise out_of_range(params, "selection_layer", f"a whole number from 0 to {lm.n_layers - 1} for this model",
+                               self.name)
 
     def _context(self, question, corpus, params, after: list[int] = ()) -> "_Context":
         """The blended cache with the question (then `after`, e.g. a gold answer to score) run in the same pass."""
@@ -116,7 +119,8 @@ the next layers ("gradual filtering"); the recompute is pipelined with loading t
         load_start = time.perf_counter()
         prefix = shared_prefix(lm, text_prompt.segments[0].ids)
         kvs = [kvc.from_bytes(b, lm.model.dtype, lm.device) for b in self.fetch(corpus, lm, got.hits, result)]
-        assert [p.n_tokens for p in kvs] == [len(s.ids) for s in passages], "stored cache does not match its chunk"
+        if [p.n_tokens for p in kvs] != [len(s.ids) for s in passages]:
+            raise UserError("cacheblend: a stored cache does not match its chunk's tokens; run prepare again")
         starts = [len(prefix) + sum(len(s.ids) for s in passages[:i]) for i in range(len(passages))]
         with torch.inference_mode():
             suffix = text_prompt.segments[-1].ids + list(after)

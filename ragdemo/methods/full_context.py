@@ -5,12 +5,13 @@ import time
 from dataclasses import dataclass
 
 from ..engine.prompt import build_prompt
-from .base import Params, PromptMethod, Result
+from .base import Params, PromptMethod, Result, knob
 
 
 @dataclass
 class FullContextParams(Params):
-    max_context_tokens: int = 0  # 0 = the model window minus the answer budget
+    max_context_tokens: int = knob(0, "0 = the model window minus the answer budget", label="max context tokens",
+                                   min=0, max=131072)
 
 
 class FullContext(PromptMethod):

@@ -5,16 +5,17 @@ import time
 from dataclasses import dataclass
 
 from ..engine.prompt import Prompt, Segment, build_prompt
-from ..errors import UserError
-from .base import Params, PromptMethod, Result
+from .base import Params, PromptMethod, Result, knob
 from .full_context import fit_to_budget
 
 
 @dataclass
 class JrtParams(Params):
-    context: str = "rag"  # rag = top-k chunks; full = every document (cut to fit, both copies)
-    k: int = 5  # chunks retrieved when context=rag
-    max_context_tokens: int = 0  # whole-prompt budget; 0 = the model window minus the answer budget
+    context: str = knob("rag", "rag = top-k chunks; full = every document (cut to fit, both copies)",
+                        choices=("rag", "full"))
+    k: int = knob(5, "chunks retrieved when context=rag", label="chunks retrieved", min=1, max=50)
+    max_context_tokens: int = knob(0, "whole-prompt budget; 0 = the model window minus the answer budget",
+                                   label="max context tokens", min=0, max=131072)
 
 
 class Jrt(PromptMethod):
@@ -50,12 +51,10 @@ the surrounding words come from this app's shared chat-template prompt so token 
         result = Result(self.name)
         if params.context == "rag":
             passages, result.retrieve_s = corpus.retrieve_in_order(question, params.k)
-        elif params.context == "full":
+        else:  # "full": the choices are declared on JrtParams
             start = time.perf_counter()
             passages = [{"doc": d["name"], "text": d["text"]} for d in corpus.documents()]
             result.load_s = time.perf_counter() - start
-        else:
-            raise UserError(f"jrt's context knob is 'rag' or 'full', not {params.context!r}")
         prompt = build_prompt(lm.tokenizer, question, passages, repeat_context=True)
         fit_both_copies(prompt, params.max_context_tokens or (lm.window - params.max_new_tokens), result)
         return prompt, result

@@ -15,17 +15,20 @@ from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text
 from ..engine.scoring import nll_of_answer
 from ..engine.surprisal import computed_rows, surprisal
 from ..errors import NotSupported, UserError
-from .base import Params, Result, count_cached_prefix, finish
+from .base import Params, Result, count_cached_prefix, finish, knob
 from .chunk_artifacts import PerChunkArtifacts, token_budget
 
 @dataclass
 class LinguaParams(Params):
-    k: int = 5  # chunks retrieved, as rag
-    ratio: float = 0.5  # share of passage tokens kept
-    question_aware: bool = False  # LongLLMLingua's contrastive score: costs a forward of the passages at answer time
+    k: int = knob(5, "chunks retrieved, as rag", label="chunks retrieved", min=1, max=50)
+    ratio: float = knob(0.5, "share of passage tokens kept", label="kept share", above=0, max=1)
+    question_aware: bool = knob(False, "LongLLMLingua's contrastive score: costs a forward of the passages at answer "
+                                       "time")
     # word + spread 0.5: chosen on one question set, confirmed on another (the results suite's heldout run)
-    unit: str = "word"  # word = whole words kept or dropped | token = single tokens dropped (LLMLingua)
-    spread: float = 0.5  # 0 = one budget pooled over the passages; > 0 = LongLLMLingua's dynamic ratio by rank
+    unit: str = knob("word", "word = whole words kept or dropped; token = single tokens dropped (LLMLingua)",
+                     choices=("word", "token"))
+    spread: float = knob(0.5, "0 = one budget pooled over the passages; > 0 = LongLLMLingua's dynamic ratio by rank "
+                              "(how much more the top-ranked passage keeps than the mean)", min=0, max=1)
 
 
 class Lingua(PerChunkArtifacts):
@@ -100,15 +103,7 @@ with a *contrastive* score: how much less surprising a token becomes once the qu
         lm = corpus.lm
         if not supports_kv_cache(lm):
             raise NotSupported(f"lingua scores tokens with a KV-cached forward; '{lm.model_id}' has none")
-        if not 0.0 < params.ratio <= 1.0:
-            raise UserError("lingua: ratio (share of passage tokens kept) must be in (0, 1]")
-        if params.k < 1:
-            raise UserError("lingua: k must be at least 1")
-        if not 0.0 <= params.spread <= 1.0:
-            raise UserError("lingua: spread (how much more the top-ranked passage keeps than the mean) must be in [0, 1]")
-        if params.unit not in UNITS:
-            raise UserError(f"lingua: unit must be one of {', '.join(UNITS)}")
-        return lm
+        return lm  # its knobs' bounds and choices are declared on LinguaParams
 
     def _plan(self, question, corpus, params) -> "_Plan":
         lm = corpus.lm
@@ -118,7 +113,8 @@ with a *contrastive* score: how much less surprising a token becomes once the qu
         scores = [torch.from_numpy(load_numpy(b)["surprisal"].astype(np.float32))
                   for b in self.fetch(corpus, lm, got.hits, result)]
         result.load_s = time.perf_counter() - load_start - result.prepare_s
-        assert [len(s) for s in scores] == [len(p.ids) for p in passages], "stored scores do not match their chunk"
+        if [len(s) for s in scores] != [len(p.ids) for p in passages]:
+            raise UserError("lingua: stored scores do not match their chunk's tokens; run prepare again")
         n = sum(len(p.ids) for p in passages)
         scoring_tokens = 0
         if params.question_aware:
@@ -157,9 +153,6 @@ class _Plan:
     shown: Prompt  # every passage token with its keep flag, for "what the model sees"
     result: Result
     scoring_tokens: int  # tokens run through the model at answer time only to score (question_aware)
-
-
-UNITS = ("token", "word")
 
 
 SPACE_MARKS = "ĠĊĉ▁"  # how byte-level BPE (space, newline, tab) and SentencePiece (space) spell whitespace in a piece

@@ -20,18 +20,21 @@ from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash, chunk_key
 from ..units import fmt_bytes
-from .base import Params, Method, Result, StorageAccount, finish
+from .base import Params, Method, Result, StorageAccount, finish, knob
 
 RECIPE = "v2-distill"  # bump when the training recipe changes, so old adapters are not reused
 
 
 @dataclass
 class LlocoParams(LoraKnobs, Params):
-    k: int = 5  # chunks retrieved, as rag
-    c: int = 4  # compression ratio: keep 1/c of each passage's tokens per layer and KV head
-    scorer: str = "reconstruct"  # reconstruct (KVzip-style) | keynorm
-    storage: str = "fp16"  # fp16 | int8
-    positions: str = "original"  # original: kept tokens keep their place in the passage; compact: packed
+    k: int = knob(5, "chunks retrieved, as rag", label="chunks retrieved", min=1, max=50)
+    c: int = knob(4, "compression ratio: keep 1/c of each passage's tokens per layer and KV head",
+                  label="compression ratio", min=1, max=64)
+    scorer: str = knob("reconstruct", "which tokens to keep: reconstruct (KVzip-style) or keynorm",
+                       choices=("reconstruct", "keynorm"))
+    storage: str = knob("fp16", "number format of the stored cache", choices=("fp16", "int8"))
+    positions: str = knob("original", "original: kept tokens keep their place in the passage; compact: packed",
+                          choices=("original", "compact"))
 
 
 class Lloco(Method):
@@ -170,15 +173,7 @@ Storage is every chunk's compressed cache plus the collection's LoRA when one is
     def _check(corpus, params):
         lm = corpus.lm
         require_llama_like(lm, "lloco")
-        if params.c < 1:
-            raise UserError("lloco: c (compression ratio) must be >= 1")
-        if params.scorer not in kvc.SCORERS:
-            raise UserError(f"lloco: scorer must be one of {', '.join(kvc.SCORERS)}")
-        if params.storage not in kvc.STORAGE_DTYPES:
-            raise UserError(f"lloco: storage must be one of {', '.join(kvc.STORAGE_DTYPES)}")
-        if params.positions not in ("original", "compact"):
-            raise UserError("lloco: positions must be original or compact")
-        return lm
+        return lm  # its knobs' bounds and choices are declared on LlocoParams
 
     def _artifact_hash(self, lm, params) -> str:
         prefix_ids, _ = self._prefix(lm, compute=False)

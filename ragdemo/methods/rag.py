@@ -4,13 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..engine.prompt import build_prompt
-from .base import Params, PromptMethod, Result
+from .base import Params, PromptMethod, Result, knob
 
 
 @dataclass
 class RagParams(Params):
-    k: int = 5
-    join: bool = False  # join touching chunks into one passage (not the layout the reuse methods store: a study)
+    k: int = knob(5, "the k chunks nearest the question are read", label="chunks retrieved", min=1, max=50)
+    join: bool = knob(False, "join touching chunks into one passage (not the layout the reuse methods store: a study)")
 
 
 class Rag(PromptMethod):

@@ -12,17 +12,19 @@ from ..engine.generate import decode_loop, supports_kv_cache
 from ..engine.prefix import prefix_cache
 from ..engine.prompt import Prompt, build_prompt, encode
 from ..engine.scoring import nll_of_answer
-from ..errors import NotSupported, UserError
+from ..errors import NotSupported
 from ..store import reading_order
-from .base import Method, Params, Result, finish
+from .base import Method, Params, Result, finish, knob
 
 
 @dataclass
 class RetroParams(Params):
-    k: int = 2  # neighbours per query chunk (RETRO's k=2)
-    chunk_tokens: int = 64  # query chunk size in LM tokens; also the length of the re-retrieval tail
-    stride: int = 16  # re-retrieve every `stride` generated tokens (In-Context RALM: 4-32; RETRO: 64)
-    continuation: bool = True  # value = [neighbour N, its continuation F]
+    k: int = knob(2, "neighbours per query chunk (RETRO's k=2)", label="neighbours", min=1, max=50)
+    chunk_tokens: int = knob(64, "query chunk size in LM tokens; also the length of the re-retrieval tail",
+                             label="query chunk tokens", min=8, max=512)
+    stride: int = knob(16, "re-retrieve every `stride` generated tokens (In-Context RALM: 4-32; RETRO: 64)",
+                       label="re-retrieval stride", min=4, max=512)
+    continuation: bool = knob(True, "value = [neighbour N, its continuation F]", label="with continuation")
 
 
 class Retro(Method):
@@ -108,11 +110,7 @@ over [N, F] neighbours, nothing more."""
 
     # ---------------------------------------------------------------- answer
     def check(self, corpus, params) -> None:
-        corpus.require_documents(self.name)
-        if params.k < 1 or params.chunk_tokens < 1:
-            raise UserError("retro needs k >= 1 and chunk_tokens >= 1")
-        if params.stride < 4:
-            raise UserError(f"retro's stride must be at least 4 generated tokens (got {params.stride})")
+        corpus.require_documents(self.name)  # its knobs' bounds are declared on RetroParams
         if not supports_kv_cache(corpus.lm):
             raise NotSupported(f"retro rebuilds a KV cache when neighbours change; '{corpus.lm.model_id}' is a "
                                "recurrent model without one (use rag or jrt with it)")

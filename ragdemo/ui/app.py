@@ -4,7 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..workbench import Workbench
-from .ask import build_ask_tab, history, model_header
+from .ask import build_ask_tab, collection_summary, history, model_header
 from .bench_tab import build_bench_tab
 from .common import Jobs
 from .gpu import on_zerogpu
@@ -18,7 +18,11 @@ New here? Press **Load demo collection** on the Ask tab, pick an example questio
 
 CSS = """
 #load-demo {align-self: center}
-#demo-status, #library-status, #prepare-status, #bench-status {min-height: 1.5em}
+#demo-status, #library-status, #prepare-status, #bench-status, #ask-status {min-height: 1.5em}
+/* Gradio's bundled SourceSansPro-SemiBold.woff2 is a 55-glyph subset: semibold and bold text fell back to another
+   font for some letters ("RAG", the B of "BTR"). The complete Bold face, shipped next to it, stands in. */
+@font-face {font-family: 'Source Sans Pro'; font-weight: 600; font-style: normal;
+            src: url('static/fonts/SourceSansPro/SourceSansPro-Bold.woff2') format('woff2');}
 """
 
 
@@ -26,6 +30,8 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
     wb = workbench or Workbench()
     if on_zerogpu():  # ZeroGPU: models load at import, placed on "cuda" (emulated here, real in each GPU worker)
         wb.models.lm, wb.models.embedder
+    else:
+        wb.start()  # load (on the first start: convert) the model now, in the background; the Ask header says how far
     if not wb.store.collections():  # a fresh store: one collection to upload into (every other one is created explicitly)
         wb.create_collection(wb.settings.default_collection)
     jobs = Jobs(wb.store.home / "jobs")  # files: a Cancel reaches a job running in a ZeroGPU worker
@@ -50,6 +56,9 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
         demo.load(lambda c: refresh_quietly(wb, c), [collection], library.refresh_outputs)
         demo.load(lambda c: history(wb, c), [collection], [ask.history])
         demo.load(lambda: model_header(wb), None, [ask.header])
+        # the line under the demo button follows the collection's documents (uploads, deletions, a switch)
+        library.table.change(lambda c: collection_summary(wb, c), [collection], [ask.demo_status],
+                             show_progress="hidden")
         collection.change(lambda c: history(wb, c), [collection], [ask.history], show_progress="hidden")
         demo.load(lambda: model_status(wb), None, [settings_status])
     demo.queue(default_concurrency_limit=4)

@@ -13,13 +13,14 @@ from ..errors import UserError
 from ..methods import get_method, registry
 from ..methods.base import Result, params_from
 from ..deadline import Deadline
-from ..workbench import DEFAULT_METHODS, DEMO_COLLECTION, REPEATS, CompareListener, Workbench, check_repeats
-from ..units import fmt_duration
+from ..workbench import (DEFAULT_METHODS, DEMO_ARTICLE, DEMO_COLLECTION, REPEATS, CompareListener, Workbench,
+                         check_repeats)
+from ..units import fmt_duration, plural
 from .common import MODEL_QUEUE, method_choices, method_labels, progress_bridge, user_errors, warn
 from .knobs import KnobSet
 from .gpu import COMPARE_CAP_S, JOB_CAP_S, GpuGrant, answer_seconds, at_cap, on_gpu
 from .library import LONG_QUEUE, collection_name, existing_collection
-from .render import (HISTORY_HEADERS, MUTED, Card, comparison_figure, esc, history_rows, render_cards,
+from .render import (HISTORY_HEADERS, HISTORY_WIDTHS, MUTED, Card, comparison_figure, esc, history_rows, render_cards,
                      render_model_sees, render_sources, source_chunk_ids)
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,10 @@ def history(workbench: Workbench, collection: str) -> pd.DataFrame:
 
 
 def model_header(workbench: Workbench) -> str:
-    """The model's name and size: a class must know it is judging methods on a small model."""
+    """The model's name and size: a class must know it is judging methods on a small model. While the app's
+    start-up load runs (the first start converts the embedded model), it says so, with how far it is."""
+    if not workbench.startup.ready:
+        return f"**Model:** getting ready: {esc(startup_text(workbench))}. Buttons that need the model wait for it."
     try:
         lm = workbench.models.lm
     except Exception as exc:  # the header is informative only; Compare reports load errors properly
@@ -49,6 +53,16 @@ def model_header(workbench: Workbench) -> str:
              "large chat model.") if n < 2e9 else ""
     return (f"**Model:** {esc(lm.model_id)} · **{size} parameters** · {esc(lm.device)} · answers up to "
             f"{workbench.settings.max_new_tokens} tokens.{small}")
+
+
+def startup_text(workbench: Workbench) -> str:
+    startup = workbench.startup
+    return f"{startup.message} ({startup.fraction:.0%})"
+
+
+def header_tick(workbench: Workbench):
+    """The header and its timer: it polls while the model gets ready, then stops."""
+    return model_header(workbench), gr.Timer(active=not workbench.startup.ready)
 
 
 # ------------------------------------------------------------------ estimates
@@ -138,22 +152,27 @@ def not_run(message: str):
 
 def compare(workbench: Workbench, knobs: KnobSet, question: str, methods: list[str] | None, collection: str,
             gold: str | None, *knob_values, deadline: Deadline | None = None, repeats: int = 1):
-    """Generator for the Compare button: yields (cards, chart, model-sees, sources, history) while methods run.
-    Bad input is a warning and clears the old answers; it never turns the outputs into error pills. `deadline`:
+    """Generator for the Compare button: yields (cards, chart, model-sees, sources, history, status, *knob widgets)
+    while methods run. Bad input (a question, a knob) is refused before any method runs: a sentence next to the
+    button, the old answers cleared, a refused knob back at the value in force; never an error pill. `deadline`:
     the Compare's own, besides RAGDEMO_MAX_COMPARE_S (on ZeroGPU: inside its GPU grant)."""
     try:
         question = workbench.check_question(question)
         if not methods:
             raise UserError("pick at least one method")
         name = existing_collection(workbench, collection)
-        workbench.models.lm  # a model that cannot load is reported once, before any card
         values = knobs.values(*knob_values)
         repeats = check_repeats(repeats)
         workbench.refuse_training_when_shared(methods, values, "answer")
+        while not workbench.startup.wait(POLL_S * 4):  # the first start converts the model: say so, not a bare clock
+            yield (*[gr.skip()] * 5, f"**Waiting for the model:** {esc(startup_text(workbench))}", *knobs.unchanged())
+        workbench.models.lm  # a model that cannot load is reported once, before any card
+        workbench.method_params(methods, values)  # the rules that need the model, e.g. btr's split
     except UserError as exc:
         warn(str(exc))
-        yield not_run(str(exc))
+        yield (*not_run(str(exc)), f"**Not run:** {esc(exc)}", *knobs.restored(exc))
         return
+    unchanged = (gr.skip(), *knobs.unchanged())  # the status line and the knob widgets, while methods run
     labels = method_labels()
     order = list(registry())
     methods = sorted(methods, key=lambda m: (m in RUN_LAST, order.index(m) if m in order else len(order)))
@@ -167,13 +186,14 @@ def compare(workbench: Workbench, knobs: KnobSet, question: str, methods: list[s
                                                       repeats), daemon=True)
     worker.start()
     shown = 0
-    yield render_cards(cards), None, render_model_sees([]), render_sources([], {}, question), gr.skip()
+    yield (render_cards(cards), None, render_model_sees([]), render_sources([], {}, question), gr.skip(), "",
+           *knobs.unchanged())
     while worker.is_alive():
         worker.join(POLL_S)
         shown = _flush_warnings(warnings, shown)
-        yield render_cards(cards), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        yield render_cards(cards), gr.skip(), gr.skip(), gr.skip(), gr.skip(), *unchanged
     _flush_warnings(warnings, shown)
-    yield final_outputs(workbench, cards, question, name, values)
+    yield (*final_outputs(workbench, cards, question, name, values), *unchanged)
 
 
 def _answer_limit(workbench: Workbench, method: str, knobs: dict) -> int:
@@ -208,7 +228,8 @@ def final_outputs(workbench: Workbench, cards: list[Card], question: str, collec
     tokenizer = workbench.models.lm.tokenizer
     figure = comparison_figure(results, labels, storage_split(workbench, results, collection, knobs or {}))
     return (render_cards(cards), figure, render_model_sees(results, labels, tokenizer),
-            render_sources(results, texts, question, labels), history_frame(workbench, collection))
+            render_sources(results, texts, question, labels, cards[0].golds if cards else ()),
+            history_frame(workbench, collection))
 
 
 # ----------------------------------------------------------------------- demo
@@ -236,9 +257,28 @@ def prepare_demo(workbench: Workbench, progress=None, deadline: Deadline | None 
     stopped = [r.message for r in reports if r.status == "skipped" and "run it again" in r.message]
     if stopped:
         return f"Collection **{DEMO_COLLECTION}**: {esc(stopped[0])} (press **Load demo collection** again)."
-    done = f"prepared for {', '.join(prepared)}" if prepared else "ready"
-    return (f"Collection **{DEMO_COLLECTION}** {done}: one Wikipedia article from SQuAD. Pick an example "
-            "question below (each has its gold answer, so cards show ✓/✗) and press **Compare**.")
+    done = f" Prepared for {', '.join(prepared)}." if prepared else ""
+    return collection_summary(workbench, DEMO_COLLECTION) + done
+
+
+def collection_summary(workbench: Workbench, collection: str | None) -> str:
+    """What the chosen collection holds, said under the demo button: it follows uploads and deletions (the demo
+    collection is not "one Wikipedia article" once a class has added its own documents)."""
+    try:
+        name = existing_collection(workbench, collection)
+    except UserError:
+        return ""
+    docs = [d["name"] for d in workbench.documents(name)]
+    if not docs:
+        return (f"Collection **{esc(name)}** is empty: add documents in the Library tab, or press **Load demo "
+                "collection** for a sample article with example questions.")
+    shown = ", ".join(esc(d) for d in docs[:4]) + (f" and {len(docs) - 4} more" if len(docs) > 4 else "")
+    held = f"{plural(len(docs), 'document')}: {shown}"
+    if docs == [DEMO_ARTICLE]:
+        held = f"one Wikipedia article from SQuAD ({esc(DEMO_ARTICLE)})"
+    examples = (" Pick an example question below (each has its gold answer, so cards show ✓/✗) and press "
+                "**Compare**." if DEMO_ARTICLE in docs else "")
+    return f"Collection **{esc(name)}** holds {held}.{examples}"
 
 
 @dataclass
@@ -250,6 +290,7 @@ class AskTab:
     header: gr.Markdown
     compared: object  # the Compare event, so other tabs can refresh after it (e.g. storage in the Library)
     demo_loaded: object  # the Load-demo event, so the Library refreshes after it
+    demo_status: gr.Markdown  # what the chosen collection holds: refreshed when its documents change
 
 
 def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
@@ -257,6 +298,7 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
     knobs = KnobSet()
     with gr.Tab("Ask", id="ask"):
         header = gr.Markdown(elem_id="ask-header")
+        header_timer = gr.Timer(1.0)
         with gr.Row(equal_height=True):
             demo_button = gr.Button("Load demo collection", elem_id="load-demo", scale=0, min_width=220)
             demo_status = gr.Markdown("New here? One click loads a sample article with example questions and "
@@ -268,6 +310,7 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
             gold = gr.Textbox(label="Gold answer (optional)", placeholder="e.g. Brazil | Brazilian", scale=2,
                               elem_id="gold", info="cards show ✓ when their answer contains it; | separates alternatives")
             compare_button = gr.Button("Compare", variant="primary", scale=1, elem_id="compare-button")
+        ask_status = gr.Markdown(elem_id="ask-status")  # why a Compare was refused, next to the button
         examples = gr.Examples([[q, GOLD_SEPARATOR.join(a)] for q, a in wb.demo_examples()], [question, gold],
                                label="Example questions on the demo collection (click one)", elem_id="examples",
                                examples_per_page=8)
@@ -279,7 +322,7 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
                                             "document and takes far longer; its card shows the expected time first.")
             repeats = gr.Radio(list(REPEATS), value=1, label="Repeats", elem_id="repeats", scale=1,
                                info="answers per method: times shown as the median and range of the runs")
-        with gr.Accordion("Knobs per method", open=False):
+        with gr.Accordion("Knobs per method", open=False, elem_id="knobs"):
             knobs.build()
         gr.Markdown("### Answers")
         cards = gr.HTML(render_cards([]), elem_id="cards")
@@ -289,15 +332,20 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
                     "reached the model: read as text, loaded from a cache, compressed, binarized, merged, repeated "
                     "or retrieved while generating. Struck-through tokens were dropped by compression.")
         sees = gr.HTML(render_model_sees([]), elem_id="model-sees")
-        gr.Markdown("### Sources\nThe passages each method read; the sentence closest to the question and answer is highlighted.")
+        gr.Markdown("### Sources\nThe passages each method read, most similar to the question first. **Similarity** is "
+                    "the cosine of the question's and the passage's embeddings (all-MiniLM-L6-v2): 1 = the same "
+                    "direction, 0 = unrelated; retrieval keeps the highest. The highlighted sentence is the one most "
+                    "likely to hold the answer (answer and gold-answer words count more than question words).")
         sources = gr.HTML(render_sources([], {}, ""), elem_id="sources")
         with gr.Row():
             gr.Markdown("### History")
             refresh_button = gr.Button("Refresh history", size="sm", scale=0)
+        # widths that add up to the page (no sideways scrolling at 800 px); long cells wrap
         history_table = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True, elem_id="history",
-                                     label="Past runs in this collection (newest first)")
+                                     label="Past runs in this collection (newest first)",
+                                     column_widths=HISTORY_WIDTHS, max_height=520)
     inputs = [question, methods, collection, gold, repeats, *knobs.components]
-    outputs = [cards, chart, sees, sources, history_table]
+    outputs = [cards, chart, sees, sources, history_table, ask_status, *knobs.components]
 
     # a Compare's GPU time: its methods' usual answer times, once per repeat
     compare_grant = GpuGrant(lambda q, m, c=None, g=None, n=1, *rest: answer_seconds(wb, m) * int(n or 1), COMPARE_CAP_S)
@@ -314,10 +362,11 @@ def build_ask_tab(workbench: Workbench, collection: gr.Dropdown) -> AskTab:
 
     compared = gr.on([compare_button.click, question.submit], run, inputs, outputs, api_name="compare", **MODEL_QUEUE)
     refresh_button.click(lambda c: history(wb, c), [collection], [history_table])
+    header_timer.tick(lambda: header_tick(wb), None, [header, header_timer], show_progress="hidden", queue=False)
     demo_loaded = demo_button.click(lambda progress=gr.Progress(): load_demo(wb, progress), None,
                                     [demo_status, collection, question, gold], show_progress_on=[demo_status],
                                     api_name="load_demo", **LONG_QUEUE).then(
         run_prepare_demo, None, [demo_status], show_progress_on=[demo_status], api_name="prepare_demo", **LONG_QUEUE)
     # an example question is about the demo article: picking one switches to the demo collection
     examples.load_input_event.then(lambda: gr.update(value=DEMO_COLLECTION), None, [collection], show_progress="hidden")
-    return AskTab(knobs, question, methods, history_table, header, compared, demo_loaded)
+    return AskTab(knobs, question, methods, history_table, header, compared, demo_loaded, demo_status)

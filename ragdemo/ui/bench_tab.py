@@ -10,12 +10,14 @@ import gradio as gr
 import pandas as pd
 
 from ..bench.command import equivalent_command, run_benchmark
-from ..bench.runner import column_header, fmt_cell, reference_name, row_label, summary_columns
+from ..bench.runner import SUMMARY_COLUMNS, column_header, fmt_cell, reference_name, row_label, summary_columns
+from ..config import setting_spec
 from ..errors import UserError
+from ..params import Spec, checked as checked_value
 from ..methods import registry
 from .gpu import JOB_CAP_S, GpuGrant, on_gpu
 from .common import Cancelled, Jobs, cancellable, progress_bridge, session_of, warn
-from ..units import fmt_duration
+from ..units import fmt_duration, plural
 from .render import esc
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ def estimate(workbench, dataset: str, n, checked, variants) -> str:
     if not total:
         return "**Estimated duration:** unknown (none of these methods has answered on this machine yet)."
     unknown = f"; plus {', '.join(missing)} (never timed here)" if missing else ""
-    return f"**Estimated duration:** about {fmt_duration(total)} for {questions} questions{esc(unknown)}, preparation not included."
+    return f"**Estimated duration:** about {fmt_duration(total)} for {plural(questions, 'question')}{esc(unknown)}, preparation not included."
 
 
 def summary_frame(run) -> pd.DataFrame:
@@ -117,15 +119,24 @@ class BenchRequest:
                                   self.reference, self.max_new_tokens)
 
 
+QUESTIONS = Spec(int, label="questions (n)", min=1)
+SEED = Spec(int, label="seed", min=0)
+
+
 def bench_request(dataset: str, jsonl_file, n, seed, checked, variants, reference, lengths, depths,
                   max_new_tokens) -> BenchRequest:
     if dataset == "jsonl":
         if not jsonl_file:
             raise UserError("upload a .jsonl file of {question, answers, context?, doc?} first")
         dataset = str(jsonl_file)
-    return BenchRequest(dataset, methods_from(checked, variants), int(n) if n else None, int(seed or 0),
-                        _numbers(lengths, "lengths"), _numbers(depths, "depths"), reference or "rag",
-                        int(max_new_tokens) if max_new_tokens else None)
+    return BenchRequest(dataset, methods_from(checked, variants), _blank_or(QUESTIONS, "n", n),
+                        checked_value(SEED, "seed", seed or 0), _numbers(lengths, "lengths"), _numbers(depths, "depths"),
+                        reference or "rag", _blank_or(setting_spec("max_new_tokens"), "max_new_tokens", max_new_tokens))
+
+
+def _blank_or(spec: Spec, name: str, value):
+    """A blank box means the default (every question, the Settings' answer length); anything else is checked."""
+    return None if value is None or str(value).strip() == "" else checked_value(spec, name, value)
 
 
 def command_line(*inputs) -> str:
@@ -167,10 +178,11 @@ def build_bench_tab(workbench, jobs: Jobs) -> None:
                                elem_id="bench-dataset")
             jsonl_file = gr.File(label="JSONL file (for 'My JSONL file')", file_types=[".jsonl"], type="filepath")
         with gr.Row():
-            n = gr.Number(10, precision=0, minimum=1, label="questions (n)", elem_id="bench-n")
+            # no Gradio bounds (they would put an Error box over the field): bench_request checks and says why
+            n = gr.Number(10, precision=0, label="questions (n)", elem_id="bench-n")
             seed = gr.Number(0, precision=0, label="seed")
-            max_new = gr.Number(workbench.settings.max_new_tokens, precision=0, minimum=1, maximum=4096,
-                                label="max new tokens", info="the same default as the Ask tab and the CLI")
+            max_new = gr.Number(workbench.settings.max_new_tokens, precision=0, label="max new tokens",
+                                info="the same default as the Ask tab and the CLI", elem_id="bench-max-new")
             reference = gr.Radio(["rag", "full_context"], value="rag", label="reference for value kept")
         methods = gr.CheckboxGroup(names, value=[m for m in DEFAULT_METHODS if m in names], label="Methods",
                                    elem_id="bench-methods")
@@ -184,7 +196,9 @@ def build_bench_tab(workbench, jobs: Jobs) -> None:
             run_button = gr.Button("Run benchmark", variant="primary", elem_id="bench-run", scale=0, min_width=200)
             cancel_button = gr.Button("Cancel", elem_id="bench-cancel", scale=0, min_width=120)
             header = gr.Markdown(elem_id="bench-status")
-        table = gr.Dataframe(label="Summary (means): click a header to sort, type to filter", interactive=False,
+        # the summary's own headers before the first run (an empty table would show Gradio's "1 2 3")
+        table = gr.Dataframe(pd.DataFrame(columns=[column_header(c) for c in SUMMARY_COLUMNS if c != "keywords"]),
+                             label="Summary (means): click a header to sort, type to filter", interactive=False,
                              elem_id="bench-summary", wrap=False, show_search="filter")
         with gr.Row():
             # show_label=False: Gradio's label badge would cover the title drawn inside each plot

@@ -1,34 +1,23 @@
-"""Knob widgets generated from each method's `Params` dataclass, so a new method's knobs need no UI code.
+"""Knob widgets generated from each method's `Params` declarations (ragdemo/params.py), so a new method's knobs
+need no UI code: a bool is a checkbox, a knob with choices a dropdown, a number a number box whose help names
+its range.
 
-Each field's label and one-line help come from the `# comment` after it in the method's source (read once with
-`inspect`); a string field whose comment lists its values (`a | b`, `a: ...; b: ...`, `a = ...; b = ...`)
-becomes a dropdown. Numbers get bounds, so invalid values are refused before anything runs."""
+The number boxes carry no Gradio bounds on purpose: Gradio refuses an out-of-range number before the handler
+runs, with a red "Error" over the control. The one check in ragdemo/params.py refuses it instead, as a sentence
+next to the button that was pressed, and the box goes back to the value in force."""
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import re
 from dataclasses import dataclass, fields
-from functools import lru_cache
 
 import gradio as gr
 
 from ..errors import UserError
 from ..methods import registry
 from ..methods.base import Params
+from ..params import KnobError, Spec, checked, default_of, label_of, specs
 
 SHARED = {f.name for f in fields(Params)}  # knobs every method has; 0 or blank means "use the Settings tab value"
-
-# Bounds by knob meaning, shared by every method that uses the name (unknown names get a plain number box).
-# (minimum, maximum, step); a slider needs both ends.
-BOUNDS: dict[str, tuple[float, float, float]] = {
-    "k": (1, 50, 1), "c": (1, 64, 1), "stride": (1, 512, 1), "chunk_tokens": (8, 512, 8), "split": (0, 64, 1),
-    "merge_layer": (-1, 64, 1), "selection_layer": (0, 64, 1), "r": (0, 1, 0.05), "r_o": (0, 1, 0.05),
-    "r_p": (0, 1, 0.05), "lora_steps": (0, 2000, 10), "lora_r": (1, 64, 1), "max_context_tokens": (0, 32768, 64),
-}
-INT_CHOICES = {"bits": [1, 2, 4, 8, 16]}  # values the method accepts, where only a few are valid
-WORDS = {"r o": "offline merge share", "r p": "runtime merge share", "k": "chunks retrieved (k)",
-         "c": "compression ratio (c)", "r": "recomputed share (r)", "lora r": "LoRA rank", "bits": "bits per value"}
+SETTINGS_VALUE = 0  # what a shared knob's box shows when the Settings value applies
 
 
 @dataclass
@@ -36,82 +25,49 @@ class Knob:
     method: str
     name: str
     default: object
+    spec: Spec
     component: gr.components.Component | None = None
-    choices: list | None = None
+
+    @property
+    def in_force(self):
+        """What the box shows when nothing was changed: the method's default (0 = the Settings value)."""
+        return SETTINGS_VALUE if self.name in SHARED else self.default
+
+    @property
+    def choices(self) -> list | None:
+        return list(self.spec.choices) or None
 
 
 def knob_defaults(params_cls: type) -> list[tuple[str, object]]:
-    """(name, default) per field; the default's type decides the widget (annotations may be strings)."""
-    out = []
-    for f in fields(params_cls):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = None
-        out.append((f.name, default))
-    return out
+    """(name, default) per declared knob."""
+    return [(f.name, default_of(f)) for f in fields(params_cls) if f.name in specs(params_cls)]
 
 
-@lru_cache(maxsize=None)
-def field_comments(params_cls: type) -> dict[str, str]:
-    """{field: the `# comment` after it} over the class and its dataclass bases (the docs live in the source)."""
-    comments: dict[str, str] = {}
-    for cls in reversed(params_cls.__mro__):
-        if not dataclasses.is_dataclass(cls):
-            continue
-        try:
-            source = inspect.getsource(cls)
-        except (OSError, TypeError):
-            continue
-        for match in re.finditer(r"^\s+(\w+)\s*:[^=\n]+=[^#\n]*#\s*(.+)$", source, re.M):
-            comments[match.group(1)] = match.group(2).strip()
-    return comments
-
-
-def knob_help(params_cls: type, name: str) -> str:
+def knob_help(name: str, spec: Spec) -> str:
     if name in SHARED:
-        return "0 = the Settings tab value"
-    return field_comments(params_cls).get(name, "")
+        return f"0 = the Settings tab value; otherwise {spec.allowed()}"
+    if spec.choices or spec.kind in (bool, str):
+        return spec.help
+    return f"{spec.help} · {spec.allowed()}" if spec.help else spec.allowed()
 
 
-def knob_label(name: str) -> str:
-    words = WORDS.get(name.replace("_", " "), name.replace("_", " "))
-    return words[:1].upper() + words[1:]
-
-
-def comment_choices(comment: str, default: str) -> list[str] | None:
-    """Values listed in a comment: "reconstruct (KVzip-style) | keynorm" or "rag = top-k; full = all". Only
-    trusted when the default is among them."""
-    parts = [p for p in re.split(r"[;|]", comment) if p.strip()]
-    if len(parts) < 2:
-        return None
-    values = [m.group(1) for m in (re.match(r"\s*([\w.-]+)", p) for p in parts) if m]
-    return values if default in values and len(set(values)) == len(values) else None
-
-
-def knob_widget(params_cls: type, name: str, default: object) -> tuple[gr.components.Component, list | None]:
-    label, help_text = knob_label(name), knob_help(params_cls, name)
-    common = {"label": label, "info": help_text or None, "min_width": 220, "scale": 1}
+def knob_widget(method: str, name: str, spec: Spec, default: object) -> gr.components.Component:
+    label, help_text = label_of(name, spec), knob_help(name, spec)
+    common = {"label": label, "info": help_text or None, "min_width": 220, "scale": 1,
+              "elem_id": f"knob-{method}-{name}"}
     if name in SHARED:
-        return gr.Number(value=0, precision=0, minimum=0, maximum=4096, **common), None
-    if isinstance(default, bool):
+        return gr.Number(value=SETTINGS_VALUE, precision=0, **common)
+    if spec.kind is bool:
         with gr.Column(min_width=220, scale=1):  # a bare checkbox ignores min_width and gets squeezed in a row
-            return gr.Checkbox(value=default, label=label, info=help_text or None), None
-    if isinstance(default, int) and name in INT_CHOICES:
-        return gr.Dropdown(INT_CHOICES[name], value=default, **common), INT_CHOICES[name]
-    if isinstance(default, (int, float)) and name in BOUNDS:
-        low, high, step = BOUNDS[name]
-        return gr.Slider(low, high, value=default, step=step, **common), None
-    if isinstance(default, int):
-        return gr.Number(value=default, precision=0, **common), None
-    if isinstance(default, float):
-        return gr.Number(value=default, **common), None
-    choices = comment_choices(help_text, str(default)) if isinstance(default, str) else None
-    if choices:
-        return gr.Dropdown(choices, value=default, **common), choices
-    return gr.Textbox(value="" if default is None else str(default), **common), None
+            return gr.Checkbox(value=default, label=label, info=help_text or None, elem_id=common["elem_id"])
+    if spec.choices:
+        return gr.Dropdown(list(spec.choices), value=default, **common)
+    if spec.kind is int:
+        return gr.Number(value=default, precision=0, **common)
+    if spec.kind is float:
+        small = spec.max is not None and spec.max <= 1
+        return gr.Number(value=default, step=0.05 if small else 1, **common)
+    return gr.Textbox(value="" if default is None else str(default), **common)
 
 
 class KnobSet:
@@ -123,39 +79,37 @@ class KnobSet:
     def build(self) -> None:
         """Render one closed accordion per method with knobs (call inside a Blocks layout)."""
         for name, cls in registry().items():
-            defaults = knob_defaults(cls.Params)
-            with gr.Accordion(f"{cls.label or name} knobs", open=False), gr.Row():
-                for knob_name, default in defaults:
-                    widget, choices = knob_widget(cls.Params, knob_name, default)
-                    self.knobs.append(Knob(name, knob_name, default, widget, choices))
+            with gr.Accordion(f"{cls.label or name} knobs", open=False, elem_id=f"knobs-{name}"), gr.Row():
+                for knob_name, spec in specs(cls.Params).items():
+                    default = dict(knob_defaults(cls.Params))[knob_name]
+                    widget = knob_widget(name, knob_name, spec, default)
+                    self.knobs.append(Knob(name, knob_name, default, spec, widget))
 
     @property
     def components(self) -> list[gr.components.Component]:
         return [k.component for k in self.knobs]
 
     def values(self, *widget_values) -> dict[str, dict]:
-        """{method: {knob: value}}; blank widgets (and 0 for shared knobs) are left out, so the method's or the
-        Settings' default applies. A value out of bounds or not among the choices raises UserError."""
+        """{method: {knob: value}}; blank boxes (and 0 for shared knobs) are left out, so the method's or the
+        Settings' default applies. A refused value raises KnobError naming `method.knob`."""
         out: dict[str, dict] = {}
         for knob, value in zip(self.knobs, widget_values):
-            if value is None or (isinstance(value, str) and not value.strip() and not isinstance(knob.default, str)):
+            if value is None or (isinstance(value, str) and not value.strip() and knob.spec.kind is not str):
                 continue
-            if knob.name in SHARED and isinstance(value, (int, float)) and value <= 0:
+            if knob.name in SHARED and value == SETTINGS_VALUE:
                 continue
-            if isinstance(value, float) and isinstance(knob.default, int) and not isinstance(knob.default, bool):
-                if value != int(value):
-                    raise UserError(f"{knob.method}.{knob.name}: a whole number, got {value:g}")
-                value = int(value)
-            check(knob, value)
+            try:
+                value = checked(knob.spec, knob.name, value)
+            except KnobError as exc:
+                raise exc.named(knob.method) from None
             out.setdefault(knob.method, {})[knob.name] = value
         return out
 
+    def restored(self, error: UserError) -> list:
+        """One update per widget after a refusal: the refused knob goes back to the value in force, the others
+        stay as they are (a refusal that names no single knob changes none)."""
+        refused = (getattr(error, "owner", None), getattr(error, "name", None))
+        return [gr.update(value=k.in_force) if (k.method, k.name) == refused else gr.skip() for k in self.knobs]
 
-def check(knob: Knob, value) -> None:
-    label = f"{knob.method}.{knob.name} ({knob_label(knob.name)})"
-    if knob.choices is not None and value not in knob.choices:
-        raise UserError(f"{label}: choose one of {', '.join(map(str, knob.choices))}, got {value!r}")
-    if knob.name in BOUNDS and isinstance(value, (int, float)) and not isinstance(value, bool):
-        low, high, _ = BOUNDS[knob.name]
-        if not low <= value <= high:
-            raise UserError(f"{label}: between {low:g} and {high:g}, got {value:g}")
+    def unchanged(self) -> list:
+        return [gr.skip()] * len(self.knobs)

@@ -17,13 +17,15 @@ import pandas as pd
 from ..errors import UserError
 from ..ingest.readers import SUPPORTED
 from ..methods import registry
-from ..store.db import check_collection_name
+from ..store.db import RESCORE, check_collection_name
 from ..deadline import Deadline
+from ..params import KnobError
 from ..workbench import Workbench
 from .common import (Cancelled, Jobs, cancellable, method_choices, progress_bridge, session_of, user_errors,
                      warn)
 from .gpu import JOB_CAP_S, GpuGrant, at_cap, on_gpu
 from .knobs import KnobSet
+from ..units import plural
 from .render import document_table, esc
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,10 @@ def existing_collection(workbench: Workbench, collection: str | None) -> str:
     return name
 
 
-def reported(n_outputs: int):
+def reported(n_outputs: int, let_through: tuple[type, ...] = ()):
     """A handler whose first output is its status line: a UserError (or a bug) becomes a warning and that status;
-    the other outputs are left as they are."""
+    the other outputs are left as they are. Errors in `let_through` go up to the caller (a refused knob goes to
+    `knob_job`, which also resets its widget)."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -61,6 +64,8 @@ def reported(n_outputs: int):
             except Cancelled:
                 return _with_status("**Cancelled.** Everything finished before the Cancel is kept; nothing "
                                     "half-written.", n_outputs)
+            except let_through:
+                raise
             except UserError as exc:
                 message = str(exc)
             except Exception as exc:  # a bug must not take the page; the log has the traceback
@@ -127,7 +132,7 @@ def rename_collection(workbench: Workbench, collection: str, new_name: str):
 def ask_delete_collection(workbench: Workbench, collection: str):
     name = existing_collection(workbench, collection)
     n = len(workbench.documents(name))
-    return (f"Delete collection **{esc(name)}** with its {n} documents and every prepared artifact? This cannot "
+    return (f"Delete collection **{esc(name)}** with its {plural(n, 'document')} and every prepared artifact? This cannot "
             "be undone.", gr.update(visible=True), gr.update(visible=True))
 
 
@@ -153,7 +158,7 @@ def retrieval_of(workbench: Workbench, collection: str | None):
 @reported(1)
 def set_retrieval(workbench: Workbench, collection: str, retriever: str, rescore: float | None):
     name = existing_collection(workbench, collection)
-    settings = workbench.set_retrieval(name, retriever, int(rescore) if rescore else None)
+    settings = workbench.set_retrieval(name, retriever, rescore)  # 0 or 2000 refused with the allowed range
     how = (f"1-bit sign codes, Hamming top k x {settings['rescore']} rescored with the float vectors"
            if settings["retriever"] == "binary" else "exact search over the float vectors")
     return (f"Collection **{esc(name)}** now retrieves with the **{settings['retriever']}** retriever ({how}); "
@@ -177,9 +182,20 @@ def upload(workbench: Workbench, files: list[str] | None, collection: str, prepa
     failed = [r for r in reports if r.status == "error"]
     for report in failed:
         warn(report.message)
-    lines = [f"- **{esc(r.status)}** {esc(r.message)}" for r in reports]
+    lines = [report_line(r) for r in reports]
     head = "Nothing was added." if len(failed) == len(reports) else f"Collection **{esc(name)}**:"
     return head + "\n" + "\n".join(lines), None
+
+
+FILE_WORDS = {"added": "added", "duplicate": "already here", "error": "not added"}
+
+
+def report_line(report) -> str:
+    """A file's report with its outcome in bold; a method's report (prepared, skipped, dropped) is already a
+    sentence that starts with the method's name and says what happened."""
+    if report.status in FILE_WORDS:
+        return f"- **{FILE_WORDS[report.status]}** {esc(report.message)}"
+    return f"- {esc(report.message)}"
 
 
 @reported(3)
@@ -198,7 +214,7 @@ def delete(workbench: Workbench, doc_id: str | None, collection: str):
         raise UserError("pick a document to delete")
     name = existing_collection(workbench, collection)
     doc = workbench.delete(str(doc_id), name)
-    dropped = "".join(f"\n- **dropped** {esc(line)}" for line in doc["dropped"])
+    dropped = "".join(f"\n- {esc(line)}" for line in doc["dropped"])
     return (f"Deleted **{esc(doc['name'])}** and its chunks, vectors and cached artifacts.{dropped}",
             gr.update(visible=False), gr.update(visible=False))
 
@@ -212,7 +228,7 @@ def prepare_uploaded(workbench: Workbench, collection: str, prepare: bool, statu
         return gr.skip()
     name = existing_collection(workbench, collection)
     reports = workbench.prepare_defaults(name, progress_bridge(progress), deadline)
-    return (status or "") + "\n" + "\n".join(f"- **{esc(r.status)}** {esc(r.message)}" for r in reports)
+    return (status or "") + "\n" + "\n".join(report_line(r) for r in reports)
 
 
 def cancel_delete():
@@ -220,7 +236,7 @@ def cancel_delete():
 
 
 # ------------------------------------------------------------------- long jobs
-@reported(1)
+@reported(1, let_through=(KnobError,))
 def prepare(workbench: Workbench, knobs: KnobSet, methods: list[str] | None, collection: str, *knob_values,
             progress=None, deadline: Deadline | None = None):
     if not methods:
@@ -230,7 +246,7 @@ def prepare(workbench: Workbench, knobs: KnobSet, methods: list[str] | None, col
     return "\n".join(f"- {esc(line)}" for line in done)
 
 
-@reported(1)
+@reported(1, let_through=(KnobError,))
 def finetune(workbench: Workbench, knobs: KnobSet, method: str | None, collection: str, *knob_values,
              progress=None):
     if not method:
@@ -238,6 +254,16 @@ def finetune(workbench: Workbench, knobs: KnobSet, method: str | None, collectio
     name = existing_collection(workbench, collection)
     summary = workbench.finetune(method, name, knobs.values(*knob_values), progress)
     return f"- {esc(method)}: {esc(summary)}"
+
+
+def knob_job(knobs: KnobSet, job) -> tuple:
+    """Run `job()` (a status line) for a button that reads the Ask tab's knobs: (status, *knob widgets). A refused
+    knob is named in the status next to the button and its widget goes back to the value in force."""
+    try:
+        return (job(), *knobs.unchanged())
+    except KnobError as exc:
+        warn(str(exc))
+        return (f"**Not done:** {esc(exc)}", *knobs.restored(exc))
 
 
 def run_job(jobs: Jobs, kind: str, request, progress, job):
@@ -287,12 +313,14 @@ class LibraryTab:
         # Gradio injects the request and the progress tracker only into parameters before *values
         @on_gpu(wb.content, grant)
         def run_prepare(request: gr.Request, progress=gr.Progress(), *values):
-            return run_job(jobs, "prepare", request, progress,
-                           lambda p: prepare(wb, knobs, *values, progress=p, deadline=grant.deadline()))
+            return knob_job(knobs, lambda: run_job(jobs, "prepare", request, progress,
+                                                   lambda p: prepare(wb, knobs, *values, progress=p,
+                                                                     deadline=grant.deadline())))
 
         @on_gpu(wb.content, grant)
         def run_finetune(request: gr.Request, progress=gr.Progress(), *values):
-            return run_job(jobs, "prepare", request, progress, lambda p: finetune(wb, knobs, *values, progress=p))
+            return knob_job(knobs, lambda: run_job(jobs, "prepare", request, progress,
+                                                   lambda p: finetune(wb, knobs, *values, progress=p)))
 
         def stop(request: gr.Request):
             return cancel_job(jobs, "prepare", request)
@@ -302,7 +330,8 @@ class LibraryTab:
 
         for button, fn, picked, api in ((self.prepare_button, run_prepare, self.prepare_methods, "prepare"),
                                         (self.finetune_button, run_finetune, self.finetune_method, "finetune")):
-            button.click(register, None, None, queue=False).then(fn, [picked, self.collection, *knobs.components], [self.prepare_status],
+            button.click(register, None, None, queue=False).then(fn, [picked, self.collection, *knobs.components],
+                                                                 [self.prepare_status, *knobs.components],
                          show_progress_on=[self.prepare_status], api_name=api, **LONG_QUEUE).then(
                 lambda c: refresh_quietly(wb, c), [self.collection], self.refresh_outputs, show_progress="hidden")
         self.prepare_cancel.click(stop, None, [self.prepare_status], queue=False)
@@ -323,7 +352,9 @@ def build_library_tab(workbench: Workbench, collection: gr.Dropdown, jobs: Jobs)
                                      info="float: exact search over the embeddings; binary: 1-bit sign codes (32x "
                                           "smaller), Hamming search, then the top k x rescore rescored with the "
                                           "float vectors", scale=3, elem_id="retriever")
-                rescore = gr.Slider(1, 100, value=10, step=1, label="Rescore (binary)", scale=2, elem_id="rescore")
+                # a number box without Gradio bounds: Gradio would put an Error box over it; the store says why
+                rescore = gr.Number(10, precision=0, label="Rescore (binary)", scale=2, elem_id="rescore",
+                                    info=f"candidates = k x rescore; {RESCORE.allowed()}")
                 retrieval_button = gr.Button("Apply retriever", scale=1, elem_id="apply-retriever")
             collection_status = gr.Markdown(elem_id="collection-status")
             with gr.Row():
@@ -377,10 +408,11 @@ def build_library_tab(workbench: Workbench, collection: gr.Dropdown, jobs: Jobs)
     def run_prepare_uploaded(c, p, s, progress=gr.Progress()):
         return prepare_uploaded(wb, c, p, s, progress, upload_grant.deadline())
 
-    # storing is a content change, done here; preparing runs the model (on ZeroGPU, a GPU call of its own)
-    then_refresh(files.upload(lambda f, c, progress=gr.Progress(): upload(wb, f, c, False, progress=progress),
-                              [files, collection], [status, files], api_name="upload", show_progress_on=[status],
-                              **LONG_QUEUE).then(
+    # the previous upload's report goes first, so the new upload's progress is not drawn over it; storing is a
+    # content change, done here; preparing runs the model (on ZeroGPU, a GPU call of its own)
+    then_refresh(files.upload(lambda: "", None, [status], queue=False, show_progress="hidden").then(
+        lambda f, c, progress=gr.Progress(): upload(wb, f, c, False, progress=progress),
+        [files, collection], [status, files], api_name="upload", show_progress_on=[status], **LONG_QUEUE).then(
         run_prepare_uploaded, [collection, prepare_on_upload, status], [status], api_name="prepare_upload",
         show_progress_on=[status], **LONG_QUEUE))
     delete_button.click(lambda d, c: ask_delete_document(wb, d, c), [doc_picker, collection],

@@ -7,16 +7,15 @@ import gradio as gr
 
 from ..methods import registry
 from ..cards import card_markdown, figures, headline, load_suite
-from .knobs import SHARED, knob_defaults, knob_help, knob_label
+from ..params import knob_table as declared_knob_table
+from .knobs import SHARED
 from .render import one_liner
+
+SHARED_NOTE = {name: "shared by every method; in the Ask tab 0 = the Settings value" for name in SHARED}
 
 
 def knob_table(params_cls: type) -> str:
-    rows = [f"| {knob_label(name)} | `{name}` | `{default!r}` | "
-            + ("shared: 0 = the Settings value" if name in SHARED else knob_help(params_cls, name).replace("|", "/"))
-            + " |"
-            for name, default in knob_defaults(params_cls)]
-    return "| knob | name | default | what it does |\n|---|---|---|---|\n" + "\n".join(rows)
+    return declared_knob_table(params_cls, SHARED_NOTE)
 
 
 def paper_line(card: str, fallback: str) -> str:

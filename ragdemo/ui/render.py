@@ -27,6 +27,7 @@ MARKS = {
     "merged": ("#fbcfe8", "merged with similar tokens"),
     "repeated": ("#bbf7d0", "a second copy (JRT reads the context twice)"),
     "retrieved": ("#fed7aa", "retrieved during generation (RETRO)"),
+    "pruned": ("#fecdd3", "compressed as text: predictable tokens dropped (struck through), the rest read"),
 }
 _SPARE_COLOURS = ["#a5f3fc", "#fecaca", "#d9f99d", "#c7d2fe", "#fef08a", "#e9d5ff"]
 MAX_TOKENS_SHOWN = 240  # per segment; the middle of longer segments is elided so pages stay light
@@ -48,7 +49,8 @@ ONE_LINERS = {
     "jrt": "Retrieved passages read twice, question first, so the second reading knows what matters.",
     "retro": "Retrieves neighbours for the question, then again from the answer every few tokens while writing.",
     "btr": "Passages stored as 1-bit codes of their layer states; only the upper layers run at question time.",
-    "lloco": "Passages stored as compressed KV caches (1 token in c kept), read with a small distilled adapter.",
+    "lloco": "Passages stored as compressed KV caches (1 token in c kept); a small distilled adapter is added "
+             "when one was trained for the collection (the card says whether this answer used one).",
     "cacheblend": "Stored KV caches of each chunk reused; only the tokens that need it are recomputed.",
     "lingua": "Passages compressed by dropping the tokens a small LM finds predictable, then read as text.",
 }
@@ -190,15 +192,30 @@ def _badges(card: Card) -> str:
             out.append(f"<span class='rd-gold' data-correct='1' style='{BADGE};background:#dcfce7;color:#166534'"
                        f" title='the answer contains a gold answer'>✓ contains “{esc(card.golds[0])}”</span>")
         else:
+            golds = " or ".join(f"“{esc(g)}”" for g in card.golds)
             out.append(f"<span class='rd-gold' data-correct='0' style='{BADGE};background:#fee2e2;color:#991b1b'"
-                       f" title='no gold answer in this answer'>✗ gold: “{esc(' | '.join(card.golds))}”</span>")
+                       f" title='no gold answer in this answer'>✗ gold: {golds}</span>")
     if card.limit and result.new_tokens >= card.limit:
         out.append(f"<span class='rd-cut' style='{BADGE};background:#fef3c7;color:#92400e' title='the answer reached "
                    f"the max new tokens limit and was stopped there'>cut at {card.limit} tokens</span>")
+    adapter = adapter_used(card.method, result)
+    if adapter is not None:
+        out.append(f"<span class='rd-adapter' data-used='{int(adapter)}' style='{BADGE};background:#f3f4f6;color:#374151'"
+                   f" title='a LoRA adapter trained on this collection (Library, Fine-tune)'>"
+                   f"{'adapter used' if adapter else 'no adapter: none trained for this collection, or lora off'}</span>")
     if result.prepare_s > 0:
         out.append(f"<span class='rd-prepared' style='{BADGE};background:#e0e7ff;color:#3730a3' "
                    f"title='{esc(GLOSSARY['prepare_s'])}'>prepared on first use: {fmt_s(result.prepare_s)}</span>")
     return f"<div class='rd-badges'>{''.join(out)}</div>" if out else ""
+
+
+def adapter_used(method: str, result: Result) -> bool | None:
+    """For a method that can train a per-collection adapter: did this answer read one (its notes say "LoRA
+    applied")? None for methods without adapters."""
+    cls = registry().get(method)
+    if not (cls and cls.has_finetune):
+        return None
+    return any(re.search(r"\bLoRA\b.*\bapplied\b", note) for note in result.notes)  # lloco's and btr's notes
 
 
 def _status_text(card: Card) -> str:
@@ -373,8 +390,45 @@ def _events_html(events: list[dict]) -> str:
             f"<ol style='margin:2px 0 0 18px;padding:0'>{items}</ol></div>")
 
 
+# An event's keys in plain words (RETRO's re-retrievals, and whatever a method adds later). A key not listed
+# still reads: "prefilled_tokens" shows as "prefilled 200 tokens", "load_s" as "load time 2 ms", "doc_ids" as "docs".
+EVENT_WORDS = {"kind": "", "action": "", "step": "after answer token", "query": "searched with",
+               "chunk_ids": "neighbour chunks", "continuation_ids": "their continuation chunks",
+               "changed": "neighbours changed", "context_tokens": "context now", "retrieve_s": "search took"}
+EVENT_KINDS = {"question": "Retrieval for the question", "re-retrieval": "Re-retrieval while answering"}
+
+
 def _event_text(event: dict) -> str:
-    return " · ".join(f"<span style='{MUTED}'>{esc(k)}</span> {esc(_short(v))}" for k, v in event.items())
+    """One event as a sentence: what happened first, then its figures with plain labels."""
+    title = EVENT_KINDS.get(str(event.get("kind", "")), str(event.get("kind", "")).replace("_", " ").capitalize())
+    action = event.get("action")
+    head = f"<b>{esc(title)}</b>" + (f": {esc(_short(action))}" if action else "")
+    parts = [f"<span style='{MUTED}'>{esc(_event_label(k))}</span> {esc(_event_value(k, v))}"
+             for k, v in event.items() if k not in ("kind", "action")]
+    return head + (" · " + " · ".join(parts) if parts else "")
+
+
+def _event_label(key: str) -> str:
+    if key in EVENT_WORDS:
+        return EVENT_WORDS[key]
+    for suffix, replacement in (("_ids", "s"), ("_s", " time"), ("_tokens", "")):  # "_tokens": the value says it
+        if key.endswith(suffix):
+            return (key[: -len(suffix)] + replacement).replace("_", " ")
+    return key.replace("_", " ")
+
+
+def _event_value(key: str, value) -> str:
+    if key.endswith("_s") and isinstance(value, (int, float)):
+        return fmt_s(value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) or "none"
+    if key.endswith("_tokens") and isinstance(value, (int, float)):
+        return f"{fmt_num(value)} tokens"
+    if key == "query":
+        return f"“{_short(value, 80)}”"
+    return _short(value)
 
 
 def _short(value, limit: int = 160) -> str:
@@ -397,13 +451,23 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if text[a:b].strip()]
 
 
-def highlight_match(text: str, query: str) -> str:
-    """Escaped `text` with the sentence that best matches `query` (question + answer words) in <mark>."""
-    wanted = terms(query)
+ANSWER_WEIGHT = 3  # an answer word in a sentence counts this many question words: the answer is what is sought
+GOLD_BONUS = 10  # a sentence holding a gold answer verbatim is the one to show
+
+
+def highlight_match(text: str, question: str, answer: str = "", golds: list[str] = ()) -> str:
+    """Escaped `text` with the sentence most likely to hold the answer in <mark>: words of the answer (and of
+    the gold answers, when known) weigh more than words of the question, which a passage often repeats
+    around the answer rather than in its sentence."""
+    asked = terms(question)
+    sought = terms(" ".join([answer, *golds])) - asked
     spans = sentence_spans(text)
     best, best_score = None, 0
     for start, end in spans:
-        score = len(terms(text[start:end]) & wanted)
+        sentence = text[start:end]
+        words = terms(sentence)
+        score = ANSWER_WEIGHT * len(words & sought) + len(words & asked)
+        score += GOLD_BONUS * any(g.strip() and g.strip().lower() in sentence.lower() for g in golds)
         if score > best_score:
             best, best_score = (start, end), score
     if best is None:
@@ -425,30 +489,37 @@ def source_text(source: dict, result: Result, chunk_texts: dict[int, str]) -> st
     return "".join(s.get("text", "") for s in result.segments if s.get("source") == source and s.get("mark") != "repeated")
 
 
+SIMILARITY_HELP = ("similarity: the cosine of the angle between the question's and the passage's MiniLM embeddings "
+                   "(1 = pointing the same way, 0 = unrelated); retrieval took the highest")
+
+
 def render_sources(results: list[Result], chunk_texts: dict[int, str], question: str,
-                   labels: dict[str, str] | None = None) -> str:
-    """Per method, the passages it read, with the sentence matching the question and its answer highlighted.
-    The best-scoring passage of each method is open; the others unfold on click."""
+                   labels: dict[str, str] | None = None, golds: list[str] = ()) -> str:
+    """Per method, the passages it read, most similar to the question first, with the sentence most likely to
+    hold the answer highlighted. The most similar passage of each method is open; the others unfold on click."""
     blocks = []
     for result in results:
         if not result.sources:
             continue
         label = (labels or {}).get(result.method, result.method)
-        best = max(range(len(result.sources)), key=lambda i: float(result.sources[i].get("score") or 0))
+        ranked = sorted(result.sources, key=lambda s: (s.get("score") is None, -float(s.get("score") or 0)))
         items = []
-        for index, source in enumerate(result.sources):
+        for index, source in enumerate(ranked):
             ids = source_chunk_ids(source)
             text = source_text(source, result, chunk_texts)
-            where = f"chunks {', '.join(map(str, ids))}" if ids else "whole document"
-            score = f" · score {float(source['score']):.3f}" if source.get("score") is not None else ""
-            body = (highlight_match(text, f"{question} {result.answer}") if text
+            where = (f"chunk{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}" if ids else "whole document")
+            score = (f" · <span class='rd-similarity' title='{esc(SIMILARITY_HELP)}' style='border-bottom:1px dotted "
+                     f"#9ca3af;cursor:help'>similarity {float(source['score']):.2f}</span>"
+                     if source.get("score") is not None else "")
+            body = (highlight_match(text, question, result.answer, golds) if text
                     else f"<i style='{MUTED}'>no longer stored</i>")
-            items.append(f"<details class='rd-source'{' open' if index == best else ''}><summary>"
+            items.append(f"<details class='rd-source'{' open' if index == 0 else ''}><summary>"
                          f"{esc(source.get('doc', '?'))} · {esc(where)}{score}</summary>"
                          f"<div style='white-space:pre-wrap;font-size:13px;padding:6px;background:#f9fafb;max-height:240px;"
                          f"overflow:auto'>{body}</div></details>")
+        count = len(result.sources)
         blocks.append(f"<div data-method='{esc(result.method)}' style='margin-bottom:8px'><b>{esc(label)}</b>"
-                      f" <span style='{MUTED}'>{len(result.sources)} sources</span>{''.join(items)}</div>")
+                      f" <span style='{MUTED}'>{count} source{'s' if count != 1 else ''}</span>{''.join(items)}</div>")
     if not blocks:
         return f"<div style='{MUTED}'>No method in the last comparison read any document passage.</div>"
     return f"<div class='rd-sources' style='color:#111827'>{''.join(blocks)}</div>"
@@ -538,10 +609,12 @@ def history_rows(runs: list[dict]) -> list[list]:
 
 
 def _knob_text(params) -> str:
+    """The knobs that differed from the method's defaults: "k=1, max_new_tokens=32" (wraps at the spaces)."""
     return ", ".join(f"{k}={v}" for k, v in (params or {}).items()) if isinstance(params, dict) else ""
 
 
 HISTORY_HEADERS = ["time", "question", "method", "knobs", "model", "answer", "prompt tokens", "TTFT", "total", "storage read"]
+HISTORY_WIDTHS = ["9%", "15%", "8%", "14%", "10%", "20%", "6%", "6%", "6%", "6%"]
 
 
 SHARED_ROW = "(shared by all documents)"  # the collection-level row: decoders, codebooks, adapters

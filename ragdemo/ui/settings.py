@@ -9,7 +9,7 @@ import re
 import gradio as gr
 import torch
 
-from ..config import DEFAULT_MODEL, HUB_PRESETS
+from ..config import DEFAULT_MODEL, HUB_PRESETS, setting_spec
 from ..errors import UserError
 from ..models.lm import default_model_status
 from ..workbench import SETTINGS_READ_ONLY, Workbench
@@ -87,17 +87,12 @@ def apply(workbench: Workbench, model_id: str, device: str, quantize: str, max_n
 
 def _apply(workbench: Workbench, model_id: str, device: str, quantize: str, max_new_tokens) -> None:
     model_id = (model_id or "").strip() or DEFAULT_MODEL
-    try:
-        max_new = int(max_new_tokens)
-    except (TypeError, ValueError):
-        raise UserError("max new tokens must be a whole number") from None
-    if not 1 <= max_new <= 4096:
-        raise UserError("max new tokens must be between 1 and 4096")
     if (device or "auto") not in DEVICES:
         raise UserError(f"this machine has no {device} device")
     quant = None if quantize in (None, "", "none") else quantize
+    # the answer length's bounds are declared on Settings and checked as it is made (KnobError otherwise)
     settings = replace(workbench.settings, model_id=model_id, device=device or "auto", quantize=quant,
-                       max_new_tokens=max_new)
+                       max_new_tokens=max_new_tokens)
     workbench.use_settings(settings)  # ModelUnavailable: the previous model stays in use
 
 
@@ -117,7 +112,9 @@ def build_settings_tab(workbench: Workbench, ask_header: gr.Markdown | None = No
                           info="only the devices this machine has", interactive=editable)
         quantize = gr.Radio(QUANTIZE, value=s.quantize or "none", label="Quantisation", info=quantize_note(),
                             interactive=editable)
-        max_new = gr.Number(s.max_new_tokens, precision=0, label="Max new tokens", minimum=1, maximum=4096,
+        # no Gradio bounds: Gradio would refuse 0 with an Error box; Settings' own check says why, next to Apply
+        max_new = gr.Number(s.max_new_tokens, precision=0, label="Max new tokens", elem_id="settings-max-new",
+                            info=f"answer length for every method: {setting_spec('max_new_tokens').allowed()}",
                             interactive=editable)
         apply_button = gr.Button("Apply", variant="primary", visible=editable, elem_id="settings-apply")
         status = gr.Markdown(elem_id="model-status")
