@@ -384,7 +384,7 @@ def test_collections_create_rename_delete_with_confirmation(tiny_bench, docs_dir
     assert dropdown["value"] == "physics" and "notes" not in dropdown["choices"]
     assert [d["name"] for d in tiny_bench.documents("physics")] == ["eiffel.txt"]
     question, confirm, _ = library.ask_delete_collection(tiny_bench, "physics")
-    assert "1 documents" in question and confirm["visible"] and tiny_bench.documents("physics")
+    assert "1 document " in question and confirm["visible"] and tiny_bench.documents("physics")
     status, dropdown, confirm, _ = library.delete_collection(tiny_bench, "physics")
     assert "Deleted" in status and "physics" not in dropdown["choices"] and not confirm["visible"]
     assert tiny_bench.store.collections()  # the app always keeps one collection to upload into

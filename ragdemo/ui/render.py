@@ -49,8 +49,8 @@ ONE_LINERS = {
     "jrt": "Retrieved passages read twice, question first, so the second reading knows what matters.",
     "retro": "Retrieves neighbours for the question, then again from the answer every few tokens while writing.",
     "btr": "Passages stored as 1-bit codes of their layer states; only the upper layers run at question time.",
-    "lloco": "Passages stored as compressed KV caches (1 token in c kept); a small distilled adapter is added "
-             "when one was trained for the collection (the card says whether this answer used one).",
+    "lloco": "Passages stored as compressed KV caches (1 token in c kept), read with a distilled adapter when "
+             "one was trained (the card says so).",
     "cacheblend": "Stored KV caches of each chunk reused; only the tokens that need it are recomputed.",
     "lingua": "Passages compressed by dropping the tokens a small LM finds predictable, then read as text.",
 }
