@@ -13,6 +13,7 @@ from .errors import NotSupported, UserError
 from .ingest import IngestReport, ingest_files
 from .methods import get_method, registry
 from .methods.base import Progress, Result, params_from
+from .methods.preparation import Prepared, prepare_methods
 from .models import Models
 from .store import Corpus, IndexCache, Store
 from .units import fmt_bytes
@@ -117,18 +118,12 @@ class Workbench:
         return reports
 
     def _prepare_defaults(self, corpus: Corpus, progress: Progress | None) -> list[IngestReport]:
-        """Every method with offline artifacts, at its default knobs; one that cannot run on this model (or whose
-        defaults do not fit it, e.g. a split deeper than a tiny model) is reported as skipped, not as a failed
-        upload."""
+        """Every method with offline artifacts, at its default knobs, in one shared pass over the chunks; one that
+        cannot run on this model (or whose defaults do not fit it, e.g. a split deeper than a tiny model) is
+        reported as skipped, not as a failed upload."""
         names = [name for name, method in registry().items() if method.has_prepare]
-        reports = []
-        for i, name in enumerate(names):
-            try:
-                (line,) = self.prepare([name], corpus.collection, None, _scaled(progress, i, len(names), ""))
-                reports.append(IngestReport(name, "prepared", line))
-            except (NotSupported, UserError) as exc:
-                reports.append(IngestReport(name, "skipped", f"{name}: not prepared ({exc})"))
-        return reports
+        done = self._prepare(corpus, names, None, progress, skip_unsupported=True)
+        return [IngestReport(p.name, p.status, p.line) for p in done]
 
     def documents(self, collection: str | None = None) -> list[dict]:
         corpus = self._existing_corpus(collection)  # reading never creates a collection
@@ -177,17 +172,18 @@ class Workbench:
                 progress: Progress | None = None) -> list[str]:
         corpus = self.corpus(collection, create=False)
         corpus.require_documents("prepare")
-        done = []
-        for i, name in enumerate(methods):
+        return [p.line for p in self._prepare(corpus, methods, knobs, progress)]
+
+    def _prepare(self, corpus: Corpus, methods: list[str], knobs: dict | None, progress: Progress | None,
+                 skip_unsupported: bool = False) -> list[Prepared]:
+        """The methods at their knobs together: one forward per chunk batch feeds all of them (methods/preparation.py)."""
+        items = []
+        for name in methods:
             method = get_method(name)
-            if not method.has_prepare:
-                done.append(f"{name}: nothing to prepare")
-                continue
-            params = params_from(method.Params, (knobs or {}).get(name))
-            # held per step, not for the whole method: a Compare from another user waits for one chunk
-            with corpus.lm.lock.per_step(_scaled(progress, i, len(methods), name)) as step:
-                method.prepare(corpus, params, step)
-            done.append(f"{name}: prepared ({fmt_bytes(method.storage(corpus, params).total)} stored)")
+            items.append((name, method, params_from(method.Params, (knobs or {}).get(name))))
+        # held per step, not for the whole job: a Compare from another user waits for one batch of chunks
+        with corpus.lm.lock.per_step(progress) as step:
+            done, _ = prepare_methods(corpus, items, step, skip_unsupported)
         return done
 
     def finetune(self, method_name: str, collection: str | None = None, knobs: dict | None = None,
@@ -324,12 +320,3 @@ def _over_time(name: str, model: str, limit: float) -> Result:
     message = (f"not run: this Compare used its {limit:g} s limit on the methods before it "
                "(RAGDEMO_MAX_COMPARE_S); ask again with fewer methods")
     return Result(name, model=model, error=message, notes=[message])
-
-
-def _scaled(progress: Progress | None, index: int, count: int, name: str) -> Progress | None:
-    if progress is None:
-        return None
-    prefix = f"{name}: " if name else ""
-    return lambda fraction, message: progress((index + fraction) / count, f"{prefix}{message}")
-
-

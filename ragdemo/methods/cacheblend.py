@@ -10,16 +10,15 @@ from ..engine import kv as kvc
 from ..engine.blend import selective_recompute
 from ..engine.generate import decode_loop
 from ..engine.layers import logits, require_llama_like
-from ..engine.prefix import instruction_ids, shared_prefix
-from ..engine.prompt import Prompt, Segment, encode, passage_text
+from ..engine.prefix import shared_prefix
+from ..engine.prepare_pass import ChunkPass, Needs
+from ..engine.prompt import Prompt, Segment
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash
 from .base import Params, Result, finish
 from .measured import measured_run, measured_table, share
 from .chunk_artifacts import PerChunkArtifacts, token_budget
-
-STORAGE = "fp16"
 
 RESULTS = "issue15_squad/summary.md"  # the 100-question run the card and the README quote
 MEASURED_ROWS = ['rag', 'cacheblend@r=0', 'cacheblend@r=0.05', 'cacheblend', 'cacheblend@r=0.3']
@@ -42,6 +41,7 @@ class CacheBlendParams(Params):
     r: float = 0.15  # share of passage tokens recomputed through the upper layers (0 = pure reuse, 1 = full prefill)
     selection_layer: int = 1  # layer where reused and fresh KV are compared; layers below run for every token
     gradual: bool = False  # pick 2x the tokens at the selection layer and narrow to r at the next one
+    storage: str = "fp16"  # how each chunk's KV is kept: fp16 | int8 (engine/kv.py STORAGE_DTYPES)
 
 
 class CacheBlend(PerChunkArtifacts):
@@ -91,14 +91,17 @@ name is the default; command and machine in `assets/results/issue15_squad/summar
         .replace("{measured}", measured_table(RESULTS, MEASURED_ROWS)).replace("{target}", _target())
 
     # ------------------------------------------------------------ offline
-    def build(self, corpus, lm, chunks) -> list[bytes]:
-        """Each chunk prefilled alone behind the instruction prefix; its full KV, keys made position-free."""
-        prefix = shared_prefix(lm, instruction_ids(lm))
-        return [kvc.to_bytes(kvc.capture(lm, prefix.layers, encode(lm.tokenizer, passage_text(c["text"])))[0], STORAGE)
-                for c in chunks]
+    artifact_format = 2  # 2: made by the shared batched pass; offsets left out of full caches
 
-    def digest(self, lm) -> str:
-        return artifact_hash({"base": super().digest(lm), "storage": STORAGE})
+    def needs(self, params) -> Needs:
+        return Needs(kv=True)
+
+    def artifact(self, lm, params, result: ChunkPass) -> bytes:
+        """The chunk's full KV, read alone behind the instruction prefix, keys made position-free."""
+        return kvc.to_bytes(result.kv, params.storage)
+
+    def digest(self, lm, params) -> str:
+        return artifact_hash({"base": super().digest(lm, params), "storage": params.storage})
 
     # ------------------------------------------------------------- answer
     def answer(self, question, corpus, params, stream=None) -> Result:
@@ -131,6 +134,8 @@ name is the default; command and machine in `assets/results/issue15_squad/summar
             raise UserError(f"cacheblend: selection_layer must be between 0 and {lm.n_layers - 1}")
         if params.k < 1:
             raise UserError("cacheblend: k must be at least 1")
+        if params.storage not in kvc.STORAGE_DTYPES:
+            raise UserError(f"cacheblend: storage must be one of {', '.join(kvc.STORAGE_DTYPES)}")
         return lm
 
     def _context(self, question, corpus, params, after: list[int] = ()) -> "_Context":
@@ -140,7 +145,7 @@ name is the default; command and machine in `assets/results/issue15_squad/summar
         text_prompt, passages, result = got.prompt, got.passages, got.result
         load_start = time.perf_counter()
         prefix = shared_prefix(lm, text_prompt.segments[0].ids)
-        kvs = [kvc.from_bytes(b, lm.model.dtype, lm.device) for b in self.fetch(corpus, lm, got.hits, result)]
+        kvs = [kvc.from_bytes(b, lm.model.dtype, lm.device) for b in self.fetch(corpus, params, got.hits, result)]
         assert [p.n_tokens for p in kvs] == [len(s.ids) for s in passages], "stored cache does not match its chunk"
         starts = [len(prefix) + sum(len(s.ids) for s in passages[:i]) for i in range(len(passages))]
         with torch.inference_mode():

@@ -15,19 +15,22 @@ from ..engine.layers import forward_all, require_llama_like
 from ..engine.prefix import instruction_ids, prefix_cache, shared_prefix
 from ..engine.lora import (LoraKnobs, adapter_key, applied_adapter, cloze_example, distill_kl, teacher_logits,
                            train_adapter)
-from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text, question_ids
+from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_ids, question_ids
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
-from ..store import artifact_hash, chunk_key
+from ..engine.prepare_pass import Needs
+from ..store import ArtifactRow, artifact_hash, chunk_key
 from ..units import fmt_bytes
 from .base import Params, Method, Result, StorageAccount, finish, storage_sentence
 from .measured import measured_run, measured_table, share
+from .preparation import PassJob, run_jobs, unique_chunks
 
 RESULTS = "lloco_grid/summary.md"  # the ratio x scorer x LoRA run the card and the README quote
 RECONSTRUCT, KEYNORM = "@scorer=reconstruct", "@scorer=keynorm"
 MEASURED_ROWS = ["rag", *(f"lloco@c={c}{scorer}@{lora}" for c in (1, 2, 4, 8) for scorer in (RECONSTRUCT, KEYNORM)
                           for lora in ("lora=0", "train=1"))]
 RECIPE = "v2-distill"  # bump when the training recipe changes, so old adapters are not reused
+FORMAT_VERSION = 2  # 2: made by the shared batched pass, one-byte offsets; bump when the blob layout changes
 
 
 @dataclass
@@ -139,20 +142,50 @@ collection's tokens; `python -m ragdemo bench-storage`, c=4 at the default knobs
 
     # ------------------------------------------------------------ offline
     def prepare(self, corpus, params, progress=None) -> None:
+        run_jobs(corpus, [self.pass_job(corpus, params)], progress)
+        if params.train and params.lora and not self._has_adapter(corpus, self._check(corpus, params), params):
+            self.finetune(corpus, params, progress)
+
+    def pass_job(self, corpus, params, chunks: list[dict] | None = None) -> PassJob | None:
+        """The chunks (default: the collection's) whose compressed cache is missing at these knobs, as a job for
+        the shared pass: every layer's KV, plus the reconstruction scores with the `reconstruct` scorer. Chunks
+        whose full cache is still in memory (another ratio prepared just before) are compressed without a
+        forward. None when nothing is missing."""
         lm = self._check(corpus, params)
         corpus.require_documents(self.name)
-        chunks = corpus.chunks()
+        chunks = corpus.chunks() if chunks is None else chunks
         digest = self._artifact_hash(lm, params)
         have = corpus.store.artifact_keys(self.name, lm.model_id, digest, [chunk_key(c["text"]) for c in chunks])
-        todo = list({chunk_key(c["text"]): c for c in chunks if chunk_key(c["text"]) not in have}.values())
-        if progress:
-            progress(0.0, f"{len(todo)} chunk caches to compress, the others already are")
-        for i, chunk in enumerate(todo):
-            self._compress_and_store(corpus, lm, params, digest, chunk)
-            if progress:
-                progress((i + 1) / len(todo), f"compressed chunk {i + 1}/{len(todo)} (c={params.c}, {params.scorer})")
-        if params.train and params.lora and not self._has_adapter(corpus, lm, params):
-            self.finetune(corpus, params, progress)
+        todo = unique_chunks(chunks, have)
+        if not todo:
+            return None
+        prefix_ids = instruction_ids(lm)
+        memo = _captures(lm)
+        # held here: the pass's own captures may push them out of the memo before `finish` runs
+        remembered = {chunk_key(c["text"]): (c, memo.get(_capture_key(lm, params, prefix_ids, c), lambda: None))
+                      for c in todo if _capture_key(lm, params, prefix_ids, c) in memo}
+
+        def row(chunk, full, scores) -> ArtifactRow:
+            blob = kvc.to_bytes(kvc.compress(full, scores, params.c), params.storage)
+            return ArtifactRow(self.name, lm.model_id, digest, chunk_key(chunk["text"]), blob,
+                               chunk_id=chunk["chunk_id"], meta={"n_tokens": full.n_tokens})
+
+        def take(batch: list[dict], results: list) -> list[ArtifactRow]:
+            rows = []
+            for chunk, result in zip(batch, results):
+                captured = _captured(result)
+                memo.get(_capture_key(lm, params, prefix_ids, chunk), lambda: captured)
+                rows.append(row(chunk, *captured))
+            return rows
+
+        def finish(progress) -> list[ArtifactRow]:
+            progress(0.0, f"compressing {len(remembered)} chunk caches kept from an earlier pass")
+            return [row(c, *captured) for c, captured in remembered.values()]
+
+        needs = Needs(kv=True, reconstruct=params.scorer == "reconstruct")
+        fresh = [c for c in todo if chunk_key(c["text"]) not in remembered]
+        return PassJob(f"lloco (c={params.c}, {params.scorer}, {params.storage})", needs, prefix_ids, fresh, take,
+                       finish if remembered else None)
 
     def _adapter_where(self, corpus, lm, params) -> tuple[str, str]:
         """(params hash, key) of the LoRA trained on the collection's current content at these knobs."""
@@ -224,7 +257,7 @@ collection's tokens; `python -m ragdemo bench-storage`, c=4 at the default knobs
             layers, next_pos = self._place(lm, prefix, passages, params)
             query = q_ids + target
             teacher = teacher_logits(student, peft_model.disable_adapter, prefix_ids,
-                                     [encode(lm.tokenizer, passage_text(c["text"])) for c in picked], query)
+                                     [passage_ids(lm.tokenizer, c["text"]) for c in picked], query)
             logits = forward_all(student, torch.tensor([query], device=lm.device), kvc.cache_from(layers), next_pos)
             return distill_kl(logits[0], teacher)
 
@@ -252,7 +285,8 @@ collection's tokens; `python -m ragdemo bench-storage`, c=4 at the default knobs
 
     def _artifact_hash(self, lm, params) -> str:
         prefix_ids, _ = self._prefix(lm, compute=False)
-        return artifact_hash({"c": params.c, "scorer": params.scorer, "storage": params.storage, "prefix": prefix_ids,
+        return artifact_hash({"format": FORMAT_VERSION, "dtype": str(lm.dtype), "c": params.c, "scorer": params.scorer,
+                              "storage": params.storage, "prefix": prefix_ids,
                               "cue": kvc.RECONSTRUCT_CUE if params.scorer == "reconstruct" else ""})
 
     def _adapter_hash(self, lm, params) -> str:
@@ -266,25 +300,16 @@ collection's tokens; `python -m ragdemo bench-storage`, c=4 at the default knobs
             return prefix_ids, None
         return prefix_ids, shared_prefix(lm, prefix_ids).layers  # the LM's prefix cache, shared by every method
 
-    def _compress_and_store(self, corpus, lm, params, digest, chunk) -> bytes:
-        _, prefix = self._prefix(lm)
-        ids = encode(lm.tokenizer, passage_text(chunk["text"]))
-        cue = encode(lm.tokenizer, kvc.RECONSTRUCT_CUE) + ids if params.scorer == "reconstruct" else None
-        full, scores = _captured(lm, prefix, ids, cue, params.scorer)
-        blob = kvc.to_bytes(kvc.compress(full, scores, params.c), params.storage)
-        corpus.store.put_artifact(self.name, lm.model_id, digest, chunk_key(chunk["text"]), blob,
-                                  chunk_id=chunk["chunk_id"], meta={"n_tokens": len(ids)})
-        return blob
-
     def _load_passages(self, corpus, lm, params, digest, chunks):
         """Compressed caches of these chunks, their blob sizes, and the seconds spent compressing the chunks that
         were not prepared yet (stored for next time; that is preparation, not answering)."""
         keys = [chunk_key(c["text"]) for c in chunks]
         blobs = corpus.store.get_artifacts(self.name, lm.model_id, digest, keys)
-        fresh = {key: c for c, key in zip(chunks, keys) if key not in blobs}
+        fresh = unique_chunks([c for c, key in zip(chunks, keys) if key not in blobs])
         started = time.perf_counter()
-        for key, chunk in fresh.items():
-            blobs[key] = self._compress_and_store(corpus, lm, params, digest, chunk)
+        if fresh:
+            run_jobs(corpus, [self.pass_job(corpus, params, fresh)])
+            blobs = corpus.store.get_artifacts(self.name, lm.model_id, digest, keys)
         prepare_s = time.perf_counter() - started if fresh else 0.0
         passages = [kvc.from_bytes(blobs[key], lm.model.dtype, lm.device) for key in keys]
         return passages, [len(blobs[key]) for key in keys], prepare_s
@@ -389,17 +414,18 @@ class _Context:
 CAPTURE_MEMORY = 1 << 30  # bytes of uncompressed passage caches kept in memory
 
 
-def _captured(lm, prefix, ids, cue, scorer):
-    """Uncompressed cache and scores of one passage, remembered for a while: preparing c=2, 4 and 8 one after
-    the other (the benchmark does) then prefills each passage once instead of three times."""
-    memo = lm_memo(lm, "lloco_captures", CAPTURE_MEMORY, lambda value: value[0].keys.nbytes * 2)
-    key = (lm.model_id, scorer, tuple(ids), tuple(cue or ()), prefix[0][0].shape[2])
-    return memo.get(key, lambda: _capture(lm, prefix, ids, cue))
+def _captures(lm):
+    """Uncompressed caches and scores of recent chunks, remembered for a while: preparing c=2, 4 and 8 one after
+    the other (the benchmark does) then runs each chunk through the model once instead of three times."""
+    return lm_memo(lm, "lloco_captures", CAPTURE_MEMORY, lambda value: value[0].keys.nbytes * 2)
 
 
-def _capture(lm, prefix, ids, cue):
-    full, recon = kvc.capture(lm, prefix, ids, cue)
-    scores = recon if recon is not None else kvc.keynorm_scores(full)
-    full = kvc.PassageKV(full.keys.half(), full.values.half(), full.offsets, full.n_tokens)  # stored as fp16 anyway
-    return full, scores
+def _capture_key(lm, params, prefix_ids: list[int], chunk: dict) -> tuple:
+    return lm.model_id, str(lm.dtype), params.scorer, tuple(prefix_ids), chunk_key(chunk["text"])
 
+
+def _captured(result) -> tuple[kvc.PassageKV, torch.Tensor]:
+    """(full cache in fp16, scores) from a chunk's share of the shared pass; keynorm scores come from the fp32 keys."""
+    full = result.kv
+    scores = result.scores if result.scores is not None else kvc.keynorm_scores(full)
+    return kvc.PassageKV(full.keys.half(), full.values.half(), full.offsets, full.n_tokens), scores
