@@ -88,8 +88,8 @@ class PassBatch:
 class SharedPass:
     """The chunks of every request, each run once with the union of what its requests need."""
 
-    def __init__(self, lm, requests: list[PassRequest], batch_tokens: int = BATCH_TOKENS):
-        self.lm, self.requests, self.batch_tokens = lm, requests, batch_tokens
+    def __init__(self, lm, requests: list[PassRequest], batch_tokens: int | None = None):
+        self.lm, self.requests, self.batch_tokens = lm, requests, batch_tokens or BATCH_TOKENS
         wanted: dict[tuple, Needs] = {}
         ids: dict[tuple, list[int]] = {}
         for request in requests:
