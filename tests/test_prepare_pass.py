@@ -207,3 +207,30 @@ def test_answer_time_preparation_of_missing_chunks_goes_through_the_same_pass(ti
     params = params_from(method.Params, {"k": 3, "max_new_tokens": 2})
     result = method.answer("When was the tower completed?", corpus, params)
     assert result.prepare_s > 0 and sum(seen) == 3 and len(seen) == 1  # the three hits in one batch
+
+
+def test_another_lloco_ratio_reuses_the_full_caches_kept_in_memory(tiny_bench, docs_dir, monkeypatch):
+    """Preparing c=2 right after c=4 compresses the full caches kept from the first pass: no second forward, and
+    the same artifacts as a c=2 preparation from nothing."""
+    corpus = _collection(tiny_bench, docs_dir)
+    corpus.lm.__dict__.get("memos", {}).clear()
+    forwards = []
+    real = prepare_pass.forward_chunks
+    monkeypatch.setattr(prepare_pass, "forward_chunks", lambda *a, **k: forwards.append(len(a[2])) or real(*a, **k))
+    tiny_bench.prepare(["lloco"], knobs={"lloco": {"c": "4"}})
+    assert forwards
+    forwards.clear()
+    tiny_bench.prepare(["lloco"], knobs={"lloco": {"c": "2"}})
+    assert forwards == []
+    from_memory = {(r["params_hash"], r["key"]): r["blob"]
+                   for r in corpus.store.rows("SELECT params_hash, key, blob FROM artifacts WHERE method = 'lloco'")}
+    tiny_bench.store.db.execute("DELETE FROM artifacts")
+    corpus.lm.__dict__.get("memos", {}).clear()
+    tiny_bench.prepare(["lloco"], knobs={"lloco": {"c": "2"}})
+    assert forwards
+    fresh = {(r["params_hash"], r["key"]): r["blob"]
+             for r in corpus.store.rows("SELECT params_hash, key, blob FROM artifacts WHERE method = 'lloco'")}
+    assert fresh
+    for k, blob in fresh.items():  # equal tensors (safetensors may write its metadata keys in another order)
+        a, b = kvc.from_bytes(from_memory[k], torch.float32, "cpu"), kvc.from_bytes(blob, torch.float32, "cpu")
+        assert torch.equal(a.offsets, b.offsets) and torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

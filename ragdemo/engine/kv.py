@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from .layers import causal_mask, embed, positions, rotate_half, run_layers
 
 SCORERS = ("keynorm", "reconstruct")
-STORAGE_DTYPES = ("fp16", "int8")
+STORAGE_DTYPES = ("fp16", "int8", "k8v4", "int4")
 RECONSTRUCT_CUE = "\n\nRepeat the previous context exactly.\n"
 
 
@@ -140,17 +140,38 @@ def kept_share(kv: PassageKV) -> torch.Tensor:
 
 
 # --------------------------------------------------------- serialisation
-def _quantize(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per token and head: one fp16 scale per head_dim vector."""
+# how each stored dtype quantises keys and values: (bits, the axis one fp16 scale covers: "token" = a scale per
+# token and head over head_dim; "channel" = a scale per channel and head over the passage's kept tokens)
+QUANTISATION = {"int8": {"keys": (8, "token"), "values": (8, "token")},
+                "k8v4": {"keys": (8, "token"), "values": (4, "token")},
+                "int4": {"keys": (4, "token"), "values": (4, "token")}}
+
+
+def _quantize(x: torch.Tensor, bits: int, per: str) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric integer grid, one fp16 scale per token (over head_dim) or per channel (over tokens); the values
+    are quantised with the rounded scale they will be decoded with. 4 bits pack two values per byte."""
     x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
-    q = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
-    return q.cpu().numpy(), scale.to(torch.float16).cpu().numpy()
+    top = 2 ** (bits - 1) - 1
+    axis = -1 if per == "token" else -2
+    scale = (x.abs().amax(dim=axis, keepdim=True).clamp_min(1e-6) / top).to(torch.float16)
+    q = torch.round(x / scale.float()).clamp(-top, top).to(torch.int8)
+    if bits == 4:
+        unsigned = (q + 8).to(torch.uint8)
+        q = (unsigned[..., 0::2] << 4) | unsigned[..., 1::2]
+    return q.cpu().numpy(), scale.cpu().numpy()
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray, bits: int) -> torch.Tensor:
+    x = torch.from_numpy(q)
+    if bits == 4:
+        x = torch.stack([(x >> 4).to(torch.int8) - 8, (x & 15).to(torch.int8) - 8], dim=-1).flatten(-2)
+    return x.float() * torch.from_numpy(scale).float()
 
 
 def to_bytes(kv: PassageKV, storage: str = "fp16") -> bytes:
     """safetensors bytes (no pickle): keys, values, and the kept tokens' offsets (one byte each for passages up
-    to 256 tokens; left out when every token is kept, as in a full cache); int8 adds a scale per token/head."""
+    to 256 tokens; left out when every token is kept, as in a full cache); int8/int4 add fp16 scales
+    (`QUANTISATION`)."""
     if storage not in STORAGE_DTYPES:
         raise ValueError(f"storage must be one of {STORAGE_DTYPES}")
     tensors = {}
@@ -160,8 +181,9 @@ def to_bytes(kv: PassageKV, storage: str = "fp16") -> bytes:
         tensors["keys"] = kv.keys.to(torch.float16).cpu().numpy()
         tensors["values"] = kv.values.to(torch.float16).cpu().numpy()
     else:
-        tensors["keys"], tensors["key_scale"] = _quantize(kv.keys)
-        tensors["values"], tensors["value_scale"] = _quantize(kv.values)
+        how = QUANTISATION[storage]
+        tensors["keys"], tensors["key_scale"] = _quantize(kv.keys, *how["keys"])
+        tensors["values"], tensors["value_scale"] = _quantize(kv.values, *how["values"])
     return save_numpy(tensors, metadata={"n_tokens": str(kv.n_tokens), "storage": storage})
 
 
@@ -174,12 +196,14 @@ def _dense(kv: PassageKV) -> bool:
 
 def from_bytes(blob: bytes, dtype: torch.dtype, device) -> PassageKV:
     tensors = load_numpy(blob)
-    n_tokens = int(_metadata(blob)["n_tokens"])
+    meta = _metadata(blob)
+    n_tokens = int(meta["n_tokens"])
+    how = QUANTISATION.get(meta.get("storage"), {})
 
     def tensor(name: str) -> torch.Tensor:
-        x = torch.from_numpy(tensors[name]).float()
-        if f"{name[:-1]}_scale" in tensors:  # keys -> key_scale, values -> value_scale
-            x = x * torch.from_numpy(tensors[f"{name[:-1]}_scale"]).float()
+        scale = tensors.get(f"{name[:-1]}_scale")  # keys -> key_scale, values -> value_scale
+        bits = how.get(name, (8,))[0]
+        x = torch.from_numpy(tensors[name]).float() if scale is None else _dequantize(tensors[name], scale, bits)
         return x.to(device=device, dtype=dtype)
 
     keys = tensor("keys")

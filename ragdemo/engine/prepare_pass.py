@@ -108,7 +108,7 @@ class SharedPass:
         done, seconds = 0, 0.0
         for (prefix_ids, needs), items in groups.items():
             items.sort(key=lambda item: len(item[1]))
-            for batch in _batched(items, needs, self.batch_tokens, len(self._cue())):
+            for batch in batched(items, needs, self.batch_tokens, len(self._cue())):
                 started = time.perf_counter()
                 prefix = shared_prefix(self.lm, list(prefix_ids)) if prefix_ids else None
                 passes = forward_chunks(self.lm, prefix, [seq for _, seq in batch], needs, self._cue())
@@ -124,8 +124,10 @@ class SharedPass:
         return encode(self.lm.tokenizer, RECONSTRUCT_CUE)
 
 
-def _batched(items: list, needs: Needs, budget: int, cue: int) -> Iterator[list]:
-    """Consecutive items (sorted by length) while rows x padded width stays within `budget`."""
+def batched(items: list, needs: Needs, budget: int | None = None, cue: int = 0) -> Iterator[list]:
+    """Consecutive (key, ids) items, sorted by length, while rows x padded width stays within `budget` tokens
+    (default BATCH_TOKENS; `cue`: the reconstruction cue's length, when `needs` asks for it)."""
+    budget = budget or BATCH_TOKENS
     batch: list = []
     for item in items:
         width = _row_length(len(item[1]), needs, cue)
@@ -245,34 +247,42 @@ class _QueryTap:
     def _query(self, module, args, output):
         self.raw = output
 
-    def queries(self, layer: int) -> torch.Tensor:
-        """[B, Hq, w, d] fp32, RoPE applied, exactly what the layer's attention multiplied with its keys."""
+    def queries(self, layer: int, low: int = 0) -> torch.Tensor:
+        """[B, Hq, w - low, d] fp32 of row positions low.., RoPE applied: exactly what the layer's attention
+        multiplied with its keys."""
         attn = self.layers[layer].self_attn
-        q = self.raw.view(*self.raw.shape[:-1], -1, attn.head_dim)
+        raw = self.raw[:, low:]
+        q = raw.view(*raw.shape[:-1], -1, attn.head_dim)
         if getattr(attn, "q_norm", None) is not None:  # Qwen3 normalises each head before RoPE
             q = attn.q_norm(q)
         q = q.transpose(1, 2).float()
-        cos, sin = (t.float().unsqueeze(1) for t in self.rope)
+        cos, sin = (t[:, low:].float().unsqueeze(1) for t in self.rope)
         return q * cos + rotate_half(q) * sin
 
     def scores(self, layer: int, keys: torch.Tensor, start: int, lengths: list[int], cue: int) -> torch.Tensor:
         """[B, H_kv, longest]: per passage token, the most attention any token of its row's repeated part (cue
-        and passage again) pays it, max over the query heads sharing the KV head (KVzip)."""
-        q = self.queries(layer)
-        size, heads, width, dim = q.shape
+        and passage again) pays it, max over the query heads sharing the KV head (KVzip).
+
+        Only the rows some row's repeated part covers are computed; the causal mask is added inside the product
+        (baddbmm); the maximum is taken over log-probabilities and exponentiated last (exp is monotonic), so the
+        only pass over every key is the softmax's normaliser."""
+        low = min(lengths)  # the first row position that is in some row's repeated part
+        q = self.queries(layer, low)
+        size, heads, rows, dim = q.shape
         kv_heads, total = keys.shape[1], keys.shape[2]
         group = heads // kv_heads
-        low = min(lengths)  # the first row position that is in some row's repeated part
-        q = q[:, :, low:].reshape(size, kv_heads, group * (width - low), dim)
-        logits_ = (q @ keys.float().transpose(-1, -2) / math.sqrt(dim)).view(size, kv_heads, group, width - low, total)
-        query_pos = torch.arange(low, width, device=keys.device)
-        allowed = torch.arange(total, device=keys.device)[None, :] <= (start + query_pos)[:, None]
-        attn = torch.softmax(logits_.masked_fill(~allowed, float("-inf")), dim=-1)
+        query_pos = torch.arange(low, low + rows, device=keys.device)
+        hidden = torch.arange(total, device=keys.device)[None, :] > (start + query_pos)[:, None]  # [rows, T]
+        bias = torch.zeros(rows, total, device=keys.device).masked_fill_(hidden, float("-inf")).repeat(group, 1)
+        q = q.reshape(size * kv_heads, group * rows, dim)
+        logits_ = torch.baddbmm(bias, q, keys.float().reshape(size * kv_heads, total, dim).transpose(1, 2),
+                                alpha=1.0 / math.sqrt(dim)).view(size, kv_heads, group, rows, total)
+        longest = max(lengths)
+        log_p = logits_[..., start:start + longest] - torch.logsumexp(logits_, dim=-1, keepdim=True)
         n = torch.tensor(lengths, device=keys.device)[:, None]
         repeated = (query_pos[None, :] >= n) & (query_pos[None, :] < 2 * n + cue)  # [B, rows]: real repeated tokens
-        attn = attn * repeated[:, None, None, :, None]
-        longest = max(lengths)
-        return attn[..., start:start + longest].amax(dim=3).amax(dim=2)
+        log_p = log_p.masked_fill_(~repeated[:, None, None, :, None], float("-inf"))
+        return log_p.amax(dim=3).amax(dim=2).exp()
 
     def close(self) -> None:
         for handle in self.handles:

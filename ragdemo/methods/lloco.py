@@ -173,9 +173,9 @@ collection's tokens; `python -m ragdemo bench-storage`, c=4 at the default knobs
         def take(batch: list[dict], results: list) -> list[ArtifactRow]:
             rows = []
             for chunk, result in zip(batch, results):
-                captured = _captured(result)
-                memo.get(_capture_key(lm, params, prefix_ids, chunk), lambda: captured)
-                rows.append(row(chunk, *captured))
+                scores = _scores(result)
+                rows.append(row(chunk, result.kv, scores))  # compressed from the pass's fp32 keys, then stored
+                memo.get(_capture_key(lm, params, prefix_ids, chunk), lambda: (_half(result.kv), scores))
             return rows
 
         def finish(progress) -> list[ArtifactRow]:
@@ -424,8 +424,12 @@ def _capture_key(lm, params, prefix_ids: list[int], chunk: dict) -> tuple:
     return lm.model_id, str(lm.dtype), params.scorer, tuple(prefix_ids), chunk_key(chunk["text"])
 
 
-def _captured(result) -> tuple[kvc.PassageKV, torch.Tensor]:
-    """(full cache in fp16, scores) from a chunk's share of the shared pass; keynorm scores come from the fp32 keys."""
-    full = result.kv
-    scores = result.scores if result.scores is not None else kvc.keynorm_scores(full)
-    return kvc.PassageKV(full.keys.half(), full.values.half(), full.offsets, full.n_tokens), scores
+def _scores(result) -> torch.Tensor:
+    """The chosen scorer's scores from a chunk's share of the shared pass: KVzip reconstruction scores when the
+    pass computed them, else key norms (from the fp32 keys)."""
+    return result.scores if result.scores is not None else kvc.keynorm_scores(result.kv)
+
+
+def _half(full: kvc.PassageKV) -> kvc.PassageKV:
+    """The full cache as kept in memory for another ratio: fp16, as it is stored anyway."""
+    return kvc.PassageKV(full.keys.half(), full.values.half(), full.offsets, full.n_tokens)
