@@ -75,6 +75,32 @@ def test_int8_storage_is_about_half_and_close(tiny_lm):
     assert 0 < err < 0.01
 
 
+@pytest.mark.parametrize("storage,ratio,error", [("int8", 0.53, 0.01), ("k8v4", 0.40, 0.15), ("int4", 0.28, 0.15)])
+def test_quantised_storage_sizes_and_errors(storage, ratio, error):
+    """Each stored dtype against fp16: its size and its worst error relative to each vector's largest entry (a
+    4-bit grid has 7 steps each side); keys and values quantised as `QUANTISATION` says."""
+    torch.manual_seed(0)
+    keys, values = torch.randn(4, 3, 40, 64), torch.randn(4, 3, 40, 64)
+    kv = kvc.PassageKV(keys, values, torch.arange(40).expand(4, 3, 40).clone(), 40)
+    blob = kvc.to_bytes(kv, storage)
+    assert len(blob) < ratio * len(kvc.to_bytes(kv, "fp16"))
+    back = kvc.from_bytes(blob, torch.float32, "cpu")
+    for name, got, want in (("keys", back.keys, keys), ("values", back.values, values)):
+        bits, _ = kvc.QUANTISATION[storage][name]
+        worst = ((got - want).abs() / want.abs().amax(dim=-1, keepdim=True)).max()
+        assert 0 < worst <= 0.5 / (2 ** (bits - 1) - 1) + 1e-3 and worst < error, (name, worst)
+
+
+def test_offsets_are_left_out_of_full_caches_and_one_byte_when_compressed():
+    keys = torch.randn(2, 3, 10, 8)
+    full = kvc.PassageKV(keys, keys.clone(), torch.arange(10).expand(2, 3, 10).clone(), 10)
+    kept = kvc.compress(full, torch.rand(2, 3, 10), 2)
+    assert b'"offsets"' not in kvc.to_bytes(full)[:300] and b'"U8"' in kvc.to_bytes(kept)[:300]
+    for kv in (full, kept):
+        back = kvc.from_bytes(kvc.to_bytes(kv), torch.float32, "cpu")
+        assert torch.equal(back.offsets, kv.offsets) and back.n_tokens == 10
+
+
 def test_changed_knob_never_reuses_artifacts_and_delete_cascades(tiny_bench, docs_dir):
     corpus = _ingest(tiny_bench, docs_dir)
     lloco = get_method("lloco")

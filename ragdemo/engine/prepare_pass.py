@@ -190,7 +190,7 @@ def forward_chunks(lm, prefix: PrefixState | None, sequences: list[list[int]], n
 def _keep_states(out: list[ChunkPass], hidden: torch.Tensor, layer: int, needs: Needs, lengths: list[int]) -> None:
     if layer in needs.states_at:
         for b, n in enumerate(lengths):
-            out[b].states[layer] = hidden[b, :n].float()
+            out[b].states[layer] = hidden[b, :n].to(torch.float32, copy=True)  # not a view of the whole batch
 
 
 def _keep_kv(lm, out: list[ChunkPass], cache, start: int, lengths: list[int]) -> None:
