@@ -58,9 +58,10 @@ tokens). It finds them at an early layer (after recomputing the first layer full
 the next layers ("gradual filtering"); the recompute is pipelined with loading the caches from disk.
 
 **Here:**
-- Offline (`prepare`): each 64-token chunk is prefilled alone behind the shared instruction prefix and its full
-  KV is stored (fp16, keys without RoPE), keyed by the chunk's text hash, the model, its dtype and a format
-  version. That is LLoCO's capture path at c=1.
+- Offline (`prepare`): each 64-token chunk is prefilled alone behind the shared instruction prefix (in the shared
+  preparation pass, batched with every other method's work) and its full KV is stored (keys without RoPE, as
+  `storage`: fp16 or int8 with one fp16 scale per token and head), keyed by the chunk's text hash, the model,
+  its dtype, the storage and a format version. That is LLoCO's capture path at c=1.
 - Answer: the top-k chunks (MiniLM, as rag) are read in document order, one passage per chunk, in rag's prompt
   layout; their caches are loaded and keys re-rotated to where each chunk lands behind the cached prefix.
   Layers below `selection_layer` run for every passage token; at the selection layer only their keys and values
@@ -79,8 +80,8 @@ the next layers ("gradual filtering"); the recompute is pipelined with loading t
 - Cost: `processed_tokens` counts token-layers ÷ layers: all passage tokens through layers ≤ selection layer
   (the KV projection alone at the selection layer counted as a whole layer: an upper bound), the r share
   through the rest, plus the question. The fixed cost of r > 0 over pure reuse is the layers below the
-  selection layer for every passage token plus one pass over the upper layers' weights. Storage is the full KV: ~23 kB per token for SmolLM2-135M.
-- Knobs: k, r, selection_layer, gradual.
+  selection layer for every passage token plus one pass over the upper layers' weights. Storage is the full KV: ~23 kB per token in fp16 for SmolLM2-135M, ~11.9 kB in int8.
+- Knobs: k, r, selection_layer, gradual, storage.
 
 **Measured** (100 SQuAD v1.1 dev questions, 2 articles, k=5, reference RAG, after warm-up; the plain method
 name is the default; command and machine in `assets/results/issue15_squad/summary.md`):

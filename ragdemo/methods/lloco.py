@@ -104,10 +104,12 @@ offline; a LoRA (r=8 on q/k/v/o) fine-tuned per document collection teaches the 
 answer time the summaries of the retrieved documents are loaded and the matching LoRA is applied.
 
 **Here:** the compressed *KV cache* of each 64-token chunk stands in for the summary vectors.
-- Offline (`prepare`): each chunk is prefilled alone behind the shared instruction prefix; a query-agnostic
-  scorer keeps 1/c of its tokens in every layer and KV head (`reconstruct`: KVzip-style, the attention each
-  token gets when the model is asked to repeat the chunk; `keynorm`: smallest key norms, kvpress Knorm);
-  keys are stored without RoPE, as fp16 or int8.
+- Offline (`prepare`): each chunk is prefilled alone behind the shared instruction prefix (in the shared
+  preparation pass, batched with every other method's work; the `reconstruct` scorer's "repeat the chunk" rows
+  run in the same forward); a query-agnostic scorer keeps 1/c of its tokens in every layer and KV head
+  (`reconstruct`: KVzip-style, the attention each token gets when the model is asked to repeat the chunk;
+  `keynorm`: smallest key norms, kvpress Knorm); keys are stored without RoPE, as `storage`: fp16, int8,
+  k8v4 (keys int8, values 4-bit, each with one fp16 scale per token and head) or int4.
 - Answer: top-k chunks (MiniLM, as rag), their caches are loaded, keys re-rotated to their new positions and
   appended after the cached prefix; only the question is prefilled, then decoding runs as usual.
 - Fine-tune (optional, `python -m ragdemo finetune --method lloco`, the UI's Fine-tune button, or `train=1` at
@@ -119,7 +121,8 @@ answer time the summaries of the retrieved documents are loaded and the matching
   target and lowered value kept, see below.)
 - Approximated: no AutoCompressor (nothing learned compresses here: tokens are selected), passages never see
   each other (each was encoded alone), 64-token chunks instead of 1,536-token documents.
-- Knobs: k, c (1, 2, 4, 8), scorer, storage (fp16/int8), positions, lora, train, lora_r, lora_steps, lora_lr.
+- Knobs: k, c (1, 2, 4, 8), scorer, storage (fp16/int8/k8v4/int4), positions, lora, train, lora_r, lora_steps,
+  lora_lr.
 
 **Measured** (100 SQuAD v1.1 dev questions, 2 articles, k=5 for RAG and LLoCO, reference RAG over the same
 chunks, after warm-up; the scorer is `reconstruct` unless named; `train=1` rows read the LoRA distilled for that
