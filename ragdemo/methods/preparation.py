@@ -60,8 +60,9 @@ def run_jobs(corpus, jobs: list[PassJob], progress: Progress | None = None) -> P
     say = progress or (lambda fraction, message: None)
     report = PassReport(labels=[job.label for job in jobs])
     chunks_of = [{chunk_key(c["text"]): c for c in job.chunks} for job in jobs]
-    requests = [PassRequest(job.needs, {key: passage_ids(lm.tokenizer, c["text"]) for key, c in chunks.items()},
-                            tuple(job.prefix_ids)) for job, chunks in zip(jobs, chunks_of)]
+    ids = {key: passage_ids(lm.tokenizer, c["text"]) for chunks in chunks_of for key, c in chunks.items()}
+    requests = [PassRequest(job.needs, {key: ids[key] for key in chunks}, tuple(job.prefix_ids))
+                for job, chunks in zip(jobs, chunks_of)]
     shared = SharedPass(lm, requests)
     forward_share = FORWARD_SHARE if shared.total else 0.0
     who = ", ".join(job.label for job in jobs if job.chunks)
