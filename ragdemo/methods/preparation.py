@@ -60,7 +60,8 @@ def run_jobs(corpus, jobs: list[PassJob], progress: Progress | None = None) -> P
     say = progress or (lambda fraction, message: None)
     report = PassReport(labels=[job.label for job in jobs])
     chunks_of = [{chunk_key(c["text"]): c for c in job.chunks} for job in jobs]
-    ids = {key: passage_ids(lm.tokenizer, c["text"]) for chunks in chunks_of for key, c in chunks.items()}
+    texts = {key: c["text"] for chunks in chunks_of for key, c in chunks.items()}
+    ids = {key: passage_ids(lm.tokenizer, text) for key, text in texts.items()}  # each chunk tokenized once
     requests = [PassRequest(job.needs, {key: ids[key] for key in chunks}, tuple(job.prefix_ids))
                 for job, chunks in zip(jobs, chunks_of)]
     shared = SharedPass(lm, requests)
