@@ -41,7 +41,7 @@ class CacheBlendParams(Params):
     r: float = 0.15  # share of passage tokens recomputed through the upper layers (0 = pure reuse, 1 = full prefill)
     selection_layer: int = 1  # layer where reused and fresh KV are compared; layers below run for every token
     gradual: bool = False  # pick 2x the tokens at the selection layer and narrow to r at the next one
-    storage: str = "fp16"  # how each chunk's KV is kept: fp16 | int8 (engine/kv.py STORAGE_DTYPES)
+    storage: str = "fp16"  # fp16 | int8 | k8v4 | int4: how each chunk's KV is kept (engine/kv.py QUANTISATION)
 
 
 class CacheBlend(PerChunkArtifacts):
@@ -60,7 +60,7 @@ the next layers ("gradual filtering"); the recompute is pipelined with loading t
 **Here:**
 - Offline (`prepare`): each 64-token chunk is prefilled alone behind the shared instruction prefix (in the shared
   preparation pass, batched with every other method's work) and its full KV is stored (keys without RoPE, as
-  `storage`: fp16 or int8 with one fp16 scale per token and head), keyed by the chunk's text hash, the model,
+  `storage`: fp16, int8, k8v4 (keys int8, values 4-bit) or int4, with one fp16 scale per token and head), keyed by the chunk's text hash, the model,
   its dtype, the storage and a format version. That is LLoCO's capture path at c=1.
 - Answer: the top-k chunks (MiniLM, as rag) are read in document order, one passage per chunk, in rag's prompt
   layout; their caches are loaded and keys re-rotated to where each chunk lands behind the cached prefix.

@@ -38,7 +38,7 @@ class LlocoParams(LoraKnobs, Params):
     k: int = 5  # chunks retrieved, as rag
     c: int = 4  # compression ratio: keep 1/c of each passage's tokens per layer and KV head
     scorer: str = "reconstruct"  # reconstruct (KVzip-style) | keynorm
-    storage: str = "fp16"  # fp16 | int8
+    storage: str = "fp16"  # fp16 | int8 | k8v4 (keys int8, values 4-bit) | int4
     positions: str = "original"  # original: kept tokens keep their place in the passage; compact: packed
 
 
