@@ -309,6 +309,22 @@ def cmd_bench_storage(bench, args) -> int:
     return 0
 
 
+def cmd_bench_prepare(bench, args) -> int:
+    from .bench.prepare import prepare_markdown, run_prepare_bench, write_prepare
+    from .methods import parse_methods
+
+    methods = parse_methods(args.methods, []) if args.methods else None
+    bar, update = _progress_bar("bench-prepare")
+    with bar:
+        rows, meta = run_prepare_bench(bench.settings, args.path, args.articles, args.seed, methods,
+                                       parse_knobs(args.set), args.quick, update)
+    print(prepare_markdown(rows))
+    if args.out:
+        meta["command"] = "python -m ragdemo " + " ".join(sys.argv[1:])
+        print("wrote " + ", ".join(map(str, write_prepare(rows, Path(args.out), meta))))
+    return 0
+
+
 def cmd_bench_retrievers(bench, args) -> int:
     from .bench.retrievers import retrievers_markdown, run_retriever_bench, write_retrievers
 
@@ -391,7 +407,8 @@ COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "prepare": cmd_prepare, "list"
             "finetune": cmd_finetune,
             "bench-speed": cmd_bench_speed, "bench-order": cmd_bench_order,
             "bench-storage": cmd_bench_storage, "bench-retrievers": cmd_bench_retrievers,
-            "bench-frontier": cmd_bench_frontier, "results": cmd_results, "methods": cmd_methods}
+            "bench-frontier": cmd_bench_frontier, "results": cmd_results, "methods": cmd_methods,
+            "bench-prepare": cmd_bench_prepare}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -457,6 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="method variants, default btr@bits=1,lloco@c=4")
     p.add_argument("--min-tokens", type=int, default=50_000, help="size of the essay collection")
     p.add_argument("--out", default="assets/results/storage")
+    p = sub.add_parser("bench-prepare", parents=[common],
+                       help="upload-to-ready tokens/s per method and for all together, against one plain prefill")
+    p.add_argument("--path", default=None, help="a SQuAD v1.1 .json(.gz) (default: the bundled sample)")
+    p.add_argument("--articles", type=int, default=3, help="whole articles in the collection (by --seed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default=None, help="default: every method with offline artifacts")
+    p.add_argument("--quick", action="store_true", help="one short article, for a smoke test")
+    p.add_argument("--out", default=None, help="also write prepare.json and prepare_summary.md here")
     p = sub.add_parser("bench-retrievers", parents=[common],
                        help="binary against float retriever on SQuAD questions: recall@k, gold-paragraph hits, index bytes")
     p.add_argument("--articles", default="2,all", help="comma-separated article counts of the bundled sample ('all')")

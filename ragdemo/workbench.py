@@ -18,6 +18,7 @@ from .ingest import IngestReport, ingest_files
 from .methods import get_method, registry
 from .machine import CpuMeter
 from .methods.base import Params, Progress, Result, check_on_model, params_from, repeated
+from .methods.preparation import Prepared, prepare_methods
 from .models import Models
 from .models.lm import forget_lm, release_memory
 from .store import Corpus, IndexCache, Store
@@ -196,23 +197,17 @@ class Workbench:
 
     def _prepare_defaults(self, corpus: Corpus, progress: Progress | None,
                           deadline: Deadline | None = None) -> list[IngestReport]:
-        """Every method with offline artifacts, at its default knobs; one that cannot run on this model (or whose
-        defaults do not fit it, e.g. a split deeper than a tiny model) is reported as skipped, not as a failed
-        upload."""
+        """Every method with offline artifacts, at its default knobs, in one shared pass over the chunks; one that
+        cannot run on this model (or whose defaults do not fit it, e.g. a split deeper than a tiny model) is
+        reported as skipped, not as a failed upload. One deadline for the whole preparation."""
         names = [name for name, method in registry().items() if method.has_prepare]
-        deadline = self.job_deadline(deadline)  # one for the whole preparation, not one per method
-        reports = []
-        for i, name in enumerate(names):
-            try:
-                self.prepare([name], corpus.collection, None, _scaled(progress, i, len(names), ""), deadline)
-                stored = get_method(name).storage(corpus, get_method(name).Params()).total
-                reports.append(IngestReport(name, "prepared", f"{name}: ready for questions, {fmt_bytes(stored)} stored"))
-            except DeadlinePassed as exc:
-                reports.append(IngestReport(name, "skipped", f"{', '.join(names[i:])}: not prepared ({exc})"))
-                break
-            except (NotSupported, UserError) as exc:
-                reports.append(IngestReport(name, "skipped", f"{name}: not prepared here: {exc}"))
-        return reports
+        checked = self.job_deadline(deadline).checked(progress, "preparation")
+        try:
+            with self.content.reading():  # artifacts for one state of the collection
+                done = self._prepare(corpus, names, None, checked, skip_unsupported=True)
+        except DeadlinePassed as exc:
+            return [IngestReport(name, "skipped", f"{', '.join(names)}: not all prepared ({exc})") for name in names[:1]]
+        return [IngestReport(p.name, p.status, p.line) for p in done]
 
     def prepare_defaults(self, collection: str | None = None, progress: Progress | None = None,
                          deadline: Deadline | None = None) -> list[IngestReport]:
@@ -290,27 +285,29 @@ class Workbench:
         """Build the methods' offline artifacts at these knobs. It stops at the first step past its deadline (the
         sooner of `deadline` and RAGDEMO_MAX_JOB_S, on a shared app), keeping every step finished."""
         with self.content.reading():  # artifacts for one state of the collection
-            return self._prepare(methods, collection, knobs, self.job_deadline(deadline).checked(progress, "prepare"))
+            corpus = self.corpus(collection, create=False)
+            corpus.require_documents("prepare")
+            done = self._prepare(corpus, methods, knobs, self.job_deadline(deadline).checked(progress, "prepare"))
+            return [p.line for p in done]
 
-    def _prepare(self, methods: list[str], collection: str | None, knobs: dict | None,
-                 progress: Progress) -> list[str]:
-        corpus = self.corpus(collection, create=False)
-        corpus.require_documents("prepare")
+    def _prepare(self, corpus: Corpus, methods: list[str], knobs: dict | None, progress: Progress | None,
+                 skip_unsupported: bool = False) -> list[Prepared]:
+        """The methods at their knobs together: one forward per chunk batch feeds all of them (methods/preparation.py).
+        Every knob is checked first; with `skip_unsupported` a method whose knobs do not fit this model is skipped."""
         self.refuse_training_when_shared(methods, knobs or {}, "Prepare")
         self.load_model(progress)
-        checked = self.method_params(methods, knobs)
-        done = []
-        for i, name in enumerate(methods):
-            method = get_method(name)
-            if not method.has_prepare:
-                done.append(f"{name}: nothing to prepare")
-                continue
-            params = checked[name]
-            # held per step, not for the whole method: a Compare from another user waits for one chunk
-            with corpus.lm.lock.per_step(_scaled(progress, i, len(methods), name)) as step:
-                method.prepare(corpus, params, step)
-            done.append(f"{name}: prepared ({fmt_bytes(method.storage(corpus, params).total)} stored)")
-        return done
+        items, skipped = [], []
+        for name in methods:
+            try:
+                items.append((name, get_method(name), self.method_params([name], knobs)[name]))
+            except (NotSupported, UserError) as exc:
+                if not skip_unsupported:
+                    raise
+                skipped.append(Prepared(name, "skipped", f"{name}: not prepared here: {exc}"))
+        # held per step, not for the whole job: a Compare from another user waits for one batch of chunks
+        with corpus.lm.lock.per_step(progress) as step:
+            done, _ = prepare_methods(corpus, items, step, skip_unsupported)
+        return sorted(skipped + done, key=lambda p: methods.index(p.name))
 
     def finetune(self, method_name: str, collection: str | None = None, knobs: dict | None = None,
                  progress: Progress | None = None) -> str:
@@ -561,12 +558,3 @@ class _TextListener(CompareListener):
 
     def text(self, method: str, delta: str) -> None:
         self.stream(method, delta)
-
-
-def _scaled(progress: Progress | None, index: int, count: int, name: str) -> Progress | None:
-    if progress is None:
-        return None
-    prefix = f"{name}: " if name else ""
-    return lambda fraction, message: progress((index + fraction) / count, f"{prefix}{message}")
-
-

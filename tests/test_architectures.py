@@ -128,7 +128,7 @@ def test_reconstruct_scores_are_the_models_own_attention(arch_dir, tmp_path):
     prefix_tokens, passages, _ = _parts(lm)
     cue = _ids(lm, kvc.RECONSTRUCT_CUE) + passages[0]
     prefix = kvc.prefix_layers(lm, prefix_tokens)
-    _, scores = kvc.capture(lm, prefix, passages[0], cue)
+    _, scores = kvc.capture(lm, prefix, passages[0], _ids(lm, kvc.RECONSTRUCT_CUE))
     start, n, r = len(prefix_tokens), len(passages[0]), len(cue)
     with torch.inference_mode():
         out = eager.model(input_ids=torch.tensor([prefix_tokens + passages[0] + cue]), output_attentions=True)

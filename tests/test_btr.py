@@ -238,14 +238,14 @@ def _kl_to_full_model(corpus, method, params, adapter, rng_seed=1):
     from contextlib import nullcontext
 
     from ragdemo.engine.lora import applied_adapter, cloze_example, distill_kl, teacher_logits
-    from ragdemo.methods.btr import chunk_ids_for
+    from ragdemo.engine.prompt import passage_ids
 
     lm = corpus.lm
     picked, question, target = cloze_example(lm.tokenizer, corpus.chunks(), params.k, random.Random(rng_seed))
     query = question + target
     states = method._load(corpus, params, picked)[0]
     prefix = instruction_ids(lm)
-    teacher = teacher_logits(lm, nullcontext, prefix, [chunk_ids_for(lm.tokenizer, c) for c in picked], query)
+    teacher = teacher_logits(lm, nullcontext, prefix, [passage_ids(lm.tokenizer, c["text"]) for c in picked], query)
     with applied_adapter(lm, adapter), torch.inference_mode():
         student = btr_forward(lm, prefix, states, query, params.split, len(query)).logits[0]
     return distill_kl(student, teacher).item()

@@ -75,7 +75,7 @@ def test_r0_equals_pure_reuse_of_the_stored_caches(tiny_bench, docs_dir):
     ctx = context(corpus, r=0.0)
     # assembled independently: stored blobs, prefix recomputed, keys rotated to where each passage lands
     hits = sorted(corpus.retrieve(QUESTION, 4)[0], key=lambda h: (h["doc_id"], h["ord"]))
-    blobs = corpus.store.get_artifacts("cacheblend", lm.model_id, method.digest(lm), [content_key(h) for h in hits])
+    blobs = corpus.store.get_artifacts("cacheblend", lm.model_id, method.digest(lm, method.Params()), [content_key(h) for h in hits])
     passages = [kvc.from_bytes(blobs[content_key(h)], lm.model.dtype, "cpu") for h in hits]
     prefix = kvc.prefix_layers(lm, instruction_prefix_ids(lm.tokenizer))
     starts, at = [], prefix[0][0].shape[2]

@@ -52,7 +52,7 @@ def test_keeps_exactly_the_budgeted_tokens_in_order(tiny_bench, docs_dir, ratio)
     from ragdemo.methods.base import Result
     from safetensors.numpy import load
     scores = torch.cat([torch.from_numpy(load(b)["surprisal"]).float()
-                        for b in lingua.fetch(corpus, corpus.lm, hits, Result("lingua"))])
+                        for b in lingua.fetch(corpus, lingua.Params(), hits, Result("lingua"))])
     flags = torch.tensor([k for s in shown for k in s.keep]).bool()
     assert scores[flags].min() >= scores[~flags].max()
 

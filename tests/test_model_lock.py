@@ -81,18 +81,21 @@ def test_a_cancel_inside_a_step_releases_the_model():
     assert not lock.locked()
 
 
-def test_prepare_hands_the_model_over_per_chunk(tiny_bench, docs_dir):
+def test_prepare_hands_the_model_over_per_batch(tiny_bench, docs_dir, monkeypatch):
+    from ragdemo.engine import prepare_pass
+
+    monkeypatch.setattr(prepare_pass, "BATCH_TOKENS", 120)  # the tiny collection in several batches
     tiny_bench.ingest([(p.name, p) for p in sorted(docs_dir.iterdir())])
     lm, slow = tiny_bench.models.lm, SlowSteps()
     worker = threading.Thread(target=lambda: tiny_bench.prepare(["lloco", "cacheblend"], progress=slow))
     started = time.perf_counter()
     worker.start()
-    wait_for(lambda: any("compressed chunk 1/" in m for m in slow.messages))
+    wait_for(lambda: any("tokens/s" in m for m in slow.messages))
     waited, still_running = time_to_get_in(lm.lock, worker)
     worker.join()
     whole_job = time.perf_counter() - started
-    chunks = sum("compressed chunk" in m for m in slow.messages)
-    assert chunks >= 3 and still_running, "the Compare got the model only after the whole prepare"
+    batches = sum(m.startswith("forward pass:") and "tokens/s" in m for m in slow.messages)
+    assert batches >= 3 and still_running, "the Compare got the model only after the whole prepare"
     assert waited < 3 * STEP_S and waited < whole_job / 3
     assert all(line.endswith("stored)") for line in tiny_bench.prepare(["lloco", "cacheblend"]))  # nothing left half-done
 

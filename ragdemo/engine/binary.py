@@ -111,6 +111,22 @@ def encode(states: np.ndarray, bits: int, centre: np.ndarray | None = None) -> C
     return Codes(n, d, bits, planes=planes, scales=step)
 
 
+def encode_many(states: list[np.ndarray], bits: int, centre: np.ndarray | None = None) -> list[Codes]:
+    """`encode` of each passage, in one vectorised call: the quantisation is per token, so encoding the
+    concatenation and splitting it gives each passage's own codes."""
+    if not states:
+        return []
+    codes = encode(np.concatenate(states), bits, centre)
+    bounds = np.cumsum([0] + [len(s) for s in states])
+    out = []
+    for a, b in zip(bounds, bounds[1:]):
+        if bits == FLOAT_BITS:
+            out.append(Codes(int(b - a), codes.d, bits, states=codes.states[a:b]))
+        else:
+            out.append(Codes(int(b - a), codes.d, bits, planes=codes.planes[:, a:b], scales=codes.scales[a:b]))
+    return out
+
+
 def to_blob(codes: Codes) -> bytes:
     header = _HEADER.pack(MAGIC, codes.n, codes.d, codes.bits)
     if codes.bits == FLOAT_BITS:

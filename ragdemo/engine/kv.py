@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from .layers import causal_mask, embed, positions, rotate_half, run_layers
 
 SCORERS = ("keynorm", "reconstruct")
-STORAGE_DTYPES = ("fp16", "int8")
+STORAGE_DTYPES = ("fp16", "int8", "k8v4", "int4")
 RECONSTRUCT_CUE = "\n\nRepeat the previous context exactly.\n"
 
 
@@ -96,69 +96,20 @@ def prefix_layers(lm, prefix_ids: list[int]) -> list[tuple[torch.Tensor, torch.T
     return layer_kv(cache)
 
 
-class _QueryTap:
-    """Records each layer's rotated queries during one forward (attention weights are not exposed by sdpa)."""
-
-    def __init__(self, lm):
-        self.queries: list[torch.Tensor | None] = [None] * lm.n_layers
-        self.handles = [layer.self_attn.register_forward_pre_hook(self._hook(i), with_kwargs=True)
-                        for i, layer in enumerate(lm.model.model.layers)]
-
-    def _hook(self, index: int):
-        def hook(module, args, kwargs):
-            x = kwargs.get("hidden_states", args[0] if args else None)
-            cos, sin = kwargs["position_embeddings"]
-            q = module.q_proj(x).view(*x.shape[:-1], -1, module.head_dim)
-            if getattr(module, "q_norm", None) is not None:  # Qwen3 normalises each head before RoPE
-                q = module.q_norm(q)
-            q = q.transpose(1, 2).float()
-            self.queries[index] = q * cos.float().unsqueeze(1) + rotate_half(q) * sin.float().unsqueeze(1)
-        return hook
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
 def capture(lm, prefix: list[tuple[torch.Tensor, torch.Tensor]], passage_ids: list[int],
-            reconstruct_ids: list[int] | None = None) -> tuple[PassageKV, torch.Tensor | None]:
-    """The passage's full cache computed alone behind the prefix, with keys made position-free.
+            cue: list[int] | None = None) -> tuple[PassageKV, torch.Tensor | None]:
+    """One passage's full cache computed alone behind the prefix's per-layer KV, keys made position-free: the
+    shared preparation pass (engine/prepare_pass.py) over a batch of one.
 
-    With `reconstruct_ids` (a "repeat the context" cue followed by the passage again), also returns KVzip-style
-    importance [L, H_kv, n]: the most attention any repeated token pays to each passage token, max over the
-    query heads that share the KV head. Tokens the model needs to reproduce the passage score high."""
-    start, n = prefix[0][0].shape[2], len(passage_ids)
-    cache = cache_from(prefix)
-    tap = _QueryTap(lm) if reconstruct_ids else None
-    try:
-        with torch.inference_mode():
-            prefill(lm, passage_ids, cache, start)
-            if tap:
-                tap.queries = [None] * lm.n_layers  # only the reconstruction pass matters
-                prefill(lm, reconstruct_ids, cache, start + n)
-    finally:
-        if tap:
-            tap.close()
-    keys = torch.stack([cache.layers[i].keys[0, :, start:start + n] for i in range(lm.n_layers)])
-    values = torch.stack([cache.layers[i].values[0, :, start:start + n] for i in range(lm.n_layers)])
-    offsets = torch.arange(n, device=keys.device).expand(*keys.shape[:2], n)
-    keys = rotate_keys(lm, keys.float(), -(offsets + start))  # fp32 until storage: no double rounding
-    scores = _reconstruction_scores(lm, cache, tap.queries, start, n) if tap else None
-    return PassageKV(keys, values, offsets.clone(), n), scores
+    With `cue` (e.g. RECONSTRUCT_CUE's ids), also returns KVzip-style importance [L, H_kv, n]: the most attention
+    any token of [cue, passage again] pays to each passage token, max over the query heads sharing the KV head.
+    Tokens the model needs to reproduce the passage score high."""
+    from .prefix import PrefixState
+    from .prepare_pass import Needs, forward_chunks
 
-
-def _reconstruction_scores(lm, cache, queries, start: int, n: int) -> torch.Tensor:
-    out = []
-    for i, q in enumerate(queries):  # q: [1, Hq, r, d] rotated, the last r positions of the cache
-        k = cache.layers[i].keys[0].float()  # [H_kv, T, d]
-        h_kv, total = k.shape[0], k.shape[1]
-        group = q.shape[1] // h_kv
-        k = k.repeat_interleave(group, dim=0)
-        logits = torch.einsum("hrd,htd->hrt", q[0], k) / math.sqrt(q.shape[-1])
-        allowed = causal_mask(q.shape[2], total, k.device)[0, 0]
-        attn = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)[:, :, start:start + n]
-        out.append(attn.amax(dim=1).view(h_kv, group, n).amax(dim=1))
-    return torch.stack(out)
+    state = PrefixState([], prefix, None) if prefix else None  # ids unused: the layers say how long it is
+    (out,) = forward_chunks(lm, state, [list(passage_ids)], Needs(kv=True, reconstruct=cue is not None), cue)
+    return out.kv, out.scores
 
 
 # ----------------------------------------------------------- compression
@@ -189,40 +140,78 @@ def kept_share(kv: PassageKV) -> torch.Tensor:
 
 
 # --------------------------------------------------------- serialisation
-def _quantize(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per token and head: one fp16 scale per head_dim vector."""
+# how each stored dtype quantises keys and values: (bits, the axis one fp16 scale covers: "token" = a scale per
+# token and head over head_dim; "channel" = a scale per channel and head over the passage's kept tokens)
+QUANTISATION = {"int8": {"keys": (8, "token"), "values": (8, "token")},
+                "k8v4": {"keys": (8, "token"), "values": (4, "token")},
+                "int4": {"keys": (4, "token"), "values": (4, "token")}}
+
+
+def _quantize(x: torch.Tensor, bits: int, per: str) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric integer grid, one fp16 scale per token (over head_dim) or per channel (over tokens); the values
+    are quantised with the rounded scale they will be decoded with. 4 bits pack two values per byte."""
     x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
-    q = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
-    return q.cpu().numpy(), scale.to(torch.float16).cpu().numpy()
+    top = 2 ** (bits - 1) - 1
+    axis = -1 if per == "token" else -2
+    scale = (x.abs().amax(dim=axis, keepdim=True).clamp_min(1e-6) / top).to(torch.float16)
+    q = torch.round(x / scale.float()).clamp(-top, top).to(torch.int8)
+    if bits == 4:
+        unsigned = (q + 8).to(torch.uint8)
+        q = (unsigned[..., 0::2] << 4) | unsigned[..., 1::2]
+    return q.cpu().numpy(), scale.cpu().numpy()
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray, bits: int) -> torch.Tensor:
+    x = torch.from_numpy(q)
+    if bits == 4:
+        x = torch.stack([(x >> 4).to(torch.int8) - 8, (x & 15).to(torch.int8) - 8], dim=-1).flatten(-2)
+    return x.float() * torch.from_numpy(scale).float()
 
 
 def to_bytes(kv: PassageKV, storage: str = "fp16") -> bytes:
-    """safetensors bytes (no pickle): keys, values, offsets; int8 adds a scale per token/head."""
+    """safetensors bytes (no pickle): keys, values, and the kept tokens' offsets (one byte each for passages up
+    to 256 tokens; left out when every token is kept, as in a full cache); int8/int4 add fp16 scales
+    (`QUANTISATION`)."""
     if storage not in STORAGE_DTYPES:
         raise ValueError(f"storage must be one of {STORAGE_DTYPES}")
-    tensors = {"offsets": kv.offsets.to(torch.int16).cpu().numpy()}
+    tensors = {}
+    if not _dense(kv):
+        tensors["offsets"] = kv.offsets.to(torch.uint8 if kv.n_tokens <= 256 else torch.int16).cpu().numpy()
     if storage == "fp16":
         tensors["keys"] = kv.keys.to(torch.float16).cpu().numpy()
         tensors["values"] = kv.values.to(torch.float16).cpu().numpy()
     else:
-        tensors["keys"], tensors["key_scale"] = _quantize(kv.keys)
-        tensors["values"], tensors["value_scale"] = _quantize(kv.values)
+        how = QUANTISATION[storage]
+        tensors["keys"], tensors["key_scale"] = _quantize(kv.keys, *how["keys"])
+        tensors["values"], tensors["value_scale"] = _quantize(kv.values, *how["values"])
     return save_numpy(tensors, metadata={"n_tokens": str(kv.n_tokens), "storage": storage})
+
+
+def _dense(kv: PassageKV) -> bool:
+    """Every token kept, in order: the offsets say nothing a reader cannot rebuild."""
+    if kv.kept != kv.n_tokens:
+        return False
+    return bool((kv.offsets == torch.arange(kv.n_tokens, device=kv.offsets.device)).all())
 
 
 def from_bytes(blob: bytes, dtype: torch.dtype, device) -> PassageKV:
     tensors = load_numpy(blob)
-    n_tokens = _metadata(blob)["n_tokens"]
+    meta = _metadata(blob)
+    n_tokens = int(meta["n_tokens"])
+    how = QUANTISATION.get(meta.get("storage"), {})
 
     def tensor(name: str) -> torch.Tensor:
-        x = torch.from_numpy(tensors[name]).float()
-        if f"{name[:-1]}_scale" in tensors:  # keys -> key_scale, values -> value_scale
-            x = x * torch.from_numpy(tensors[f"{name[:-1]}_scale"]).float()
+        scale = tensors.get(f"{name[:-1]}_scale")  # keys -> key_scale, values -> value_scale
+        bits = how.get(name, (8,))[0]
+        x = torch.from_numpy(tensors[name]).float() if scale is None else _dequantize(tensors[name], scale, bits)
         return x.to(device=device, dtype=dtype)
 
-    offsets = torch.from_numpy(tensors["offsets"]).long().to(device)
-    return PassageKV(tensor("keys"), tensor("values"), offsets, int(n_tokens))
+    keys = tensor("keys")
+    if "offsets" in tensors:
+        offsets = torch.from_numpy(tensors["offsets"]).long().to(device)
+    else:
+        offsets = torch.arange(n_tokens, device=device).expand(*keys.shape[:2], n_tokens).clone()
+    return PassageKV(keys, tensor("values"), offsets, n_tokens)
 
 
 def _metadata(blob: bytes) -> dict:

@@ -127,6 +127,12 @@ def passage_text(text: str) -> str:
     return text.strip() + "\n\n"
 
 
+def passage_ids(tokenizer, text: str) -> list[int]:
+    """A chunk's token sequence as every prompt and every method's offline artifact reads it: the one place its
+    layout is decided (prompts, per-chunk caches, states and scores all call this)."""
+    return encode(tokenizer, passage_text(text))
+
+
 def build_prompt(tokenizer, question: str, passages: list[dict], repeat_context: bool = False) -> Prompt:
     """[prefix "Context:"] [passage]... [question + assistant turn]; closed-book when `passages` is empty.
 
@@ -139,7 +145,7 @@ def build_prompt(tokenizer, question: str, passages: list[dict], repeat_context:
         return Prompt([Segment("prefix", encode(tokenizer, closed_head)), Segment("question", question_ids)])
     prefix = head + (question_text(question, "\n\n") if repeat_context else "") + "Context:\n"
     segments = [Segment("prefix", encode(tokenizer, prefix))]
-    passage_segments = [Segment("passage", encode(tokenizer, passage_text(p["text"])), source=_source(p)) for p in passages]
+    passage_segments = [Segment("passage", passage_ids(tokenizer, p["text"]), source=_source(p)) for p in passages]
     segments += passage_segments
     if repeat_context:
         segments += [Segment("passage", s.ids, "repeated", s.source) for s in passage_segments]

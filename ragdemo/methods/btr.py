@@ -13,7 +13,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from transformers import DynamicCache
 
-from ..engine.binary import (FLOAT_BITS, SUPPORTED_BITS, Codes, check_bits, encode, fp16_kv_bytes_per_token,
+from ..engine.binary import (FLOAT_BITS, SUPPORTED_BITS, Codes, check_bits, encode_many, fp16_kv_bytes_per_token,
                              fp16_state_bytes_per_token, from_blob, to_blob)
 from ..engine.calibration import Decoder, TrainableDecoder, fit_decoder, identity_decoder
 from ..engine.generate import decode_loop
@@ -24,14 +24,16 @@ from ..engine.lora import (LoraKnobs, adapter_key, applied_adapter, cloze_questi
                            salient_tokens, teacher_logits, teacher_run, train_adapter)
 from ..engine.memo import lm_memo
 from ..engine.merging import bipartite_merge, merge_by_token, merge_within_groups, sized
-from ..engine.prompt import Segment, build_prompt, encode as encode_text, lead_question_ids, passage_text
+from ..engine.prepare_pass import Needs, forward_chunks
+from ..engine.prompt import Segment, build_prompt, lead_question_ids, passage_ids
 from ..engine.prompt import question_ids as final_question_ids
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..params import out_of_range
-from ..store import artifact_hash, chunk_key
+from ..store import ArtifactRow, artifact_hash, chunk_key
 from ..units import fmt_bytes
 from .base import Params, Method, Result, StorageAccount, finish, knob
+from .preparation import PassJob, run_jobs, unique_chunks
 
 FORMAT_VERSION = 3  # 3: fp16 decoder, content-keyed artifacts; bump when the artifact layout or the way states are computed changes
 RECIPE = "distill-v1"  # bump when the LoRA distillation recipe changes, so old adapters are not reused
@@ -92,12 +94,11 @@ class Forward:
 # ----------------------------------------------------------------------------------------------- forward
 
 def lower_states(lm, prefix_ids: list[int], ids: list[int], split: int) -> torch.Tensor:
-    """A passage's layer-`split` states, computed with only the instruction prefix before it (or nothing)."""
-    full = prefix_ids + ids
-    with torch.inference_mode():
-        h = embed(lm, torch.tensor([full], device=lm.device))
-        h = run_layers(lm, h, 0, split, positions(0, len(full), lm.device), CAUSAL)
-    return h[0, len(prefix_ids):].float()
+    """A passage's layer-`split` states, computed with only the instruction prefix before it (or nothing): the
+    shared preparation pass over one chunk."""
+    prefix = shared_prefix(lm, prefix_ids) if prefix_ids else None
+    (out,) = forward_chunks(lm, prefix, [list(ids)], Needs(states_at=frozenset({split})))
+    return out.states[split]
 
 
 def btr_forward(lm, prefix_ids: list[int], passages: list[torch.Tensor], question_ids: list[int], split: int,
@@ -246,10 +247,6 @@ def passage_saliency(lm, teacher_off, inputs: dict, start: int, n: int, asked: i
 
 
 # -------------------------------------------------------------------------------------------- artifacts
-
-def chunk_ids_for(tokenizer, chunk: dict) -> list[int]:
-    return encode_text(tokenizer, passage_text(chunk["text"]))
-
 
 STOPWORDS = set("""a an and are as at be been but by for from had has have he her his i in is it its of on or
 that the their them they this to was were which who will with not no so than then there these those we you
@@ -421,58 +418,103 @@ collection."""
 
     # --------------------------------------------------------------------------------------- prepare
     def prepare(self, corpus, params, progress=None) -> None:
+        run_jobs(corpus, [self.pass_job(corpus, params)], progress)
         lm, store = corpus.lm, corpus.store
-        self._check(lm, params)
-        corpus.require_documents(self.name)
         say = progress or (lambda f, m: None)
         chunks = corpus.chunks()
         sig = store.content_signature(corpus.collection_id)
-        decoder, decoder_blob = self._load_decoder(corpus, params, sig)
-        states: dict[int, np.ndarray] = {}
-
-        def state_of(chunk):
-            if chunk["chunk_id"] not in states:
-                states[chunk["chunk_id"]] = self._float_states(lm, params, chunk)
-            return states[chunk["chunk_id"]]
-
-        if decoder is None:  # calibration: every chunk's float states, then the closed-form fit
-            started = time.perf_counter()
-            for i, chunk in enumerate(chunks):
-                state_of(chunk)
-                say(0.6 * (i + 1) / len(chunks), f"calibration states {i + 1}/{len(chunks)}")
-            say(0.6, "fitting the least-squares decoder")
-            decoder_blob = fit_decoder(list(states.values()), params.bits).to_bytes()
-            decoder = Decoder.from_bytes(decoder_blob)  # encode around the stored (fp16) centre, as answers decode
-            # the previous content's decoder, codes and adapter were deleted when a document came or went
-            store.put_artifact(self.name, lm.model_id, artifact_hash(self._base_hash(lm, params)), self._decoder_key(sig),
-                               decoder_blob, collection_id=corpus.collection_id, basis=sig,
-                               meta={"tokens": int(sum(len(s) for s in states.values())),
-                                     "seconds": round(time.perf_counter() - started, 1)})
-        chunk_hash = self._chunk_hash(lm, params, decoder_blob)
-        basis = self._codes_basis(params, sig)
-        have = store.artifact_keys(self.name, lm.model_id, chunk_hash, [chunk_key(c["text"]) for c in chunks])
-        missing = list({chunk_key(c["text"]): c for c in chunks if chunk_key(c["text"]) not in have}.values())
-        for i, chunk in enumerate(missing):
-            codes = encode(state_of(chunk), params.bits, decoder.centre if params.calibrate else None)
-            # one transaction per chunk: an interrupted prepare leaves whole artifacts only
-            store.put_artifact(self.name, lm.model_id, chunk_hash, chunk_key(chunk["text"]), to_blob(codes),
-                               chunk_id=chunk["chunk_id"], collection_id=corpus.collection_id if basis else None,
-                               basis=basis)
-            say(0.6 + 0.4 * (i + 1) / len(missing), f"binarized {i + 1}/{len(missing)} chunks")
+        _, decoder_blob = self._load_decoder(corpus, params, sig)
         if params.r_o > 0:
-            self._compress(corpus, params, chunk_hash, chunks, sig, say)
+            self._compress(corpus, params, self._chunk_hash(lm, params, decoder_blob), chunks, sig, say)
         say(1.0, f"{len(chunks)} chunks ready")
         if params.train and params.lora and self._adapter(corpus, params, decoder_blob, sig) is None:
             self.finetune(corpus, params, progress)
 
+    def pass_job(self, corpus, params) -> PassJob | None:
+        """What the collection still lacks at these knobs, as a job for the shared pass: the layer-`split` states
+        of the chunks without codes, or of every chunk when the calibration decoder is not fitted yet (it is fitted
+        on all of them, in `finish`). States still in memory (an earlier prepare at another `bits`) skip the
+        forward. None when every chunk has its codes."""
+        lm, store = corpus.lm, corpus.store
+        self._check(lm, params)
+        corpus.require_documents(self.name)
+        chunks = unique_chunks(corpus.chunks())
+        sig = store.content_signature(corpus.collection_id)
+        decoder, decoder_blob = self._load_decoder(corpus, params, sig)
+        if decoder is not None:
+            have = store.artifact_keys(self.name, lm.model_id, self._chunk_hash(lm, params, decoder_blob),
+                                       [chunk_key(c["text"]) for c in chunks])
+            chunks = [c for c in chunks if chunk_key(c["text"]) not in have]
+        if not chunks:
+            return None
+        prefix = instruction_ids(lm) if params.after_prefix else []
+        memo = lm_memo(lm, "btr_lower_states", STATE_MEMORY, lambda value: value.nbytes)
+        # held here, not only in the memo: the pass's own states may push the older ones out before `finish`
+        states = {chunk_key(c["text"]): memo.get(self._state_key(lm, params, c), lambda: None) for c in chunks
+                  if self._state_key(lm, params, c) in memo}
+        remembered = list(states)
+
+        def take(batch: list[dict], results: list) -> list[ArtifactRow]:
+            for chunk, result in zip(batch, results):
+                state = result.states[params.split].cpu().numpy()
+                states[chunk_key(chunk["text"])] = memo.get(self._state_key(lm, params, chunk), lambda: state)
+            # codes right away when the decoder exists; else `finish` fits it on every chunk's states first
+            return self._code_rows(corpus, params, decoder, decoder_blob, sig, batch, states) if decoder is not None else []
+
+        def finish(progress) -> list[ArtifactRow]:
+            rows = []
+            fitted, fitted_blob = decoder, decoder_blob
+            if fitted is None:
+                rows.append(self._fit(corpus, params, sig, [states[chunk_key(c["text"])] for c in chunks], progress))
+                fitted_blob = rows[0].blob
+                fitted = Decoder.from_bytes(fitted_blob)  # encode around the stored (fp16) centre, as answers decode
+                todo = chunks
+            else:
+                todo = [c for c in chunks if chunk_key(c["text"]) in remembered]
+            progress(0.5, f"binarizing {len(todo)} chunks ({params.bits} bit)")
+            return rows + self._code_rows(corpus, params, fitted, fitted_blob, sig, todo, states)
+
+        fresh = [c for c in chunks if chunk_key(c["text"]) not in states]
+        needs = Needs(states_at=frozenset({params.split}))
+        return PassJob(f"btr (split {params.split}, {params.bits} bit)", needs, prefix, fresh, take,
+                       finish if decoder is None or remembered else None)
+
+    def _fit(self, corpus, params, sig: str, states: list[np.ndarray], progress) -> ArtifactRow:
+        """The collection's calibration decoder, fitted on every chunk's states (the previous content's decoder,
+        codes and adapter were deleted when a document came or went)."""
+        lm = corpus.lm
+        started = time.perf_counter()
+        progress(0.0, f"fitting the least-squares decoder on {sum(len(s) for s in states):,} tokens")
+        blob = fit_decoder(states, params.bits).to_bytes()
+        return ArtifactRow(self.name, lm.model_id, artifact_hash(self._base_hash(lm, params)), self._decoder_key(sig),
+                           blob, collection_id=corpus.collection_id, basis=sig,
+                           meta={"tokens": int(sum(len(s) for s in states)),
+                                 "seconds": round(time.perf_counter() - started, 1)})
+
+    def _code_rows(self, corpus, params, decoder, decoder_blob, sig: str, chunks: list[dict],
+                   states: dict[str, np.ndarray]) -> list[ArtifactRow]:
+        """Each chunk's codes around the decoder's centre, encoded in one vectorised call."""
+        lm = corpus.lm
+        chunk_hash = self._chunk_hash(lm, params, decoder_blob)
+        basis = self._codes_basis(params, sig)
+        all_codes = encode_many([states[chunk_key(c["text"])] for c in chunks], params.bits,
+                                decoder.centre if params.calibrate else None)
+        return [ArtifactRow(self.name, lm.model_id, chunk_hash, chunk_key(c["text"]), to_blob(codes),
+                            chunk_id=c["chunk_id"], collection_id=corpus.collection_id if basis else None, basis=basis)
+                for c, codes in zip(chunks, all_codes)]
+
     @staticmethod
-    def _float_states(lm, params, chunk) -> np.ndarray:
+    def _state_key(lm, params, chunk) -> tuple:
+        """The memo key of a chunk's float states: its content, never its row id."""
+        prefix = instruction_ids(lm) if params.after_prefix else []
+        return lm.model_id, str(lm.dtype), params.split, artifact_hash(prefix), artifact_hash(chunk["text"].encode())
+
+    def _float_states(self, lm, params, chunk) -> np.ndarray:
         """A chunk's float layer-`split` states, kept in the LM's memo between prepares and fine-tunes."""
         prefix = instruction_ids(lm) if params.after_prefix else []
         memo = lm_memo(lm, "btr_lower_states", STATE_MEMORY, lambda value: value.nbytes)
-        # the chunk's content, never its row id
-        key = (lm.model_id, str(lm.dtype), params.split, artifact_hash(prefix), artifact_hash(chunk["text"].encode()))
-        return memo.get(key, lambda: lower_states(lm, prefix, chunk_ids_for(lm.tokenizer, chunk), params.split).cpu().numpy())
+        return memo.get(self._state_key(lm, params, chunk),
+                        lambda: lower_states(lm, prefix, passage_ids(lm.tokenizer, chunk["text"]), params.split).cpu().numpy())
 
     # -------------------------------------------------------------------------------------- finetune
     def finetune(self, corpus, params, progress=None) -> str:
@@ -484,7 +526,7 @@ collection."""
             raise UserError(f"btr: split={params.split} leaves no upper layers to fine-tune")
         codes_only = dataclasses.replace(params, train=False, r_o=0.0)  # distilled on unmerged codes
         self.prepare(corpus, codes_only, (lambda f, m: progress(0.1 * f, m)) if progress else None)
-        token_ids = {c["chunk_id"]: chunk_ids_for(lm.tokenizer, c) for c in corpus.chunks()}
+        token_ids = {c["chunk_id"]: passage_ids(lm.tokenizer, c["text"]) for c in corpus.chunks()}
         chunks = [c for c in corpus.chunks() if len(token_ids[c["chunk_id"]]) >= 24]
         if len(chunks) < 2:
             raise UserError("btr fine-tuning needs at least 2 chunks of 24+ tokens in the collection")
@@ -567,7 +609,7 @@ collection."""
         keys = [chunk_key(c["text"]) for c in chunks]
         blobs = store.get_artifacts(self.name, lm.model_id, chunk_hash, keys)
         all_codes = [from_blob(blobs[k]) for k in keys]
-        token_ids = np.concatenate([chunk_ids_for(lm.tokenizer, c) for c in chunks])
+        token_ids = np.concatenate([passage_ids(lm.tokenizer, c["text"]) for c in chunks])
         packed = np.concatenate([c.planes[0] for c in all_codes])
         scales = np.concatenate([c.scales for c in all_codes])
         book = merge_by_token(token_ids, packed, scales, params.r_o, stopword_ids(lm.tokenizer, token_ids),

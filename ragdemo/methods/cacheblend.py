@@ -10,16 +10,15 @@ from ..engine import kv as kvc
 from ..engine.blend import selective_recompute
 from ..engine.generate import decode_loop
 from ..engine.layers import logits, require_llama_like
-from ..engine.prefix import instruction_ids, shared_prefix
-from ..engine.prompt import Prompt, Segment, encode, passage_text
+from ..engine.prefix import shared_prefix
+from ..engine.prepare_pass import ChunkPass, Needs
+from ..engine.prompt import Prompt, Segment
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash
 from ..params import out_of_range
 from .base import Params, Result, finish, knob
 from .chunk_artifacts import PerChunkArtifacts, token_budget
-
-STORAGE = "fp16"
 
 @dataclass
 class CacheBlendParams(Params):
@@ -29,6 +28,8 @@ class CacheBlendParams(Params):
     selection_layer: int = knob(1, "layer where reused and fresh KV are compared; layers below run for every token "
                                    "(below the model's layer count)", label="selection layer", min=0, max=255)
     gradual: bool = knob(False, "pick 2x the tokens at the selection layer and narrow to r at the next one")
+    storage: str = knob("fp16", "how each chunk's KV is kept: fp16, or quantised with a scale per token "
+                                "(int8, k8v4 = keys 8-bit and values 4-bit, int4)", choices=kvc.STORAGE_DTYPES)
 
 
 class CacheBlend(PerChunkArtifacts):
@@ -45,9 +46,10 @@ tokens). It finds them at an early layer (after recomputing the first layer full
 the next layers ("gradual filtering"); the recompute is pipelined with loading the caches from disk.
 
 **Here:**
-- Offline (`prepare`): each 64-token chunk is prefilled alone behind the shared instruction prefix and its full
-  KV is stored (fp16, keys without RoPE), keyed by the chunk's text hash, the model, its dtype and a format
-  version. That is LLoCO's capture path at c=1.
+- Offline (`prepare`): each 64-token chunk is prefilled alone behind the shared instruction prefix (in the shared
+  preparation pass, batched with every other method's work) and its full KV is stored (keys without RoPE, as
+  `storage`: fp16, int8, k8v4 (keys int8, values 4-bit) or int4, with one fp16 scale per token and head), keyed by the chunk's text hash, the model,
+  its dtype, the storage and a format version. That is LLoCO's capture path at c=1.
 - Answer: the top-k chunks (MiniLM, as rag) are read in document order, one passage per chunk, in rag's prompt
   layout; their caches are loaded and keys re-rotated to where each chunk lands behind the cached prefix.
   Layers below `selection_layer` run for every passage token; at the selection layer only their keys and values
@@ -65,18 +67,21 @@ the next layers ("gradual filtering"); the recompute is pipelined with loading t
 - Cost: `processed_tokens` counts token-layers ÷ layers: all passage tokens through layers ≤ selection layer
   (the KV projection alone at the selection layer counted as a whole layer: an upper bound), the r share
   through the rest, plus the question. The fixed cost of r > 0 over pure reuse is the layers below the
-  selection layer for every passage token plus one pass over the upper layers' weights. Storage is the full KV: ~23 kB per token for SmolLM2-135M.
-- Knobs: k, r, selection_layer, gradual."""
+  selection layer for every passage token plus one pass over the upper layers' weights. Storage is the full KV: ~23 kB per token in fp16 for SmolLM2-135M, ~11.9 kB in int8.
+- Knobs: k, r, selection_layer, gradual, storage."""
 
     # ------------------------------------------------------------ offline
-    def build(self, corpus, lm, chunks) -> list[bytes]:
-        """Each chunk prefilled alone behind the instruction prefix; its full KV, keys made position-free."""
-        prefix = shared_prefix(lm, instruction_ids(lm))
-        return [kvc.to_bytes(kvc.capture(lm, prefix.layers, encode(lm.tokenizer, passage_text(c["text"])))[0], STORAGE)
-                for c in chunks]
+    artifact_format = 2  # 2: made by the shared batched pass; offsets left out of full caches
 
-    def digest(self, lm) -> str:
-        return artifact_hash({"base": super().digest(lm), "storage": STORAGE})
+    def needs(self, params) -> Needs:
+        return Needs(kv=True)
+
+    def artifact(self, lm, params, result: ChunkPass) -> bytes:
+        """The chunk's full KV, read alone behind the instruction prefix, keys made position-free."""
+        return kvc.to_bytes(result.kv, params.storage)
+
+    def digest(self, lm, params) -> str:
+        return artifact_hash({"base": super().digest(lm, params), "storage": params.storage})
 
     # ------------------------------------------------------------- answer
     def answer(self, question, corpus, params, stream=None) -> Result:
@@ -118,7 +123,7 @@ the next layers ("gradual filtering"); the recompute is pipelined with loading t
         text_prompt, passages, result = got.prompt, got.passages, got.result
         load_start = time.perf_counter()
         prefix = shared_prefix(lm, text_prompt.segments[0].ids)
-        kvs = [kvc.from_bytes(b, lm.model.dtype, lm.device) for b in self.fetch(corpus, lm, got.hits, result)]
+        kvs = [kvc.from_bytes(b, lm.model.dtype, lm.device) for b in self.fetch(corpus, params, got.hits, result)]
         if [p.n_tokens for p in kvs] != [len(s.ids) for s in passages]:
             raise UserError("cacheblend: a stored cache does not match its chunk's tokens; run prepare again")
         starts = [len(prefix) + sum(len(s.ids) for s in passages[:i]) for i in range(len(passages))]

@@ -10,8 +10,9 @@ from safetensors.numpy import load as load_numpy
 from safetensors.numpy import save as save_numpy
 
 from ..engine.generate import generate, supports_kv_cache
-from ..engine.prefix import compute_prefix, instruction_ids, shared_prefix
-from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text
+from ..engine.prefix import compute_prefix
+from ..engine.prepare_pass import ChunkPass, Needs
+from ..engine.prompt import Prompt, Segment, build_prompt
 from ..engine.scoring import nll_of_answer
 from ..engine.surprisal import computed_rows, surprisal
 from ..errors import NotSupported, UserError
@@ -36,7 +37,6 @@ class Lingua(PerChunkArtifacts):
     label = "LLMLingua-style prompt compression"
     order = 9
     Params = LinguaParams
-    build_batch = 8  # chunks scored per forward
     card = """### LLMLingua-style prompt compression (Jiang et al. 2023; Selective Context, Li et al. 2023)
 **Paper:** a small LM scores every prompt token by its self-information (surprisal, −log p given the tokens
 before it); tokens the LM predicts well carry little information and are dropped until a budget is met, and
@@ -72,11 +72,12 @@ with a *contrastive* score: how much less surprising a token becomes once the qu
 - Knobs: k, ratio, question_aware, unit, spread."""
 
     # ------------------------------------------------------------ offline
-    def build(self, corpus, lm, chunks) -> list[bytes]:
-        """Each chunk's per-token surprisal, read alone behind the instruction prefix, as fp16."""
-        sequences = [encode(lm.tokenizer, passage_text(c["text"])) for c in chunks]
-        scores = surprisal(lm, shared_prefix(lm, instruction_ids(lm)), sequences)
-        return [save_numpy({"surprisal": nats.numpy().astype(np.float16)}) for nats in scores]
+    def needs(self, params) -> Needs:
+        return Needs(surprisal=True)
+
+    def artifact(self, lm, params, result: ChunkPass) -> bytes:
+        """The chunk's per-token surprisal, read alone behind the instruction prefix, as fp16."""
+        return save_numpy({"surprisal": result.surprisal.numpy().astype(np.float16)})
 
     # ------------------------------------------------------------- answer
     def answer(self, question, corpus, params, stream=None) -> Result:
@@ -111,7 +112,7 @@ with a *contrastive* score: how much less surprising a token becomes once the qu
         full, passages, result = got.prompt, got.passages, got.result
         load_start = time.perf_counter()
         scores = [torch.from_numpy(load_numpy(b)["surprisal"].astype(np.float32))
-                  for b in self.fetch(corpus, lm, got.hits, result)]
+                  for b in self.fetch(corpus, params, got.hits, result)]
         result.load_s = time.perf_counter() - load_start - result.prepare_s
         if [len(s) for s in scores] != [len(p.ids) for p in passages]:
             raise UserError("lingua: stored scores do not match their chunk's tokens; run prepare again")

@@ -15,14 +15,17 @@ from ..engine.layers import forward_all, require_llama_like
 from ..engine.prefix import instruction_ids, prefix_cache, shared_prefix
 from ..engine.lora import (LoraKnobs, adapter_key, applied_adapter, cloze_example, distill_kl, teacher_logits,
                            train_adapter)
-from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_text, question_ids
+from ..engine.prompt import Prompt, Segment, build_prompt, encode, passage_ids, question_ids
 from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
-from ..store import artifact_hash, chunk_key
+from ..engine.prepare_pass import Needs
+from ..store import ArtifactRow, artifact_hash, chunk_key
 from ..units import fmt_bytes
 from .base import Params, Method, Result, StorageAccount, finish, knob
+from .preparation import PassJob, run_jobs, unique_chunks
 
 RECIPE = "v2-distill"  # bump when the training recipe changes, so old adapters are not reused
+FORMAT_VERSION = 2  # 2: made by the shared batched pass, one-byte offsets; bump when the blob layout changes
 
 
 @dataclass
@@ -32,7 +35,8 @@ class LlocoParams(LoraKnobs, Params):
                   label="compression ratio", min=1, max=64)
     scorer: str = knob("reconstruct", "which tokens to keep: reconstruct (KVzip-style) or keynorm",
                        choices=("reconstruct", "keynorm"))
-    storage: str = knob("fp16", "number format of the stored cache", choices=("fp16", "int8"))
+    storage: str = knob("fp16", "number format of the stored cache: fp16, int8, k8v4 (keys int8, values 4-bit) or "
+                                "int4", choices=kvc.STORAGE_DTYPES)
     positions: str = knob("original", "original: kept tokens keep their place in the passage; compact: packed",
                           choices=("original", "compact"))
 
@@ -50,10 +54,12 @@ offline; a LoRA (r=8 on q/k/v/o) fine-tuned per document collection teaches the 
 answer time the summaries of the retrieved documents are loaded and the matching LoRA is applied.
 
 **Here:** the compressed *KV cache* of each 64-token chunk stands in for the summary vectors.
-- Offline (`prepare`): each chunk is prefilled alone behind the shared instruction prefix; a query-agnostic
-  scorer keeps 1/c of its tokens in every layer and KV head (`reconstruct`: KVzip-style, the attention each
-  token gets when the model is asked to repeat the chunk; `keynorm`: smallest key norms, kvpress Knorm);
-  keys are stored without RoPE, as fp16 or int8.
+- Offline (`prepare`): each chunk is prefilled alone behind the shared instruction prefix (in the shared
+  preparation pass, batched with every other method's work; the `reconstruct` scorer's "repeat the chunk" rows
+  run in the same forward); a query-agnostic scorer keeps 1/c of its tokens in every layer and KV head
+  (`reconstruct`: KVzip-style, the attention each token gets when the model is asked to repeat the chunk;
+  `keynorm`: smallest key norms, kvpress Knorm); keys are stored without RoPE, as `storage`: fp16, int8,
+  k8v4 (keys int8, values 4-bit, each with one fp16 scale per token and head) or int4.
 - Answer: top-k chunks (MiniLM, as rag), their caches are loaded, keys re-rotated to their new positions and
   appended after the cached prefix; only the question is prefilled, then decoding runs as usual.
 - Fine-tune (optional, `python -m ragdemo finetune --method lloco`, the UI's Fine-tune button, or `train=1` at
@@ -65,7 +71,8 @@ answer time the summaries of the retrieved documents are loaded and the matching
   target and lowered value kept.)
 - Approximated: no AutoCompressor (nothing learned compresses here: tokens are selected), passages never see
   each other (each was encoded alone), 64-token chunks instead of 1,536-token documents.
-- Knobs: k, c (1, 2, 4, 8), scorer, storage (fp16/int8), positions, lora, train, lora_r, lora_steps, lora_lr.
+- Knobs: k, c (1, 2, 4, 8), scorer, storage (fp16/int8/k8v4/int4), positions, lora, train, lora_r, lora_steps,
+  lora_lr.
 
 The LoRA is swapped in by reference (~1 ms), not merged into the weights for every answer; the results suite
 measures LLoCO with the LoRA off (the default: no adapter is trained unless asked) and on (`train=1`).
@@ -73,20 +80,50 @@ Storage is every chunk's compressed cache plus the collection's LoRA when one is
 
     # ------------------------------------------------------------ offline
     def prepare(self, corpus, params, progress=None) -> None:
+        run_jobs(corpus, [self.pass_job(corpus, params)], progress)
+        if params.train and params.lora and not self._has_adapter(corpus, self._check(corpus, params), params):
+            self.finetune(corpus, params, progress)
+
+    def pass_job(self, corpus, params, chunks: list[dict] | None = None) -> PassJob | None:
+        """The chunks (default: the collection's) whose compressed cache is missing at these knobs, as a job for
+        the shared pass: every layer's KV, plus the reconstruction scores with the `reconstruct` scorer. Chunks
+        whose full cache is still in memory (another ratio prepared just before) are compressed without a
+        forward. None when nothing is missing."""
         lm = self._check(corpus, params)
         corpus.require_documents(self.name)
-        chunks = corpus.chunks()
+        chunks = corpus.chunks() if chunks is None else chunks
         digest = self._artifact_hash(lm, params)
         have = corpus.store.artifact_keys(self.name, lm.model_id, digest, [chunk_key(c["text"]) for c in chunks])
-        todo = list({chunk_key(c["text"]): c for c in chunks if chunk_key(c["text"]) not in have}.values())
-        if progress:
-            progress(0.0, f"{len(todo)} chunk caches to compress, the others already are")
-        for i, chunk in enumerate(todo):
-            self._compress_and_store(corpus, lm, params, digest, chunk)
-            if progress:
-                progress((i + 1) / len(todo), f"compressed chunk {i + 1}/{len(todo)} (c={params.c}, {params.scorer})")
-        if params.train and params.lora and not self._has_adapter(corpus, lm, params):
-            self.finetune(corpus, params, progress)
+        todo = unique_chunks(chunks, have)
+        if not todo:
+            return None
+        prefix_ids = instruction_ids(lm)
+        memo = _captures(lm)
+        # held here: the pass's own captures may push them out of the memo before `finish` runs
+        remembered = {chunk_key(c["text"]): (c, memo.get(_capture_key(lm, params, prefix_ids, c), lambda: None))
+                      for c in todo if _capture_key(lm, params, prefix_ids, c) in memo}
+
+        def row(chunk, full, scores) -> ArtifactRow:
+            blob = kvc.to_bytes(kvc.compress(full, scores, params.c), params.storage)
+            return ArtifactRow(self.name, lm.model_id, digest, chunk_key(chunk["text"]), blob,
+                               chunk_id=chunk["chunk_id"], meta={"n_tokens": full.n_tokens})
+
+        def take(batch: list[dict], results: list) -> list[ArtifactRow]:
+            rows = []
+            for chunk, result in zip(batch, results):
+                scores = _scores(result)
+                rows.append(row(chunk, result.kv, scores))  # compressed from the pass's fp32 keys, then stored
+                memo.get(_capture_key(lm, params, prefix_ids, chunk), lambda: (_half(result.kv), scores))
+            return rows
+
+        def finish(progress) -> list[ArtifactRow]:
+            progress(0.0, f"compressing {len(remembered)} chunk caches kept from an earlier pass")
+            return [row(c, *captured) for c, captured in remembered.values()]
+
+        needs = Needs(kv=True, reconstruct=params.scorer == "reconstruct")
+        fresh = [c for c in todo if chunk_key(c["text"]) not in remembered]
+        return PassJob(f"lloco (c={params.c}, {params.scorer}, {params.storage})", needs, prefix_ids, fresh, take,
+                       finish if remembered else None)
 
     def _adapter_where(self, corpus, lm, params) -> tuple[str, str]:
         """(params hash, key) of the LoRA trained on the collection's current content at these knobs."""
@@ -157,7 +194,7 @@ Storage is every chunk's compressed cache plus the collection's LoRA when one is
             layers, next_pos = self._place(lm, prefix, passages, params)
             query = q_ids + target
             teacher = teacher_logits(student, peft_model.disable_adapter, prefix_ids,
-                                     [encode(lm.tokenizer, passage_text(c["text"])) for c in picked], query)
+                                     [passage_ids(lm.tokenizer, c["text"]) for c in picked], query)
             logits = forward_all(student, torch.tensor([query], device=lm.device), kvc.cache_from(layers), next_pos)
             return distill_kl(logits[0], teacher)
 
@@ -177,7 +214,8 @@ Storage is every chunk's compressed cache plus the collection's LoRA when one is
 
     def _artifact_hash(self, lm, params) -> str:
         prefix_ids, _ = self._prefix(lm, compute=False)
-        return artifact_hash({"c": params.c, "scorer": params.scorer, "storage": params.storage, "prefix": prefix_ids,
+        return artifact_hash({"format": FORMAT_VERSION, "dtype": str(lm.dtype), "c": params.c, "scorer": params.scorer,
+                              "storage": params.storage, "prefix": prefix_ids,
                               "cue": kvc.RECONSTRUCT_CUE if params.scorer == "reconstruct" else ""})
 
     def _adapter_hash(self, lm, params) -> str:
@@ -191,25 +229,16 @@ Storage is every chunk's compressed cache plus the collection's LoRA when one is
             return prefix_ids, None
         return prefix_ids, shared_prefix(lm, prefix_ids).layers  # the LM's prefix cache, shared by every method
 
-    def _compress_and_store(self, corpus, lm, params, digest, chunk) -> bytes:
-        _, prefix = self._prefix(lm)
-        ids = encode(lm.tokenizer, passage_text(chunk["text"]))
-        cue = encode(lm.tokenizer, kvc.RECONSTRUCT_CUE) + ids if params.scorer == "reconstruct" else None
-        full, scores = _captured(lm, prefix, ids, cue, params.scorer)
-        blob = kvc.to_bytes(kvc.compress(full, scores, params.c), params.storage)
-        corpus.store.put_artifact(self.name, lm.model_id, digest, chunk_key(chunk["text"]), blob,
-                                  chunk_id=chunk["chunk_id"], meta={"n_tokens": len(ids)})
-        return blob
-
     def _load_passages(self, corpus, lm, params, digest, chunks):
         """Compressed caches of these chunks, their blob sizes, and the seconds spent compressing the chunks that
         were not prepared yet (stored for next time; that is preparation, not answering)."""
         keys = [chunk_key(c["text"]) for c in chunks]
         blobs = corpus.store.get_artifacts(self.name, lm.model_id, digest, keys)
-        fresh = {key: c for c, key in zip(chunks, keys) if key not in blobs}
+        fresh = unique_chunks([c for c, key in zip(chunks, keys) if key not in blobs])
         started = time.perf_counter()
-        for key, chunk in fresh.items():
-            blobs[key] = self._compress_and_store(corpus, lm, params, digest, chunk)
+        if fresh:
+            run_jobs(corpus, [self.pass_job(corpus, params, fresh)])
+            blobs = corpus.store.get_artifacts(self.name, lm.model_id, digest, keys)
         prepare_s = time.perf_counter() - started if fresh else 0.0
         passages = [kvc.from_bytes(blobs[key], lm.model.dtype, lm.device) for key in keys]
         return passages, [len(blobs[key]) for key in keys], prepare_s
@@ -307,17 +336,22 @@ class _Context:
 CAPTURE_MEMORY = 1 << 30  # bytes of uncompressed passage caches kept in memory
 
 
-def _captured(lm, prefix, ids, cue, scorer):
-    """Uncompressed cache and scores of one passage, remembered for a while: preparing c=2, 4 and 8 one after
-    the other (the benchmark does) then prefills each passage once instead of three times."""
-    memo = lm_memo(lm, "lloco_captures", CAPTURE_MEMORY, lambda value: value[0].keys.nbytes * 2)
-    key = (lm.model_id, scorer, tuple(ids), tuple(cue or ()), prefix[0][0].shape[2])
-    return memo.get(key, lambda: _capture(lm, prefix, ids, cue))
+def _captures(lm):
+    """Uncompressed caches and scores of recent chunks, remembered for a while: preparing c=2, 4 and 8 one after
+    the other (the benchmark does) then runs each chunk through the model once instead of three times."""
+    return lm_memo(lm, "lloco_captures", CAPTURE_MEMORY, lambda value: value[0].keys.nbytes * 2)
 
 
-def _capture(lm, prefix, ids, cue):
-    full, recon = kvc.capture(lm, prefix, ids, cue)
-    scores = recon if recon is not None else kvc.keynorm_scores(full)
-    full = kvc.PassageKV(full.keys.half(), full.values.half(), full.offsets, full.n_tokens)  # stored as fp16 anyway
-    return full, scores
+def _capture_key(lm, params, prefix_ids: list[int], chunk: dict) -> tuple:
+    return lm.model_id, str(lm.dtype), params.scorer, tuple(prefix_ids), chunk_key(chunk["text"])
 
+
+def _scores(result) -> torch.Tensor:
+    """The chosen scorer's scores from a chunk's share of the shared pass: KVzip reconstruction scores when the
+    pass computed them, else key norms (from the fp32 keys)."""
+    return result.scores if result.scores is not None else kvc.keynorm_scores(result.kv)
+
+
+def _half(full: kvc.PassageKV) -> kvc.PassageKV:
+    """The full cache as kept in memory for another ratio: fp16, as it is stored anyway."""
+    return kvc.PassageKV(full.keys.half(), full.values.half(), full.offsets, full.n_tokens)

@@ -70,6 +70,21 @@ class StoredArtifact:
         return self.nbytes
 
 
+@dataclass
+class ArtifactRow:
+    """One artifact to write; the fields are `put_artifact`'s."""
+
+    method: str
+    model: str
+    params_hash: str
+    key: str
+    blob: bytes
+    chunk_id: int | None = None
+    collection_id: int | None = None
+    meta: dict | None = None
+    basis: str | None = None
+
+
 class Store:
     """One SQLite file under the data directory. All writes are transactions, so a killed process never
     leaves half a document or half an artifact behind."""
@@ -434,17 +449,28 @@ class Store:
         Collection-level artifacts: `key` names the content they were built from, `collection_id` owns them.
         `basis` (with `collection_id`): the collection's content signature when the artifact depends on the whole
         collection; it is then deleted as soon as a document is added or removed."""
-        if basis is not None and collection_id is None:
-            raise ValueError("an artifact built from a collection's content needs its collection_id")
+        self.put_artifacts([ArtifactRow(method, model, params_hash, key, blob, chunk_id, collection_id, meta, basis)])
+
+    def put_artifacts(self, rows: list["ArtifactRow"]) -> None:
+        """Several artifacts (see `put_artifact`) in one transaction: a preparation writes each batch at once,
+        and a stopped one leaves whole batches only."""
+        for row in rows:
+            if row.basis is not None and row.collection_id is None:
+                raise ValueError("an artifact built from a collection's content needs its collection_id")
+        if not rows:
+            return
+        now = time.time()
         with self.transaction():
-            if basis is not None and self._signature_now(collection_id) != basis:
-                raise StaleContent(f"{method}: the collection changed while it was being built (a document was added or "
-                                   "deleted); nothing built for its previous content was stored: run it again")
-            self.db.execute(
+            for row in rows:
+                if row.basis is not None and self._signature_now(row.collection_id) != row.basis:
+                    raise StaleContent(f"{row.method}: the collection changed while it was being built (a document "
+                                       "was added or deleted); nothing built for its previous content was stored: "
+                                       "run it again")
+            self.db.conn.executemany(
                 """INSERT OR REPLACE INTO artifacts (method, model, params_hash, key, chunk_id, collection_id, blob,
                    nbytes, meta, created, basis) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
-                (method, model, params_hash, key, chunk_id, collection_id, blob, len(blob),
-                 json.dumps(meta) if meta else None, time.time(), basis))
+                [(r.method, r.model, r.params_hash, r.key, r.chunk_id, r.collection_id, r.blob, len(r.blob),
+                  json.dumps(r.meta) if r.meta else None, now, r.basis) for r in rows])
 
     def get_artifacts(self, method: str, model: str, params_hash: str, keys: list[str]) -> dict[str, bytes]:
         return {r["key"]: r["blob"] for r in self._artifact_rows("key, blob", method, model, params_hash, keys)}
