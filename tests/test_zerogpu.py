@@ -57,7 +57,8 @@ def test_the_decorated_compare_handler_runs_without_zerogpu(tiny_bench, docs_dir
     app = build_app(tiny_bench)
     compare = next(f for f in _fns(app) if f.api_name == "compare")
     knob_defaults = [c.value for c in compare.inputs[4:]]
-    *_, (cards, chart, sees, sources, history) = compare.fn(QUESTION, ["rag", "closed_book"], "class", "", *knob_defaults)
+    *_, (cards, chart, sees, sources, history, status, *_) = compare.fn(QUESTION, ["rag", "closed_book"], "class", "",
+                                                                     *knob_defaults)
     assert cards.count("data-method=") == 2 and "internal error" not in cards and len(history) == 2
 
 
