@@ -229,7 +229,7 @@ def cmd_bench_scaling(bench, args) -> int:
     from .bench.scaling import QUICK_SCALING, ScalingPlan, run_scaling_bench, write_scaling
 
     base = QUICK_SCALING if args.quick else ScalingPlan()
-    plan = ScalingPlan(ks=tuple(_ints_arg(args.ks, "--ks")) if args.ks else base.ks,
+    plan = ScalingPlan(ks=tuple(_ints_arg(args.ks, "--ks")) if args.ks is not None else base.ks,
                        documents=tuple(_ints_arg(args.documents, "--documents")) if args.documents is not None
                        else base.documents,
                        questions=args.n or base.questions, articles=base.articles, facts=args.facts or base.facts,
@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where each method wins: TTFT and its ceiling as the context grows (k = 2-40 chunks, "
                             "documents of 1k-7k tokens)")
     p.add_argument("--methods", default="rag,lloco,cacheblend,btr", help="variants as METHOD@KNOB=VALUE; rag is the reference")
-    p.add_argument("--ks", default=None, help="retrieved ladder: chunks per answer (default 2,5,10,20,32,40)")
+    p.add_argument("--ks", default=None, help="retrieved ladder: chunks per answer (default 2,5,10,20,32,40; '' for none)")
     p.add_argument("--documents", default=None,
                    help="document ladder: document sizes in tokens (default 1024,2048,4096,7168; '' for none)")
     p.add_argument("--n", type=int, default=None, help="SQuAD questions per retrieved size (default 10)")

@@ -74,28 +74,28 @@ def _run(bench, path, methods=METHODS, generate: bool = True, **options):
 
 
 def test_each_method_scores_every_option_and_the_option_order_does_not_change_accuracy(tiny_bench, tmp_path):
-    """The same questions with the options in another order: every method gives each option the same
-    log-likelihood and picks the same one, so acc and acc_norm are unchanged."""
-    first = _run(tiny_bench, write_jsonl(tmp_path / "a.jsonl", fact_rows()[:6]), generate=False)
-    second = _run(tiny_bench, write_jsonl(tmp_path / "b.jsonl", fact_rows(shuffle_seed=1)[:6]), generate=False)
-    assert [r["options"] for r in first.records] != [r["options"] for r in second.records]
+    """The same questions twice in one run, the second time with the options in another order: every method gives
+    each option the same log-likelihood and picks the same one, so acc and acc_norm are unchanged."""
+    n = 4
+    shuffled = [{**row, "id": row["id"] + "-shuffled"} for row in fact_rows(shuffle_seed=1)[:n]]
+    run = _run(tiny_bench, write_jsonl(tmp_path / "a.jsonl", fact_rows()[:n] + shuffled), generate=False)
+    first, second = run.records[:n], run.records[n:]
+    assert [r["question"] for r in first] == [r["question"] for r in second]
+    assert [r["options"] for r in first] != [r["options"] for r in second]
     labels = ["closed_book", "rag", "lloco", "cacheblend", "btr@split=2"]
-    for a, b in zip(first.records, second.records):
-        for label in labels:
-            x, y = a["results"][label]["choices"], b["results"][label]["choices"]
-            by_text_x = dict(zip(a["options"], x["loglik"]))
-            by_text_y = dict(zip(b["options"], y["loglik"]))
-            assert by_text_x == pytest.approx(by_text_y, abs=1e-4), label
-            assert a["options"][x["choice"]] == b["options"][y["choice"]], label
-            assert (x["acc"], x["acc_norm"]) == (y["acc"], y["acc_norm"]), label
-    rows_a = {r["method"]: r for r in first.summary}
-    rows_b = {r["method"]: r for r in second.summary}
     for label in labels:
-        assert rows_a[label]["choices_n"] == 6
-        assert rows_a[label]["acc"] == rows_b[label]["acc"] and rows_a[label]["acc_norm"] == rows_b[label]["acc_norm"]
-        low, high = rows_a[label]["acc_interval"]["low"], rows_a[label]["acc_interval"]["high"]
-        assert low <= rows_a[label]["acc"] <= high
-    text = summary_markdown(first)
+        for a, b in zip(first, second):
+            x, y = a["results"][label]["choices"], b["results"][label]["choices"]
+            assert dict(zip(a["options"], x["loglik"])) == pytest.approx(dict(zip(b["options"], y["loglik"])), abs=1e-4)
+            assert a["options"][x["choice"]] == b["options"][y["choice"]], label
+            assert a["options"][x["choice_norm"]] == b["options"][y["choice_norm"]], label
+        for measure in ("acc", "acc_norm"):
+            assert sum(r["results"][label]["choices"][measure] for r in first) == \
+                sum(r["results"][label]["choices"][measure] for r in second), (label, measure)
+    for row in run.summary:
+        assert row["choices_n"] == 2 * n
+        assert row["acc_interval"]["low"] <= row["acc"] <= row["acc_interval"]["high"]
+    text = summary_markdown(run)
     assert "MC acc [95% CI]" in text and "MC acc_norm [95% CI]" in text
 
 
@@ -128,7 +128,7 @@ def test_with_the_answer_only_in_the_document_rag_beats_closed_book(default_sett
     from ragdemo.workbench import Workbench
 
     bench = Workbench(default_settings)
-    run = _run(bench, write_jsonl(tmp_path / "facts.jsonl", fact_rows()), "rag")
+    run = _run(bench, write_jsonl(tmp_path / "facts.jsonl", fact_rows()), "rag", generate=False)
     rows = {r["method"]: r for r in run.summary}
     rag, closed = rows["rag"], rows["closed_book"]
     print({k: (rows[k]["acc"], rows[k]["acc_norm"]) for k in rows})

@@ -71,6 +71,8 @@ def run_scaling_bench(bench, plan: ScalingPlan = ScalingPlan(), methods: str = D
     from .datasets import FACTS
     from .scratch import scratch_workbench
 
+    if not plan.ks and not plan.documents:
+        raise UserError("bench-scaling: nothing to measure (both ladders are empty)")
     if not 1 <= plan.facts <= len(FACTS):
         raise UserError(f"bench-scaling: --facts is between 1 and {len(FACTS)} (the made-up facts there are)")
     lm = bench.models.lm
@@ -350,10 +352,11 @@ def win_sentence(record: dict, label: str) -> str:
     kept = _value(best)
     text = (f"`{label}`: at best {fmt_speed(best['speedup'])} at {tokens:,.0f} prompt tokens ({name})"
             + (f", keeping {kept} of RAG's value" if kept != "–" else ""))
-    held = [t for t in THRESHOLDS if any(all(s >= t for s in speeds[i:]) for i in range(len(speeds)))]
-    if held:
-        start = next(i for i in range(len(speeds)) if all(s >= held[-1] for s in speeds[i:]))
-        text += f"; it is at least {held[-1]}x faster than RAG from about {points[start][0]:,.0f} prompt tokens on"
+    steps = _held_from(speeds)
+    if steps:
+        said = [f"{threshold}x from about {points[start][0]:,.0f}" for threshold, start in steps]
+        text += f"; it is at least {said[0].replace('x from', 'x faster than RAG from')} prompt tokens on"
+        text += "".join(f", {step}" for step in said[1:])
     slower = [p for p, s in zip(points, speeds) if "slower" in fmt_speed(s)]
     if slower:
         text += f"; slower than RAG at {', '.join(f'{p[0]:,.0f}' for p in slower)} prompt tokens"
@@ -361,6 +364,17 @@ def win_sentence(record: dict, label: str) -> str:
     if shares:
         text += f"; it reaches {min(shares):.0%} to {max(shares):.0%} of its ceiling across sizes"
     return text + "."
+
+
+def _held_from(speeds: list[float]) -> list[tuple[int, int]]:
+    """(threshold, first index) for each speed-up of `THRESHOLDS` held at every size from that index on; where
+    several start at the same size, only the largest is kept ("5x from 800" says "2x from 800" too)."""
+    starts = {}
+    for threshold in THRESHOLDS:
+        start = next((i for i in range(len(speeds)) if all(s >= threshold for s in speeds[i:])), None)
+        if start is not None:
+            starts[start] = threshold
+    return [(threshold, start) for start, threshold in sorted(starts.items())]
 
 
 # ---------------------------------------------------------------------------------------- the plot
