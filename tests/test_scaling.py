@@ -64,6 +64,10 @@ def test_the_table_summary_and_plot_show_every_size(tmp_path):
     assert table.count("| `lloco` |") == 4 and "1.2x slower" in table and "(80%)" in table
     text = summary_text(record)
     assert "lloco: the question alone" in text and "5.5x faster, 80% of ceiling" in text
+    assert "lloco: >= 85% of its ceiling at every size: not met (lowest 80%" in text and "k=32 not in this run" in text
+    record["rungs"][1]["k"] = 32  # the speed target is stated at k=32: 15x for LLoCO
+    assert ("lloco: at k=32 (800 prompt tokens) >= 15x faster than RAG: not met: 5.5x faster than RAG, value kept "
+            "95% [90, 100]; its ceiling is 6.9x faster than RAG") in summary_text(record)
     assert plot_scaling(record, tmp_path / "s.png").stat().st_size > 10_000
 
 

@@ -313,10 +313,42 @@ def summary_text(record: dict) -> str:
             share = f", {m['ceiling']['share']:.0%} of ceiling" if m.get("ceiling") else ""
             cells.append(f"{_faster(m['speedup'])}{share}")
         lines.append(f"{rung['name']:<32} {rung['context_tokens']:10,.0f} " + " ".join(f"{c:>30}" for c in cells))
+    lines += ["", "Targets (issue 32), on this run:"] + [f"  {line}" for line in target_lines(record)]
     load = lambda pair: f"{pair[0]:.1f}" if pair else "?"  # noqa: E731
     lines.append(f"load average {load(record['load_start'])} at the start, {load(record['load_end'])} at the end; "
                  f"wall time {record['wall_s'] / 60:.0f} min")
     return "\n".join(lines)
+
+
+SHARE_TARGET = 0.85  # of the printed ceiling, at every size
+TARGET_K = 32
+SPEED_TARGETS = {"lloco": (15.0, None), "cacheblend": (3.0, None), "btr": (2.5, 0.95)}  # at k=32: x faster, value kept
+
+
+def target_lines(record: dict) -> list[str]:
+    """Each default method against the issue's targets: its share of its ceiling at every size (>= 85%), and at
+    k=32 its speed-up (with value kept for BTR); a miss is said with its numbers and the ceiling that bounds it."""
+    lines = []
+    for method, (speed_goal, value_goal) in SPEED_TARGETS.items():
+        entries = [(rung, m) for rung in record["rungs"] for m in rung["methods"] if m["label"] == method]
+        if not entries:
+            continue
+        shares = [(m["ceiling"]["share"], rung["name"]) for rung, m in entries if m.get("ceiling")]
+        low, where = min(shares)
+        lines.append(f"{method}: >= {SHARE_TARGET:.0%} of its ceiling at every size: "
+                     f"{'met' if low >= SHARE_TARGET else 'not met'} (lowest {low:.0%}, at {where})")
+        at = [(rung, m) for rung, m in entries if rung["ladder"] == "retrieved" and rung["k"] == TARGET_K]
+        if not at:
+            lines.append(f"{method}: k={TARGET_K} not in this run")
+            continue
+        rung, m = at[0]
+        value = m["value_kept"]["value"]
+        ok = m["speedup"] >= speed_goal and (value_goal is None or value >= value_goal)
+        goal = f">= {speed_goal:g}x faster than RAG" + (f" with value kept >= {value_goal:.0%}" if value_goal else "")
+        lines.append(f"{method}: at k={TARGET_K} ({rung['context_tokens']:,.0f} prompt tokens) {goal}: "
+                     f"{'met' if ok else 'not met'}: {fmt_speed(m['speedup'])}, value kept {_value(m)}; its ceiling "
+                     f"is {fmt_speed(m['ceiling']['speedup'])} ({m['ceiling']['ms']:.1f} ms)")
+    return lines
 
 
 def scaling_markdown(record: dict) -> str:
