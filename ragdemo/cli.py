@@ -267,6 +267,37 @@ def cmd_bench_speed(bench, args) -> int:
     return 0
 
 
+def cmd_bench_scaling(bench, args) -> int:
+    """Where each method wins: TTFT, its parts, token-layers, bytes read and value kept over two ladders of
+    context sizes, with each method's ceiling and share from the same run."""
+    from .bench.scaling import QUICK_SCALING, ScalingPlan, run_scaling_bench, write_scaling
+
+    base = QUICK_SCALING if args.quick else ScalingPlan()
+    plan = ScalingPlan(ks=tuple(_ints_arg(args.ks, "--ks")) if args.ks is not None else base.ks,
+                       documents=tuple(_ints_arg(args.documents, "--documents")) if args.documents is not None
+                       else base.documents,
+                       questions=args.n or base.questions, articles=base.articles, facts=args.facts or base.facts,
+                       overrides=parse_knobs(args.set))  # --set btr.split=2: over every row of that method
+    tee = _Tee(sys.stdout)
+    bar, update = _progress_bar("bench-scaling")
+    with bar, contextlib.redirect_stdout(tee):
+        record = run_scaling_bench(bench, plan, args.methods, update)
+    if args.out:
+        written = write_scaling(record, tee.kept.getvalue(), Path(args.out))
+        print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+def _ints_arg(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise UserError(f"{flag} takes positive numbers, got {text!r}")
+    return values
+
+
 def cmd_bench_order(bench, args) -> int:
     from .bench.datasets import load_squad
     from .bench.order import format_rows, run_order_bench, write_order
@@ -380,7 +411,7 @@ def cmd_results(bench, args) -> int:
 
 def cmd_methods(bench, args) -> int:
     """What the Methods tab shows: every method with its measured headline, or one method's whole card."""
-    from .cards import card_markdown, headline
+    from .cards import card_markdown, headline, win_sentences
     from .methods import get_method, registry
     from .ui.methods_tab import knob_table  # the Methods tab's own table
 
@@ -391,6 +422,9 @@ def cmd_methods(bench, args) -> int:
         return 0
     for name, cls in registry().items():
         print(f"{name}: {cls.label}\n   measured: {headline(name)}")
+    wins = win_sentences()
+    if wins:
+        print("\nWhere each method wins (the results suite's bench-scaling):\n" + "\n".join(f"- {w}" for w in wins))
     return 0
 
 
@@ -405,7 +439,7 @@ COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "prepare": cmd_prepare, "list"
             "demo": cmd_demo, "collections": cmd_collections,
             "bench": cmd_bench,
             "finetune": cmd_finetune,
-            "bench-speed": cmd_bench_speed, "bench-order": cmd_bench_order,
+            "bench-speed": cmd_bench_speed, "bench-order": cmd_bench_order, "bench-scaling": cmd_bench_scaling,
             "bench-storage": cmd_bench_storage, "bench-retrievers": cmd_bench_retrievers,
             "bench-frontier": cmd_bench_frontier, "results": cmd_results, "methods": cmd_methods,
             "bench-prepare": cmd_bench_prepare}
@@ -462,6 +496,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench-speed", parents=[common], help="ingest, retrieval, load and prefill speed on this machine")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
     p.add_argument("--out", default=None, help="also write the report to OUT/speed.txt (e.g. assets/results/speed)")
+    p = sub.add_parser("bench-scaling", parents=[common],
+                       help="where each method wins: TTFT and its ceiling as the context grows (k = 2-40 chunks, "
+                            "documents of 1k-7k tokens)")
+    p.add_argument("--methods", default="rag,lloco,cacheblend,btr", help="variants as METHOD@KNOB=VALUE; rag is the reference")
+    p.add_argument("--ks", default=None, help="retrieved ladder: chunks per answer (default 2,5,10,20,32,40; '' for none)")
+    p.add_argument("--documents", default=None,
+                   help="document ladder: document sizes in tokens (default 1024,2048,4096,7168; '' for none)")
+    p.add_argument("--n", type=int, default=None, help="SQuAD questions per retrieved size (default 10)")
+    p.add_argument("--facts", type=int, default=None, help="made-up facts (questions) per document (default 5, at most 12)")
+    p.add_argument("--quick", action="store_true", help="two small sizes per ladder: checks the pipeline, not the figures")
+    p.add_argument("--out", default=None, help="also write scaling.txt, .json, .md and .png here")
     p = sub.add_parser("bench-order", parents=[common],
                        help="does a method's TTFT depend on its position? same questions, methods in order and reversed")
     p.add_argument("--methods", default=None, help="default: the Ask tab's default methods")
@@ -499,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the results suite every screen quotes, then write docs/RESULTS.md and the README tables")
     p.add_argument("--out", default=None, help="default: assets/results/suite (the bundled suite, replaced whole)")
     p.add_argument("--quick", action="store_true", help="a few questions per section: checks the pipeline, not the figures")
-    p.add_argument("--sections", default=None, help="comma-separated subset (squad, heldout, speed, storage, retrievers)")
+    p.add_argument("--sections", default=None, help="comma-separated subset (squad, heldout, speed, scaling, storage, retrievers)")
     p = sub.add_parser("methods", parents=[common], help="the Methods tab: each method's card and measured figures")
     p.add_argument("name", nargs="?", default=None, help="one method's whole card (default: one line per method)")
     from .bench.command import add_bench_parser

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ragdemo.bench.suite import QUICK, SECTIONS, SUITE_DIR, run_suite
-from ragdemo.cards import card_markdown, headline, load_suite, measured_section
+from ragdemo.cards import (card_markdown, headline, load_suite, measured_section, scaling_figure,
+                           where_each_method_wins, win_sentences)
 from ragdemo.cards.docs import README, RESULTS_PAGE, default_headline, readme_text, results_page
 from ragdemo.methods import registry
 
@@ -65,6 +66,37 @@ def test_every_quoted_table_is_produced(quick_suite):
         assert f"## {heading}" in page
 
 
+def test_the_quick_suite_shows_where_each_method_wins(quick_suite):
+    """bench-scaling's section: both ladders at every planned size, each method's TTFT parts, token-layers,
+    bytes read, value kept and (for the reuse methods) its ceiling and share, the plot, one sentence per method,
+    and the table on the Methods tab's section and docs/RESULTS.md."""
+    out, _ = quick_suite
+    suite = load_suite(out)
+    record = suite.data("scaling")
+    plan = TINY_PLAN.scaling
+    sizes = [(r["ladder"], r["size"]) for r in record["rungs"]]
+    assert sizes == [("retrieved", k) for k in plan.ks] + [("document", n) for n in plan.documents]
+    for rung in record["rungs"]:
+        by_method = {m["method"]: m for m in rung["methods"]}
+        assert set(by_method) == {"rag", "lloco", "cacheblend", "btr"}
+        assert by_method["btr"]["knobs"]["split"] == 2 and all(m["knobs"]["k"] == rung["k"] for m in rung["methods"])
+        for m in rung["methods"]:
+            assert m["ms"]["ttft"] > 0 and m["processed_tokens"] + m["cached_tokens"] == pytest.approx(m["prompt_tokens"], abs=0.1)
+            assert set(m["value_kept"]) == {"value", "low", "high"}
+            assert ("ceiling" in m) == (m["method"] != "rag")
+        assert by_method["lloco"]["bytes_read"] > 0 and by_method["rag"]["bytes_read"] == 0
+        if rung["ladder"] == "document":  # every chunk of the document is read: RAG is full context, in chunks
+            assert rung["k"] == rung["chunks"] and by_method["rag"]["prompt_tokens"] > rung["size"]
+    assert scaling_figure(suite) == out / "scaling" / "scaling.png"
+    sentences = win_sentences(suite)
+    assert [s.split("`")[1] for s in sentences] == ["lloco", "cacheblend", "btr"]
+    text = where_each_method_wins(suite)
+    assert "QUICK MODE" in text and "| `lloco` |" in text and "Ceiling" in text
+    assert all(sentence in text for sentence in sentences)
+    page = results_page(suite)
+    assert text in page and "](scaling/scaling.png)" in page
+
+
 def test_speed_is_said_one_way_everywhere_the_suite_is_quoted(quick_suite):
     """'x faster / slower than RAG', never a bare ratio such as '0.20x'."""
     out, _ = quick_suite
@@ -116,6 +148,9 @@ def test_methods_tab_shows_the_suites_headlines_and_plots(quick_suite, monkeypat
         build_methods_tab()
     images = [c for c in demo.config["components"] if c.get("type") == "image"]
     assert images and all(str(out.name) in c["props"]["label"] for c in images)
+    assert any(c["props"]["label"].endswith("scaling/scaling.png") for c in images)
+    texts = [c["props"].get("value") or "" for c in demo.config["components"] if c.get("type") == "markdown"]
+    assert any(where_each_method_wins(load_suite(out)) in t for t in texts)
 
 
 def test_the_bundled_suite_is_what_the_readme_and_results_page_show():

@@ -3,7 +3,8 @@
 For each question and method it records the generated answer's EM / F1 / contains and its timing and token
 counts from `Method.answer`, and the teacher-forced NLL of the first gold answer from `Method.nll`. Closed
 book's NLL and the reference's NLL are always computed, so "context value kept" can be reported for every
-method against a reference that is named in the output.
+method against a reference that is named in the output. A multiple-choice question is also scored option by
+option through the same `Method.nll` (bench/choices.py): accuracy and length-normalised accuracy.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from ..methods import get_method, registry
 from ..methods.base import Progress, Result, check_on_model, params_from
 from .datasets import Dataset, Haystack, Question
 from ..units import fmt_bytes, fmt_s, fmt_speed
+from .choices import MEASURES as CHOICE_MEASURES, accuracy_interval, score_options
 from .metrics import (BOOTSTRAP_SAMPLES, INDICATIVE_BELOW, MIN_MEAN_GAP, MIN_QUESTION_GAP, Interval, answer_scores,
                       disagreement, median_value_kept, relative_interval, value_kept_interval)
 
@@ -166,6 +168,8 @@ def run_bench(workbench, dataset: Dataset, specs: list[MethodSpec], reference: s
                 record = {"id": question.id, "question": question.question, "answers": question.answers,
                           "keywords": question.keywords, "meta": question.meta, "haystack": haystack.key,
                           "results": {}}
+                if question.options:
+                    record.update(options=question.options, gold=question.gold)
                 for spec in rotated(specs, len(records)):
                     tick.step(f"{spec.label}: {question.question[:40]}")
                     if spec.limit is not None and asked[spec.label] >= spec.limit and spec.label not in {reference, "closed_book"}:
@@ -274,8 +278,23 @@ def _ask_one(spec: MethodSpec, question: Question, corpus, max_new_tokens: int) 
                    sources=[s.get("doc") for s in result.sources][:10], answered=not result.error)
         if not result.error:
             out.update(answer_scores(result.answer, question.answers, question.keywords))
-    out["nll"] = _nll(method, question, corpus, params, out)
+    if question.options:
+        out["nll"] = _choices(method, question, corpus, params, out)
+    else:
+        out["nll"] = _nll(method, question, corpus, params, out)
     return out
+
+
+def _choices(method, question: Question, corpus, params, out: dict) -> float:
+    """Score every option (into out["choices"]); returns the gold option's NLL, which is the gold answer's (its
+    text is answers[0]), so value kept needs no extra forward."""
+    try:
+        scores = score_options(method, question.question, question.options, question.gold, corpus, params)
+    except Exception as exc:  # noqa: BLE001 - recorded; the summary's accuracy leaves this question out
+        out["nll_error"] = f"{type(exc).__name__}: {exc}"
+        return float("nan")
+    out["choices"] = scores.to_dict()
+    return scores.nll[question.gold]
 
 
 def _nll(method, question: Question, corpus, params, out: dict) -> float:
@@ -288,7 +307,7 @@ def _nll(method, question: Question, corpus, params, out: dict) -> float:
 
 
 # ------------------------------------------------------------------ summary
-SUMMARY_COLUMNS = ["method", "n", "errors", "em", "f1", "contains", "keywords", "nll", "value_kept",
+SUMMARY_COLUMNS = ["method", "n", "errors", "em", "f1", "contains", "keywords", "acc", "acc_norm", "nll", "value_kept",
                    "contains_vs_ref", "f1_vs_ref", "value_kept_median", "value_kept_n", "ttft_s", "speedup", "total_s",
                    "prompt_tokens", "processed_tokens", "cached_tokens", "bytes_per_token", "storage_bytes", "prepare_s"]
 
@@ -331,7 +350,19 @@ def _summary_row(run: BenchRun, spec: MethodSpec, ref: str) -> dict:
     f1 = _relative(run.records, spec, ref, "f1") if spec.answers else Interval(*[float("nan")] * 3)
     row["f1_vs_ref"], row["f1_vs_ref_interval"] = f1.value, f1.to_dict()
     row["disagreement"] = disagreement(value, answers, ref.upper() if ref == "rag" else ref) if spec.label != ref else ""
+    row.update(_choice_scores(mine, spec.label))
     return row
+
+
+def _choice_scores(records: list[dict], label: str) -> dict:
+    """Multiple-choice accuracy and acc_norm with their intervals, over the questions whose options were scored."""
+    scored = [r["results"][label]["choices"] for r in records if "choices" in r["results"][label]]
+    out = {}
+    for measure in CHOICE_MEASURES:
+        interval = accuracy_interval([c[measure] for c in scored])
+        out[measure], out[f"{measure}_interval"] = interval.value, interval.to_dict()
+    out["choices_n"] = len(scored)
+    return out
 
 
 def _relative(records: list[dict], spec: MethodSpec, ref: str, score: str) -> Interval:
@@ -388,7 +419,7 @@ def reference_name(run_or_meta) -> str:
 def fmt_cell(row: dict, key: str, reference: str = "RAG") -> str:
     """One summary cell as every table shows it (the bench's summary.md, the Benchmark tab, cards, README)."""
     value = row.get(key)
-    if key in ("value_kept", "contains_vs_ref", "f1_vs_ref"):
+    if key in ("value_kept", "contains_vs_ref", "f1_vs_ref", "acc", "acc_norm"):
         return interval_of(row, key).text()
     if key == "speedup":
         return fmt_speed(value, reference)
@@ -416,7 +447,8 @@ def fmt_cell(row: dict, key: str, reference: str = "RAG") -> str:
 
 
 MD_HEADERS = {"method": "method", "n": "n", "errors": "errors", "em": "EM", "f1": "F1", "contains": "contains",
-              "keywords": "keywords", "nll": "gold NLL", "value_kept": "value kept [95% CI]",
+              "keywords": "keywords", "acc": "MC acc [95% CI]", "acc_norm": "MC acc_norm [95% CI]",
+              "nll": "gold NLL", "value_kept": "value kept [95% CI]",
               "contains_vs_ref": "contains vs ref [95% CI]", "f1_vs_ref": "F1 vs ref [95% CI]",
               "value_kept_median": "value kept (median)", "value_kept_n": "median over n", "ttft_s": "TTFT",
               "speedup": "TTFT vs ref", "total_s": "total", "prompt_tokens": "prompt tok",
@@ -429,8 +461,14 @@ def column_header(key: str, reference: str = "RAG") -> str:
 
 
 def summary_columns(run: BenchRun) -> list[str]:
-    has_keywords = any(r.get("keywords") for r in run.records)
-    return [c for c in SUMMARY_COLUMNS if c != "keywords" or has_keywords]
+    """Every summary column, without those the run has nothing for (keyword recall, multiple choice)."""
+    absent = set() if any(r.get("keywords") for r in run.records) else {"keywords"}
+    absent |= set() if has_choices(run) else set(CHOICE_MEASURES)
+    return [c for c in SUMMARY_COLUMNS if c not in absent]
+
+
+def has_choices(run: BenchRun) -> bool:
+    return any(r.get("options") for r in run.records)
 
 
 def row_label(run: BenchRun, row: dict) -> str:
@@ -493,6 +531,13 @@ def summary_markdown(run: BenchRun) -> str:
               "both answered.",
               "Stored = each method's artifacts for the collection, everything counted (mean per collection); "
               "bytes/tok = that over the collection's tokens. \"NLL only\" rows were added to score context value kept."]
+    if has_choices(run):
+        lines.append(f"**MC acc** = the share of multiple-choice questions where the option with the highest "
+                     "log-likelihood as the answer (summed over its tokens, given the question and the context the "
+                     "method reads, through its own NLL path) is the gold one; **MC acc_norm** divides each option's "
+                     "log-likelihood by its length in characters first (lm-evaluation-harness's acc and acc_norm). "
+                     f"[low, high] = 95% bootstrap interval over questions ({BOOTSTRAP_SAMPLES:,} resamples, the same "
+                     "draws for every method). EM / F1 / contains score the generated answer against the gold option.")
     limited = [s for s in run.specs if s.limit]
     if limited:
         lines.append("Methods limited to the first questions (too slow for all): " +

@@ -408,10 +408,10 @@ def bench_methods(temp, quick: bool = False) -> tuple[list[Row], float]:
     clock = ModelClock(lm)
     try:
         for row in rows:  # warm-up: one untimed answer per configuration (adapter loaded, prefix cached)
-            _timed_answer(row, "What is this about?", corpus, clock, params_from, get_method, keep=False)
+            timed_answer(row, "What is this about?", corpus, clock, params_from, get_method, keep=False)
         for index, question in enumerate(haystack.questions):
             for row in rotated(rows, index):
-                _timed_answer(row, question.question, corpus, clock, params_from, get_method)
+                timed_answer(row, question.question, corpus, clock, params_from, get_method)
     finally:
         clock.close()
     floor = question_floor(lm, [q.question for q in haystack.questions], rows[0].median("prefill"))
@@ -432,6 +432,15 @@ def question_floor(lm, questions: list[str], rag_prefill_s: float) -> float:
     RAG's prefill over that is the speed-up LLoCO would reach if reading and attending to its caches were free;
     short prefills cost more per token than long ones (weights are streamed once per forward), so this is
     lower than the token-count ceiling."""
+    floor, tokens = question_prefill(lm, questions)
+    _say(f"question alone (LLoCO's floor): {tokens:.0f} tokens, no context, prefill {1000 * floor:.1f} ms "
+         f"median; RAG's prefill / that = {rag_prefill_s / floor:.2f}x, the most LLoCO's prefill could gain")
+    return floor
+
+
+def question_prefill(lm, questions: list[str]) -> tuple[float, float]:
+    """(median seconds, median tokens) of the question segment's prefill alone, no context, last logits only;
+    each timed after one untimed call (the first call of a shape picks its kernels)."""
     from ..engine.layers import forward_all
     from ..engine.prompt import build_prompt
 
@@ -444,13 +453,10 @@ def question_floor(lm, questions: list[str], rag_prefill_s: float) -> float:
             forward_all(lm, torch.tensor([ids], device=lm.device), last_only=True)
             times.append(time.perf_counter() - started)
             lengths.append(len(ids))
-    floor = float(np.median(times))
-    _say(f"question alone (LLoCO's floor): {np.median(lengths):.0f} tokens, no context, prefill {1000 * floor:.1f} ms "
-         f"median; RAG's prefill / that = {rag_prefill_s / floor:.2f}x, the most LLoCO's prefill could gain")
-    return floor
+    return float(np.median(times)), float(np.median(lengths))
 
 
-def _timed_answer(row: Row, question: str, corpus, clock: ModelClock, params_from, get_method, keep: bool = True):
+def timed_answer(row: Row, question: str, corpus, clock: ModelClock, params_from, get_method, keep: bool = True):
     method = get_method(row.method)
     params = params_from(method.Params, {**row.knobs, "max_new_tokens": 2})
     tokens = []

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..machine import load_average, stamp
+from .scaling import QUICK_SCALING, ScalingPlan
 from .scratch import scratch_workbench
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,13 +48,14 @@ class Plan:
     storage_tokens: int
     retriever_questions: int
     speed_quick: bool
+    scaling: ScalingPlan = field(default_factory=ScalingPlan)  # the ladders of bench-scaling
     overrides: dict = field(default_factory=dict)  # {method: {knob: value}} over every variant (a tiny model's split)
 
 
 FULL = Plan(questions=100, articles=2, full_context_limit=30, lora_steps=None, storage_tokens=50_000,
             retriever_questions=100, speed_quick=False)
 QUICK = Plan(questions=3, articles=1, full_context_limit=2, lora_steps=2, storage_tokens=2_000,
-             retriever_questions=5, speed_quick=True)
+             retriever_questions=5, speed_quick=True, scaling=QUICK_SCALING)
 
 
 @dataclass
@@ -93,6 +95,21 @@ def _speed(settings, folder: Path, plan: Plan, progress) -> list[Path]:
     return [folder / "speed.txt", folder / "speed.json"]
 
 
+def _scaling(settings, folder: Path, plan: Plan, progress) -> list[Path]:
+    import contextlib
+    import dataclasses
+    import io
+
+    from .scaling import run_scaling_bench, write_scaling
+
+    ladders = dataclasses.replace(plan.scaling, overrides=plan.overrides)
+    with scratch_workbench(settings, "suite-scaling") as scratch:
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            record = run_scaling_bench(scratch, ladders, progress=progress)
+    return write_scaling(record, text.getvalue(), folder)
+
+
 def _storage(settings, folder: Path, plan: Plan, progress) -> list[Path]:
     from .storage import DEFAULT_SPECS, run_storage_bench, write_storage
 
@@ -114,6 +131,7 @@ SECTIONS = [
     Section("squad", "Every method on SQuAD v1.1 dev: quality, speed and storage", _bench(SQUAD_METHODS, 0, SQUAD_LIMITS)),
     Section("heldout", "Defaults confirmed on other articles and questions", _bench(HELDOUT_METHODS, 1)),
     Section("speed", "Where the time goes on this machine (bench-speed)", _speed),
+    Section("scaling", "Where each method wins: cost as the context grows (bench-scaling)", _scaling),
     Section("storage", "Every byte each method keeps (bench-storage)", _storage),
     Section("retrievers", "Binary against float retrieval (bench-retrievers)", _retrievers),
 ]

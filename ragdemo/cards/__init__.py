@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..methods import registry
 from .measured import headline, headline_table, measured_section
+from .scaling import scaling_figure, where_each_method_wins, win_sentences
 from .suite import Suite, load_suite
 
 FIGURES = ("squad/quality_vs_ttft.png", "squad/storage.png")  # the suite's plots shown under the cards
@@ -24,4 +25,5 @@ def figures(suite: Suite | None = None) -> list[Path]:
     return [suite.path(f) for f in FIGURES if suite.path(f).is_file()] if suite else []
 
 
-__all__ = ["card_markdown", "figures", "headline", "headline_table", "load_suite", "measured_section", "Suite"]
+__all__ = ["card_markdown", "figures", "headline", "headline_table", "load_suite", "measured_section", "scaling_figure",
+           "Suite", "where_each_method_wins", "win_sentences"]

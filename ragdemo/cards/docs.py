@@ -2,6 +2,7 @@
 both written from the suite by `python -m ragdemo results`, never by hand (a test regenerates and compares)."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from ..bench.suite import REPO, SUITE_DIR
 from ..glossary import glossary_markdown
 from ..methods import registry
 from .measured import CARD_COLUMNS, disagreement_lines, headline_table
+from .scaling import scaling_figure, where_each_method_wins
 from .suite import Suite
 
 README = REPO / "README.md"
@@ -43,6 +45,18 @@ def _text_file(suite: Suite, relative: str) -> str:
     return path.read_text().strip() if path.is_file() else "_not in this suite_"
 
 
+def _scaling_part(suite: Suite) -> list[str]:
+    """The scaling section: its plot (linked from where the page is written), sentences and table, then the
+    bench's own printout (every TTFT part, per size)."""
+    figure = scaling_figure(suite)
+    if figure is None:
+        return [where_each_method_wins(suite)]
+    page = RESULTS_PAGE.parent if suite.folder.resolve() == SUITE_DIR.resolve() else suite.folder
+    link = Path(os.path.relpath(figure, page)).as_posix()
+    return [f"![TTFT against prompt tokens, log-log, ceilings dashed]({link})", "", where_each_method_wins(suite), "",
+            "```text", _text_file(suite, "scaling/scaling.txt"), "```"]
+
+
 def results_page(suite: Suite) -> str:
     """docs/RESULTS.md: the stamp, the headline, then every section of the suite."""
     sections = suite.stamp.get("sections", {})
@@ -57,6 +71,7 @@ def results_page(suite: Suite) -> str:
         f"## {sections.get('heldout', {}).get('title', 'Held-out questions')}", "", bench_table(suite, "heldout"), "",
         f"## {sections.get('speed', {}).get('title', 'Speed')}", "", "```text", _text_file(suite, "speed/speed.txt"),
         "```", "",
+        f"## {sections.get('scaling', {}).get('title', 'Where each method wins')}", "", *_scaling_part(suite), "",
         f"## {sections.get('storage', {}).get('title', 'Storage')}", "", _text_file(suite, "storage/storage_summary.md"), "",
         f"## {sections.get('retrievers', {}).get('title', 'Retrievers')}", "",
         _text_file(suite, "retrievers/retrievers_summary.md"), "",

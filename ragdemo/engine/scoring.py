@@ -15,6 +15,13 @@ def mean_nll(logits: torch.Tensor, targets: list[int]) -> float:
     return float(F.cross_entropy(logits[0, : len(targets)].float(), target))
 
 
+def summed_log_likelihood(tokenizer, answer: str, mean_nll_per_token: float) -> float:
+    """The log-likelihood of the whole answer from a method's mean NLL per answer token (`Method.nll`): every
+    method scores the tokens `answer_ids` gives, so their count turns the mean back into the sum (what
+    multiple-choice scoring compares, as lm-evaluation-harness does)."""
+    return -float(mean_nll_per_token) * len(answer_ids(tokenizer, answer))
+
+
 def nll_of_answer(lm, prompt_ids: list[int], answer: str) -> float:
     """Mean NLL per answer token after the prompt."""
     target = answer_ids(lm.tokenizer, answer)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..units import fmt_speed
+
 from .probe import best_seconds
 
 PACK_ATTRIBUTE = "_ragdemo_onednn"  # on the weight Parameter: (its version when packed, the packed tensor)
@@ -148,8 +148,9 @@ def pack_model(model: torch.nn.Module, dtype: torch.dtype) -> Packing:
     speedup = probe_speedup(dtype)
     name = str(dtype).replace("torch.", "")
     if speedup < MIN_SPEEDUP:
-        return Packing(False, f"weights not packed: a packed few-row {name} matmul is {fmt_speed(speedup, 'unpacked')} "
-                              f"on this CPU (probe; {MIN_SPEEDUP}x faster needed)")
+        said = f"{speedup:.2f}x faster than" if speedup >= 1 else f"{1 / speedup:.2f}x slower than"  # no bare 0.96x
+        return Packing(False, f"weights not packed: a packed few-row {name} matmul is {said} a plain one on this "
+                              f"CPU (probe; {MIN_SPEEDUP}x faster needed)")
     for module in linears:
         module.__class__ = PackedLinear
         packed_weight(module.weight)  # at load, so no answer pays for it

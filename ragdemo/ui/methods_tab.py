@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..methods import registry
-from ..cards import card_markdown, figures, headline, load_suite
+from ..cards import card_markdown, figures, headline, load_suite, scaling_figure, where_each_method_wins
 from ..params import knob_table as declared_knob_table
 from .knobs import SHARED
 from .render import one_liner
@@ -43,11 +43,17 @@ def build_methods_tab() -> None:
         gr.Markdown("Every method answers through the same interface and returns the same record, so the numbers "
                     "on the Ask tab are comparable. Methods are found automatically: adding one is one file. "
                     "Open a method for its card and knobs.")
+        suite = load_suite()
+        with gr.Accordion("Where each method wins: cost as the context grows (results suite)", open=False):
+            figure = scaling_figure(suite)
+            if figure is not None:
+                gr.Image(str(figure), label=f"{suite.relative()}/{figure.relative_to(suite.folder).as_posix()}",
+                         show_label=True, interactive=False, buttons=["fullscreen"])
+            gr.Markdown(where_each_method_wins(suite), elem_classes=["rd-where-wins"])
         for name, cls in registry().items():
             gr.Markdown(method_summary(name, cls), elem_classes=["rd-method-summary"])
             with gr.Accordion(f"{cls.label or name}: details and knobs", open=False):
                 gr.Markdown(method_markdown(name, cls))
-        suite = load_suite()
         if suite is not None:
             with gr.Accordion("Every method on one plot (results suite)", open=False):
                 for path in figures(suite):
