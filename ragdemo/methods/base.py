@@ -164,7 +164,7 @@ class Method:
 
 def check_on_model(method: Method, params, lm) -> None:
     """`method.check_knobs` for a request: a knob the user set that this model cannot take is refused before
-    anything runs; a knob left at its default that does not fit (btr's split 6 on a 4-layer test model) is not
+    anything runs; a knob left at its default that does not fit (btr's split 18 on a 4-layer test model) is not
     the user's mistake: the method's own answer then says it cannot run here, and the other methods answer."""
     try:
         method.check_knobs(params, lm)

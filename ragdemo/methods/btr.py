@@ -53,14 +53,15 @@ SALIENT_WEIGHT = 1.0  # that state match (relative MSE after the final norm) nex
 class BtrParams(LoraKnobs, Params):
     k: int = knob(5, "chunks retrieved, as in rag (NOT the paper's k, which is its layer split: `split` here)",
                   label="chunks retrieved", min=1, max=50)
-    split: int = knob(6, "layers [0, split) run offline per passage; [split, L) at query time (the paper's k); at "
+    split: int = knob(18, "layers [0, split) run offline per passage; [split, L) at query time (the paper's k); at "
                          "most the model's layer count", label="layer split", min=0, max=255)
     bits: int = knob(1, "1, 2, 4, 8: a uniform b-bit grid per dimension + one fp16 step per token; 16 = fp16 states",
                      label="bits per value", choices=SUPPORTED_BITS)
     calibrate: bool = knob(True, "learned channel centre + least-squares bits->state decoder")
     after_prefix: bool = knob(True, "passages see the shared instruction prefix in layers [0, split)")
-    query_aware: bool = knob(False, "upper layers read [prefix, question, passages, question]: passages see the "
-                                    "question")
+    # split 18 + query_aware: a point on the measured quality/speed frontier (how it was chosen: the card)
+    query_aware: bool = knob(True, "upper layers read [prefix, question, passages, question]: passages see the "
+                                   "question")
     r_o: float = knob(0.0, "offline merging (paper Algorithm 1, bits=1): fraction of each token's occurrences folded",
                       label="offline merge share", min=0, max=0.5)
     r_p: float = knob(0.0, "runtime ToMe merging: fraction of passage tokens folded away (per layer with "
@@ -332,11 +333,11 @@ against its own baseline of storing the same token representations in floating p
   tokens and layers [split, L)). Best with `query_aware=1`; with 0 the passages never see the question, so the
   ranking is query-aware but the matched states are not. The paper distils a full-text teacher's token states
   in its encoder-decoder; here teacher and student share one decoder-only model. `recovery+salient` does both.
-- *query time, today's layout* (`query_aware=0`, the default): [prefix, passages, question]. The prefix and
+- *query time, the plain layout* (`query_aware=0`): [prefix, passages, question]. The prefix and
   question run layers [0, split) alone at their final positions; passage states are decoded; layers
   [split, L) run jointly under one causal mask. Passages come before the question, so **they never attend to it
   in any layer**; generated tokens see the query-side cache below the split and everything above.
-- *query-aware layout* (`query_aware=1`): the upper layers read [prefix, question, passages, question], a copy
+- *query-aware layout* (`query_aware=1`, the default): the upper layers read [prefix, question, passages, question], a copy
   of the question (without the assistant turn) right after the instruction prefix. What changes: in layers
   [split, L) every passage token attends to that copy, as the paper's upper encoder layers read question and
   passage together. What stays: the stored lower-layer passage states are the same query-agnostic codes (no
@@ -349,7 +350,7 @@ against its own baseline of storing the same token representations in floating p
   mean), never into or from the question; merged keys get log(size) added to their attention logits
   (proportional attention), in the prefill and for every generated token.
 - *what differs:* a decoder-only LM has no separate encoder, so lower-layer passage states lack attention to
-  the other passages (and, in today's layout, to the question in every layer); upper layers, unlike the paper's
+  the other passages (and, in the plain layout, to the question in every layer); upper layers, unlike the paper's
   encoder, were never pre-trained to read stored states, which is what the LoRA recovers.
 
 Knobs: `k` chunks, `split`, `bits` (1/2/4/8, 16 = fp16), `calibrate`, `after_prefix`, `query_aware`, `r_o`,
