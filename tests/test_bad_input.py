@@ -127,7 +127,7 @@ CASES = [
     Case("compare", ("lingua", "ratio", 0.0),
          knob_sentence("lingua.ratio (kept share)", "a number above 0 and at most 1", 0), ("lingua", "ratio", 0.5)),
     Case("compare", ("btr", "split", 40),
-         knob_sentence("btr.split (layer split)", "a whole number from 0 to 4 for this model", 40), ("btr", "split", 6)),
+         knob_sentence("btr.split (layer split)", "a whole number from 0 to 4 for this model", 40), ("btr", "split", 18)),
     Case("compare", ("lloco", "scorer", "keynrom"), knob_sentence("lloco.scorer", "one of reconstruct, keynorm", "'keynrom'"),
          ("lloco", "scorer", "reconstruct")),
     Case("settings", (0,), knob_sentence("max new tokens", "a whole number from 1 to 4096", 0)),

@@ -22,7 +22,7 @@ def test_tab_builds_inside_blocks(tiny_bench):
     assert max_new.minimum is None and max_new.maximum is None  # Gradio's bounds drew an Error box; ours say why
     summary = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "bench-summary")
     headers = summary.value["headers"]
-    assert headers[:3] == ["method", "n", "errors"] and "value kept" in headers  # not Gradio's "1 2 3"
+    assert headers[:3] == ["method", "n", "errors"] and "value kept [95% CI]" in headers  # not Gradio's "1 2 3"
 
 
 def test_methods_from_checkboxes_and_variants():

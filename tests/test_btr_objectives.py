@@ -138,7 +138,7 @@ def ingested(tiny_bench, docs_dir):
 def test_objective_kl_keeps_todays_adapter_key_and_others_get_their_own(tiny_lm):
     method = get_method("btr")
     blob = b"decoder bytes"
-    params = method.Params(split=2)
+    params = method.Params(split=2, query_aware=False)  # the plain layout's adapter key has no layout field
     assert params.objective == "kl"
     today = artifact_hash({"codes": method._chunk_hash(tiny_lm, params, blob), "k": params.k, "r": params.lora_r,
                            "steps": params.lora_steps, "lr": params.lora_lr, "recipe": RECIPE})

@@ -139,7 +139,7 @@ def ingested(tiny_bench, docs_dir):
 def test_query_aware_plan_nll_and_answer(ingested):
     corpus = ingested.corpus()
     method = get_method("btr")
-    assert method.Params().query_aware is False and method.Params().merge_mode == "once"  # defaults unchanged
+    assert method.Params().query_aware is True and method.Params().merge_mode == "once"  # the defaults
     params = method.Params(split=0, bits=16, calibrate=False, k=2, query_aware=True)
     prompt = method._plan("When was the tower completed?", corpus, params).prompt
     assert [s.kind for s in prompt.segments] == ["prefix", "question", "passage", "passage", "question"]
@@ -169,7 +169,7 @@ def test_query_aware_lora_is_its_own_adapter_and_trains_with_the_lead(ingested, 
     method.finetune(corpus, aware)
     assert len(leads) == 2 and all(lead and corpus.lm.tokenizer.decode(lead).startswith("Question:") for lead in leads)
     assert method._plan("Where?", corpus, aware).adapter
-    assert method._plan("Where?", corpus, method.Params(split=2, bits=1, k=2, lora_steps=2)).adapter is None
+    assert method._plan("Where?", corpus, method.Params(split=2, bits=1, k=2, lora_steps=2, query_aware=False)).adapter is None
 
 
 # ------------------------------------------------------------------------------ merging in every layer

@@ -27,7 +27,7 @@ def test_four_clients_at_once_each_get_their_own_complete_result(tmp_path, defau
 
         with ThreadPoolExecutor(4) as pool:
             outputs = list(pool.map(ask, QUESTIONS))
-    for question, (cards, _chart, sees, sources, _history) in zip(QUESTIONS, outputs):
+    for question, (cards, _chart, sees, sources, _history, *_status_and_knobs) in zip(QUESTIONS, outputs):
         assert "rd-error" not in cards and "data-status='done'" in cards, cards[:500]
         assert "class='rd-answer' style='white-space" in cards  # a non-empty answer
         seen = visible_text(sees)

@@ -56,7 +56,7 @@ EXACT = [
     ("cacheblend", {"r": 1.0}, 1e-4),  # every passage token recomputed: a full prefill
     ("lingua", {"ratio": 1.0}, 1e-6),  # every token kept: the same ids as text
     ("lloco", {"c": 1, "k": 1}, 2e-3),  # one passage right after the prefix, as when its cache was captured
-    ("btr", {"split": 0, "bits": 16, "calibrate": False}, 2e-3),  # no stored layer: fp16 embeddings, all layers now
+    ("btr", {"split": 0, "bits": 16, "calibrate": False, "query_aware": False}, 2e-3),  # no stored layer: fp16 embeddings, all layers now
 ]
 
 
