@@ -224,21 +224,22 @@ def test_answer_fields_preparation_outside_ttft_and_recomputed_marks(tiny_bench,
 def test_chunk_caches_are_keyed_by_content_and_accounted_once(tiny_bench, docs_dir):
     a = ingest(tiny_bench, docs_dir, "a")
     lm, method = a.lm, get_method("cacheblend")
-    assert method.storage(a, method.Params()).chunk_bytes == 0
-    method.prepare(a, method.Params())
+    fp16 = method.Params(storage="fp16")  # the byte count below is fp16's
+    assert method.storage(a, fp16).chunk_bytes == 0
+    method.prepare(a, fp16)
     rows = tiny_bench.store.rows("SELECT key, nbytes FROM artifacts WHERE method = 'cacheblend'")
     texts = {c["text"] for c in a.chunks()}
     assert {r["key"] for r in rows} == {"text:" + sha256(t.encode()) for t in texts}
-    account = method.storage(a, method.Params())
+    account = method.storage(a, fp16)
     assert account.chunk_bytes == sum(r["nbytes"] for r in rows) > 0 and account.shared == {}
     # one stored token of SmolLM-shaped KV: layers x KV heads x head_dim x (K, V) x fp16
     n_tokens = sum(len(lm.tokenizer(t.strip() + "\n\n", add_special_tokens=False)["input_ids"]) for t in texts)
     per_token = lm.n_layers * 2 * 16 * 2 * 2
     assert n_tokens * per_token < account.chunk_bytes < n_tokens * per_token + 2000 * len(texts)
     b = ingest(tiny_bench, docs_dir, "b")  # same documents in another collection: nothing new to build
-    method.prepare(b, method.Params())
+    method.prepare(b, fp16)
     assert tiny_bench.store.value("SELECT COUNT(*) FROM artifacts WHERE method = 'cacheblend'") == len(rows)
-    assert method.storage(b, method.Params()).chunk_bytes == account.chunk_bytes
+    assert method.storage(b, fp16).chunk_bytes == account.chunk_bytes
 
 
 def test_bad_knobs_are_one_line_errors(tiny_bench, docs_dir):

@@ -28,13 +28,16 @@ STAMP_FILE = "suite.json"
 SQUAD_METHODS = [
     "closed_book", "full_context", "rag", "rag@join=1", "retro", "jrt",
     "btr", "btr@split=6@query_aware=0", "btr@train=1",
-    "lloco@c=2", "lloco", "lloco@c=8", "lloco@scorer=keynorm", "lloco@train=1",
-    "cacheblend@r=0", "cacheblend@r=0.05", "cacheblend", "cacheblend@r=0.3", "cacheblend@r=1",
+    "lloco@c=2", "lloco", "lloco@c=8", "lloco@scorer=keynorm", "lloco@train=1", "lloco@storage=int8", "lloco@storage=k8v4",
+    "cacheblend@r=0", "cacheblend@r=0.05", "cacheblend", "cacheblend@r=0.3", "cacheblend@r=1", "cacheblend@storage=fp16",
     "lingua@ratio=0.33", "lingua", "lingua@ratio=0.7", "lingua@question_aware=1", "lingua@spread=0@unit=token",
+    # the answer-length study: are longer answers more complete for every method without hurting the comparison?
+    "rag@max_new_tokens=48", "btr@max_new_tokens=48", "lloco@max_new_tokens=48", "cacheblend@max_new_tokens=48",
 ]
 SQUAD_LIMITS = {"full_context": 30}  # reads ~7k tokens per question: 30 questions give its figure in minutes
 # Defaults chosen on the main run's questions are confirmed here, on other articles and other questions.
-HELDOUT_METHODS = ["rag", "btr", "btr@split=6@query_aware=0", "lingua", "lingua@spread=0@unit=token"]
+HELDOUT_METHODS = ["rag", "btr", "btr@split=6@query_aware=0", "lingua", "lingua@spread=0@unit=token",
+                   "cacheblend", "cacheblend@storage=fp16", "lloco", "lloco@storage=k8v4"]
 
 
 @dataclass
