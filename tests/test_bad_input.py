@@ -37,15 +37,15 @@ def knob_sentence(where: str, allowed: str, got) -> str:
     return f"{where} must be {allowed} (got {got})"
 
 
-WHOLE_1_50 = "a whole number from 1 to 50"
+WHOLE_1_50 = "a whole number from 1 to 500"
 CASES = [
     # ---- the command line: --set METHOD.KNOB=VALUE, every method at and beyond its bounds, wrong types
     Case("cli", ("ask", QUESTION, "--methods", "rag", "--set", "rag.k=0"),
          knob_sentence("rag.k (chunks retrieved)", WHOLE_1_50, 0)),
     Case("cli", ("ask", QUESTION, "--methods", "rag", "--set", "rag.k=-1"),
          knob_sentence("rag.k (chunks retrieved)", WHOLE_1_50, -1)),
-    Case("cli", ("ask", QUESTION, "--methods", "rag", "--set", "rag.k=51"),
-         knob_sentence("rag.k (chunks retrieved)", WHOLE_1_50, 51)),
+    Case("cli", ("ask", QUESTION, "--methods", "rag", "--set", "rag.k=501"),
+         knob_sentence("rag.k (chunks retrieved)", WHOLE_1_50, 501)),
     Case("cli", ("ask", QUESTION, "--methods", "rag", "--set", "rag.k=abc"),
          knob_sentence("rag.k (chunks retrieved)", WHOLE_1_50, "'abc'")),
     Case("cli", ("ask", QUESTION, "--methods", "rag", "--set", "rag.k=2.5"),

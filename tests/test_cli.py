@@ -77,4 +77,4 @@ def test_knobs_lists_each_knob_with_what_it_accepts(tmp_path, capsys, monkeypatc
     out = capsys.readouterr().out
     assert "## btr  (--set btr.KNOB=VALUE)" in out and "## rag" in out and "## lloco" not in out
     assert "| Bits per value | `bits` | `1` | one of 1, 2, 4, 8, 16 |" in out
-    assert "| Chunks retrieved | `k` | `5` | a whole number from 1 to 50 |" in out
+    assert "| Chunks retrieved | `k` | `5` | a whole number from 1 to 500 |" in out

@@ -269,7 +269,7 @@ def test_knob_widgets_have_human_labels_help_bounds_and_choices():
     rag_k = by[("rag", "k")].component
     # no Gradio bounds: Gradio would refuse 0 with an Error box before the handler runs; the help names the range
     assert isinstance(rag_k, gr.Number) and rag_k.minimum is None and rag_k.maximum is None
-    assert "a whole number from 1 to 50" in rag_k.info
+    assert "a whole number from 1 to 500" in rag_k.info
     assert all(getattr(k.component, "minimum", None) is None and getattr(k.component, "maximum", None) is None
                for k in knobs.knobs)
     bits = by[("btr", "bits")]
@@ -287,7 +287,7 @@ def test_knob_widgets_have_human_labels_help_bounds_and_choices():
         with pytest.raises(UserError, match=match):
             knobs.values(*trial)
 
-    refused("rag", "k", 0, r"rag\.k \(chunks retrieved\) must be a whole number from 1 to 50 \(got 0\)")
+    refused("rag", "k", 0, r"rag\.k \(chunks retrieved\) must be a whole number from 1 to 500 \(got 0\)")
     refused("lloco", "scorer", "keynrom", "must be one of reconstruct, keynorm")
     refused("btr", "bits", 3, "one of 1, 2, 4, 8, 16")
     refused("rag", "k", 2.5, "whole number")
@@ -548,7 +548,7 @@ def test_compare_bad_input_clears_old_answers_without_error_pills(tiny_bench, do
         assert "Not run" in status and message in status  # said next to the Compare button too
     values = [None] * len(knobs.knobs)
     values[next(i for i, k in enumerate(knobs.knobs) if (k.method, k.name) == ("rag", "k"))] = 0
-    with pytest.warns(UserWarning, match=r"rag\.k .*from 1 to 50"):  # k=0 would silently answer closed book
+    with pytest.warns(UserWarning, match=r"rag\.k .*from 1 to 500"):  # k=0 would silently answer closed book
         (cards, *_), = _run_compare(tiny_bench, "why?", ["rag"], "demo", knobs, values=values)
     assert tiny_bench.runs("demo") == []  # nothing ran
 

@@ -131,7 +131,7 @@ def test_classroom_flow_in_chromium(tmp_path, browser, default_model_dir):
     # out-of-range numbers: one sentence next to the button pressed, the box back at the value in force, and never
     # Gradio's red Error box (Gradio's own bounds used to refuse them before the handler ran)
     knob, setting = seen["bad_knob"], seen["bad_setting"]
-    assert "rag.k (chunks retrieved) must be a whole number from 1 to 50 (got 0)" in knob["status"], knob
+    assert "rag.k (chunks retrieved) must be a whole number from 1 to 500 (got 0)" in knob["status"], knob
     assert "rag.max_new_tokens (max new tokens) must be a whole number from 1 to 4096 (got 99999)" in knob["status_max_new"]
     assert knob["k_after"] == "5" and knob["max_new_after"] == "0" and knob["error_boxes"] == 0, knob
     assert "max new tokens must be a whole number from 1 to 4096 (got 0)" in setting["status"], setting

@@ -43,6 +43,7 @@ class Suite:
         load = lambda pair: f"{pair[0]:.1f}" if pair else "?"  # noqa: E731
         flags = "+".join(s.get("cpu_flags") or []) or "no AVX flags read"
         quick = "; QUICK MODE (a smoke test: the figures mean nothing)" if s.get("quick") else ""
+        quick += f". **Stopped early:** {s['stopped']}" if s.get("stopped") else ""
         return (f"`{self.relative()}`, {s.get('date', '?')}, commit {s.get('commit') or '?'}; {s.get('cpu', '?')} "
                 f"({s.get('cores', '?')} cores, {flags}), {s.get('model', '?')} in {s.get('dtype', '?')}; load average "
                 f"{load(s.get('load_start'))} at the start, {load(s.get('load_end'))} at the end; wall time "

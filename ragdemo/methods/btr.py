@@ -52,7 +52,7 @@ SALIENT_WEIGHT = 1.0  # that state match (relative MSE after the final norm) nex
 @dataclass
 class BtrParams(LoraKnobs, Params):
     k: int = knob(5, "chunks retrieved, as in rag (NOT the paper's k, which is its layer split: `split` here)",
-                  label="chunks retrieved", min=1, max=50)
+                  label="chunks retrieved", min=1, max=500)
     split: int = knob(18, "layers [0, split) run offline per passage; [split, L) at query time (the paper's k); at "
                          "most the model's layer count", label="layer split", min=0, max=255)
     bits: int = knob(1, "1, 2, 4, 8: a uniform b-bit grid per dimension + one fp16 step per token; 16 = fp16 states",

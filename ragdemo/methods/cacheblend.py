@@ -22,7 +22,7 @@ from .chunk_artifacts import PerChunkArtifacts, token_budget
 
 @dataclass
 class CacheBlendParams(Params):
-    k: int = knob(5, "chunks retrieved, as rag", label="chunks retrieved", min=1, max=50)
+    k: int = knob(5, "chunks retrieved, as rag", label="chunks retrieved", min=1, max=500)
     r: float = knob(0.15, "share of passage tokens recomputed through the upper layers (0 = pure reuse, 1 = full "
                           "prefill)", label="recomputed share", min=0, max=1)
     selection_layer: int = knob(1, "layer where reused and fresh KV are compared; layers below run for every token "

@@ -13,7 +13,7 @@ from .full_context import fit_to_budget
 class JrtParams(Params):
     context: str = knob("rag", "rag = top-k chunks; full = every document (cut to fit, both copies)",
                         choices=("rag", "full"))
-    k: int = knob(5, "chunks retrieved when context=rag", label="chunks retrieved", min=1, max=50)
+    k: int = knob(5, "chunks retrieved when context=rag", label="chunks retrieved", min=1, max=500)
     max_context_tokens: int = knob(0, "whole-prompt budget; 0 = the model window minus the answer budget",
                                    label="max context tokens", min=0, max=131072)
 

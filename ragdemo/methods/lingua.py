@@ -21,7 +21,7 @@ from .chunk_artifacts import PerChunkArtifacts, token_budget
 
 @dataclass
 class LinguaParams(Params):
-    k: int = knob(5, "chunks retrieved, as rag", label="chunks retrieved", min=1, max=50)
+    k: int = knob(5, "chunks retrieved, as rag", label="chunks retrieved", min=1, max=500)
     ratio: float = knob(0.5, "share of passage tokens kept", label="kept share", above=0, max=1)
     question_aware: bool = knob(False, "LongLLMLingua's contrastive score: costs a forward of the passages at answer "
                                        "time")

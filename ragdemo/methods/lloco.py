@@ -30,7 +30,7 @@ FORMAT_VERSION = 2  # 2: made by the shared batched pass, one-byte offsets; bump
 
 @dataclass
 class LlocoParams(LoraKnobs, Params):
-    k: int = knob(5, "chunks retrieved, as rag", label="chunks retrieved", min=1, max=50)
+    k: int = knob(5, "chunks retrieved, as rag", label="chunks retrieved", min=1, max=500)
     c: int = knob(4, "compression ratio: keep 1/c of each passage's tokens per layer and KV head",
                   label="compression ratio", min=1, max=64)
     scorer: str = knob("reconstruct", "which tokens to keep: reconstruct (KVzip-style) or keynorm",

@@ -9,7 +9,7 @@ from .base import Params, PromptMethod, Result, knob
 
 @dataclass
 class RagParams(Params):
-    k: int = knob(5, "the k chunks nearest the question are read", label="chunks retrieved", min=1, max=50)
+    k: int = knob(5, "the k chunks nearest the question are read", label="chunks retrieved", min=1, max=500)
     join: bool = knob(False, "join touching chunks into one passage (not the layout the reuse methods store: a study)")
 
 
