@@ -57,7 +57,7 @@ def test_every_quoted_table_is_produced(quick_suite):
         assert f"| {registry()[name].label} |" in table
         assert card_markdown(name, suite).startswith(registry()[name].card.strip()[:20])
     for name, marker in (("btr", "Storage, every byte counted"), ("btr", "Where the time goes"),
-                         ("lloco", "Where the time goes"), ("lingua", "Confirmed on other questions"),
+                         ("lloco", "Where the time goes"), ("lingua", "The same rows on other questions"),
                          ("retro", "re-retrieved"), ("jrt", "RAG's prompt tokens"),
                          ("rag", "rag@join=1")):
         assert marker in measured_section(name, suite), (name, marker)

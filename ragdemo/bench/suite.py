@@ -133,7 +133,7 @@ def _retrievers(settings, folder: Path, plan: Plan, progress) -> list[Path]:
 
 SECTIONS = [
     Section("squad", "Every method on SQuAD v1.1 dev: quality, speed and storage", _bench(SQUAD_METHODS, 0, SQUAD_LIMITS)),
-    Section("heldout", "Defaults confirmed on other articles and questions", _bench(HELDOUT_METHODS, 1)),
+    Section("heldout", "Defaults checked on other articles and questions", _bench(HELDOUT_METHODS, 1)),
     Section("speed", "Where the time goes on this machine (bench-speed)", _speed),
     Section("scaling", "Where each method wins: cost as the context grows (bench-scaling)", _scaling),
     Section("storage", "Every byte each method keeps (bench-storage)", _storage),
