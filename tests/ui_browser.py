@@ -162,6 +162,28 @@ def wait_until(predicate, timeout: float, what: str, poll: float = 0.5):
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def click_compare(driver, timeout: float = 60, retry_s: float = 10) -> None:
+    """Click Compare and wait until the new Compare draws its cards. Gradio ignores a click while the previous
+    Compare's event is still pending (its chart and history come after its cards read "done"; the button's
+    trigger mode is "once"), so the cards on screen are marked first and the click is repeated until unmarked
+    cards replace them."""
+    from selenium.webdriver.common.by import By
+
+    mark = "document.querySelectorAll('#cards .rd-card').forEach(c => c.setAttribute('data-old', '1'));"
+    started = "return document.querySelector('#cards .rd-card:not([data-old]), #cards .rd-notrun') !== null;"
+    driver.execute_script(mark)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        driver.find_element(By.ID, "compare-button").click()
+        try:
+            wait_until(lambda: driver.execute_script(started), min(retry_s, max(deadline - time.time(), 0.5)),
+                       "the Compare to start")
+            return
+        except TimeoutError:
+            continue
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for the Compare to start")
+
+
 def upload_and_compare(driver, url: str, documents: Path | list[Path], question: str = QUESTION,
                        methods: list[str] = METHODS, timeout: float = 240) -> list[CardReading]:
     """The user flow: upload through the file input, switch to Ask, pick methods, Compare, wait for every card."""
@@ -186,7 +208,7 @@ def upload_and_compare(driver, url: str, documents: Path | list[Path], question:
                     if c.is_selected())
     if picked != sorted(methods):
         raise AssertionError(f"method checkboxes show {picked}, wanted {sorted(methods)}")
-    driver.find_element(By.ID, "compare-button").click()
+    click_compare(driver)
 
     def all_done():
         errors = [t.text for t in driver.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']") if "rror" in t.text]
@@ -341,7 +363,7 @@ def compare_current(driver, methods: list[str], timeout: float = 600) -> list[Ca
     from selenium.webdriver.common.by import By
 
     pick_methods(driver, methods)
-    driver.find_element(By.ID, "compare-button").click()
+    click_compare(driver)
 
     def all_done():
         if error_toasts(driver):
