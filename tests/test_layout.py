@@ -55,7 +55,7 @@ def nll(corpus, name: str, knobs: dict) -> float:
 EXACT = [
     ("cacheblend", {"r": 1.0}, 1e-4),  # every passage token recomputed: a full prefill
     ("lingua", {"ratio": 1.0}, 1e-6),  # every token kept: the same ids as text
-    ("lloco", {"c": 1, "k": 1}, 2e-3),  # one passage right after the prefix, as when its cache was captured
+    ("lloco", {"c": 1, "k": 1, "storage": "fp16"}, 2e-3),  # one passage right after the prefix, as when its cache was captured
     ("btr", {"split": 0, "bits": 16, "calibrate": False, "query_aware": False}, 2e-3),  # no stored layer: fp16 embeddings, all layers now
 ]
 

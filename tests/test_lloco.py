@@ -26,7 +26,7 @@ def _ingest(bench, docs_dir, collection="default"):
 def test_one_passage_at_ratio_1_gives_the_full_forward_logits(tiny_bench, docs_dir, positions):
     corpus = _ingest(tiny_bench, docs_dir)
     lloco = get_method("lloco")
-    params = params_from(lloco.Params, {"c": 1, "k": 1, "positions": positions})
+    params = params_from(lloco.Params, {"c": 1, "k": 1, "positions": positions, "storage": "fp16"})
     lloco.prepare(corpus, params)
     ctx = lloco._context(QUESTION, corpus, params)
     with torch.inference_mode():
@@ -106,7 +106,7 @@ def test_offsets_are_left_out_of_full_caches_and_one_byte_when_compressed():
 def test_changed_knob_never_reuses_artifacts_and_delete_cascades(tiny_bench, docs_dir):
     corpus = _ingest(tiny_bench, docs_dir)
     lloco = get_method("lloco")
-    c2, c4 = params_from(lloco.Params, {"c": 2}), params_from(lloco.Params, {"c": 4, "storage": "int8"})
+    c2, c4 = params_from(lloco.Params, {"c": 2, "storage": "fp16"}), params_from(lloco.Params, {"c": 4, "storage": "int8"})
     lloco.prepare(corpus, c2)
     assert lloco.storage(corpus, c2).total > 0 and lloco.storage(corpus, c4).total == 0
     lloco.prepare(corpus, c4)
@@ -292,7 +292,7 @@ def test_distilled_lora_moves_compressed_reading_towards_the_full_text(tiny_benc
 
     corpus = _ingest(tiny_bench, docs_dir)
     lm, lloco = corpus.lm, get_method("lloco")
-    knobs = {"c": 4, "k": 2, "lora_steps": 30, "lora_lr": 1e-2}
+    knobs = {"c": 4, "k": 2, "lora_steps": 30, "lora_lr": 1e-2, "storage": "fp16"}  # the recipe as tuned
     params = params_from(lloco.Params, knobs)
     lloco.prepare(corpus, params)
     picked, question, target = cloze_example(lm.tokenizer, corpus.chunks(), 2, random.Random(1))

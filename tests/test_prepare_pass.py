@@ -23,7 +23,7 @@ TEXTS = ["The Eiffel Tower is a wrought-iron lattice tower in Paris, France.",
          "Gustave Eiffel's company designed and built the tower as the entrance to the World's Fair of that year, "
          "and it has since become a global cultural icon of France.",
          "Bananas are yellow."]
-KNOBS = {"btr": {"split": "2"}}  # the tiny model has 4 layers; BTR's default split is 6
+KNOBS = {"btr": {"split": "2"}, "lloco": {"storage": "fp16"}}  # the tiny model has 4 layers; exact comparisons want fp16 KV
 PREPARED = ["btr", "lloco", "cacheblend", "lingua"]
 
 
@@ -217,16 +217,16 @@ def test_another_lloco_ratio_reuses_the_full_caches_kept_in_memory(tiny_bench, d
     forwards = []
     real = prepare_pass.forward_chunks
     monkeypatch.setattr(prepare_pass, "forward_chunks", lambda *a, **k: forwards.append(len(a[2])) or real(*a, **k))
-    tiny_bench.prepare(["lloco"], knobs={"lloco": {"c": "4"}})
+    tiny_bench.prepare(["lloco"], knobs={"lloco": {"c": "4", "storage": "fp16"}})
     assert forwards
     forwards.clear()
-    tiny_bench.prepare(["lloco"], knobs={"lloco": {"c": "2"}})
+    tiny_bench.prepare(["lloco"], knobs={"lloco": {"c": "2", "storage": "fp16"}})
     assert forwards == []
     from_memory = {(r["params_hash"], r["key"]): r["blob"]
                    for r in corpus.store.rows("SELECT params_hash, key, blob FROM artifacts WHERE method = 'lloco'")}
     tiny_bench.store.db.execute("DELETE FROM artifacts")
     corpus.lm.__dict__.get("memos", {}).clear()
-    tiny_bench.prepare(["lloco"], knobs={"lloco": {"c": "2"}})
+    tiny_bench.prepare(["lloco"], knobs={"lloco": {"c": "2", "storage": "fp16"}})
     assert forwards
     fresh = {(r["params_hash"], r["key"]): r["blob"]
              for r in corpus.store.rows("SELECT params_hash, key, blob FROM artifacts WHERE method = 'lloco'")}
