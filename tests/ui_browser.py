@@ -162,27 +162,30 @@ def wait_until(predicate, timeout: float, what: str, poll: float = 0.5):
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def click_compare(driver, timeout: float = 60, retry_s: float = 10) -> None:
-    """Click Compare and wait until the new Compare draws its cards. Gradio ignores a click while the previous
-    Compare's event is still pending (its chart and history come after its cards read "done"; the button's
-    trigger mode is "once"), so the cards on screen are marked first and the click is repeated until unmarked
-    cards replace them."""
+def click_compare(driver, timeout: float = 60, retry_s: float = 10) -> float:
+    """Click Compare once the previous Compare's event has finished, wait until the new Compare draws its cards,
+    and return the perf_counter() time of the first click. Gradio ignores a click while the previous event is
+    still pending (its chart and history come after its cards read "done"; the button's trigger mode is "once"):
+    the test waits for Gradio's "generating" marks to go, marks the cards on screen, and clicks again if no
+    unmarked card replaces them (timing from the first click only makes a measured time longer, never shorter)."""
     from selenium.webdriver.common.by import By
 
+    wait_until(lambda: not driver.execute_script("return document.querySelector('.generating') !== null;"),
+               timeout, "the previous Compare to finish")
     mark = "document.querySelectorAll('#cards .rd-card').forEach(c => c.setAttribute('data-old', '1'));"
     started = "return document.querySelector('#cards .rd-card:not([data-old]), #cards .rd-notrun') !== null;"
     driver.execute_script(mark)
+    first_click = time.perf_counter()
     deadline = time.time() + timeout
     while time.time() < deadline:
         driver.find_element(By.ID, "compare-button").click()
         try:
             wait_until(lambda: driver.execute_script(started), min(retry_s, max(deadline - time.time(), 0.5)),
                        "the Compare to start")
-            return
+            return first_click
         except TimeoutError:
             continue
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for the Compare to start")
-
 
 def upload_and_compare(driver, url: str, documents: Path | list[Path], question: str = QUESTION,
                        methods: list[str] = METHODS, timeout: float = 240) -> list[CardReading]:
@@ -360,10 +363,14 @@ def pick_methods(driver, methods: list[str]) -> None:
 
 
 def compare_current(driver, methods: list[str], timeout: float = 600) -> list[CardReading]:
-    from selenium.webdriver.common.by import By
+    return timed_compare(driver, methods, timeout)[0]
 
+
+def timed_compare(driver, methods: list[str], timeout: float = 600) -> tuple[list[CardReading], float]:
+    """The cards of a Compare of `methods` on the current question, and seconds from its first click to the last
+    finished card."""
     pick_methods(driver, methods)
-    click_compare(driver)
+    clicked = click_compare(driver)
 
     def all_done():
         if error_toasts(driver):
@@ -371,7 +378,8 @@ def compare_current(driver, methods: list[str], timeout: float = 600) -> list[Ca
         cards = read_cards(driver)
         return cards if len(cards) == len(methods) and all(c.drawn for c in cards) else None
 
-    return wait_until(all_done, timeout, f"{len(methods)} finished method cards")
+    cards = wait_until(all_done, timeout, f"{len(methods)} finished method cards")
+    return cards, time.perf_counter() - clicked
 
 
 def gold_marks(driver) -> dict[str, str]:
