@@ -1,7 +1,8 @@
 """The one contract every method follows (kvpress-style): a `Method` with `Params`, returning a `Result`.
 
 Adding a method means adding one file in this folder that defines a `Method` subclass with a `name`;
-the registry finds it, and the CLI, UI and benchmark pick it up.
+the registry finds it, and the CLI, UI and benchmark pick it up. Its card (what screens say about it) is
+ragdemo/cards/text/NAME.md: this folder holds mechanism only.
 """
 from __future__ import annotations
 
@@ -132,7 +133,6 @@ class StorageAccount:
 class Method:
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""
-    card: ClassVar[str] = ""  # markdown: paper, mechanism, what is exact and what approximated (figures: cards/)
     Params: ClassVar[type] = Params
     has_prepare: ClassVar[bool] = False
     has_finetune: ClassVar[bool] = False  # offers a per-collection training step (e.g. LLoCO's LoRA)

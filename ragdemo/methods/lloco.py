@@ -48,37 +48,6 @@ class Lloco(Method):
     Params = LlocoParams
     has_prepare = True
     has_finetune = True
-    card = """### LLoCO-style offline context compression (Tan et al. 2024)
-**Paper:** a trained 7B AutoCompressor turns every 1,536 tokens of a document into ~50 summary vectors (30x)
-offline; a LoRA (r=8 on q/k/v/o) fine-tuned per document collection teaches the decoder to read them; at
-answer time the summaries of the retrieved documents are loaded and the matching LoRA is applied.
-
-**Here:** the compressed *KV cache* of each 64-token chunk stands in for the summary vectors.
-- Offline (`prepare`): each chunk is prefilled alone behind the shared instruction prefix (in the shared
-  preparation pass, batched with every other method's work; the `reconstruct` scorer's "repeat the chunk" rows
-  run in the same forward); a query-agnostic scorer keeps 1/c of its tokens in every layer and KV head
-  (`reconstruct`: KVzip-style, the attention each token gets when the model is asked to repeat the chunk;
-  `keynorm`: smallest key norms, kvpress Knorm); keys are stored without RoPE, as `storage`: fp16, int8,
-  k8v4 (keys int8, values 4-bit, each with one fp16 scale per token and head) or int4.
-- Answer: top-k chunks (MiniLM, as rag), their caches are loaded, keys re-rotated to their new positions and
-  appended after the cached prefix; only the question is prefilled, then decoding runs as usual.
-- Fine-tune (optional, `python -m ragdemo finetune --method lloco`, the UI's Fine-tune button, or `train=1` at
-  prepare): a LoRA (r=8, q/k/v/o) distilled on the collection — on cloze questions about a chunk among k−1
-  distractors, the model reading the compressed caches learns to match the full model reading the same chunks
-  as text (KL at every question/answer position), 300 steps; stored with the collection and applied
-  automatically (`lora`), then removed so other methods see the base model. (LLoCO trains its LoRA on
-  instruction data with the answer as target; an earlier recipe here did that with the cloze continuation as
-  target and lowered value kept.)
-- Approximated: no AutoCompressor (nothing learned compresses here: tokens are selected), passages never see
-  each other (each was encoded alone), 64-token chunks instead of 1,536-token documents.
-- Knobs: k, c (1, 2, 4, 8), scorer, storage (fp16/int8/k8v4/int4), positions, lora, train, lora_r, lora_steps,
-  lora_lr.
-
-The LoRA is swapped in by reference (~1 ms), not merged into the weights for every answer; the results suite
-measures LLoCO with the LoRA off (the default: no adapter is trained unless asked) and on (`train=1`).
-Storage is every chunk's compressed cache plus the collection's LoRA when one is trained. The default format,
-k8v4, was chosen against the suite's `lloco@storage=fp16` row on the same questions (about 2.5x fewer bytes per
-token at the same value kept) and is checked on the held-out questions: both rows are in the tables below."""
 
     # ------------------------------------------------------------ offline
     def prepare(self, corpus, params, progress=None) -> None:
