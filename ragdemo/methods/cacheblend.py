@@ -17,7 +17,7 @@ from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash
 from ..params import out_of_range
-from .base import Params, Result, finish, knob
+from .base import Params, Result, answer_clock, finish, knob, load_seconds
 from .chunk_artifacts import PerChunkArtifacts, token_budget
 
 @dataclass
@@ -57,12 +57,13 @@ class CacheBlend(PerChunkArtifacts):
         t0 = time.perf_counter()
         lm = self.check(corpus, params)
         ctx = self._context(question, corpus, params)
-        t0 += ctx.result.prepare_s  # building missing caches is preparation, not part of this answer's clock
+        t0 = answer_clock(t0, ctx.result.prepare_s)  # building missing caches is preparation, not this answer
         with torch.inference_mode():
             first = logits(lm, ctx.suffix_hidden[:, -1:])  # only the last position predicts the first token
             generation = decode_loop(lm, ctx.cache, first, ctx.next_pos, params.max_new_tokens, t0, stream)
         result = finish(ctx.result, lm, ctx.prompt, generation, t0, overhead=ctx.overhead)
         result.bytes_per_token = round(self.storage(corpus, params).bytes_per_token, 1)
+        # after finish: decoding every passage token for the view stays outside total_s
         return _mark_recomputed(result, ctx.prompt, ctx.recomputed, lm.tokenizer)
 
     def nll(self, question, gold, corpus, params) -> float:
@@ -99,7 +100,7 @@ class CacheBlend(PerChunkArtifacts):
         with torch.inference_mode():
             suffix = text_prompt.segments[-1].ids + list(after)
             layers = kvc.placed_layers(lm, prefix.layers, kvs, starts, reserve=len(suffix))
-            result.load_s = time.perf_counter() - load_start - result.prepare_s
+            result.load_s = load_seconds(load_start, result.prepare_s)
             ids = [t for s in passages for t in s.ids]
             keep = token_budget(params.r, len(ids))
             blend = selective_recompute(lm, layers, ids, len(prefix), keep, params.selection_layer, params.gradual,

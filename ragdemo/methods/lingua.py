@@ -16,7 +16,7 @@ from ..engine.prompt import Prompt, Segment, build_prompt
 from ..engine.scoring import nll_of_answer
 from ..engine.surprisal import computed_rows, surprisal
 from ..errors import NotSupported, UserError
-from .base import Params, Result, count_cached_prefix, finish, knob
+from .base import Params, Result, answer_clock, count_cached_prefix, finish, knob, load_seconds
 from .chunk_artifacts import PerChunkArtifacts, token_budget
 
 @dataclass
@@ -51,15 +51,13 @@ class Lingua(PerChunkArtifacts):
         t0 = time.perf_counter()
         lm = self.check(corpus, params)
         plan = self._plan(question, corpus, params)
-        t0 += plan.result.prepare_s  # scoring chunks that were not prepared is preparation, not this answer
+        t0 = answer_clock(t0, plan.result.prepare_s)  # scoring chunks not prepared yet is preparation, not this answer
         generation = generate(lm, plan.kept.ids, params.max_new_tokens, t0, stream)
         count_cached_prefix(plan.shown, generation)
         # the view shows every passage token; each passage segment counts the kept ones, which the model reads
-        result = finish(plan.result, lm, plan.shown, generation, t0, overhead=plan.scoring_tokens)
+        result = finish(plan.result, lm, plan.shown, generation, t0, overhead=plan.scoring_tokens,
+                        kept_tokens=[len(s.ids) for s in plan.kept.segments if s.kind == "passage"])
         result.bytes_per_token = round(self.storage(corpus, params).bytes_per_token, 2)
-        passages = [v for v in result.segments if v["kind"] == "passage"]
-        for view, segment in zip(passages, [s for s in plan.kept.segments if s.kind == "passage"]):
-            view["kept_tokens"] = len(segment.ids)
         return result
 
     def nll(self, question, gold, corpus, params) -> float:
@@ -80,7 +78,7 @@ class Lingua(PerChunkArtifacts):
         load_start = time.perf_counter()
         scores = [torch.from_numpy(load_numpy(b)["surprisal"].astype(np.float32))
                   for b in self.fetch(corpus, params, got.hits, result)]
-        result.load_s = time.perf_counter() - load_start - result.prepare_s
+        result.load_s = load_seconds(load_start, result.prepare_s)
         if [len(s) for s in scores] != [len(p.ids) for p in passages]:
             raise UserError("lingua: stored scores do not match their chunk's tokens; run prepare again")
         n = sum(len(p.ids) for p in passages)

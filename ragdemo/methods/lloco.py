@@ -21,8 +21,8 @@ from ..errors import UserError
 from ..engine.prepare_pass import Needs
 from ..store import ArtifactRow, artifact_hash, chunk_key
 from ..units import fmt_bytes
-from .base import Params, Method, Result, StorageAccount, finish, knob
-from .preparation import PassJob, run_jobs, unique_chunks
+from .base import Params, Method, Result, StorageAccount, answer_clock, finish, knob, load_seconds
+from .preparation import PassJob, run_jobs, stored_or_built, unique_chunks
 
 RECIPE = "v2-distill"  # bump when the training recipe changes, so old adapters are not reused
 FORMAT_VERSION = 2  # 2: made by the shared batched pass, one-byte offsets; bump when the blob layout changes
@@ -122,17 +122,19 @@ class Lloco(Method):
         t0 = time.perf_counter()
         lm = self._check(corpus, params)
         ctx = self._context(question, corpus, params)
-        clock = t0 + ctx.result.prepare_s  # preparation is not answering: TTFT and total skip it
+        clock = answer_clock(t0, ctx.result.prepare_s)  # preparation is not answering: TTFT and total skip it
         with applied_adapter(lm, ctx.adapter):
             # reading the caches and switching the adapter on, without the chunks compressed just now
-            ctx.result.load_s = time.perf_counter() - ctx.load_start - ctx.result.prepare_s
+            ctx.result.load_s = load_seconds(ctx.load_start, ctx.result.prepare_s)
             with torch.inference_mode():
                 first = forward_all(lm, torch.tensor([ctx.question_ids], device=lm.device), ctx.cache, ctx.next_pos,
                                     last_only=True)
                 generation = decode_loop(lm, ctx.cache, first, ctx.next_pos + len(ctx.question_ids),
                                          params.max_new_tokens, clock, stream)
-        result = finish(ctx.result, lm, self._marked_prompt(lm, ctx.view), generation, clock)
-        return self._account(result, ctx, self.storage(corpus, params))
+        result = finish(ctx.result, lm, self._marked_prompt(lm, ctx.view), generation, clock,
+                        kept_tokens=ctx.kept_per_passage)  # per passage, its tokens the cache keeps (per layer, head)
+        result.bytes_per_token = round(self.storage(corpus, params).bytes_per_token, 2)
+        return result
 
     def nll(self, question, gold, corpus, params) -> float:
         lm = self._check(corpus, params)
@@ -204,13 +206,7 @@ class Lloco(Method):
         """Compressed caches of these chunks, their blob sizes, and the seconds spent compressing the chunks that
         were not prepared yet (stored for next time; that is preparation, not answering)."""
         keys = [chunk_key(c["text"]) for c in chunks]
-        blobs = corpus.store.get_artifacts(self.name, lm.model_id, digest, keys)
-        fresh = unique_chunks([c for c, key in zip(chunks, keys) if key not in blobs])
-        started = time.perf_counter()
-        if fresh:
-            run_jobs(corpus, [self.pass_job(corpus, params, fresh)])
-            blobs = corpus.store.get_artifacts(self.name, lm.model_id, digest, keys)
-        prepare_s = time.perf_counter() - started if fresh else 0.0
+        blobs, _, prepare_s = stored_or_built(corpus, self, params, digest, chunks)
         passages = [kvc.from_bytes(blobs[key], lm.model.dtype, lm.device) for key in keys]
         return passages, [len(blobs[key]) for key in keys], prepare_s
 
@@ -270,15 +266,6 @@ class Lloco(Method):
                                   keep=shares, processed=0.0, cached=float(sum(shares))))
         marked.append(prompt.segments[-1])
         return Prompt(marked)
-
-    @staticmethod
-    def _account(result: Result, ctx: "_Context", account: StorageAccount) -> Result:
-        """The storage figures, and per passage how many of its tokens the cache keeps (per layer and KV head)."""
-        result.bytes_per_token = round(account.bytes_per_token, 2)
-        for seg in result.segments:  # the view shows the passage text; say how much of it is in the cache
-            if seg["kind"] == "passage":
-                seg["kept_tokens"] = ctx.kept_per_passage.pop(0)
-        return result
 
 
 @dataclass
