@@ -109,7 +109,8 @@ def stored_or_built(corpus, method, params, digest: str, chunks: list[dict]) -> 
         return blobs, 0, 0.0
     started = time.perf_counter()
     run_jobs(corpus, [method.pass_job(corpus, params, missing)])
-    return corpus.store.get_artifacts(method.name, lm.model_id, digest, keys), len(missing), time.perf_counter() - started
+    blobs = corpus.store.get_artifacts(method.name, lm.model_id, digest, keys)
+    return blobs, len(missing), time.perf_counter() - started
 
 
 @dataclass
