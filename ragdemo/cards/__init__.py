@@ -1,8 +1,9 @@
-"""What screens say about each method: its card (the mechanism, from the method's own module) and what was
+"""What screens say about each method: its card (the mechanism, from cards/text/NAME.md) and what was
 measured (always from the one results suite). The Methods tab, the CLI's `methods` command and the README's
-generated tables use these functions, and nothing else reads the results."""
+generated tables use these functions, and nothing else reads the cards' text or the results."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from ..methods import registry
@@ -11,12 +12,21 @@ from .scaling import scaling_figure, where_each_method_wins, win_sentences
 from .suite import Suite, load_suite
 
 FIGURES = ("squad/quality_vs_ttft.png", "squad/storage.png")  # the suite's plots shown under the cards
+CARD_TEXT = Path(__file__).parent / "text"  # one markdown file per method, named after it
+
+
+@functools.lru_cache(maxsize=None)
+def card_text(name: str) -> str:
+    """A method's card text (markdown: paper, mechanism, what is exact and what approximated), read once from
+    cards/text/NAME.md; "" for a method without one."""
+    path = CARD_TEXT / f"{name}.md"
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
 
 
 def card_markdown(name: str, suite: Suite | None = None) -> str:
-    """A method's whole card: what it does (its module's `card`) and what the suite measured."""
+    """A method's whole card: what it does (`card_text`) and what the suite measured."""
     cls = registry()[name]
-    return f"{cls.card or '### ' + (cls.label or name)}\n\n{measured_section(name, suite)}"
+    return f"{card_text(name) or '### ' + (cls.label or name)}\n\n{measured_section(name, suite)}"
 
 
 def figures(suite: Suite | None = None) -> list[Path]:
@@ -25,5 +35,5 @@ def figures(suite: Suite | None = None) -> list[Path]:
     return [suite.path(f) for f in FIGURES if suite.path(f).is_file()] if suite else []
 
 
-__all__ = ["card_markdown", "figures", "headline", "headline_table", "load_suite", "measured_section", "scaling_figure",
-           "Suite", "where_each_method_wins", "win_sentences"]
+__all__ = ["card_markdown", "card_text", "figures", "headline", "headline_table", "load_suite", "measured_section",
+           "scaling_figure", "Suite", "where_each_method_wins", "win_sentences"]

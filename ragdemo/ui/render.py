@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..bench.metrics import best_over_golds, contains
+from ..cards import card_text
 from ..methods import registry
 from ..glossary import FIELDS
 from ..machine import CpuShare
@@ -90,7 +91,7 @@ def one_liner(method: str) -> str:
     summary = getattr(cls, "summary", "") if cls else ""
     if summary or method in ONE_LINERS:
         return summary or ONE_LINERS[method]
-    card = re.sub(r"^#+.*\n", "", (cls.card if cls else "") or "").strip()
+    card = re.sub(r"^#+.*\n", "", card_text(method) if cls else "").strip()
     first = re.split(r"(?<=[.!?])\s", re.sub(r"[*`]", "", card), maxsplit=1)[0]
     return _short(first, 140)
 
