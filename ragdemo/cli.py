@@ -372,7 +372,7 @@ def cmd_bench_retrievers(bench, args) -> int:
 
 def cmd_bench_frontier(bench, args) -> int:
     from .bench.plots import plot_runs_speedup
-    from .bench.runner import load_run_or_summary
+    from .bench.report import load_run_or_summary
 
     files = [Path(f) / "results.json" if Path(f).is_dir() else Path(f) for f in args.runs]
     missing = [str(f) for f in files if not f.exists()]

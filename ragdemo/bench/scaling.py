@@ -9,7 +9,7 @@ run on one machine:
   every method reading every chunk of it (k = its number of chunks: RAG is then full context, in chunks).
 
 At each size, after preparation and a warm-up answer per method, the questions are asked with the method order
-rotated (bench/speed.py), and each method's TTFT is split into retrieval, loading, the model's part and the rest;
+rotated (bench/order.py), and each method's TTFT is split into retrieval, loading, the model's part and the rest;
 its processed and cached token-layers, the bytes it read and its value kept (gold NLL, with a paired interval)
 come from the same answers. The **ceiling** of a method is the TTFT it would have if only the work it cannot
 avoid counted, from the same run's parts (`CEILINGS`); its **share** is ceiling TTFT / its TTFT.
@@ -109,7 +109,7 @@ def _tick(progress, index: int, count: int, message: str) -> None:
 
 
 def _specs(methods: str):
-    from .runner import parse_method_specs
+    from .specs import parse_method_specs
 
     specs = parse_method_specs(methods)
     if not any(s.label == REFERENCE for s in specs):
@@ -164,7 +164,8 @@ def measure_rung(temp, collection: Collection, ladder: str, size: int, k: int, s
     methods in rotated order; the ceilings' parts and every method's value kept from the same answers."""
     from ..methods import get_method
     from ..methods.base import params_from
-    from .speed import ModelClock, Row, question_prefill, rotated, timed_answer
+    from .order import rotated
+    from .speed import ModelClock, Row, question_prefill, timed_answer
 
     corpus = temp.corpus(collection.name, create=False)
     _check_window(corpus, collection, k)

@@ -19,6 +19,7 @@ from ..models.attention import head_shape
 from ..models.probe import best_seconds
 from ..store import Corpus, Store
 from ..units import fmt_ratio, fmt_speed
+from .order import rotated
 from .scratch import scratch_workbench
 
 SHARED_ESSAYS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "paul_graham_essays"
@@ -417,14 +418,6 @@ def bench_methods(temp, quick: bool = False) -> tuple[list[Row], float]:
     floor = question_floor(lm, [q.question for q in haystack.questions], rows[0].median("prefill"))
     report_methods(rows, floor)
     return rows, floor
-
-
-def rotated(rows: list, index: int) -> list:
-    """The rows for question `index`, starting at row `index` (mod their number): the first answer to a new
-    question retrieved ~3 ms slower than the rest on the Intel AMX machine (11.5 against 8.6 ms median: its rows
-    and the embedder's weights were cold), so a fixed order charged that to RAG alone and flattered every ratio."""
-    start = index % len(rows)
-    return rows[start:] + rows[:start]
 
 
 def question_floor(lm, questions: list[str], rag_prefill_s: float) -> float:

@@ -18,6 +18,7 @@ from safetensors.numpy import save as save_numpy
 from transformers import DynamicCache
 
 from .layers import causal_mask, embed, positions, rotate_half, run_layers
+from .safetensors_meta import safetensors_metadata
 
 SCORERS = ("keynorm", "reconstruct")
 STORAGE_DTYPES = ("fp16", "int8", "k8v4", "int4")
@@ -196,7 +197,7 @@ def _dense(kv: PassageKV) -> bool:
 
 def from_bytes(blob: bytes, dtype: torch.dtype, device) -> PassageKV:
     tensors = load_numpy(blob)
-    meta = _metadata(blob)
+    meta = safetensors_metadata(blob)
     n_tokens = int(meta["n_tokens"])
     how = QUANTISATION.get(meta.get("storage"), {})
 
@@ -212,14 +213,6 @@ def from_bytes(blob: bytes, dtype: torch.dtype, device) -> PassageKV:
     else:
         offsets = torch.arange(n_tokens, device=device).expand(*keys.shape[:2], n_tokens).clone()
     return PassageKV(keys, tensor("values"), offsets, n_tokens)
-
-
-def _metadata(blob: bytes) -> dict:
-    import json
-    import struct
-
-    size = struct.unpack("<Q", blob[:8])[0]
-    return json.loads(blob[8:8 + size]).get("__metadata__", {})
 
 
 # -------------------------------------------------------------- assembly
