@@ -220,7 +220,7 @@ def placed_layers(lm, prefix: list[tuple[torch.Tensor, torch.Tensor]], passages:
                   starts: list[int], reserve: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (keys, values): the prefix, then each passage's kept tokens rotated to start + offset, then
     `reserve` zero slots for tokens a caller writes in place later. Every layer at once: one rotation and one
-    concatenation for the whole cache (per passage and layer it was ~300 small ops, 4 ms of an answer); each
+    concatenation for the whole cache (per passage and layer it would be ~300 small ops, 4 ms of an answer); each
     layer's pair is a view into that one block."""
     prefix_keys = torch.cat([k for k, _ in prefix])  # [L, H, P, d]
     prefix_values = torch.cat([v for _, v in prefix])

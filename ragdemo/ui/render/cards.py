@@ -14,7 +14,7 @@ from ...units import fmt_bytes, fmt_s
 from .shared import MUTED, esc, fmt_num, method_colour, one_liner
 
 
-# A grid, not a flex row: every card has the same width whatever the row (flex stretched the last row's cards).
+# A grid, not a flex row: every card has the same width whatever the row (flex stretches the last row's cards).
 CARDS_STYLE = "display:grid;grid-template-columns:repeat(auto-fit,minmax(290px,1fr));gap:12px;align-items:stretch"
 CARD_STYLE = ("border:1px solid #d1d5db;border-left-width:6px;border-radius:10px;padding:12px;background:#ffffff;"
               "color:#111827;font-size:14px;line-height:1.4;min-width:0")
