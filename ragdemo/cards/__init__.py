@@ -4,6 +4,7 @@ generated tables use these functions, and nothing else reads the cards' text or 
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 from ..methods import registry
@@ -23,6 +24,30 @@ def card_text(name: str) -> str:
     return path.read_text(encoding="utf-8") if path.is_file() else ""
 
 
+# What each method does, in one line a newcomer can read on its card (the Methods tab has the details).
+ONE_LINERS = {
+    "closed_book": "No documents: the model answers from what it learned in training.",
+    "full_context": "Every document pasted before the question: the quality reference and the cost ceiling.",
+    "rag": "The k chunks nearest the question are retrieved and read as text.",
+    "jrt": "Retrieved passages read twice, question first, so the second reading knows what matters.",
+    "retro": "Retrieves neighbours for the question, then again from the answer every few tokens while writing.",
+    "btr": "Passages stored as 1-bit codes of their layer states; only the upper layers run at question time.",
+    "lloco": "Passages stored as compressed KV caches (1 token in c kept), read with a distilled adapter when "
+             "one was trained (the card says so).",
+    "cacheblend": "Stored KV caches of each chunk reused; only the tokens that need it are recomputed.",
+    "lingua": "Passages compressed by dropping the tokens a small LM finds predictable, then read as text.",
+}
+
+
+def one_liner(method: str) -> str:
+    """The line under a method's name on its answer card: ONE_LINERS, else the first sentence of its card text."""
+    if method in ONE_LINERS:
+        return ONE_LINERS[method]
+    card = re.sub(r"^#+.*\n", "", card_text(method.split("@")[0])).strip()
+    first = re.split(r"(?<=[.!?])\s", re.sub(r"[*`]", "", card), maxsplit=1)[0]
+    return first if len(first) <= 140 else first[:140] + "…"
+
+
 def card_markdown(name: str, suite: Suite | None = None) -> str:
     """A method's whole card: what it does (`card_text`) and what the suite measured."""
     cls = registry()[name]
@@ -35,5 +60,5 @@ def figures(suite: Suite | None = None) -> list[Path]:
     return [suite.path(f) for f in FIGURES if suite.path(f).is_file()] if suite else []
 
 
-__all__ = ["card_markdown", "card_text", "figures", "headline", "headline_table", "load_suite", "measured_section",
+__all__ = ["card_markdown", "card_text", "figures", "one_liner", "ONE_LINERS", "headline", "headline_table", "load_suite", "measured_section",
            "scaling_figure", "Suite", "where_each_method_wins", "win_sentences"]

@@ -18,15 +18,14 @@ from ...engine.merging import merge_by_token
 from ...engine.prefix import instruction_ids
 from ...engine.prompt import passage_ids
 from ...store import ArtifactRow, artifact_hash, chunk_key
+from ...text import FUNCTION_WORDS
 from ...units import fmt_bytes
 from .forward import lower_states
 from .training import KL, RECIPE, RECOVERY
 
 FORMAT_VERSION = 3  # 3: fp16 decoder, content-keyed artifacts; bump when the artifact layout or the way states are computed changes
 
-STOPWORDS = set("""a an and are as at be been but by for from had has have he her his i in is it its of on or
-that the their them they this to was were which who will with not no so than then there these those we you
-your our she him also into about over after before such can could would should may might do does did""".split())
+STOPWORDS = FUNCTION_WORDS  # ragdemo/text.py says why this list
 
 
 def stopword_ids(tokenizer, token_ids: np.ndarray) -> set[int]:
