@@ -97,6 +97,11 @@ class Params(Checked):
                                max=MAX_NEW_TOKENS)
 
 
+def per_token(nbytes: float, tokens: float) -> float:
+    """Bytes per token as every screen and table shows it: two decimals; 0 for no tokens."""
+    return round(nbytes / tokens, 2) if tokens else 0.0
+
+
 @dataclass
 class StorageAccount:
     """One storage account for every method: per-chunk artifacts plus named shared (collection-level) parts.
@@ -126,8 +131,8 @@ class StorageAccount:
 
     def to_dict(self) -> dict:
         return {"chunk_bytes": self.chunk_bytes, "shared": dict(self.shared), "shared_bytes": self.shared_bytes,
-                "total": self.total, "tokens": self.tokens, "bytes_per_token": round(self.bytes_per_token, 2),
-                "chunk_bytes_per_token": round(self.chunk_bytes_per_token, 2)}
+                "total": self.total, "tokens": self.tokens, "bytes_per_token": per_token(self.total, self.tokens),
+                "chunk_bytes_per_token": per_token(self.chunk_bytes, self.tokens)}
 
 
 class Method:

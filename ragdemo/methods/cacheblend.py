@@ -17,7 +17,7 @@ from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash
 from ..params import out_of_range
-from .base import Params, Result, answer_clock, finish, knob, load_seconds
+from .base import Params, Result, answer_clock, finish, knob, load_seconds, per_token
 from .chunk_artifacts import PerChunkArtifacts, token_budget
 
 @dataclass
@@ -62,7 +62,8 @@ class CacheBlend(PerChunkArtifacts):
             first = logits(lm, ctx.suffix_hidden[:, -1:])  # only the last position predicts the first token
             generation = decode_loop(lm, ctx.cache, first, ctx.next_pos, params.max_new_tokens, t0, stream)
         result = finish(ctx.result, lm, ctx.prompt, generation, t0, overhead=ctx.overhead)
-        result.bytes_per_token = round(self.storage(corpus, params).bytes_per_token, 1)
+        account = self.storage(corpus, params)
+        result.bytes_per_token = per_token(account.total, account.tokens)
         # after finish: decoding every passage token for the view stays outside total_s
         return _mark_recomputed(result, ctx.prompt, ctx.recomputed, lm.tokenizer)
 
@@ -106,7 +107,7 @@ class CacheBlend(PerChunkArtifacts):
             blend = selective_recompute(lm, layers, ids, len(prefix), keep, params.selection_layer, params.gradual,
                                         suffix)
         n = len(ids)
-        result.chunk_bytes_per_token = round(result.storage_bytes / max(1, n), 1)
+        result.chunk_bytes_per_token = per_token(result.storage_bytes, n)
         result.notes.append(_recompute_note(params, n, len(blend.recomputed), lm.n_layers))
         marked = [Segment("prefix", prefix.ids, "text" if prefix.fresh else "cached")]
         lengths = [len(s.ids) for s in passages]

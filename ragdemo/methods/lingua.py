@@ -16,7 +16,7 @@ from ..engine.prompt import Prompt, Segment, build_prompt
 from ..engine.scoring import nll_of_answer
 from ..engine.surprisal import computed_rows, surprisal
 from ..errors import NotSupported, UserError
-from .base import Params, Result, answer_clock, count_cached_prefix, finish, knob, load_seconds
+from .base import Params, Result, answer_clock, count_cached_prefix, finish, knob, load_seconds, per_token
 from .chunk_artifacts import PerChunkArtifacts, token_budget
 
 @dataclass
@@ -57,7 +57,8 @@ class Lingua(PerChunkArtifacts):
         # the view shows every passage token; each passage segment counts the kept ones, which the model reads
         result = finish(plan.result, lm, plan.shown, generation, t0, overhead=plan.scoring_tokens,
                         kept_tokens=[len(s.ids) for s in plan.kept.segments if s.kind == "passage"])
-        result.bytes_per_token = round(self.storage(corpus, params).bytes_per_token, 2)
+        account = self.storage(corpus, params)
+        result.bytes_per_token = per_token(account.total, account.tokens)
         return result
 
     def nll(self, question, gold, corpus, params) -> float:
@@ -95,7 +96,7 @@ class Lingua(PerChunkArtifacts):
                      for s, b, w in zip(scores, budgets, words or [None] * len(scores))]
         else:
             flags = keep_flags(scores, count, words)
-        result.chunk_bytes_per_token = round(result.storage_bytes / max(1, n), 2)
+        result.chunk_bytes_per_token = per_token(result.storage_bytes, n)
         kept_n = sum(sum(f) for f in flags)
         budget = (f"per passage by retrieval rank, spread {params.spread:g}: "
                   + "/".join(str(sum(f)) for f in flags) if params.spread > 0 else "pooled over the passages")

@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..engine.prepare_pass import Needs
 from ..store import ArtifactRow, artifact_hash, chunk_key
 from ..units import fmt_bytes
-from .base import Params, Method, Result, StorageAccount, answer_clock, finish, knob, load_seconds
+from .base import Params, Method, Result, StorageAccount, answer_clock, finish, knob, load_seconds, per_token
 from .preparation import PassJob, run_jobs, stored_or_built, unique_chunks
 
 RECIPE = "v2-distill"  # bump when the training recipe changes, so old adapters are not reused
@@ -133,7 +133,8 @@ class Lloco(Method):
                                          params.max_new_tokens, clock, stream)
         result = finish(ctx.result, lm, self._marked_prompt(lm, ctx.view), generation, clock,
                         kept_tokens=ctx.kept_per_passage)  # per passage, its tokens the cache keeps (per layer, head)
-        result.bytes_per_token = round(self.storage(corpus, params).bytes_per_token, 2)
+        account = self.storage(corpus, params)
+        result.bytes_per_token = per_token(account.total, account.tokens)
         return result
 
     def nll(self, question, gold, corpus, params) -> float:
@@ -238,7 +239,7 @@ class Lloco(Method):
         passage_tokens = sum(p.n_tokens for p in passages)
         result = Result(self.name, retrieve_s=retrieve_s, prepare_s=prepare_s,
                         storage_bytes=sum(sizes) + len(adapter or b""),
-                        chunk_bytes_per_token=round(sum(sizes) / max(1, passage_tokens), 2))
+                        chunk_bytes_per_token=per_token(sum(sizes), passage_tokens))
         if prepare_s:
             result.notes.append(f"chunk caches missing for these knobs were compressed now and stored "
                                 f"({prepare_s:.2f} s, counted as prepare_s, not in load or TTFT)")

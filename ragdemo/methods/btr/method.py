@@ -22,7 +22,7 @@ from ...errors import UserError
 from ...params import out_of_range
 from ...store import ArtifactRow, artifact_hash, chunk_key
 from ...units import fmt_bytes
-from ..base import Method, Params, Result, StorageAccount, answer_clock, finish, knob, load_seconds
+from ..base import Method, Params, Result, StorageAccount, answer_clock, finish, knob, load_seconds, per_token
 from ..preparation import PassJob, run_jobs, unique_chunks
 from .artifacts import STATE_MEMORY, BtrArtifacts, _Read
 from .forward import EVERY, ONCE, Forward, btr_forward, decode_step
@@ -214,7 +214,7 @@ class Btr(BtrArtifacts, Method):
                         prepare_s=prepare_s, notes=notes,
                         storage_bytes=(read.chunk_bytes + read.codebook_bytes + len(read.decoder_blob or b"")
                                        + read.trained_bytes + len(adapter or b"")),
-                        chunk_bytes_per_token=round(read.chunk_bytes / max(sum(len(s) for s in states), 1), 2))
+                        chunk_bytes_per_token=per_token(read.chunk_bytes, sum(len(s) for s in states)))
         return _Plan(prompt, states, result, adapter)
 
     @staticmethod
@@ -269,7 +269,7 @@ class Btr(BtrArtifacts, Method):
     @staticmethod
     def _storage_notes(result: Result, account: StorageAccount, config, split: int) -> None:
         """The headline ratio uses the amortised figure, everything counted; the per-chunk one is labelled."""
-        result.bytes_per_token = round(account.bytes_per_token, 2)
+        result.bytes_per_token = per_token(account.total, account.tokens)
         kv, state = fp16_kv_bytes_per_token(config), fp16_state_bytes_per_token(config)
         parts = ", ".join(f"{name} {fmt_bytes(size)}" for name, size in account.shared.items())
         result.notes.append(
