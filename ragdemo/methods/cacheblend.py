@@ -28,7 +28,7 @@ class CacheBlendParams(Params):
     selection_layer: int = knob(1, "layer where reused and fresh KV are compared; layers below run for every token "
                                    "(below the model's layer count)", label="selection layer", min=0, max=255)
     gradual: bool = knob(False, "pick 2x the tokens at the selection layer and narrow to r at the next one")
-    # int8: half of fp16's bytes at the same value kept (the card's storage rows; issue 34's 2-point rule)
+    # int8: half of fp16's bytes at the same value kept (the suite's storage=fp16 rows beside the default)
     storage: str = knob("int8", "how each chunk's KV is kept: fp16, or quantised with a scale per token "
                                 "(int8, k8v4 = keys 8-bit and values 4-bit, int4)", choices=kvc.STORAGE_DTYPES)
 
