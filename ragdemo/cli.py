@@ -1,4 +1,8 @@
-"""`python -m ragdemo ingest|ask|prepare|list|delete|bench-speed ...`: everything the UI can do."""
+"""`python -m ragdemo ingest|ask|prepare|list|delete|bench-speed ...`: everything the UI can do.
+
+One file on purpose: each `cmd_*` is a short wrapper over a Workbench or bench/ call (the work lives there), and
+`build_parser` beside them is the one list of every command's flags and help.
+"""
 from __future__ import annotations
 
 import argparse
@@ -270,7 +274,8 @@ def cmd_bench_speed(bench, args) -> int:
 def cmd_bench_scaling(bench, args) -> int:
     """Where each method wins: TTFT, its parts, token-layers, bytes read and value kept over two ladders of
     context sizes, with each method's ceiling and share from the same run."""
-    from .bench.scaling import QUICK_SCALING, ScalingPlan, run_scaling_bench, write_scaling
+    from .bench.scaling import QUICK_SCALING, ScalingPlan, write_scaling
+    from .bench.scaling_run import run_scaling_bench
 
     base = QUICK_SCALING if args.quick else ScalingPlan()
     plan = ScalingPlan(ks=tuple(_ints_arg(args.ks, "--ks")) if args.ks is not None else base.ks,
@@ -372,7 +377,7 @@ def cmd_bench_retrievers(bench, args) -> int:
 
 def cmd_bench_frontier(bench, args) -> int:
     from .bench.plots import plot_runs_speedup
-    from .bench.runner import load_run_or_summary
+    from .bench.report import load_run_or_summary
 
     files = [Path(f) / "results.json" if Path(f).is_dir() else Path(f) for f in args.runs]
     missing = [str(f) for f in files if not f.exists()]

@@ -1,4 +1,8 @@
-"""The operations a user can do, shared by the CLI and the UI so both stay thin and behave the same."""
+"""The operations a user can do, shared by the CLI and the UI so both stay thin and behave the same.
+
+One file on purpose: it is one class whose methods are the app's API (every CLI command and UI tab calls them),
+with the small records and listeners those methods take and return.
+"""
 from __future__ import annotations
 
 import logging

@@ -1,8 +1,10 @@
-"""Shared fixtures. The real default model is converted once and cached in ~/.cache/ragdemo between runs;
+"""Shared fixtures. The real default model is converted once and kept in ~/.cache/ragdemo/models between runs;
 fast tests use a tiny randomly initialised Llama with the default tokenizer."""
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +12,24 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from ragdemo.config import Settings  # noqa: E402
+from ragdemo.config import Settings, default_cache  # noqa: E402
 from ragdemo.models.lm import converted_default_dir  # noqa: E402
+
+
+def _test_cache() -> None:
+    """The tests (and the apps and CLIs they start) share the user's converted models, which take minutes to
+    convert, but not the remembered CPU dtype choice: a probe timed under a test run's load must not decide which
+    dtype the user's app runs in. So RAGDEMO_CACHE points at a fresh folder whose models/ is the user's."""
+    if os.environ.get("RAGDEMO_CACHE"):
+        return
+    models = default_cache() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    cache = Path(tempfile.mkdtemp(prefix="ragdemo-test-cache-"))
+    (cache / "models").symlink_to(models, target_is_directory=True)
+    os.environ["RAGDEMO_CACHE"] = str(cache)
+
+
+_test_cache()
 
 
 @pytest.fixture(scope="session")

@@ -316,7 +316,7 @@ def test_preparation_inside_an_answer_is_prepare_s_not_ttft(ingested, monkeypatc
 def test_load_s_includes_switching_the_adapter(ingested, monkeypatch):
     from contextlib import contextmanager
 
-    import ragdemo.methods.btr as btr_module
+    import ragdemo.methods.btr.method as btr_module  # where the answer switches its adapter
 
     corpus = ingested.corpus()
     method = get_method("btr")

@@ -92,7 +92,7 @@ def test_attention_from_matches_eager_attention(tiny_lm, tiny_model_dir):
 
 @pytest.mark.parametrize("query_aware", [False, True])
 def test_salient_loss_matches_the_top_fraction_by_the_teachers_attention(tiny_lm, monkeypatch, query_aware):
-    import ragdemo.methods.btr as btr_module
+    import ragdemo.methods.btr.training as btr_module  # where the objectives and the fine-tune use it
 
     prefix, passages, lead, question = btr_parts(tiny_lm)
     lead = lead if query_aware else []
@@ -159,7 +159,7 @@ def test_bad_objective_is_a_user_error(ingested):
 
 
 def test_recovery_trains_the_decoder_and_answers_read_it(ingested, monkeypatch):
-    import ragdemo.methods.btr as btr_module
+    import ragdemo.methods.btr.training as btr_module  # where the objectives and the fine-tune use it
 
     corpus = ingested.corpus()
     lm = corpus.lm
@@ -215,7 +215,7 @@ def test_recovery_trains_the_decoder_and_answers_read_it(ingested, monkeypatch):
 
 
 def test_salient_finetune_stores_its_own_adapter(ingested, monkeypatch):
-    import ragdemo.methods.btr as btr_module
+    import ragdemo.methods.btr.training as btr_module  # where the objectives and the fine-tune use it
 
     corpus = ingested.corpus()
     method = get_method("btr")

@@ -153,7 +153,7 @@ def test_query_aware_plan_nll_and_answer(ingested):
 
 
 def test_query_aware_lora_is_its_own_adapter_and_trains_with_the_lead(ingested, monkeypatch):
-    import ragdemo.methods.btr as btr_module
+    import ragdemo.methods.btr.training as btr_module  # where distill_loss reads the teacher
 
     corpus = ingested.corpus()
     method = get_method("btr")

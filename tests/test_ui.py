@@ -275,7 +275,7 @@ def test_knob_widgets_have_human_labels_help_bounds_and_choices():
     bits = by[("btr", "bits")]
     assert isinstance(bits.component, gr.Dropdown) and 1 in bits.choices
     assert by[("btr", "r_o")].component.label == "Offline merge share (r_o)"
-    assert "uniform b-bit grid" in (bits.component.info or "")  # help declared on the knob in btr.py
+    assert "uniform b-bit grid" in (bits.component.info or "")  # help declared on the knob in btr/method.py
     assert by[("btr", "merge_mode")].choices == ["once", "every"]
     assert isinstance(by[("btr", "query_aware")].component, gr.Checkbox)
     assert by[("retro", "stride")].component.info.startswith("re-retrieve")

@@ -61,8 +61,9 @@ def run_benchmark(workbench, dataset: str, out: str | Path, methods=None, knobs:
     Returns (run, written files)."""
     workbench.require_private("the benchmark")
     from .datasets import load_dataset
-    from .runner import (DEFAULT_MAX_NEW_TOKENS, apply_limits, check_specs_on_model, parse_method_specs, run_bench,
-                         write_outputs)
+    from .report import write_outputs
+    from .runner import DEFAULT_MAX_NEW_TOKENS, run_bench
+    from .specs import apply_limits, check_specs_on_model, parse_method_specs
 
     specs = parse_method_specs(methods, knobs)
     for spec in specs:

@@ -51,7 +51,7 @@ def essay_documents(min_tokens: int, tokenizer) -> list[tuple[str, str]]:
 
 def run_storage_bench(settings, specs_text: str = DEFAULT_SPECS, min_tokens: int = 50_000,
                       progress=None, articles: int = 2) -> list[StorageRow]:
-    from .runner import parse_method_specs
+    from .specs import parse_method_specs
 
     specs = parse_method_specs(specs_text)
     with scratch_workbench(settings, "storage") as bench:

@@ -104,7 +104,8 @@ def _scaling(settings, folder: Path, plan: Plan, progress) -> list[Path]:
     import dataclasses
     import io
 
-    from .scaling import run_scaling_bench, write_scaling
+    from .scaling import write_scaling
+    from .scaling_run import run_scaling_bench
 
     ladders = dataclasses.replace(plan.scaling, overrides=plan.overrides)
     with scratch_workbench(settings, "suite-scaling") as scratch:

@@ -18,6 +18,7 @@ from safetensors.numpy import save as save_numpy
 from transformers import DynamicCache
 
 from .layers import causal_mask, embed, positions, rotate_half, run_layers
+from .safetensors_meta import safetensors_metadata
 
 SCORERS = ("keynorm", "reconstruct")
 STORAGE_DTYPES = ("fp16", "int8", "k8v4", "int4")
@@ -196,7 +197,7 @@ def _dense(kv: PassageKV) -> bool:
 
 def from_bytes(blob: bytes, dtype: torch.dtype, device) -> PassageKV:
     tensors = load_numpy(blob)
-    meta = _metadata(blob)
+    meta = safetensors_metadata(blob)
     n_tokens = int(meta["n_tokens"])
     how = QUANTISATION.get(meta.get("storage"), {})
 
@@ -214,20 +215,12 @@ def from_bytes(blob: bytes, dtype: torch.dtype, device) -> PassageKV:
     return PassageKV(keys, tensor("values"), offsets, n_tokens)
 
 
-def _metadata(blob: bytes) -> dict:
-    import json
-    import struct
-
-    size = struct.unpack("<Q", blob[:8])[0]
-    return json.loads(blob[8:8 + size]).get("__metadata__", {})
-
-
 # -------------------------------------------------------------- assembly
 def placed_layers(lm, prefix: list[tuple[torch.Tensor, torch.Tensor]], passages: list[PassageKV],
                   starts: list[int], reserve: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (keys, values): the prefix, then each passage's kept tokens rotated to start + offset, then
     `reserve` zero slots for tokens a caller writes in place later. Every layer at once: one rotation and one
-    concatenation for the whole cache (per passage and layer it was ~300 small ops, 4 ms of an answer); each
+    concatenation for the whole cache (per passage and layer it would be ~300 small ops, 4 ms of an answer); each
     layer's pair is a view into that one block."""
     prefix_keys = torch.cat([k for k, _ in prefix])  # [L, H, P, d]
     prefix_values = torch.cat([v for _, v in prefix])

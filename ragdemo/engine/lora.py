@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import math
 import random
-import struct
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,13 +23,15 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from ..hashing import sha256
 from ..models.attention import sdpa_for_training
 from ..models.packed import PackedLinear, is_linear, packed_weight, share_pack
 from ..params import knob
 from ..units import fmt_bytes
 from .layers import CAUSAL, embed, logits, positions, run_layers
-from .memo import BoundedCache
+from .memo import BoundedCache, lm_owned
 from .prompt import encode, question_ids
+from .safetensors_meta import safetensors_metadata
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # what LLoCO adapted (r=8)
 
@@ -215,11 +214,6 @@ def adapter_bytes(peft_model, r: int, alpha: int, meta: dict | None = None) -> b
     return save_tensors(tensors, metadata=info)
 
 
-def adapter_meta(blob: bytes) -> dict:
-    size = struct.unpack("<Q", blob[:8])[0]
-    return json.loads(blob[8:8 + size]).get("__metadata__", {})
-
-
 class LoadedAdapter:
     """One adapter ready to switch: for each adapted projection, the object to put in place and the original.
 
@@ -229,7 +223,7 @@ class LoadedAdapter:
 
     def __init__(self, lm, blob: bytes):
         tensors = load_tensors(blob)
-        meta = adapter_meta(blob)
+        meta = safetensors_metadata(blob)
         r, alpha = int(meta["r"]), float(meta["alpha"])
         modules = dict(lm.model.named_modules())
         self.swaps: list[tuple[torch.nn.Module, str, object, object]] = []  # (owner, attribute, adapted, original)
@@ -285,26 +279,21 @@ class AdapterCache:
     def __init__(self, max_bytes: int = 1 << 30):
         self.items = BoundedCache(max_bytes, lambda adapter: adapter.nbytes)
         self.active: str | None = None
-        self.model_ref: int | None = None
 
     def get(self, lm, adapter) -> tuple[str, LoadedAdapter]:
         """(its key in this cache, the loaded adapter) for a blob (keyed by its hash) or a stored reference
         (keyed by the artifact's identity, read only when not loaded yet)."""
-        if self.model_ref != id(lm.model):  # another model object: nothing loaded for the old one applies
-            self.items.clear()
-            self.model_ref = id(lm.model)
+        self.items.keep_for(id(lm.model))  # another model object: nothing loaded for the old one applies
         if isinstance(adapter, (bytes, bytearray)):
-            digest, read = hashlib.sha256(adapter).hexdigest(), lambda: adapter
+            digest, read = sha256(adapter), lambda: adapter
         else:
-            digest, read = hashlib.sha256(repr(adapter.identity).encode()).hexdigest(), adapter.read
+            digest, read = sha256(repr(adapter.identity).encode()), adapter.read
         return digest, self.items.get(digest, lambda: LoadedAdapter(lm, read()))
 
 
 def adapter_cache(lm) -> AdapterCache:
     """The LM's adapter cache, made on first use; it lives and dies with the LM object."""
-    if getattr(lm, "adapters", None) is None:
-        lm.adapters = AdapterCache()
-    return lm.adapters
+    return lm_owned(lm, "adapters", AdapterCache)
 
 
 @contextmanager

@@ -18,7 +18,8 @@ import torch
 from transformers import DynamicCache
 
 from .kv import cache_from, layer_kv
-from .memo import BoundedCache
+from ..caching import kept_while
+from .memo import BoundedCache, lm_owned
 from .prompt import shared_prefixes
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
@@ -58,15 +59,13 @@ class PrefixCache:
 
     def __init__(self, max_bytes: int = 256 << 20):
         self.items = BoundedCache(max_bytes, lambda state: state.nbytes)
-        self.model_ref: int | None = None
-        self.prefixes: tuple[int, list[list[int]]] | None = None  # (tokenizer id, shared prefixes longest first)
-        self.instruction: tuple[int, list[int]] | None = None  # (tokenizer id, the retrieval prompts' prefix ids)
+        # per tokenizer (stamped with its id): "prefixes", the shared prefixes longest first, and "instruction",
+        # the retrieval prompts' prefix ids
+        self.tokenized: dict[str, tuple[int, list]] = {}
 
     def _key(self, lm, ids: list[int]) -> tuple:
-        if self.model_ref != id(lm.model):
-            self.items.clear()
-            self.prefixes = self.instruction = None
-            self.model_ref = id(lm.model)
+        if self.items.keep_for(id(lm.model)):
+            self.tokenized.clear()
         adapters = getattr(lm, "adapters", None)
         return tuple(ids), getattr(adapters, "active", None)
 
@@ -85,10 +84,9 @@ class PrefixCache:
     def shared_prefix(self, lm, ids: list[int]) -> list[int]:
         """The longest shared instruction prefix that `ids` starts with (and leaves at least one token after)."""
         self._key(lm, [])
-        if self.prefixes is None or self.prefixes[0] != id(lm.tokenizer):
-            found = sorted(shared_prefixes(lm.tokenizer), key=len, reverse=True)
-            self.prefixes = (id(lm.tokenizer), found)
-        for prefix in self.prefixes[1]:
+        prefixes = kept_while(self.tokenized, "prefixes", id(lm.tokenizer),
+                              lambda: sorted(shared_prefixes(lm.tokenizer), key=len, reverse=True))
+        for prefix in prefixes:
             if len(prefix) < len(ids) and ids[:len(prefix)] == prefix:
                 return prefix
         return []
@@ -96,9 +94,8 @@ class PrefixCache:
     def instruction_ids(self, lm) -> list[int]:
         """`instruction_prefix_ids` of the LM's tokenizer, tokenized once (answers ask for it several times)."""
         self._key(lm, [])
-        if self.instruction is None or self.instruction[0] != id(lm.tokenizer):
-            self.instruction = (id(lm.tokenizer), instruction_prefix_ids(lm.tokenizer))
-        return list(self.instruction[1])
+        return list(kept_while(self.tokenized, "instruction", id(lm.tokenizer),
+                               lambda: instruction_prefix_ids(lm.tokenizer)))
 
     def start(self, lm, ids: list[int]) -> tuple[DynamicCache, int, bool]:
         """A fresh cache already holding the shared prefix of `ids`, how many tokens it holds, and whether they
@@ -112,9 +109,7 @@ class PrefixCache:
 
 def prefix_cache(lm) -> PrefixCache:
     """The LM's prefix cache, made on first use; it lives and dies with the LM object."""
-    if getattr(lm, "prefix_cache", None) is None:
-        lm.prefix_cache = PrefixCache()
-    return lm.prefix_cache
+    return lm_owned(lm, "prefix_cache", PrefixCache)
 
 
 def instruction_prefix_ids(tokenizer) -> list[int]:

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
+from ..hashing import sha256
 from ..units import plural
-from ..store import Store, sha256
+from ..store import Store
 from .chunking import chunk_text
 from .readers import read_document, safe_name
 

@@ -1,7 +1,8 @@
 """The one contract every method follows (kvpress-style): a `Method` with `Params`, returning a `Result`.
 
 Adding a method means adding one file in this folder that defines a `Method` subclass with a `name`;
-the registry finds it, and the CLI, UI and benchmark pick it up.
+the registry finds it, and the CLI, UI and benchmark pick it up. Its card (what screens say about it) is
+ragdemo/cards/text/NAME.md: this folder holds mechanism only.
 """
 from __future__ import annotations
 
@@ -96,6 +97,11 @@ class Params(Checked):
                                max=MAX_NEW_TOKENS)
 
 
+def per_token(nbytes: float, tokens: float) -> float:
+    """Bytes per token as every screen and table shows it: two decimals; 0 for no tokens."""
+    return round(nbytes / tokens, 2) if tokens else 0.0
+
+
 @dataclass
 class StorageAccount:
     """One storage account for every method: per-chunk artifacts plus named shared (collection-level) parts.
@@ -125,14 +131,13 @@ class StorageAccount:
 
     def to_dict(self) -> dict:
         return {"chunk_bytes": self.chunk_bytes, "shared": dict(self.shared), "shared_bytes": self.shared_bytes,
-                "total": self.total, "tokens": self.tokens, "bytes_per_token": round(self.bytes_per_token, 2),
-                "chunk_bytes_per_token": round(self.chunk_bytes_per_token, 2)}
+                "total": self.total, "tokens": self.tokens, "bytes_per_token": per_token(self.total, self.tokens),
+                "chunk_bytes_per_token": per_token(self.chunk_bytes, self.tokens)}
 
 
 class Method:
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""
-    card: ClassVar[str] = ""  # markdown: paper, mechanism, what is exact and what approximated (figures: cards/)
     Params: ClassVar[type] = Params
     has_prepare: ClassVar[bool] = False
     has_finetune: ClassVar[bool] = False  # offers a per-collection training step (e.g. LLoCO's LoRA)
@@ -198,10 +203,24 @@ def count_cached_prefix(prompt: Prompt, generation: Generation) -> None:
         prompt.segments[0].read_from_cache(generation.cached_tokens)
 
 
-def finish(result: Result, lm, prompt: Prompt, generation: Generation, t0: float, overhead: float = 0.0) -> Result:
+def load_seconds(start: float, prepare_s: float) -> float:
+    """Seconds of loading since `start`: the `prepare_s` spent meanwhile building missing artifacts is preparation,
+    not loading (GLOSSARY)."""
+    return time.perf_counter() - start - prepare_s
+
+
+def answer_clock(t0: float, prepare_s: float) -> float:
+    """Where an answer's clock (TTFT, total) starts: after the `prepare_s` it spent building missing artifacts."""
+    return t0 + prepare_s
+
+
+def finish(result: Result, lm, prompt: Prompt, generation: Generation, t0: float, overhead: float = 0.0,
+           kept_tokens: list[int] | None = None) -> Result:
     """Fill the fields every method reports the same way. The token counts come from the prompt's segments,
     which the method marked with what it computed and what it read (so the card and "what the model sees" add up
-    from one source); `overhead` is work before the first token outside the prompt (GLOSSARY)."""
+    from one source); `overhead` is work before the first token outside the prompt (GLOSSARY); `kept_tokens`:
+    per passage, how many of its tokens were kept (lingua's pruning, lloco's compressed cache), shown in its view.
+    Figures that need a store query (bytes_per_token) are set by the method after this call: total_s excludes it."""
     account = prompt.account()
     result.answer = generation.text
     result.model = lm.model_id
@@ -215,5 +234,8 @@ def finish(result: Result, lm, prompt: Prompt, generation: Generation, t0: float
     result.total_s = time.perf_counter() - t0
     result.decode_tok_s = (len(generation.ids) - 1) / generation.decode_s if generation.decode_s > 0 and len(generation.ids) > 1 else 0.0
     result.segments = prompt.view(lm.tokenizer)
+    if kept_tokens is not None:
+        for view, kept in zip([v for v in result.segments if v["kind"] == "passage"], kept_tokens):
+            view["kept_tokens"] = kept
     result.sources = [s.source for s in prompt.segments if s.source and s.mark != "repeated"]
     return result

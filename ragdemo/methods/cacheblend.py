@@ -17,7 +17,7 @@ from ..engine.scoring import answer_ids, mean_nll
 from ..errors import UserError
 from ..store import artifact_hash
 from ..params import out_of_range
-from .base import Params, Result, finish, knob
+from .base import Params, Result, answer_clock, finish, knob, load_seconds, per_token
 from .chunk_artifacts import PerChunkArtifacts, token_budget
 
 @dataclass
@@ -28,7 +28,7 @@ class CacheBlendParams(Params):
     selection_layer: int = knob(1, "layer where reused and fresh KV are compared; layers below run for every token "
                                    "(below the model's layer count)", label="selection layer", min=0, max=255)
     gradual: bool = knob(False, "pick 2x the tokens at the selection layer and narrow to r at the next one")
-    # int8: half of fp16's bytes at the same value kept (the card's storage rows; issue 34's 2-point rule)
+    # int8: half of fp16's bytes at the same value kept (the suite's storage=fp16 rows beside the default)
     storage: str = knob("int8", "how each chunk's KV is kept: fp16, or quantised with a scale per token "
                                 "(int8, k8v4 = keys 8-bit and values 4-bit, int4)", choices=kvc.STORAGE_DTYPES)
 
@@ -38,38 +38,6 @@ class CacheBlend(PerChunkArtifacts):
     label = "CacheBlend-style KV reuse + selective recompute"
     order = 8
     Params = CacheBlendParams
-    card = """### CacheBlend-style KV reuse with selective recompute (Yao et al., EuroSys 2025)
-**Paper:** RAG prompts are made of retrieved chunks whose KV caches could be precomputed, but a chunk's cache
-computed alone never attended to the chunks before it, so reusing it as is ("full KV reuse") loses the
-cross-chunk attention and quality drops. CacheBlend reuses every chunk's cache and recomputes the KV of a small
-share of tokens (~15%), the ones whose reused KV deviates most from a full prefill ("high-KV-deviation"
-tokens). It finds them at an early layer (after recomputing the first layer fully) and narrows the set over
-the next layers ("gradual filtering"); the recompute is pipelined with loading the caches from disk.
-
-**Here:**
-- Offline (`prepare`): each 64-token chunk is prefilled alone behind the shared instruction prefix (in the shared
-  preparation pass, batched with every other method's work) and its full KV is stored (keys without RoPE, as
-  `storage`: fp16, int8, k8v4 (keys int8, values 4-bit) or int4, with one fp16 scale per token and head), keyed by the chunk's text hash, the model,
-  its dtype, the storage and a format version. That is LLoCO's capture path at c=1.
-- Answer: the top-k chunks (MiniLM, as rag) are read in document order, one passage per chunk, in rag's prompt
-  layout; their caches are loaded and keys re-rotated to where each chunk lands behind the cached prefix.
-  Layers below `selection_layer` run for every passage token; at the selection layer only their keys and values
-  are projected (what the comparison needs, about a sixth of a layer) and compared with the reused ones (squared
-  distance of keys and values); all fresh KV there is written back and the `r` share that deviates most goes on
-  through the rest of that layer and every later one, attending to the mixed cache and replacing its own KV
-  (`gradual`: 2r is picked and the next layer narrows it to r). The question runs in the same pass, always
-  selected (CacheBlend blends inside the one prefill that also computes the query), so every layer's weights
-  are read once before decoding; only its last position is projected onto the vocabulary. Then decoding runs as usual.
-- Exact: r=1 is a full prefill of the same token sequence rag reads (test: rag's logits). r=0 is pure reuse
-  (test). The first chunk sits right after the prefix in both the
-  capture and the prompt, so its reused KV is already exact.
-- Approximated: every token not selected keeps its reused KV in the layers above the selection layer; no
-  pipelining with loading (the blobs are read from SQLite first); the deviation is measured at one layer.
-- Cost: `processed_tokens` counts token-layers ÷ layers: all passage tokens through layers ≤ selection layer
-  (the KV projection alone at the selection layer counted as a whole layer: an upper bound), the r share
-  through the rest, plus the question. The fixed cost of r > 0 over pure reuse is the layers below the
-  selection layer for every passage token plus one pass over the upper layers' weights. Storage is the full KV: ~23 kB per token in fp16 for SmolLM2-135M, ~11.9 kB in int8.
-- Knobs: k, r, selection_layer, gradual, storage."""
 
     # ------------------------------------------------------------ offline
     artifact_format = 2  # 2: made by the shared batched pass; offsets left out of full caches
@@ -89,12 +57,14 @@ the next layers ("gradual filtering"); the recompute is pipelined with loading t
         t0 = time.perf_counter()
         lm = self.check(corpus, params)
         ctx = self._context(question, corpus, params)
-        t0 += ctx.result.prepare_s  # building missing caches is preparation, not part of this answer's clock
+        t0 = answer_clock(t0, ctx.result.prepare_s)  # building missing caches is preparation, not this answer
         with torch.inference_mode():
             first = logits(lm, ctx.suffix_hidden[:, -1:])  # only the last position predicts the first token
             generation = decode_loop(lm, ctx.cache, first, ctx.next_pos, params.max_new_tokens, t0, stream)
         result = finish(ctx.result, lm, ctx.prompt, generation, t0, overhead=ctx.overhead)
-        result.bytes_per_token = round(self.storage(corpus, params).bytes_per_token, 1)
+        account = self.storage(corpus, params)
+        result.bytes_per_token = per_token(account.total, account.tokens)
+        # after finish: decoding every passage token for the view stays outside total_s
         return _mark_recomputed(result, ctx.prompt, ctx.recomputed, lm.tokenizer)
 
     def nll(self, question, gold, corpus, params) -> float:
@@ -131,13 +101,13 @@ the next layers ("gradual filtering"); the recompute is pipelined with loading t
         with torch.inference_mode():
             suffix = text_prompt.segments[-1].ids + list(after)
             layers = kvc.placed_layers(lm, prefix.layers, kvs, starts, reserve=len(suffix))
-            result.load_s = time.perf_counter() - load_start - result.prepare_s
+            result.load_s = load_seconds(load_start, result.prepare_s)
             ids = [t for s in passages for t in s.ids]
             keep = token_budget(params.r, len(ids))
             blend = selective_recompute(lm, layers, ids, len(prefix), keep, params.selection_layer, params.gradual,
                                         suffix)
         n = len(ids)
-        result.chunk_bytes_per_token = round(result.storage_bytes / max(1, n), 1)
+        result.chunk_bytes_per_token = per_token(result.storage_bytes, n)
         result.notes.append(_recompute_note(params, n, len(blend.recomputed), lm.n_layers))
         marked = [Segment("prefix", prefix.ids, "text" if prefix.fresh else "cached")]
         lengths = [len(s.ids) for s in passages]

@@ -4,7 +4,6 @@ and the storage account."""
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -13,7 +12,7 @@ from ..engine.prepare_pass import ChunkPass, Needs
 from ..engine.prompt import Prompt, build_prompt
 from ..store import ArtifactRow, artifact_hash, chunk_key
 from .base import Method, Result, StorageAccount
-from .preparation import PassJob, run_jobs, unique_chunks
+from .preparation import PassJob, run_jobs, stored_or_built, unique_chunks
 
 
 def content_key(chunk: dict) -> str:
@@ -95,17 +94,11 @@ class PerChunkArtifacts(Method):
     def fetch(self, corpus, params, hits: list[dict], result: Result) -> list[bytes]:
         """The artifact of each hit. Missing ones are built now and stored; that time is `result.prepare_s`
         (never TTFT) and a note says so. Also fills `result.storage_bytes`."""
-        lm = corpus.lm
-        digest = self.digest(lm, params)
         keys = [content_key(h) for h in hits]
-        blobs = corpus.store.get_artifacts(self.name, lm.model_id, digest, keys)
-        missing = unique_chunks([h for h, k in zip(hits, keys) if k not in blobs])
-        if missing:
-            start = time.perf_counter()
-            run_jobs(corpus, [self.pass_job(corpus, params, missing)])
-            blobs = corpus.store.get_artifacts(self.name, lm.model_id, digest, keys)
-            result.prepare_s = time.perf_counter() - start
-            result.notes.append(f"{len(missing)} of {len(hits)} chunks were not prepared yet: prepared now "
+        blobs, built, prepare_s = stored_or_built(corpus, self, params, self.digest(corpus.lm, params), hits)
+        if built:
+            result.prepare_s = prepare_s
+            result.notes.append(f"{built} of {len(hits)} chunks were not prepared yet: prepared now "
                                 f"({result.prepare_s:.2f} s, outside TTFT) and stored")
         result.storage_bytes = sum(len(blobs[k]) for k in keys)
         return [blobs[k] for k in keys]

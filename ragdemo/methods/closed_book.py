@@ -9,13 +9,6 @@ class ClosedBook(PromptMethod):
     name = "closed_book"
     label = "Closed book"
     order = 0
-    card = """### Closed book (baseline)
-The question alone, no documents, with an instruction to answer from what the model knows (the other methods'
-instruction points at a context). It shows what the model already knows, and it is the zero point of
-**context value kept**: every other method is scored by how much of the gap between this and the reference (RAG,
-the bench's default reference) it closes.
-- Exact: plain generation with the model's chat template.
-- Knobs: max new tokens."""
 
     def build(self, question, corpus, params):
         return build_prompt(corpus.lm.tokenizer, question, []), Result(self.name)

@@ -19,11 +19,6 @@ class FullContext(PromptMethod):
     label = "Full context"
     order = 1
     Params = FullContextParams
-    card = """### Full context (baseline)
-Every document of the collection, in upload order, pasted before the question. When it does not fit in the
-model window (minus the answer budget) the end is cut and the result says so in its notes.
-- Exact: nothing is approximated; this is the quality reference and the cost ceiling.
-- Knobs: max context tokens (0 = as much as fits)."""
 
     def build(self, question, corpus, params):
         start = time.perf_counter()

@@ -23,27 +23,6 @@ class Jrt(PromptMethod):
     label = "JRT (read twice)"
     order = 5
     Params = JrtParams
-    card = """### JRT-Prompt: just read twice (Arora et al. 2024, "Just read twice: closing the recall gap for recurrent language models")
-A recurrent model (Mamba, RWKV, linear attention) reads the context once into a fixed-size state, so what it
-keeps cannot depend on a question it has not seen yet. JRT-Prompt states the question first and repeats the
-context, so on the second reading the model already knows what to keep:
-**[instruction] Question: q / Context: [context] [context again] / Question: q**.
-This is the order of the paper's own harness for NQ and TriviaQA (question, context, context, question);
-the surrounding words come from this app's shared chat-template prompt so token counts stay comparable.
-- **Context:** RAG top-k chunks (default, `context=rag`, knob k) or every document (`context=full`). When two
-  copies do not fit the model window minus the answer budget, each copy is cut by the same amount and the
-  result says so in its notes.
-- **Models:** any causal LM: transformers' Llama-family decoders, and the recurrent `MambaForCausalLM`,
-  `Mamba2ForCausalLM` and `RwkvForCausalLM` (e.g. the hub preset `state-spaces/mamba-130m-hf`), which decode
-  through their own recurrent state.
-- **Cost:** about twice RAG's prompt tokens and prefill time for the same passages; a Transformer can already
-  look back at the context, so the paper's gains are for recurrent models.
-- **Not included: JRT-RNN**, the paper's own prefix-linear-attention architecture (encoder-decoder style
-  recurrent model trained for this). Its checkpoints and kernels are not part of transformers, so it cannot be
-  loaded here; only the prompting half of the paper is offered.
-- Knobs: context (rag | full), k, max context tokens (0 = as much as fits), max new tokens.
-- Citation: Arora et al., "Just read twice: closing the
-  recall gap for recurrent language models", 2024 (arXiv:2407.05483)."""
 
     def build(self, question, corpus, params):
         corpus.require_documents(self.name)

@@ -16,7 +16,7 @@ from ..engine.prompt import Prompt, Segment, build_prompt
 from ..engine.scoring import nll_of_answer
 from ..engine.surprisal import computed_rows, surprisal
 from ..errors import NotSupported, UserError
-from .base import Params, Result, count_cached_prefix, finish, knob
+from .base import Params, Result, answer_clock, count_cached_prefix, finish, knob, load_seconds, per_token
 from .chunk_artifacts import PerChunkArtifacts, token_budget
 
 @dataclass
@@ -37,39 +37,6 @@ class Lingua(PerChunkArtifacts):
     label = "LLMLingua-style prompt compression"
     order = 9
     Params = LinguaParams
-    card = """### LLMLingua-style prompt compression (Jiang et al. 2023; Selective Context, Li et al. 2023)
-**Paper:** a small LM scores every prompt token by its self-information (surprisal, −log p given the tokens
-before it); tokens the LM predicts well carry little information and are dropped until a budget is met, and
-the target LLM reads what is left as ordinary text. LongLLMLingua (Jiang et al. 2024) makes it question-aware
-with a *contrastive* score: how much less surprising a token becomes once the question is read first.
-
-**Here:**
-- Offline (`prepare`): every 64-token chunk is read alone behind the shared instruction prefix by the same LM
-  that answers, and each token's surprisal is stored (fp16, 2 bytes per token), keyed by the chunk's text hash.
-- Answer: the top-k chunks (MiniLM, as rag) in document order; exactly round(ratio × passage tokens) of their
-  tokens are kept, in order: the budget is shared out by retrieval rank (`spread`, below) and each passage keeps
-  its highest-surprisal words (`unit`, below). The kept token ids (not re-tokenised text) go into rag's prompt
-  layout and are read as a normal prompt. `spread=0@unit=token` is LLMLingua's plain selection: the `ratio`
-  share of single tokens with the highest surprisal, pooled over the passages.
-- `question_aware`: the score becomes surprisal alone − surprisal with the question placed before the
-  passages (LongLLMLingua's contrastive perplexity, as in LLMLingua's `condition_compare`). That needs a forward
-  of the question prefix and all retrieved passages at answer time: counted in `overhead_tokens` (work the
-  model then does not attend to) and in TTFT.
-- "What the model sees" shows every passage token, the dropped ones with keep = 0.
-- Exact: ratio=1 reads exactly the same tokens as rag over the same chunks (one passage per chunk).
-- Approximated: the scoring LM is the answering LM (135M) rather than a separate small LM for a large target;
-  no sentence-level ranking or budget controller (LLMLingua gives instruction, demonstrations and question
-  different ratios and drops whole sentences first; passages are ranked only with `spread`, below) or iterative re-scoring after dropping
-  (LLMLingua re-scores segment by segment, conditioned on what it kept); scores of each chunk are computed with the chunk alone, not after the other passages.
-- `unit`: "token" drops single tokens, as LLMLingua does; "word" keeps or drops whole words (a run of subword
-  pieces, as Selective Context's lexical units), ranked by their most surprising piece and packed greedily
-  into the same exact token budget, so the 135M reader never sees a word cut in half ("Eif" without "fel").
-- `spread` (LongLLMLingua's *dynamic compression ratio*): 0 pools one budget over all passages; above 0 each
-  passage gets its own, by retrieval rank: the i-th of K keeps ratio + spread·(1 − 2i/(K−1)) of its tokens
-  (clipped to [0, 1], rounded to the same exact total), so at ratio 0.5 and spread 0.5 the best-ranked chunk is
-  kept whole and the worst-ranked dropped. LongLLMLingua ranks documents by the question's perplexity given
-  each; here the MiniLM retrieval score ranks them (already computed, so free at answer time).
-- Knobs: k, ratio, question_aware, unit, spread."""
 
     # ------------------------------------------------------------ offline
     def needs(self, params) -> Needs:
@@ -84,15 +51,14 @@ with a *contrastive* score: how much less surprising a token becomes once the qu
         t0 = time.perf_counter()
         lm = self.check(corpus, params)
         plan = self._plan(question, corpus, params)
-        t0 += plan.result.prepare_s  # scoring chunks that were not prepared is preparation, not this answer
+        t0 = answer_clock(t0, plan.result.prepare_s)  # scoring chunks not prepared yet is preparation, not this answer
         generation = generate(lm, plan.kept.ids, params.max_new_tokens, t0, stream)
         count_cached_prefix(plan.shown, generation)
         # the view shows every passage token; each passage segment counts the kept ones, which the model reads
-        result = finish(plan.result, lm, plan.shown, generation, t0, overhead=plan.scoring_tokens)
-        result.bytes_per_token = round(self.storage(corpus, params).bytes_per_token, 2)
-        passages = [v for v in result.segments if v["kind"] == "passage"]
-        for view, segment in zip(passages, [s for s in plan.kept.segments if s.kind == "passage"]):
-            view["kept_tokens"] = len(segment.ids)
+        result = finish(plan.result, lm, plan.shown, generation, t0, overhead=plan.scoring_tokens,
+                        kept_tokens=[len(s.ids) for s in plan.kept.segments if s.kind == "passage"])
+        account = self.storage(corpus, params)
+        result.bytes_per_token = per_token(account.total, account.tokens)
         return result
 
     def nll(self, question, gold, corpus, params) -> float:
@@ -113,7 +79,7 @@ with a *contrastive* score: how much less surprising a token becomes once the qu
         load_start = time.perf_counter()
         scores = [torch.from_numpy(load_numpy(b)["surprisal"].astype(np.float32))
                   for b in self.fetch(corpus, params, got.hits, result)]
-        result.load_s = time.perf_counter() - load_start - result.prepare_s
+        result.load_s = load_seconds(load_start, result.prepare_s)
         if [len(s) for s in scores] != [len(p.ids) for p in passages]:
             raise UserError("lingua: stored scores do not match their chunk's tokens; run prepare again")
         n = sum(len(p.ids) for p in passages)
@@ -130,7 +96,7 @@ with a *contrastive* score: how much less surprising a token becomes once the qu
                      for s, b, w in zip(scores, budgets, words or [None] * len(scores))]
         else:
             flags = keep_flags(scores, count, words)
-        result.chunk_bytes_per_token = round(result.storage_bytes / max(1, n), 2)
+        result.chunk_bytes_per_token = per_token(result.storage_bytes, n)
         kept_n = sum(sum(f) for f in flags)
         budget = (f"per passage by retrieval rank, spread {params.spread:g}: "
                   + "/".join(str(sum(f)) for f in flags) if params.spread > 0 else "pooled over the passages")

@@ -21,8 +21,8 @@ from ..errors import UserError
 from ..engine.prepare_pass import Needs
 from ..store import ArtifactRow, artifact_hash, chunk_key
 from ..units import fmt_bytes
-from .base import Params, Method, Result, StorageAccount, finish, knob
-from .preparation import PassJob, run_jobs, unique_chunks
+from .base import Params, Method, Result, StorageAccount, answer_clock, finish, knob, load_seconds, per_token
+from .preparation import PassJob, run_jobs, stored_or_built, unique_chunks
 
 RECIPE = "v2-distill"  # bump when the training recipe changes, so old adapters are not reused
 FORMAT_VERSION = 2  # 2: made by the shared batched pass, one-byte offsets; bump when the blob layout changes
@@ -48,37 +48,6 @@ class Lloco(Method):
     Params = LlocoParams
     has_prepare = True
     has_finetune = True
-    card = """### LLoCO-style offline context compression (Tan et al. 2024)
-**Paper:** a trained 7B AutoCompressor turns every 1,536 tokens of a document into ~50 summary vectors (30x)
-offline; a LoRA (r=8 on q/k/v/o) fine-tuned per document collection teaches the decoder to read them; at
-answer time the summaries of the retrieved documents are loaded and the matching LoRA is applied.
-
-**Here:** the compressed *KV cache* of each 64-token chunk stands in for the summary vectors.
-- Offline (`prepare`): each chunk is prefilled alone behind the shared instruction prefix (in the shared
-  preparation pass, batched with every other method's work; the `reconstruct` scorer's "repeat the chunk" rows
-  run in the same forward); a query-agnostic scorer keeps 1/c of its tokens in every layer and KV head
-  (`reconstruct`: KVzip-style, the attention each token gets when the model is asked to repeat the chunk;
-  `keynorm`: smallest key norms, kvpress Knorm); keys are stored without RoPE, as `storage`: fp16, int8,
-  k8v4 (keys int8, values 4-bit, each with one fp16 scale per token and head) or int4.
-- Answer: top-k chunks (MiniLM, as rag), their caches are loaded, keys re-rotated to their new positions and
-  appended after the cached prefix; only the question is prefilled, then decoding runs as usual.
-- Fine-tune (optional, `python -m ragdemo finetune --method lloco`, the UI's Fine-tune button, or `train=1` at
-  prepare): a LoRA (r=8, q/k/v/o) distilled on the collection — on cloze questions about a chunk among k−1
-  distractors, the model reading the compressed caches learns to match the full model reading the same chunks
-  as text (KL at every question/answer position), 300 steps; stored with the collection and applied
-  automatically (`lora`), then removed so other methods see the base model. (LLoCO trains its LoRA on
-  instruction data with the answer as target; an earlier recipe here did that with the cloze continuation as
-  target and lowered value kept.)
-- Approximated: no AutoCompressor (nothing learned compresses here: tokens are selected), passages never see
-  each other (each was encoded alone), 64-token chunks instead of 1,536-token documents.
-- Knobs: k, c (1, 2, 4, 8), scorer, storage (fp16/int8/k8v4/int4), positions, lora, train, lora_r, lora_steps,
-  lora_lr.
-
-The LoRA is swapped in by reference (~1 ms), not merged into the weights for every answer; the results suite
-measures LLoCO with the LoRA off (the default: no adapter is trained unless asked) and on (`train=1`).
-Storage is every chunk's compressed cache plus the collection's LoRA when one is trained. The default format,
-k8v4, was chosen against the suite's `lloco@storage=fp16` row on the same questions (about 2.5x fewer bytes per
-token at the same value kept) and is checked on the held-out questions: both rows are in the tables below."""
 
     # ------------------------------------------------------------ offline
     def prepare(self, corpus, params, progress=None) -> None:
@@ -153,17 +122,20 @@ token at the same value kept) and is checked on the held-out questions: both row
         t0 = time.perf_counter()
         lm = self._check(corpus, params)
         ctx = self._context(question, corpus, params)
-        clock = t0 + ctx.result.prepare_s  # preparation is not answering: TTFT and total skip it
+        clock = answer_clock(t0, ctx.result.prepare_s)  # preparation is not answering: TTFT and total skip it
         with applied_adapter(lm, ctx.adapter):
             # reading the caches and switching the adapter on, without the chunks compressed just now
-            ctx.result.load_s = time.perf_counter() - ctx.load_start - ctx.result.prepare_s
+            ctx.result.load_s = load_seconds(ctx.load_start, ctx.result.prepare_s)
             with torch.inference_mode():
                 first = forward_all(lm, torch.tensor([ctx.question_ids], device=lm.device), ctx.cache, ctx.next_pos,
                                     last_only=True)
                 generation = decode_loop(lm, ctx.cache, first, ctx.next_pos + len(ctx.question_ids),
                                          params.max_new_tokens, clock, stream)
-        result = finish(ctx.result, lm, self._marked_prompt(lm, ctx.view), generation, clock)
-        return self._account(result, ctx, self.storage(corpus, params))
+        result = finish(ctx.result, lm, self._marked_prompt(lm, ctx.view), generation, clock,
+                        kept_tokens=ctx.kept_per_passage)  # per passage, its tokens the cache keeps (per layer, head)
+        account = self.storage(corpus, params)
+        result.bytes_per_token = per_token(account.total, account.tokens)
+        return result
 
     def nll(self, question, gold, corpus, params) -> float:
         lm = self._check(corpus, params)
@@ -235,13 +207,7 @@ token at the same value kept) and is checked on the held-out questions: both row
         """Compressed caches of these chunks, their blob sizes, and the seconds spent compressing the chunks that
         were not prepared yet (stored for next time; that is preparation, not answering)."""
         keys = [chunk_key(c["text"]) for c in chunks]
-        blobs = corpus.store.get_artifacts(self.name, lm.model_id, digest, keys)
-        fresh = unique_chunks([c for c, key in zip(chunks, keys) if key not in blobs])
-        started = time.perf_counter()
-        if fresh:
-            run_jobs(corpus, [self.pass_job(corpus, params, fresh)])
-            blobs = corpus.store.get_artifacts(self.name, lm.model_id, digest, keys)
-        prepare_s = time.perf_counter() - started if fresh else 0.0
+        blobs, _, prepare_s = stored_or_built(corpus, self, params, digest, chunks)
         passages = [kvc.from_bytes(blobs[key], lm.model.dtype, lm.device) for key in keys]
         return passages, [len(blobs[key]) for key in keys], prepare_s
 
@@ -273,7 +239,7 @@ token at the same value kept) and is checked on the held-out questions: both row
         passage_tokens = sum(p.n_tokens for p in passages)
         result = Result(self.name, retrieve_s=retrieve_s, prepare_s=prepare_s,
                         storage_bytes=sum(sizes) + len(adapter or b""),
-                        chunk_bytes_per_token=round(sum(sizes) / max(1, passage_tokens), 2))
+                        chunk_bytes_per_token=per_token(sum(sizes), passage_tokens))
         if prepare_s:
             result.notes.append(f"chunk caches missing for these knobs were compressed now and stored "
                                 f"({prepare_s:.2f} s, counted as prepare_s, not in load or TTFT)")
@@ -301,15 +267,6 @@ token at the same value kept) and is checked on the held-out questions: both row
                                   keep=shares, processed=0.0, cached=float(sum(shares))))
         marked.append(prompt.segments[-1])
         return Prompt(marked)
-
-    @staticmethod
-    def _account(result: Result, ctx: "_Context", account: StorageAccount) -> Result:
-        """The storage figures, and per passage how many of its tokens the cache keeps (per layer and KV head)."""
-        result.bytes_per_token = round(account.bytes_per_token, 2)
-        for seg in result.segments:  # the view shows the passage text; say how much of it is in the cache
-            if seg["kind"] == "passage":
-                seg["kept_tokens"] = ctx.kept_per_passage.pop(0)
-        return result
 
 
 @dataclass

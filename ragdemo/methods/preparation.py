@@ -97,6 +97,22 @@ def run_jobs(corpus, jobs: list[PassJob], progress: Progress | None = None) -> P
     return report
 
 
+def stored_or_built(corpus, method, params, digest: str, chunks: list[dict]) -> tuple[dict[str, bytes], int, float]:
+    """The per-chunk artifacts an answer reads ({content key: blob}, stored at `digest`); the missing ones are built
+    now by the method's shared-pass job and stored. Also how many chunks were built and the seconds that took,
+    which the answer reports as prepare_s (preparation, never load or TTFT)."""
+    lm = corpus.lm
+    keys = [chunk_key(c["text"]) for c in chunks]
+    blobs = corpus.store.get_artifacts(method.name, lm.model_id, digest, keys)
+    missing = unique_chunks([c for c, key in zip(chunks, keys) if key not in blobs])
+    if not missing:
+        return blobs, 0, 0.0
+    started = time.perf_counter()
+    run_jobs(corpus, [method.pass_job(corpus, params, missing)])
+    blobs = corpus.store.get_artifacts(method.name, lm.model_id, digest, keys)
+    return blobs, len(missing), time.perf_counter() - started
+
+
 @dataclass
 class Prepared:
     """One method's line after a joint preparation: prepared, skipped (cannot run on this model or these knobs),

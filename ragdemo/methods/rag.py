@@ -18,16 +18,6 @@ class Rag(PromptMethod):
     label = "Top-k RAG"
     order = 2
     Params = RagParams
-    card = """### Top-k RAG (baseline)
-The question is embedded with all-MiniLM-L6-v2; the k nearest 64-token chunks (exact FAISS search) are
-retrieved and placed in document order before the question, one passage per chunk (each ends with a blank
-line). Every passage token is processed by every layer at query time.
-- Exact: standard retrieve-then-read; this is the reference every reuse method (BTR, LLoCO, CacheBlend,
-  lingua) is measured against, and they read exactly this token sequence: one passage per chunk is the unit
-  they store.
-- Knobs: k (chunks retrieved); join: touching chunks of one document become one passage without the blank line
-  between them. The reuse methods cannot read that layout (their artifacts are per chunk), so it is off: the
-  results suite measures what it would change (`rag@join=1`)."""
 
     def build(self, question, corpus, params):
         corpus.require_documents(self.name)

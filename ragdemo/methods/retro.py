@@ -32,37 +32,6 @@ class Retro(Method):
     label = "RETRO (in-context)"
     order = 4
     Params = RetroParams
-    card = """### RETRO, training-free (Borgeaud et al. 2021, run as In-Context RALM, Ram et al. 2023)
-**Database:** the collection's 64-token chunks. Key = the stored all-MiniLM-L6-v2 mean-pooled embedding (RETRO
-uses frozen BERT averaged over time); value = [N, F] = the neighbour chunk N plus its continuation F, the next
-chunk of the same document.
-**Retrieval:** the question is split into `chunk_tokens`-token chunks (LM tokens) and each chunk fetches its k
-nearest neighbours by L2 distance (exact FAISS). Neighbours and continuations are placed in document order at
-the front of the context, one passage per chunk as every method reads them: [instruction][neighbours][question].
-**Generation:** every `stride` generated tokens the last `chunk_tokens` tokens (question + answer so far) are
-embedded and searched again. New neighbours *replace* the old ones at the front, and the context
-[instruction][new neighbours][question][answer so far] is prefilled again (the KV cache is kept up to the
-first token that differs). When the neighbours did not change the cache is kept as it is. Every retrieval is an
-entry in the result's events (step, query, chunk ids, changed or not, what was recomputed).
-**Causality:** a retrieval made after token t is only seen by tokens t+1 onwards; nothing generated earlier
-can see it.
-**What the model sees, and the counts:** the context at the first answer token, the neighbours of the
-question's retrieval read as text (like RAG). Re-retrievals happen after the first token, so they are not in
-the answer's token fields or TTFT: each is an event with its own neighbours, seconds and re-prefilled tokens.
-**Exact vs approximated:** real RETRO feeds neighbours through chunked cross-attention in a model trained for
-it, and every 64-token chunk of the output attends only to the neighbours of the previous chunk. Here the
-neighbours are prepended to the unmodified LM as plain text, which is the In-Context RALM recipe; the
-database, keys, [N, F] values, per-chunk query and re-retrieval stride follow RETRO.
-**Quality signal:** `nll` (context value kept) is teacher-forced with the neighbours of the question's
-retrieval only; there is no re-retrieval while the gold answer is teacher-forced.
-**Knobs:** k, chunk_tokens, stride (default 16, so a default-length answer re-retrieves at least once;
-RETRO used 64, In-Context RALM 4-32; down to 4 here),
-continuation on/off.
-**Models:** any causal LM with a KV cache; recurrent models are refused with a clear message.
-**When no re-retrieval happens:** an answer that ends before `stride` tokens never re-retrieves. Its notes then
-say so ("no re-retrieval: the answer ended after N tokens, before the first one at `stride` tokens (stride)"),
-its events hold the question's retrieval only, and the view shows only *text* neighbours: that answer is RAG
-over [N, F] neighbours, nothing more."""
 
     # ------------------------------------------------------------ retrieval
     def question_queries(self, tokenizer, question: str, chunk_tokens: int) -> list[str]:

@@ -1,4 +1,8 @@
-"""Language-model loading: the embedded GGUF default, any hub id or local path, device and dtype choice."""
+"""Language-model loading: the embedded GGUF default, any hub id or local path, device and dtype choice.
+
+One file on purpose: device, dtype and source are decided together by one load, and the hooks tests replace
+(`hub_reachable`, `hub_copy_cached`, `cpu_bf16_flags`, `DEFAULT_HUB_ID`, `_LOADED`) are read from this module.
+"""
 from __future__ import annotations
 
 import functools

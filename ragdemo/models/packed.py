@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
+from ..caching import kept_while
 from .probe import best_seconds
 
 PACK_ATTRIBUTE = "_ragdemo_onednn"  # on the weight Parameter: (its version when packed, the packed tensor)
@@ -48,13 +48,7 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
 def cached_on(tensor: torch.Tensor, attribute: str, make):
     """`make()`, kept on `tensor` itself under `attribute` with the tensor's version: it lives and dies with the
     tensor, and an in-place write to the tensor makes it again instead of serving a stale value."""
-    version = tensor_version(tensor)
-    cached = tensor.__dict__.get(attribute)
-    if cached is not None and cached[0] == version:
-        return cached[1]
-    value = make()
-    tensor.__dict__[attribute] = (version, value)
-    return value
+    return kept_while(tensor.__dict__, attribute, tensor_version(tensor), make)
 
 
 def tensor_version(tensor: torch.Tensor) -> int:

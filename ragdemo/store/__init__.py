@@ -1,5 +1,7 @@
+from ..hashing import artifact_hash, sha256
+from .artifacts import ArtifactRow, StoredArtifact, chunk_key
 from .corpus import Corpus, RetrieverComparison, reading_order
-from .db import RETRIEVERS, ArtifactRow, Store, StoredArtifact, artifact_hash, check_collection_name, chunk_key, sha256
+from .db import RETRIEVERS, Store, check_collection_name
 from .index import BinaryChunkIndex, ChunkIndex, IndexCache
 
 __all__ = ["Corpus", "Store", "IndexCache", "ChunkIndex", "BinaryChunkIndex", "RetrieverComparison", "RETRIEVERS",

@@ -1,47 +1,37 @@
-"""SQLite (through sqlite-utils, WAL mode) holds everything; FAISS indexes are derived from it."""
+"""SQLite (through sqlite-utils, WAL mode) holds everything; FAISS indexes are derived from it.
+
+`Store` is the one handle on the file: connection, transactions, collections, documents, chunks and vectors here;
+the schema (store/schema.py), artifacts and the storage account (store/artifacts.py) and the History of answers
+(store/runs.py) are mixins it inherits, so every caller still holds one `Store`.
+"""
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import sqlite_utils
 
+from ..caching import kept_while
 from ..errors import UserError
 from ..forks import renew_in_forked_children
+from ..hashing import artifact_hash, sha256
 from ..params import Spec, checked
+from .artifacts import ArtifactRow, ArtifactsMixin, StaleContent, StoredArtifact, chunk_key
+from .runs import RunsMixin
+from .schema import DEFAULT_RESCORE, SCHEMA_VERSION, SchemaMixin
 
-SCHEMA_VERSION = 2  # 2: chunks.sha256, artifacts.basis, content-keyed artifacts (see _migrate_artifacts)
+__all__ = ["Store", "RETRIEVERS", "RESCORE", "COLLECTION_NAME", "check_collection_name", "DEFAULT_RESCORE",
+           "SCHEMA_VERSION", "sha256", "artifact_hash", "chunk_key", "StaleContent", "StoredArtifact", "ArtifactRow"]
+
 RETRIEVERS = ("float", "binary")
-DEFAULT_RESCORE = 10  # the binary path rescores k x rescore Hamming candidates with the float vectors
 RESCORE = Spec(int, "the binary retriever rescores the top k x rescore candidates with the float vectors",
                label="rescore", min=1, max=1000)
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$")
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def artifact_hash(data) -> str:
-    """Short key for "the knobs that shaped an artifact": bytes as they are, anything else as sorted JSON."""
-    raw = data if isinstance(data, bytes) else json.dumps(data, sort_keys=True).encode()
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
-def chunk_key(text: str) -> str:
-    """The key of a per-chunk artifact: the chunk's text, never its row id (SQLite reuses the ids of deleted
-    rows). Model, format version, dtype and knobs go into the artifact's params_hash. The accounting joins
-    artifacts to chunks on this key, so every method keys its chunk artifacts this way."""
-    return "text:" + sha256(text.encode())
 
 
 def check_collection_name(name: str) -> str:
@@ -53,39 +43,7 @@ def check_collection_name(name: str) -> str:
     return name
 
 
-class StaleContent(UserError):
-    """An artifact built from a collection's whole content arrived after that content changed: not stored."""
-
-
-@dataclass(frozen=True)
-class StoredArtifact:
-    """An artifact named without reading its blob: its key, when it was written and its size (a rewrite under
-    the same key, such as a retrained adapter, is a new `identity`), and how to read it when first needed."""
-
-    identity: tuple  # (method, model, params_hash, key, created, nbytes)
-    nbytes: int
-    read: Callable[[], bytes | None] = field(compare=False, repr=False)
-
-    def __len__(self) -> int:
-        return self.nbytes
-
-
-@dataclass
-class ArtifactRow:
-    """One artifact to write; the fields are `put_artifact`'s."""
-
-    method: str
-    model: str
-    params_hash: str
-    key: str
-    blob: bytes
-    chunk_id: int | None = None
-    collection_id: int | None = None
-    meta: dict | None = None
-    basis: str | None = None
-
-
-class Store:
+class Store(SchemaMixin, ArtifactsMixin, RunsMixin):
     """One SQLite file under the data directory. All writes are transactions, so a killed process never
     leaves half a document or half an artifact behind."""
 
@@ -113,110 +71,6 @@ class Store:
         from here (SQLite: a connection must not be used across a fork)."""
         self._connect()
 
-    # ---------------------------------------------------------------- schema
-    def _create_schema(self) -> None:
-        with self.transaction():
-            self.db.execute("""CREATE TABLE IF NOT EXISTS collections (
-                id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, created REAL NOT NULL)""")
-            self._add_retrieval_columns()
-            self.db.execute("""CREATE TABLE IF NOT EXISTS documents (
-                id INTEGER PRIMARY KEY, collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
-                sha256 TEXT NOT NULL, name TEXT NOT NULL, size INTEGER NOT NULL, n_tokens INTEGER NOT NULL,
-                text TEXT NOT NULL, created REAL NOT NULL, UNIQUE(collection_id, sha256))""")
-            self.db.execute("""CREATE TABLE IF NOT EXISTS chunks (
-                id INTEGER PRIMARY KEY, doc_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
-                ord INTEGER NOT NULL, text TEXT NOT NULL, tok_start INTEGER NOT NULL, tok_end INTEGER NOT NULL,
-                char_start INTEGER NOT NULL, char_end INTEGER NOT NULL, UNIQUE(doc_id, ord))""")
-            self.db.execute("""CREATE TABLE IF NOT EXISTS vectors (
-                chunk_id INTEGER NOT NULL REFERENCES chunks(id) ON DELETE CASCADE, embedder TEXT NOT NULL,
-                dim INTEGER NOT NULL, vec BLOB NOT NULL, PRIMARY KEY (chunk_id, embedder))""")
-            self.db.execute("""CREATE TABLE IF NOT EXISTS artifacts (
-                method TEXT NOT NULL, model TEXT NOT NULL, params_hash TEXT NOT NULL, key TEXT NOT NULL,
-                chunk_id INTEGER REFERENCES chunks(id) ON DELETE CASCADE,
-                collection_id INTEGER REFERENCES collections(id) ON DELETE CASCADE,
-                blob BLOB NOT NULL, nbytes INTEGER NOT NULL, meta TEXT, created REAL NOT NULL,
-                PRIMARY KEY (method, model, params_hash, key))""")
-            self.db.execute("""CREATE TABLE IF NOT EXISTS runs (
-                id INTEGER PRIMARY KEY, collection_id INTEGER REFERENCES collections(id) ON DELETE SET NULL,
-                question TEXT NOT NULL, method TEXT NOT NULL, model TEXT NOT NULL, result TEXT NOT NULL,
-                created REAL NOT NULL)""")
-            self.db.execute("CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id, ord)")
-            self.db.execute("CREATE INDEX IF NOT EXISTS artifacts_chunk ON artifacts(chunk_id)")
-            self.db.execute("CREATE INDEX IF NOT EXISTS artifacts_collection ON artifacts(collection_id)")
-            self._create_version_triggers()
-            self._migrate_artifacts()
-            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    # Retrieval state per collection: `uid` is random and never reused (SQLite reuses deleted row ids, so a
-    # recreated collection can get a dropped one's id), `version` counts document inserts and deletes,
-    # `retriever`/`rescore` choose float or binary search. (uid, version) names the collection's content.
-    RETRIEVAL_COLUMNS = {"uid": "TEXT", "version": "INTEGER NOT NULL DEFAULT 0",
-                         "retriever": "TEXT NOT NULL DEFAULT 'float'", "rescore": f"INTEGER NOT NULL DEFAULT {DEFAULT_RESCORE}"}
-
-    def _add_retrieval_columns(self) -> None:
-        """Stores made before these columns existed get them here (SQLite has no ADD COLUMN IF NOT EXISTS)."""
-        have = {row[1] for row in self.db.execute("PRAGMA table_info(collections)").fetchall()}
-        for name, declaration in self.RETRIEVAL_COLUMNS.items():
-            if name not in have:
-                self.db.execute(f"ALTER TABLE collections ADD COLUMN {name} {declaration}")
-        self.db.execute("UPDATE collections SET uid = lower(hex(randomblob(16))) WHERE uid IS NULL")
-
-    def _create_version_triggers(self) -> None:
-        """The version moves inside the very transaction that adds or removes a document (also through a
-        cascade from a dropped collection), so a reader can never see new rows under an old version."""
-        for event, row in (("INSERT", "NEW"), ("DELETE", "OLD")):
-            self.db.execute(f"""CREATE TRIGGER IF NOT EXISTS documents_{event.lower()}_version AFTER {event} ON documents
-                                BEGIN UPDATE collections SET version = version + 1 WHERE id = {row}.collection_id; END""")
-
-    def _migrate_artifacts(self) -> None:
-        """Schema 2: chunks carry their text's hash and artifacts are keyed by content.
-
-        Stores from schema 1 get `chunks.sha256` filled in, an `artifacts.basis` column, and lose the artifacts
-        that were keyed by row ids (chunk ids, `lora:{collection id}`): no key can reach them any more, so they
-        would only be counted as storage. They are caches, rebuilt by the next prepare (a trained adapter has to
-        be trained again: the old one may belong to a deleted document whose ids were reused)."""
-        chunk_columns = {row[1] for row in self.db.execute("PRAGMA table_info(chunks)").fetchall()}
-        if "sha256" not in chunk_columns:
-            self.db.execute("ALTER TABLE chunks ADD COLUMN sha256 TEXT")
-            rows = self.db.execute("SELECT id, text FROM chunks").fetchall()
-            self.db.conn.executemany("UPDATE chunks SET sha256 = ? WHERE id = ?",
-                                     [(sha256(text.encode()), chunk_id) for chunk_id, text in rows])
-        artifact_columns = {row[1] for row in self.db.execute("PRAGMA table_info(artifacts)").fetchall()}
-        if "basis" not in artifact_columns:
-            self.db.execute("ALTER TABLE artifacts ADD COLUMN basis TEXT")
-        if int(self.value("PRAGMA user_version") or 0) < 2:
-            self.db.execute("DELETE FROM artifacts WHERE key NOT LIKE 'text:%'")
-        self.db.execute("CREATE INDEX IF NOT EXISTS chunks_sha256 ON chunks(sha256)")
-        self.db.execute("CREATE INDEX IF NOT EXISTS artifacts_key ON artifacts(key)")
-        self._create_artifact_triggers()
-        self._create_artifact_counter()
-
-    def _create_artifact_triggers(self) -> None:
-        """Artifacts follow the content they were built from, on every path that changes it (add, delete,
-        a cascade from a dropped collection):
-        - a chunk artifact is shared by every chunk with the same text; when its owning chunk goes, another
-          chunk with that text (in any collection) takes it over, and only the last one takes it along;
-        - an artifact with a `basis` was built from the whole collection (a decoder, a codebook, an adapter, codes
-          encoded with that decoder): once a document is added or removed it is superseded, so it is deleted
-          there and then, and the next prepare builds it for the new content."""
-        self.db.execute("""CREATE TRIGGER IF NOT EXISTS chunks_delete_hand_over_artifacts BEFORE DELETE ON chunks
-            BEGIN UPDATE artifacts SET chunk_id = (SELECT MIN(c.id) FROM chunks c WHERE c.sha256 = OLD.sha256 AND c.id != OLD.id)
-                  WHERE chunk_id = OLD.id AND EXISTS (SELECT 1 FROM chunks c WHERE c.sha256 = OLD.sha256 AND c.id != OLD.id);
-            END""")
-        for event, row in (("INSERT", "NEW"), ("DELETE", "OLD")):
-            self.db.execute(f"""CREATE TRIGGER IF NOT EXISTS documents_{event.lower()}_drop_superseded AFTER {event} ON documents
-                BEGIN DELETE FROM artifacts WHERE basis IS NOT NULL AND collection_id = {row}.collection_id; END""")
-
-    def _create_artifact_counter(self) -> None:
-        """`changes.artifacts` moves with every artifact row written, replaced or deleted, also by a cascade, a
-        trigger or another process on the same file: what a remembered storage account is checked against."""
-        self.db.execute("""CREATE TABLE IF NOT EXISTS changes (
-            id INTEGER PRIMARY KEY CHECK (id = 0), artifacts INTEGER NOT NULL)""")
-        self.db.execute("INSERT OR IGNORE INTO changes (id, artifacts) VALUES (0, 0)")
-        for event in ("INSERT", "UPDATE", "DELETE"):
-            self.db.execute(f"""CREATE TRIGGER IF NOT EXISTS artifacts_{event.lower()}_counted AFTER {event} ON artifacts
-                                BEGIN UPDATE changes SET artifacts = artifacts + 1 WHERE id = 0; END""")
-
     def _remembered_value(self, key: tuple, collection_id: int, with_artifacts: bool, compute):
         """`compute()` once per state of the collection (its uid and version, and with `with_artifacts` the
         artifact counter). Inside a transaction, where this connection may see its own half-written rows, it is
@@ -229,12 +83,7 @@ class Store:
             if found is None:
                 return compute()
             stamp = tuple(found) if with_artifacts else tuple(found[:2])
-            kept = self._remembered.get(key)
-            if kept is not None and kept[0] == stamp:
-                return kept[1]
-            value = compute()
-            self._remembered[key] = (stamp, value)
-            return value
+            return kept_while(self._remembered, key, stamp, compute)
 
     @contextmanager
     def transaction(self):
@@ -281,9 +130,13 @@ class Store:
     def delete_collection(self, name: str) -> int:
         """The collection, its documents, chunks, vectors and artifacts (cascades); runs keep their text."""
         collection_id = self.collection_id(name, create=False)
+        self.drop_collection(collection_id)
+        return collection_id
+
+    def drop_collection(self, collection_id: int) -> None:
+        """The collection with this id and, by cascade, its documents, chunks, vectors and artifacts."""
         with self.transaction():
             self.db.execute("DELETE FROM collections WHERE id = ?", (collection_id,))
-        return collection_id
 
     def collection_state(self, collection_id: int) -> dict:
         """{uid, version, retriever, rescore}: one primary-key read, cheap enough for every retrieval."""
@@ -439,157 +292,7 @@ class Store:
                             WHERE d.collection_id = ? AND v.embedder = ? GROUP BY d.id ORDER BY d.id""",
                          (collection_id, embedder))
         parts = [f"{r['id']}:{r['sha256']}:{r['n']}:{r['s']}:{r['m']}" for r in rows]
-        return f"{sum(r['n'] for r in rows)}-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
-
-    # ------------------------------------------------------------ artifacts
-    def put_artifact(self, method: str, model: str, params_hash: str, key: str, blob: bytes,
-                     chunk_id: int | None = None, collection_id: int | None = None, meta: dict | None = None,
-                     basis: str | None = None) -> None:
-        """Per-chunk artifacts: `key` = chunk_key(text), `chunk_id` = the chunk that owns it (for cascades).
-        Collection-level artifacts: `key` names the content they were built from, `collection_id` owns them.
-        `basis` (with `collection_id`): the collection's content signature when the artifact depends on the whole
-        collection; it is then deleted as soon as a document is added or removed."""
-        self.put_artifacts([ArtifactRow(method, model, params_hash, key, blob, chunk_id, collection_id, meta, basis)])
-
-    def put_artifacts(self, rows: list["ArtifactRow"]) -> None:
-        """Several artifacts (see `put_artifact`) in one transaction: a preparation writes each batch at once,
-        and a stopped one leaves whole batches only."""
-        for row in rows:
-            if row.basis is not None and row.collection_id is None:
-                raise ValueError("an artifact built from a collection's content needs its collection_id")
-        if not rows:
-            return
-        now = time.time()
-        with self.transaction():
-            for row in rows:
-                if row.basis is not None and self._signature_now(row.collection_id) != row.basis:
-                    raise StaleContent(f"{row.method}: the collection changed while it was being built (a document "
-                                       "was added or deleted); nothing built for its previous content was stored: "
-                                       "run it again")
-            self.db.conn.executemany(
-                """INSERT OR REPLACE INTO artifacts (method, model, params_hash, key, chunk_id, collection_id, blob,
-                   nbytes, meta, created, basis) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
-                [(r.method, r.model, r.params_hash, r.key, r.chunk_id, r.collection_id, r.blob, len(r.blob),
-                  json.dumps(r.meta) if r.meta else None, now, r.basis) for r in rows])
-
-    def get_artifacts(self, method: str, model: str, params_hash: str, keys: list[str]) -> dict[str, bytes]:
-        return {r["key"]: r["blob"] for r in self._artifact_rows("key, blob", method, model, params_hash, keys)}
-
-    def get_artifact(self, method: str, model: str, params_hash: str, key: str) -> bytes | None:
-        return self.get_artifacts(method, model, params_hash, [key]).get(key)
-
-    def artifact_ref(self, method: str, model: str, params_hash: str, key: str) -> StoredArtifact | None:
-        """The artifact as a `StoredArtifact` (one primary-key read, no blob), or None when it is not stored."""
-        found = self.rows("""SELECT created, nbytes FROM artifacts WHERE method = ? AND model = ? AND params_hash = ?
-                             AND key = ?""", (method, model, params_hash, key))
-        if not found:
-            return None
-        where = (method, model, params_hash, key)
-        return StoredArtifact((*where, found[0]["created"], found[0]["nbytes"]), int(found[0]["nbytes"]),
-                              lambda: self.get_artifact(*where))
-
-    def artifact_keys(self, method: str, model: str, params_hash: str, keys: list[str]) -> set[str]:
-        """Which of `keys` are stored, without reading the blobs."""
-        return {r["key"] for r in self._artifact_rows("key", method, model, params_hash, keys)}
-
-    def _artifact_rows(self, columns: str, method: str, model: str, params_hash: str, keys: list[str]) -> list[dict]:
-        found = []
-        for start in range(0, len(keys), 500):
-            part = keys[start:start + 500]
-            marks = ",".join("?" * len(part))
-            found += self.rows(f"""SELECT {columns} FROM artifacts WHERE method = ? AND model = ? AND params_hash = ?
-                                   AND key IN ({marks})""", (method, model, params_hash, *part))
-        return found
-
-    def artifact_usage(self, collection_id: int, method: str | None = None, model: str | None = None) -> list[dict]:
-        """The one storage account query; every storage figure (Library table, method cards, bench) sums its rows.
-
-        Rows {method, model, params_hash, doc_id, key, nbytes}:
-        - per-chunk artifacts whose content is one of the collection's chunks, summed per document (`key` None);
-          a text that occurs twice is counted once, under the first document that holds it (a chunk artifact
-          not keyed by chunk_key breaks the content-key rule, but is still counted, under its owner's document);
-        - collection-level artifacts built from exactly this content (`basis` = its content signature, whichever
-          collection of that content built them) or owned by the collection, one row each (`doc_id` None).
-
-        It joins the collection's chunks with the artifacts, so it is remembered until the collection's version
-        or the artifact counter moves (answers read it for their storage figures)."""
-        rows = self._remembered_value(("usage", collection_id, method, model), collection_id, True,
-                                      lambda: self._artifact_usage(collection_id, method, model))
-        return [dict(row) for row in rows]  # callers may change their copy
-
-    def _artifact_usage(self, collection_id: int, method: str | None, model: str | None) -> list[dict]:
-        filters, params = "", []
-        for column, wanted in (("method", method), ("model", model)):
-            if wanted is not None:
-                filters += f" AND a.{column} = ?"
-                params.append(wanted)
-        return self.rows(f"""
-            WITH mine AS (SELECT 'text:' || c.sha256 AS key, MIN(c.doc_id) AS doc_id
-                          FROM chunks c JOIN documents d ON d.id = c.doc_id WHERE d.collection_id = ? GROUP BY c.sha256)
-            SELECT a.method, a.model, a.params_hash, mine.doc_id, NULL AS key, SUM(a.nbytes) AS nbytes
-              FROM artifacts a JOIN mine ON mine.key = a.key WHERE 1 {filters}
-              GROUP BY a.method, a.model, a.params_hash, mine.doc_id
-            UNION ALL
-            SELECT a.method, a.model, a.params_hash, c.doc_id, NULL, SUM(a.nbytes)
-              FROM artifacts a JOIN chunks c ON c.id = a.chunk_id JOIN documents d ON d.id = c.doc_id
-              WHERE d.collection_id = ? AND a.key NOT LIKE 'text:%' {filters}
-              GROUP BY a.method, a.model, a.params_hash, c.doc_id
-            UNION ALL
-            SELECT a.method, a.model, a.params_hash, NULL, a.key, a.nbytes
-              FROM artifacts a WHERE a.chunk_id IS NULL AND (a.collection_id = ? OR a.basis = ?) {filters}""",
-                         (collection_id, *params, collection_id, *params, collection_id,
-                          self.content_signature(collection_id), *params))
-
-    def artifact_account(self, collection_id: int, method: str, model: str, chunk_hash: str,
-                         shared: dict[str, tuple[str, str]]) -> tuple[int, dict[str, int]]:
-        """One method's account at one setting of its knobs: bytes of its per-chunk artifacts stored under
-        `chunk_hash` for the collection's chunks, and of each named collection-level part {name: (params_hash,
-        key)} that exists (a `Method.storage` wraps them in a StorageAccount)."""
-        chunk_bytes, found = 0, {}
-        wanted = {where: name for name, where in shared.items()}
-        for row in self.artifact_usage(collection_id, method, model):
-            if row["doc_id"] is not None and row["params_hash"] == chunk_hash:
-                chunk_bytes += int(row["nbytes"])
-            elif row["doc_id"] is None and (row["params_hash"], row["key"]) in wanted:
-                found[wanted[(row["params_hash"], row["key"])]] = int(row["nbytes"])
-        return chunk_bytes, found
-
-    def artifact_bytes(self, collection_id: int) -> dict[str, int]:
-        """Everything each method keeps for the collection (per-chunk and collection-level), whatever the knobs."""
-        return self._summed_usage(collection_id, lambda row: row["method"])
-
-    def artifact_bytes_by_document(self, collection_id: int) -> dict[tuple[int, str], int]:
-        """Per-chunk artifact bytes per (document, method); collection-level parts belong to no document."""
-        return self._summed_usage(collection_id, lambda row: (row["doc_id"], row["method"]) if row["doc_id"] is not None
-                                  else None)
-
-    def artifact_bytes_shared(self, collection_id: int) -> dict[str, int]:
-        """Collection-level artifact bytes per method (decoders, codebooks, adapters): what every document shares."""
-        return self._summed_usage(collection_id, lambda row: row["method"] if row["doc_id"] is None else None)
-
-    def _summed_usage(self, collection_id: int, key_of) -> dict:
-        """artifact_usage's bytes summed by `key_of(row)`; rows it maps to None are left out."""
-        total: dict = {}
-        for row in self.artifact_usage(collection_id):
-            key = key_of(row)
-            if key is not None:
-                total[key] = total.get(key, 0) + int(row["nbytes"])
-        return total
-
-    # ----------------------------------------------------------------- runs
-    def add_run(self, collection_id: int | None, question: str, result: dict) -> None:
-        with self.transaction():
-            self.db.execute("INSERT INTO runs (collection_id, question, method, model, result, created) VALUES (?,?,?,?,?,?)",
-                            (collection_id, question, result.get("method", ""), result.get("model", ""),
-                             json.dumps(result), time.time()))
-
-    def runs(self, collection_id: int | None = None, limit: int = 50) -> list[dict]:
-        where, params = ("WHERE collection_id = ?", (collection_id,)) if collection_id is not None else ("", ())
-        rows = self.rows(f"SELECT id, question, method, model, result, created FROM runs {where} ORDER BY id DESC LIMIT ?",
-                         (*params, limit))
-        for row in rows:
-            row["result"] = json.loads(row["result"])
-        return rows
+        return f"{sum(r['n'] for r in rows)}-" + sha256("|".join(parts).encode())[:24]
 
     # ------------------------------------------------------------ integrity
     def integrity_problems(self) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Callable
 import faiss
 import numpy as np
 
+from ..caching import kept_while
 from ..forks import renew_in_forked_children
 from .db import Store
 
@@ -37,7 +38,6 @@ class ChunkIndex:
 
     def __init__(self, index: faiss.Index, signature: str):
         self.index, self.signature = index, signature
-        self.stamp: tuple | None = None  # the collection (uid, version) this index was checked against
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -72,7 +72,6 @@ class BinaryChunkIndex:
 
     def __init__(self, index: faiss.IndexBinary, signature: str, float_vectors: Callable[[list[int]], np.ndarray]):
         self.index, self.signature, self.float_vectors = index, signature, float_vectors
-        self.stamp: tuple | None = None
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -119,7 +118,8 @@ class IndexCache:
         self.store = store
         self.folder = store.home / "faiss"
         self.folder.mkdir(exist_ok=True)
-        self._memory: dict[tuple[int, str, str], ChunkIndex | BinaryChunkIndex] = {}
+        # both kept with the collection's (uid, version) they were checked against (`kept_while`)
+        self._memory: dict[tuple[int, str, str], tuple[tuple, ChunkIndex | BinaryChunkIndex]] = {}
         self._signatures: dict[tuple[int, str], tuple[tuple, str]] = {}  # (collection, embedder) -> (stamp, signature)
         self._lock = threading.Lock()
         renew_in_forked_children(self)
@@ -140,23 +140,20 @@ class IndexCache:
         stamp = (state["uid"], state["version"])
         key = (collection_id, embedder, kind)
         with self._lock:
-            cached = self._memory.get(key)
-            if cached is not None and cached.stamp == stamp:
-                return cached
-            signature = self._signature(collection_id, embedder, stamp)
-            index = self._read(key, signature) or self._rebuild(key, signature)
-            index.stamp = stamp
-            self._memory[key] = index
-            return index
+            return kept_while(self._memory, key, stamp, lambda: self._load(key, stamp))
+
+    def _load(self, key, stamp: tuple):
+        signature = self._signature(key[0], key[1], stamp)
+        return self._read(key, signature) or self._rebuild(key, signature)
 
     def _signature(self, collection_id: int, embedder: str, stamp: tuple) -> str:
         """The content signature, computed once per collection version and shared by both kinds."""
-        known = self._signatures.get((collection_id, embedder))
-        if known is not None and known[0] == stamp:
-            return known[1]
+        return kept_while(self._signatures, (collection_id, embedder), stamp,
+                          lambda: self._scan_signature(collection_id, embedder))
+
+    def _scan_signature(self, collection_id: int, embedder: str) -> str:
         signature = self.store.vector_signature(collection_id, embedder)
         self.signature_scans += 1
-        self._signatures[(collection_id, embedder)] = (stamp, signature)
         return signature
 
     def _wrap(self, key, index, signature: str):

@@ -10,7 +10,8 @@ import gradio as gr
 import pandas as pd
 
 from ..bench.command import equivalent_command, run_benchmark
-from ..bench.runner import SUMMARY_COLUMNS, column_header, fmt_cell, reference_name, row_label, summary_columns
+from ..bench.report import column_header, fmt_cell, reference_name, row_label, summary_columns
+from ..bench.summary import SUMMARY_COLUMNS
 from ..config import setting_spec
 from ..errors import UserError
 from ..params import Spec, checked as checked_value

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import threading
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Callable
 import gradio as gr
 
 from ..errors import UserError
+from ..hashing import sha256
 from ..methods import registry
 from .render import esc
 
@@ -99,7 +99,7 @@ class Jobs:
     def _new(self, session: str, kind: str) -> CancelFlag:
         if self.folder is None:
             return CancelFlag()
-        name = hashlib.sha256(f"{session}|{kind}".encode()).hexdigest()[:20]  # session ids are not file names
+        name = sha256(f"{session}|{kind}".encode())[:20]  # session ids are not file names
         return CancelFlag(self.folder / f"{name}.cancel")
 
     def start(self, session: str, kind: str) -> CancelFlag:

@@ -1,6 +1,8 @@
 """Library tab: collections (create, rename, delete), upload documents, see what is stored, delete with a
 confirmation, and prepare or fine-tune method artifacts with a Cancel button.
 
+One file on purpose, like every tab in ui/: the tab's handlers and the layout that wires them (`LibraryTab`).
+
 Handlers here never raise into Gradio: a mistake is a warning plus a status line next to the button that was
 pressed, and the table, picker and collection box keep their values (an exception would turn every output into
 an "Error" pill and hide the table)."""

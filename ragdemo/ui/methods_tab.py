@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..methods import registry
-from ..cards import card_markdown, figures, headline, load_suite, scaling_figure, where_each_method_wins
+from ..cards import card_markdown, card_text, figures, headline, load_suite, scaling_figure, where_each_method_wins
 from ..params import knob_table as declared_knob_table
 from .knobs import SHARED
 from .render import one_liner
@@ -24,7 +24,7 @@ def paper_line(card: str, fallback: str) -> str:
 
 
 def method_summary(name: str, cls: type) -> str:
-    card = cls.card or ""
+    card = card_text(name)
     return (f"**{paper_line(card, cls.label or name)}**  \n{one_liner(name)}  \n"
             f"<span style='color:#6b7280'>Measured: {headline(name)}</span>")
 
