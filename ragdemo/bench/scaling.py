@@ -255,6 +255,11 @@ def _held_from(speeds: list[float]) -> list[tuple[int, int]]:
 
 
 # ---------------------------------------------------------------------------------------- the plot
+def _minor_label(value: float, _position) -> str:
+    """Between powers of ten only 2 and 5 are labelled: every minor tick labelled overlaps its neighbours."""
+    return f"{value:,.0f}" if f"{value:e}"[0] in "25" else ""
+
+
 def plot_scaling(record: dict, path: Path) -> Path | None:
     """TTFT against prompt tokens, log-log, one line per method (ceilings dashed, same colour), one panel per
     ladder."""
@@ -280,7 +285,7 @@ def plot_scaling(record: dict, path: Path) -> Path | None:
         ax.set_yscale("log")
         for axis in (ax.xaxis, ax.yaxis):  # plain numbers: "2,000", not "2 x 10^3"
             axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
-            axis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+            axis.set_minor_formatter(ticker.FuncFormatter(_minor_label))
         ax.set_xlabel("prompt tokens (RAG's, mean; log)")
         ax.set_ylabel("time to first token (ms, median; log)")
         ax.set_title(f"retrieved chunks (k = {rungs[0]['k']} to {rungs[-1]['k']})" if ladder == "retrieved"
