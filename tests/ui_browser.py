@@ -261,6 +261,12 @@ def text_of(driver, elem_id: str) -> str:
     return found[0].text if found else ""
 
 
+def close_toasts(driver) -> None:
+    """Close every toast the way a user does, with its close button."""
+    driver.execute_script("document.querySelectorAll('.toast-close').forEach(b => b.click());")
+    time.sleep(0.5)
+
+
 def error_toasts(driver) -> list[str]:
     from selenium.webdriver.common.by import By
 
@@ -317,8 +323,10 @@ def out_of_range_knob(driver, timeout: float = 120) -> dict:
     status = wait_until(lambda: "rag.k" in text_of(driver, "ask-status") and text_of(driver, "ask-status"), timeout,
                         "the refusal next to Compare")
     time.sleep(1)
-    seen = {"status": status, "k_after": number_value(driver, "knob-rag-k"), "error_boxes": error_boxes(driver)}
+    seen = {"status": status, "k_after": number_value(driver, "knob-rag-k"),
+            "error_boxes": error_boxes(driver)}
     type_number(driver, "knob-rag-max_new_tokens", 99999)
+    close_toasts(driver)  # the first refusal's warning sits over the top-right corner, where Compare can scroll
     driver.find_element(By.ID, "compare-button").click()
     seen["status_max_new"] = wait_until(lambda: "max_new_tokens" in text_of(driver, "ask-status")
                                         and text_of(driver, "ask-status"), timeout, "the second refusal")
