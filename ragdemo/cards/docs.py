@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from ..bench.runner import column_header, fmt_cell
+from ..bench.report import column_header, fmt_cell
 from ..bench.suite import REPO, SUITE_DIR
 from ..glossary import glossary_markdown
 from ..methods import registry

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..bench.runner import column_header, fmt_cell, interval_of
+from ..bench.report import column_header, fmt_cell
+from ..bench.summary import interval_of
 from ..units import fmt_bytes, fmt_speed
 from .suite import Suite, load_suite
 
