@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..bench.defaults import check_default
 from ..bench.report import column_header, fmt_cell
+from ..bench.suite import BTR_BAR, BTR_CANDIDATES
 from ..bench.summary import interval_of
 from ..units import fmt_bytes, fmt_speed
 from .suite import Suite, load_suite
@@ -120,10 +122,27 @@ def _btr(suite: Suite) -> str:
     return "\n\n".join(p for p in (
         _storage_rows(suite, "btr"), _speed_rows(suite, "btr"),
         f"Targets: {_target(suite, 'btr', 0.95, 2.0)}; {storage_target}.",
-        _heldout(suite, "btr", "How the default (`split=18`, `query_aware=1`) was chosen: from an earlier "
-                               "frontier run on seed 0's questions, against the previous default (`split=6`, plain "
-                               "layout), which both question sets here still carry as a row, so a class can see "
-                               "whether the choice holds on other questions.")) if p)
+        _heldout(suite, "btr", _btr_default(suite))) if p)
+
+
+def _btr_default(suite: Suite) -> str:
+    """How the default was chosen, from this run's rows: the rule, its pick on seed 0, the check on seed 1."""
+    check = check_default(suite.rows("squad"), suite.rows("heldout"), BTR_CANDIDATES, "btr", BTR_BAR)
+    rule = ("How the default was chosen (a rule fixed before the runs, `bench/defaults.py`): among the 1-bit "
+            "BTR variants without training in both tables, the fastest keeping "
+            f"≥{BTR_BAR:.0%} of RAG's value on the main run's questions (if none does, the one keeping most).")
+    if check.picked is None:
+        return rule
+    pick = (f"On this run's main questions the rule picks `{check.picked}`"
+            + (", the shipped default." if check.matches else f", not the shipped default `{check.default}`."))
+    if check.on_front is None:
+        return f"{rule} {pick}"
+    front = ("on the Pareto front of the candidates (none both faster and keeping more value)" if check.on_front
+             else "beaten on both axes by " + ", ".join(f"`{label}`" for label in check.dominated_by))
+    bar = (f"its value-kept interval reaches {check.value_high:.0%}, "
+           + ("so the bar is within reach" if check.reaches_bar else f"below the {check.bar:.0%} bar"))
+    verdict = "**confirmed**" if check.confirmed else "**not confirmed**"
+    return f"{rule} {pick} On other articles and questions the default is {front}; {bar}: {verdict}."
 
 
 def _lloco(suite: Suite) -> str:

@@ -118,12 +118,19 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def _matmul_gflops(dtype: torch.dtype, n: int = 512, reps: int = 8) -> float:
+# The probe's shape: a prefill of 256 tokens through a small model's MLP projection (SmolLM2-135M: 576 -> 1536).
+# A square 512^3 probe ranked the dtypes the other way round on an AVX512-BF16 CPU without AMX (bf16 172 vs fp32
+# 125 GFLOP/s) while the model's own prefill ran fp32 faster (893 vs 635 tokens/s).
+PROBE_SHAPE = (256, 576, 1536)
+
+
+def _matmul_gflops(dtype: torch.dtype, shape: tuple[int, int, int] = PROBE_SHAPE, reps: int = 8) -> float:
     """The faster of the two kernels the model's projections can run on (models/packed.py): F.linear (a bare
     `a @ b` can take another bf16 path), and oneDNN with a pre-packed weight. Through F.linear alone fp32 would
     be MKL's, several times slower on AMD CPUs than what a packed model runs."""
-    x = torch.randn(n, n, dtype=dtype)
-    weight = torch.nn.Parameter(torch.randn(n, n, dtype=dtype), requires_grad=False)
+    rows, inner, outer = shape
+    x = torch.randn(rows, inner, dtype=dtype)
+    weight = torch.nn.Parameter(torch.randn(outer, inner, dtype=dtype), requires_grad=False)
     kernels = [lambda: torch.nn.functional.linear(x, weight)]
     if onednn_available():
         kernels.append(lambda: packed_linear(x, weight))
@@ -134,7 +141,7 @@ def _matmul_gflops(dtype: torch.dtype, n: int = 512, reps: int = 8) -> float:
             start = time.perf_counter()
             for _ in range(reps):
                 kernel()
-            best = max(best, 2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
+            best = max(best, 2 * rows * inner * outer * reps / (time.perf_counter() - start) / 1e9)
     return best
 
 
@@ -142,8 +149,9 @@ def _matmul_gflops(dtype: torch.dtype, n: int = 512, reps: int = 8) -> float:
 # them torch emulates bf16 and it is several times slower than fp32.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 BF16_MARGIN = 1.3  # bf16 must beat fp32 by this much to be worth its rounding
-# v1 files could hold a choice made under load, v2 ones compared the dtypes through F.linear only: never read
-CPU_DTYPE_FILE = "cpu_dtype_v3.json"
+# v1 files could hold a choice made under load, v2 ones compared the dtypes through F.linear only, v3 ones through
+# a square matmul unlike the model's: never read
+CPU_DTYPE_FILE = "cpu_dtype_v4.json"
 
 
 @dataclass(frozen=True)
@@ -179,13 +187,13 @@ def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, ...]:
     return tuple(flag for flag in NATIVE_BF16_FLAGS if flag in words)
 
 
-def probe_matmul(reps: int = 5, n: int = 512) -> tuple[float, float]:
+def probe_matmul(reps: int = 5, shape: tuple[int, int, int] = PROBE_SHAPE) -> tuple[float, float]:
     """Best-of-`reps` GFLOP/s for fp32 and bf16, measured alternately: a burst of load from other processes
     then hits both dtypes alike, and the best rep is the one least disturbed."""
     fp32 = bf16 = 0.0
     for _ in range(reps):
-        fp32 = max(fp32, _matmul_gflops(torch.float32, n=n, reps=4))
-        bf16 = max(bf16, _matmul_gflops(torch.bfloat16, n=n, reps=4))
+        fp32 = max(fp32, _matmul_gflops(torch.float32, shape, reps=4))
+        bf16 = max(bf16, _matmul_gflops(torch.bfloat16, shape, reps=4))
     return fp32, bf16
 
 
