@@ -45,6 +45,8 @@ def test_confirmed_only_when_picked_on_the_front_and_within_reach_of_the_bar():
     check = check_default(choose, beaten, ["btr", "btr@x"], "btr", 0.95)
     assert check.dominated_by == ("btr@x",) and not check.confirmed
 
+    assert check_default(choose, low, ["btr", "btr@x"], "btr", 0.95).picked_there == "btr@x"
+
     other_pick = {"btr": row(0.9, 2.0), "btr@x": row(1.1, 1.2)}
     assert not check_default(other_pick, confirm, ["btr", "btr@x"], "btr", 0.95).matches
 

@@ -29,6 +29,7 @@ class DefaultCheck:
     value_high: float  # upper end of the default's value-kept interval on the confirming set
     bar: float
     dominated_by: tuple[str, ...] = ()  # confirming-set candidates both faster and keeping more value
+    picked_there: str | None = None  # what the same rule would pick on the confirming set alone
 
     @property
     def matches(self) -> bool:
@@ -77,7 +78,8 @@ def check_default(choose_rows: dict[str, dict], confirm_rows: dict[str, dict], l
     picked = pick_default(frontier_points(choose_rows, labels), bar)
     points = frontier_points(confirm_rows, labels)
     mine = next((p for p in points if p.label == default), None)
+    there = pick_default(points, bar)
     if mine is None:
-        return DefaultCheck(default, picked, None, float("nan"), bar)
+        return DefaultCheck(default, picked, None, float("nan"), bar, picked_there=there)
     beaten = tuple(dominating(mine, points))
-    return DefaultCheck(default, picked, not beaten, mine.value_high, bar, beaten)
+    return DefaultCheck(default, picked, not beaten, mine.value_high, bar, beaten, there)

@@ -142,7 +142,9 @@ def _btr_default(suite: Suite) -> str:
     bar = (f"its value-kept interval reaches {check.value_high:.0%}, "
            + ("so the bar is within reach" if check.reaches_bar else f"below the {check.bar:.0%} bar"))
     verdict = "**confirmed**" if check.confirmed else "**not confirmed**"
-    return f"{rule} {pick} On other articles and questions the default is {front}; {bar}: {verdict}."
+    there = ("" if check.picked_there in (None, check.picked)
+             else f" On those questions alone the rule would pick `{check.picked_there}`.")
+    return f"{rule} {pick} On other articles and questions the default is {front}; {bar}: {verdict}.{there}"
 
 
 def _lloco(suite: Suite) -> str:

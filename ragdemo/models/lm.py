@@ -236,8 +236,9 @@ def cpu_dtype_choice(cache_dir: Path, capability: str | None = None, flags: tupl
                               f"{bf16:.0f} vs {fp32:.0f} GFLOP/s (best of interleaved repetitions)",
                               capability, flags, fp32, bf16)
     return CpuDtypeChoice(torch.float32, f"fp32 for this run: the CPU reports native bf16 ({', '.join(flags)}) but "
-                          f"the probe measured only {bf16:.0f} vs {fp32:.0f} GFLOP/s, perhaps under load; not "
-                          "remembered, the next start probes again", capability, flags, fp32, bf16)
+                          f"the probe measured bf16 at {bf16:.0f} vs fp32 {fp32:.0f} GFLOP/s (bf16 must be "
+                          f"{BF16_MARGIN:g}x faster); not remembered, the next start probes again", capability, flags,
+                          fp32, bf16)
 
 
 def pick_cpu_dtype(cache_dir: Path) -> torch.dtype:

@@ -25,8 +25,14 @@ def error(message: str) -> gr.Error:
     return gr.Error(esc(message))
 
 
+# Every warning is also said where it belongs (a sentence by the button, or the method's card); the toast is the
+# nudge to look there, so it goes after a few seconds instead of covering the top right (where Compare sits on a
+# scrolled page) and stacking for Gradio's default 10.
+TOAST_SECONDS = 5
+
+
 def warn(message: str) -> None:
-    gr.Warning(esc(message))
+    gr.Warning(esc(message), duration=TOAST_SECONDS)
 
 
 def info(message: str) -> None:

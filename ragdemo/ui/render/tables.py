@@ -24,7 +24,7 @@ def _knob_text(params) -> str:
 
 
 HISTORY_HEADERS = ["time", "question", "method", "knobs", "model", "answer", "prompt tokens", "TTFT", "total", "storage read"]
-HISTORY_WIDTHS = ["9%", "15%", "8%", "14%", "10%", "20%", "6%", "6%", "6%", "6%"]
+HISTORY_WIDTHS = ["8%", "15%", "10%", "14%", "9%", "20%", "6%", "6%", "6%", "6%"]  # "method" fits one line at 800 px
 
 
 SHARED_ROW = "(shared by all documents)"  # the collection-level row: decoders, codebooks, adapters
