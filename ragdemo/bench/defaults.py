@@ -58,10 +58,24 @@ def frontier_points(rows: dict[str, dict], labels: list[str]) -> list[FrontierPo
     return points
 
 
+def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """(cost, quality) pairs: `a` costs no more and keeps no less than `b`, and is better on one of them."""
+    return a[0] <= b[0] and a[1] >= b[1] and (a[0] < b[0] or a[1] > b[1])
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (cost, quality) points no other dominates, by cost: the frontier a plot draws."""
+    front = [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
+
+
+def _axes(point: FrontierPoint) -> tuple[float, float]:
+    return (-point.speedup, point.value_kept)  # faster is cheaper
+
+
 def dominating(point: FrontierPoint, points: list[FrontierPoint]) -> list[str]:
     """Candidates at least as good on both axes and better on one."""
-    return [p.label for p in points if p.label != point.label and p.value_kept >= point.value_kept
-            and p.speedup >= point.speedup and (p.value_kept > point.value_kept or p.speedup > point.speedup)]
+    return [p.label for p in points if dominates(_axes(p), _axes(point))]
 
 
 def pick_default(points: list[FrontierPoint], bar: float) -> str | None:

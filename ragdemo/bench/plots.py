@@ -11,21 +11,11 @@ matplotlib.use("Agg")  # no display on servers and inside the Gradio worker
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from ..units import fmt_bytes  # noqa: E402
+from .defaults import pareto_front  # noqa: E402
 
 
 def _finite(x) -> bool:
     return x is not None and not (isinstance(x, float) and math.isnan(x))
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points not dominated by another (lower TTFT and higher quality are better), by TTFT."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], -math.inf
-    for i in order:
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
 
 
 def quality_metric(run) -> tuple[str, str]:
