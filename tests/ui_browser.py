@@ -250,8 +250,19 @@ def open_tab(driver, name: str) -> None:
     tab = f"//button[@role='tab'][contains(., '{name}')]"
     # Gradio draws the page after it loads: right after driver.get() the tabs may not exist yet
     wait_until(lambda: driver.find_elements(By.XPATH, tab), 60, f"the {name} tab")
-    driver.find_element(By.XPATH, tab).click()
+    # and while it lays the page out, the tab bar itself can take the click: try again until the tab gets it
+    wait_until(lambda: _clicked(driver.find_element(By.XPATH, tab)), 30, f"a click on the {name} tab")
     time.sleep(0.5)
+
+
+def _clicked(element) -> bool:
+    from selenium.common.exceptions import ElementClickInterceptedException
+
+    try:
+        element.click()
+    except ElementClickInterceptedException:
+        return False
+    return True
 
 
 def text_of(driver, elem_id: str) -> str:
