@@ -130,7 +130,9 @@ def _btr_default(suite: Suite) -> str:
     check = check_default(suite.rows("squad"), suite.rows("heldout"), BTR_CANDIDATES, "btr", BTR_BAR)
     rule = ("How the default was chosen (a rule fixed before the runs, `bench/defaults.py`): among the 1-bit "
             "BTR variants without training in both tables, the fastest keeping "
-            f"≥{BTR_BAR:.0%} of RAG's value on the main run's questions (if none does, the one keeping most).")
+            f"≥{BTR_BAR:.0%} of RAG's value on the main run's questions (if none does, the one keeping most). "
+            "One change after a first run on those questions: a 2-bit variant, which the rule as first written "
+            "picked there, is no longer a candidate (BTR's states are 1-bit); it stays a row of the main table.")
     if check.picked is None:
         return rule
     pick = (f"On this run's main questions the rule picks `{check.picked}`"

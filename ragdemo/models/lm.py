@@ -118,9 +118,8 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-# The probe's shape: a prefill of 256 tokens through a small model's MLP projection (SmolLM2-135M: 576 -> 1536).
-# A square 512^3 probe ranked the dtypes the other way round on an AVX512-BF16 CPU without AMX (bf16 172 vs fp32
-# 125 GFLOP/s) while the model's own prefill ran fp32 faster (893 vs 635 tokens/s).
+# The probe's shape: a prefill of 256 tokens through a small model's MLP projection (SmolLM2-135M: 576 -> 1536),
+# the kind of matmul a prefill spends its time in, rather than a square one (idle, both rank the dtypes alike here).
 PROBE_SHAPE = (256, 576, 1536)
 
 
