@@ -2,7 +2,10 @@
 the suite's BTR candidates it runs over."""
 from ragdemo.bench.defaults import check_default, dominating, frontier_points, pick_default
 from ragdemo.bench.specs import parse_method_specs
-from ragdemo.bench.suite import BTR_CANDIDATES, HELDOUT_METHODS, SQUAD_METHODS
+import dataclasses
+
+from ragdemo.bench.suite import (BTR_CANDIDATES, BTR_DEFAULT, BTR_UNTRAINED, DEFAULT_ROWS, HELDOUT_METHODS,
+                               SQUAD_METHODS)
 
 
 def row(value, speedup, high=None):
@@ -51,10 +54,22 @@ def test_confirmed_only_when_picked_on_the_front_and_within_reach_of_the_bar():
     assert not check_default(other_pick, confirm, ["btr", "btr@x"], "btr", 0.95).matches
 
 
-def test_the_btr_candidates_are_distinct_and_btr_alone_is_the_default():
-    specs = parse_method_specs(BTR_CANDIDATES)
-    params = [spec.params(24) for spec in specs]
-    assert len({repr(p) for p in params}) == len(params)
+def test_a_rival_outside_the_candidates_can_still_beat_the_default():
+    choose = {"btr": row(1.0, 2.0), "btr@x": row(1.1, 1.2)}
+    confirm = {"btr": row(0.9, 1.9, high=0.97), "btr@x": row(0.9, 1.1), "old": row(1.0, 2.1)}
+    assert check_default(choose, confirm, ["btr", "btr@x"], "btr", 0.95).confirmed
+    check = check_default(choose, confirm, ["btr", "btr@x"], "btr", 0.95, rivals=["old", "btr"])
+    assert check.dominated_by == ("old",) and not check.confirmed
+
+
+def test_the_btr_rows_are_distinct_and_name_the_shipped_knobs():
+    labels = BTR_UNTRAINED + BTR_CANDIDATES
+    params = {spec.label: spec.params(24) for spec in parse_method_specs(labels)}
+    assert len({repr(p) for p in params.values()}) == len(labels)
     default = parse_method_specs(["btr"])[0].params(24)
-    assert [s.label for s, p in zip(specs, params) if p == default] == ["btr"]
-    assert all(label in SQUAD_METHODS and label in HELDOUT_METHODS for label in BTR_CANDIDATES)
+    # the trained candidate is the shipped knobs plus training; the default row is them without an adapter
+    assert params[BTR_DEFAULT] == dataclasses.replace(default, train=True)
+    assert params[DEFAULT_ROWS["btr"]] == dataclasses.replace(default, lora=False)
+    assert all(params[label].train for label in BTR_CANDIDATES)
+    assert not any(params[label].lora or params[label].train for label in BTR_UNTRAINED)
+    assert all(label in SQUAD_METHODS and label in HELDOUT_METHODS for label in labels)

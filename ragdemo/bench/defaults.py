@@ -88,12 +88,14 @@ def pick_default(points: list[FrontierPoint], bar: float) -> str | None:
 
 
 def check_default(choose_rows: dict[str, dict], confirm_rows: dict[str, dict], labels: list[str], default: str,
-                  bar: float) -> DefaultCheck:
+                  bar: float, rivals: list[str] = ()) -> DefaultCheck:
+    """The rule over `labels` on the choosing rows; on the confirming rows, the default against the candidates and
+    the `rivals` (variants measured beside them that the rule no longer picks from): none may beat it on both axes."""
     picked = pick_default(frontier_points(choose_rows, labels), bar)
     points = frontier_points(confirm_rows, labels)
     mine = next((p for p in points if p.label == default), None)
     there = pick_default(points, bar)
     if mine is None:
         return DefaultCheck(default, picked, None, float("nan"), bar, picked_there=there)
-    beaten = tuple(dominating(mine, points))
+    beaten = tuple(dominating(mine, points + frontier_points(confirm_rows, [r for r in rivals if r not in labels])))
     return DefaultCheck(default, picked, not beaten, mine.value_high, bar, beaten, there)
