@@ -140,7 +140,7 @@ def _btr_default(suite: Suite) -> str:
                 "Second attempt, written after the first failed and before any run of a trained variant: the "
                 "candidates are the trained reader (`train=1`: a LoRA on the upper layers distilled from RAG's "
                 "reading on cloze questions about the collection's own chunks, as the paper trains its reader), at "
-                "split 18 and 12 with the question-aware layout; the untrained rows above may still beat the pick: "
+                "split 18 and 12 with the question-aware layout; the untrained rows (`lora=0`) may still beat the pick: "
                 + _attempt(second)]
     trained, untrained = heldout.get(BTR_DEFAULT), heldout.get(DEFAULT_ROWS["btr"])
     shipped = ("The shipped knobs are those of `btr@train=1` without `train`: Fine-tune (Library tab) trains the "
