@@ -19,6 +19,9 @@ New here? Press **Load demo collection** on the Ask tab, pick an example questio
 CSS = """
 #load-demo {align-self: center}
 #demo-status, #library-status, #prepare-status, #bench-status, #ask-status {min-height: 1.5em}
+/* History's ten columns at 800 px: smaller headers that break between words only ("storage read", not "storag e") */
+#history th {font-size: var(--text-xs)}
+#history th * {word-break: keep-all; overflow-wrap: normal}
 /* Gradio's bundled SourceSansPro-SemiBold.woff2 is a 55-glyph subset: semibold and bold text fell back to another
    font for some letters ("RAG", the B of "BTR"). The complete Bold face, shipped next to it, stands in. */
 @font-face {font-family: 'Source Sans Pro'; font-weight: 600; font-style: normal;
