@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ragdemo.bench.suite import DEFAULT_ROWS, QUICK, SECTIONS, SUITE_DIR, run_suite
+from ragdemo.bench.suite import QUICK, SECTIONS, SUITE_DIR, default_row, run_suite
 from ragdemo.cards import (card_markdown, card_text, headline, load_suite, measured_section, scaling_figure,
                            where_each_method_wins, win_sentences)
 from ragdemo.cards.docs import README, RESULTS_PAGE, default_headline, readme_text, results_page
@@ -51,7 +51,7 @@ def test_every_quoted_table_is_produced(quick_suite):
     table = default_headline(suite)
     for name in names:
         section = measured_section(name, suite)
-        assert f"| `{DEFAULT_ROWS.get(name, name)}` |" in section and "not measured" not in section and "not in this suite" not in section, name
+        assert f"| `{default_row(name)}` |" in section and "not measured" not in section and "not in this suite" not in section, name
         assert "QUICK MODE" in section  # a quick run never passes for the real one
         assert "not in this suite" not in headline(name, suite) and "not measured" not in headline(name, suite)
         assert f"| {registry()[name].label} |" in table

@@ -40,6 +40,13 @@ BTR_BAR = 0.95  # value kept the rule asks for: the issue's quality target for B
 # the row that stands for a method at its defaults where the run holds several: BTR's defaults on a collection
 # never fine-tuned read no adapter, as `lora=0` does
 DEFAULT_ROWS = {"btr": "btr@lora=0"}
+
+
+def default_row(method: str) -> str:
+    """The label of the row that stands for `method` at its defaults."""
+    return DEFAULT_ROWS.get(method, method)
+
+
 SQUAD_METHODS = [
     "closed_book", "full_context", "rag", "rag@join=1", "retro", "jrt", *BTR_UNTRAINED, *BTR_CANDIDATES,
     "btr@bits=2",

@@ -6,7 +6,7 @@ from typing import Callable
 
 from ..bench.defaults import check_default
 from ..bench.report import column_header, fmt_cell
-from ..bench.suite import BTR_BAR, BTR_CANDIDATES, BTR_DEFAULT, BTR_UNTRAINED, DEFAULT_ROWS
+from ..bench.suite import BTR_BAR, BTR_CANDIDATES, BTR_DEFAULT, BTR_UNTRAINED, default_row
 from ..bench.summary import interval_of
 from ..units import fmt_bytes, fmt_speed
 from .suite import Suite, load_suite
@@ -70,7 +70,7 @@ def _verdict(ok: bool | None) -> str:
 
 
 def _target(suite: Suite, method: str, min_value: float, min_speedup: float | None = None) -> str:
-    label = DEFAULT_ROWS.get(method, method)
+    label = default_row(method)
     row = _row(suite, "squad", label)
     if row is None:
         return f"`{label}` is not in this suite"
@@ -129,7 +129,7 @@ def _btr(suite: Suite) -> str:
 def _btr_default(suite: Suite) -> str:
     """How the default was chosen, from this run's rows: the rule, both attempts' picks, the checks on seed 1."""
     squad, heldout = suite.rows("squad"), suite.rows("heldout")
-    first = check_default(squad, heldout, BTR_UNTRAINED, DEFAULT_ROWS["btr"], BTR_BAR)
+    first = check_default(squad, heldout, BTR_UNTRAINED, default_row("btr"), BTR_BAR)
     second = check_default(squad, heldout, BTR_CANDIDATES, BTR_DEFAULT, BTR_BAR, rivals=BTR_UNTRAINED)
     rule = ("How the default was chosen (a rule fixed before the runs, `bench/defaults.py`): on the main run's "
             f"questions, the fastest candidate keeping ≥{BTR_BAR:.0%} of RAG's value (if none does, the one keeping "
@@ -142,7 +142,7 @@ def _btr_default(suite: Suite) -> str:
                 "reading on cloze questions about the collection's own chunks, as the paper trains its reader), at "
                 "split 18 and 12 with the question-aware layout; the untrained rows (`lora=0`) may still beat the pick: "
                 + _attempt(second)]
-    trained, untrained = heldout.get(BTR_DEFAULT), heldout.get(DEFAULT_ROWS["btr"])
+    trained, untrained = heldout.get(BTR_DEFAULT), heldout.get(default_row("btr"))
     shipped = ("The shipped knobs are those of `btr@train=1` without `train`: Fine-tune (Library tab) trains the "
                "adapter, and the defaults read it from then on (`lora` is on)"
                + (f" ({trained['prepare_s']:.0f} s of preparation here)" if trained and trained.get("prepare_s") else "")
@@ -224,7 +224,7 @@ EXTRAS: dict[str, Callable[[Suite], str]] = {"rag": _rag, "btr": _btr, "lloco": 
 def headline(method: str, suite: Suite | None = None) -> str:
     """The Methods tab's measured line for `method` at its defaults, from the suite's SQuAD run."""
     suite = suite or load_suite()
-    row = suite.rows("squad").get(DEFAULT_ROWS.get(method, method)) if suite else None
+    row = suite.rows("squad").get(default_row(method)) if suite else None
     if row is None:
         return NOT_RUN if suite is None else f"not in this suite's SQuAD run ({suite.relative()})"
     rag = suite.rows("squad").get("rag", {})
@@ -253,7 +253,7 @@ def headline_table(methods: list[str], labels: dict[str, str], suite: Suite | No
     lines = ["| method | value kept [95% CI] | contains vs RAG [95% CI] | TTFT vs RAG | stored per token |",
              "|---|---|---|---|---|"]
     for name in methods:
-        row = rows.get(DEFAULT_ROWS.get(name, name))
+        row = rows.get(default_row(name))
         if row is None:
             continue
         stored = row.get("bytes_per_token")
