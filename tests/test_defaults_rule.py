@@ -1,11 +1,11 @@
 """The rule that picks a method's default on one question set and checks it on another (bench/defaults.py), and
 the suite's BTR candidates it runs over."""
-from ragdemo.bench.defaults import check_default, dominating, frontier_points, pick_default
-from ragdemo.bench.specs import parse_method_specs
 import dataclasses
 
-from ragdemo.bench.suite import (BTR_CANDIDATES, BTR_DEFAULT, BTR_UNTRAINED, DEFAULT_ROWS, HELDOUT_METHODS,
-                               SQUAD_METHODS)
+from ragdemo.bench.defaults import check_default, dominating, frontier_points, pick_default
+from ragdemo.bench.specs import parse_method_specs
+from ragdemo.bench.suite import (BTR_CANDIDATES, BTR_DEFAULT, BTR_UNTRAINED, HELDOUT_METHODS, SQUAD_METHODS,
+                                 default_row)
 
 
 def row(value, speedup, high=None):
@@ -69,7 +69,7 @@ def test_the_btr_rows_are_distinct_and_name_the_shipped_knobs():
     default = parse_method_specs(["btr"])[0].params(24)
     # the trained candidate is the shipped knobs plus training; the default row is them without an adapter
     assert params[BTR_DEFAULT] == dataclasses.replace(default, train=True)
-    assert params[DEFAULT_ROWS["btr"]] == dataclasses.replace(default, lora=False)
+    assert params[default_row("btr")] == dataclasses.replace(default, lora=False)
     assert all(params[label].train for label in BTR_CANDIDATES)
     assert not any(params[label].lora or params[label].train for label in BTR_UNTRAINED)
     assert all(label in SQUAD_METHODS and label in HELDOUT_METHODS for label in labels)

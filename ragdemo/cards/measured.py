@@ -135,19 +135,19 @@ def _btr_default(suite: Suite) -> str:
             f"questions, the fastest candidate keeping ≥{BTR_BAR:.0%} of RAG's value (if none does, the one keeping "
             "most); confirmed on the other articles and questions when no candidate there is both faster and keeps "
             f"more, and its value-kept interval reaches {BTR_BAR:.0%}.")
+    candidates = ", ".join(f"`{label}`" for label in BTR_CANDIDATES)
     attempts = [f"First attempt, among the 1-bit variants without training (a 2-bit one, which the rule as first "
                 f"written picked, was taken out after a first run: BTR's states are 1-bit): {_attempt(first)}",
                 "Second attempt, written after the first failed and before any run of a trained variant: the "
                 "candidates are the trained reader (`train=1`: a LoRA on the upper layers distilled from RAG's "
-                "reading on cloze questions about the collection's own chunks, as the paper trains its reader), at "
-                "split 18 and 12 with the question-aware layout; the untrained rows (`lora=0`) may still beat the pick: "
-                + _attempt(second)]
+                "reading on cloze questions about the collection's own chunks, as the paper trains its reader), "
+                f"{candidates}; the untrained rows (`lora=0`) may still beat the pick: {_attempt(second)}"]
     trained, untrained = heldout.get(BTR_DEFAULT), heldout.get(default_row("btr"))
-    shipped = ("The shipped knobs are those of `btr@train=1` without `train`: Fine-tune (Library tab) trains the "
-               "adapter, and the defaults read it from then on (`lora` is on)"
-               + (f" ({trained['prepare_s']:.0f} s of preparation here)" if trained and trained.get("prepare_s") else "")
-               + "; training is not a default because a shared app refuses it and uploads stay fast. Until then "
-               "the defaults read no adapter (`btr@lora=0`)"
+    prepared = f" ({trained['prepare_s']:.0f} s of preparation here)" if trained and trained.get("prepare_s") else ""
+    shipped = (f"The shipped knobs are those of `{BTR_DEFAULT}` without `train`: Fine-tune (Library tab) trains the "
+               f"adapter, and the defaults read it from then on (`lora` is on){prepared}; training is not a default "
+               "because a shared app refuses it and uploads stay fast. Until then the defaults read no adapter "
+               f"(`{default_row('btr')}`)"
                + (f": {fmt_cell(untrained, 'value_kept')} of RAG's value on the other questions." if untrained else "."))
     return " ".join([rule, *attempts, shipped])
 
